@@ -57,7 +57,9 @@ pub enum Error {
     #[error("not a valid safetensors file: {0}")]
     Safetensors(String),
     /// A safetensors file without atomtune's format marker.
-    #[error("not an atomtune delta (its metadata has no `format = atomtune.delta`; found {found:?})")]
+    #[error(
+        "not an atomtune delta (its metadata has no `format = atomtune.delta`; found {found:?})"
+    )]
     NotADelta {
         /// What the `format` key held, if anything.
         found: Option<String>,
@@ -161,7 +163,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(name: &'static str, value: impl ToString, hint: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        name: &'static str,
+        value: impl ToString,
+        hint: impl Into<String>,
+    ) -> Self {
         Error::InvalidParameter {
             name,
             value: value.to_string(),

@@ -43,7 +43,13 @@ impl FromStr for Block {
 
     /// Parses `BOxBI`, e.g. `4x4`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::invalid("block", s, "expected ROWSxCOLS with both at least 1, e.g. 4x4");
+        let bad = || {
+            Error::invalid(
+                "block",
+                s,
+                "expected ROWSxCOLS with both at least 1, e.g. 4x4",
+            )
+        };
         let (r, c) = s.split_once('x').ok_or_else(bad)?;
         let rows: usize = r.trim().parse().map_err(|_| bad())?;
         let cols: usize = c.trim().parse().map_err(|_| bad())?;
@@ -228,7 +234,9 @@ impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Layout::Conv { co, ci, kh, kw } => write!(f, "conv [{co}, {ci}, {kh}, {kw}]"),
-            Layout::Linear { co, ci, bo, bi } => write!(f, "linear [{co}, {ci}] in {bo}x{bi} blocks"),
+            Layout::Linear { co, ci, bo, bi } => {
+                write!(f, "linear [{co}, {ci}] in {bo}x{bi} blocks")
+            }
         }
     }
 }
@@ -249,7 +257,11 @@ mod tests {
     #[test]
     fn linear_filters_are_row_major_blocks() {
         let l = Layout::from_shape(&[4, 6], Block { rows: 2, cols: 3 }).unwrap();
-        let f = l.to_filters(&iota(&[4, 6])).unwrap().to_vec2::<f32>().unwrap();
+        let f = l
+            .to_filters(&iota(&[4, 6]))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         // block (0, 0) = rows 0..2, cols 0..3 of the 4x6 matrix numbered row-major.
         assert_eq!(f[0], vec![0., 1., 2., 6., 7., 8.]);
         // block (0, 1) = rows 0..2, cols 3..6.
@@ -271,7 +283,10 @@ mod tests {
             let back = l.from_filters(&l.to_filters(&w).unwrap()).unwrap();
             assert_eq!(back.to_vec1_any(), w.to_vec1_any(), "{l}");
             let g = l.to_grouped(&w).unwrap();
-            assert_eq!(g.dims(), &[l.groups(), l.num_filters() / l.groups(), l.filter_dim()]);
+            assert_eq!(
+                g.dims(),
+                &[l.groups(), l.num_filters() / l.groups(), l.filter_dim()]
+            );
             let back = l.from_grouped(&g).unwrap();
             assert_eq!(back.to_vec1_any(), w.to_vec1_any(), "{l}");
         }
@@ -280,7 +295,11 @@ mod tests {
     #[test]
     fn grouped_linear_holds_one_block_column_per_group() {
         let l = Layout::from_shape(&[4, 6], Block { rows: 2, cols: 3 }).unwrap();
-        let g = l.to_grouped(&iota(&[4, 6])).unwrap().to_vec3::<f32>().unwrap();
+        let g = l
+            .to_grouped(&iota(&[4, 6]))
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
         // group 1 = block column 1: blocks (0, 1) and (1, 1).
         assert_eq!(g[1][0], vec![3., 4., 5., 9., 10., 11.]);
         assert_eq!(g[1][1], vec![15., 16., 17., 21., 22., 23.]);
@@ -289,7 +308,18 @@ mod tests {
     #[test]
     fn block_that_does_not_divide_is_an_error() {
         let e = Layout::from_shape(&[6, 10], Block::default()).unwrap_err();
-        assert!(matches!(e, Error::BlockSize { co: 6, ci: 10, bo: 4, bi: 4 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::BlockSize {
+                    co: 6,
+                    ci: 10,
+                    bo: 4,
+                    bi: 4
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("4x4 does not divide"), "{e}");
         assert!(Layout::from_shape(&[3, 3, 3], Block::default()).is_err());
         assert!(Layout::from_shape(&[0, 3, 3, 3], Block::default()).is_err());

@@ -25,3 +25,10 @@ pub use adapter::{Adapter, AdapterConfig, LayerAdapter, Method};
 pub use dictionary::{Dictionary, DictionaryKind, LassoOptions};
 pub use error::{Error, Result};
 pub use layout::{Block, Layout};
+pub mod base;
+pub mod delta;
+pub mod fingerprint;
+pub mod io;
+
+pub use base::{BaseWeights, SafetensorsBase, TensorBase};
+pub use delta::{BaseFit, Delta, DeltaMeta};

@@ -21,7 +21,9 @@ impl Coefficients {
             return Ok(Coefficients::Projection);
         }
         let alpha = dictionary.coefficients_tensor(base, layout)?;
-        Ok(Coefficients::Explicit(alpha.to_dtype(param_dtype(base.dtype()))?))
+        Ok(Coefficients::Explicit(
+            alpha.to_dtype(param_dtype(base.dtype()))?,
+        ))
     }
 }
 
@@ -51,8 +53,13 @@ pub struct AtomsAdapter {
 
 impl AtomsAdapter {
     /// A zero-initialised adapter on `base`, with `m` atoms (`None`: `m = d`) computed by `kind`.
-    pub fn new(layout: Layout, base: &Tensor, m: Option<usize>, kind: DictionaryKind) -> Result<Self> {
-        let dictionary = Dictionary::from_weight(base, &layout, m, kind)?;
+    pub fn new(
+        layout: Layout,
+        base: &Tensor,
+        m: Option<usize>,
+        kind: DictionaryKind,
+    ) -> Result<Self> {
+        let dictionary = Dictionary::from_weight(base, &layout, m, kind)?.rounded_to_f32();
         Self::from_dictionary(layout, base, &dictionary, None)
     }
 
@@ -126,7 +133,9 @@ impl Adapter for AtomsAdapter {
         let dw = match &self.coefficients {
             // alpha @ dD = Wr @ D0^T @ dD
             Coefficients::Projection => {
-                let wr = self.layout.to_filters(&base.to_dtype(self.atoms.dtype())?)?;
+                let wr = self
+                    .layout
+                    .to_filters(&base.to_dtype(self.atoms.dtype())?)?;
                 wr.matmul(&self.filter_update(scale)?)?
             }
             Coefficients::Explicit(alpha) => {
@@ -148,7 +157,10 @@ impl Adapter for AtomsAdapter {
                 let d = self.layout.filter_dim();
                 let t = (Tensor::eye(d, dtype, base.device())? + self.filter_update(scale)?)?;
                 let wr = self.layout.to_filters(&base.to_dtype(dtype)?)?;
-                Ok(self.layout.from_filters(&wr.matmul(&t)?)?.to_dtype(base.dtype())?)
+                Ok(self
+                    .layout
+                    .from_filters(&wr.matmul(&t)?)?
+                    .to_dtype(base.dtype())?)
             }
             Coefficients::Explicit(_) => base_plus_delta(self, base, scale),
         }

@@ -7,7 +7,9 @@
 use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use super::{base_plus_delta, check_base, param_dtype, scaled, uniform_var, Adapter, Coefficients, Method};
+use super::{
+    base_plus_delta, check_base, param_dtype, scaled, uniform_var, Adapter, Coefficients, Method,
+};
 use crate::{Dictionary, DictionaryKind, Error, Layout, Result};
 
 /// The `atoms-rec` adapter of one layer.
@@ -36,7 +38,7 @@ impl AtomsRecAdapter {
         m1: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let dictionary = Dictionary::from_weight(base, &layout, m, kind)?;
+        let dictionary = Dictionary::from_weight(base, &layout, m, kind)?.rounded_to_f32();
         let m = dictionary.num_atoms();
         let dtype = param_dtype(base.dtype());
         let bound = 1.0 / (m1 as f64).sqrt();
@@ -70,7 +72,12 @@ impl AtomsRecAdapter {
         let coefficients = match Coefficients::of(dictionary, base, &layout)? {
             Coefficients::Explicit(alpha) => {
                 let n = layout.num_filters();
-                Coefficients::Explicit(alpha.reshape((n / g, g, m))?.transpose(0, 1)?.contiguous()?)
+                Coefficients::Explicit(
+                    alpha
+                        .reshape((n / g, g, m))?
+                        .transpose(0, 1)?
+                        .contiguous()?,
+                )
             }
             p => p,
         };
@@ -103,7 +110,10 @@ impl AtomsRecAdapter {
 
     /// `scale * D0^T @ dD[i]` for every group, `[g, d, d]` (projection coefficients).
     fn filter_updates(&self, scale: f64) -> Result<Tensor> {
-        scaled(self.atoms.t()?.broadcast_matmul(&self.atom_updates()?)?, scale)
+        scaled(
+            self.atoms.t()?.broadcast_matmul(&self.atom_updates()?)?,
+            scale,
+        )
     }
 }
 
@@ -124,7 +134,9 @@ impl Adapter for AtomsRecAdapter {
         check_base(&self.layout, base)?;
         let grouped = match &self.coefficients {
             Coefficients::Projection => {
-                let wg = self.layout.to_grouped(&base.to_dtype(self.atoms.dtype())?)?;
+                let wg = self
+                    .layout
+                    .to_grouped(&base.to_dtype(self.atoms.dtype())?)?;
                 wg.matmul(&self.filter_updates(scale)?)?
             }
             Coefficients::Explicit(alpha) => alpha.matmul(&scaled(self.atom_updates()?, scale)?)?,
@@ -144,7 +156,10 @@ impl Adapter for AtomsRecAdapter {
                 let eye = Tensor::eye(self.layout.filter_dim(), dtype, base.device())?;
                 let t = self.filter_updates(scale)?.broadcast_add(&eye)?;
                 let wg = self.layout.to_grouped(&base.to_dtype(dtype)?)?;
-                Ok(self.layout.from_grouped(&wg.matmul(&t)?)?.to_dtype(base.dtype())?)
+                Ok(self
+                    .layout
+                    .from_grouped(&wg.matmul(&t)?)?
+                    .to_dtype(base.dtype())?)
             }
             Coefficients::Explicit(_) => base_plus_delta(self, base, scale),
         }

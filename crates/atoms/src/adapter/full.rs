@@ -23,7 +23,9 @@ impl FullAdapter {
     pub fn from_diff(layout: Layout, base: &Tensor, diff: &Tensor) -> Result<Self> {
         check_base(&layout, base)?;
         check_base(&layout, diff)?;
-        let diff = diff.to_dtype(param_dtype(base.dtype()))?.to_device(base.device())?;
+        let diff = diff
+            .to_dtype(param_dtype(base.dtype()))?
+            .to_device(base.device())?;
         Ok(FullAdapter {
             layout,
             diff: Var::from_tensor(&diff)?,

@@ -23,7 +23,13 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// A fresh rank-`rank` adapter with LoRA `alpha`.
-    pub fn new(layout: Layout, base: &Tensor, rank: usize, alpha: f64, rng: &mut ChaCha8Rng) -> Result<Self> {
+    pub fn new(
+        layout: Layout,
+        base: &Tensor,
+        rank: usize,
+        alpha: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
         check_base(&layout, base)?;
         let (co, _) = layout.channels();
         let fan_in = layout.numel() / co;
@@ -43,7 +49,13 @@ impl LoraAdapter {
 
     /// An adapter from stored factors, in the file layout (`[r, ci(, kh, kw)]`, `[co, r(, 1, 1)]`)
     /// or as matrices.
-    pub fn from_parts(layout: Layout, base: &Tensor, down: &Tensor, up: &Tensor, alpha: f64) -> Result<Self> {
+    pub fn from_parts(
+        layout: Layout,
+        base: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        alpha: f64,
+    ) -> Result<Self> {
         check_base(&layout, base)?;
         let (co, _) = layout.channels();
         let fan_in = layout.numel() / co;
@@ -52,16 +64,29 @@ impl LoraAdapter {
         let down_ok = down.dims() == want_down.as_slice() || down.dims() == [r, fan_in];
         let up_ok = up.dims() == want_up.as_slice() || up.dims() == [co, r];
         if r == 0 || !down_ok {
-            return Err(Error::TensorShape { tensor: "lora_down".into(), found: down.dims().to_vec(), expected: want_down });
+            return Err(Error::TensorShape {
+                tensor: "lora_down".into(),
+                found: down.dims().to_vec(),
+                expected: want_down,
+            });
         }
         if !up_ok {
-            return Err(Error::TensorShape { tensor: "lora_up".into(), found: up.dims().to_vec(), expected: want_up });
+            return Err(Error::TensorShape {
+                tensor: "lora_up".into(),
+                found: up.dims().to_vec(),
+                expected: want_up,
+            });
         }
         let dtype = param_dtype(base.dtype());
         let device = base.device();
         Ok(LoraAdapter {
             layout,
-            down: Var::from_tensor(&down.reshape((r, fan_in))?.to_dtype(dtype)?.to_device(device)?)?,
+            down: Var::from_tensor(
+                &down
+                    .reshape((r, fan_in))?
+                    .to_dtype(dtype)?
+                    .to_device(device)?,
+            )?,
             up: Var::from_tensor(&up.reshape((co, r))?.to_dtype(dtype)?.to_device(device)?)?,
             alpha,
         })

@@ -19,7 +19,7 @@
 mod atoms;
 mod atoms_rec;
 mod full;
-mod lora;
+pub(crate) mod lora;
 
 use std::fmt;
 use std::str::FromStr;
@@ -136,7 +136,11 @@ impl AdapterConfig {
     /// Checks the hyper-parameters that do not depend on a layer.
     pub fn validate(&self) -> Result<()> {
         if self.atoms == Some(0) {
-            return Err(Error::invalid("atoms per layer (m)", 0, "must be at least 1"));
+            return Err(Error::invalid(
+                "atoms per layer (m)",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.sub_atoms == 0 {
             return Err(Error::invalid("sub-atoms (m1)", 0, "must be at least 1"));
@@ -145,7 +149,11 @@ impl AdapterConfig {
             return Err(Error::invalid("lora rank", 0, "must be at least 1"));
         }
         if !self.lora_alpha.is_finite() {
-            return Err(Error::invalid("lora alpha", self.lora_alpha, "must be finite"));
+            return Err(Error::invalid(
+                "lora alpha",
+                self.lora_alpha,
+                "must be finite",
+            ));
         }
         if let DictionaryKind::Lasso(o) = self.dictionary {
             o.check()?;
@@ -224,9 +232,12 @@ impl LayerAdapter {
         let layout = config.layout(base.dims())?;
         let mut rng = layer_rng(config.seed, layer);
         Ok(match config.method {
-            Method::Atoms => {
-                LayerAdapter::Atoms(AtomsAdapter::new(layout, base, config.atoms, config.dictionary)?)
-            }
+            Method::Atoms => LayerAdapter::Atoms(AtomsAdapter::new(
+                layout,
+                base,
+                config.atoms,
+                config.dictionary,
+            )?),
             Method::AtomsRec => LayerAdapter::AtomsRec(AtomsRecAdapter::new(
                 layout,
                 base,

@@ -54,15 +54,33 @@ fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u64> {
     let t = t.flatten_all().unwrap();
     match t.dtype() {
-        DType::F64 => t.to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect(),
-        DType::F32 => t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits() as u64).collect(),
-        DType::F16 => t.to_vec1::<half::f16>().unwrap().iter().map(|x| x.to_bits() as u64).collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits() as u64)
+            .collect(),
         other => panic!("{other:?}"),
     }
 }
@@ -79,7 +97,9 @@ fn layer_weights(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 /// Sets every parameter of `a` to random values, so that every gradient is non-zero.
 fn randomize(a: &LayerAdapter, seed: u64) {
     for (k, v) in a.vars().iter().enumerate() {
-        let r = random(v.dims(), seed + k as u64, v.dtype()).affine(0.3, 0.0).unwrap();
+        let r = random(v.dims(), seed + k as u64, v.dtype())
+            .affine(0.3, 0.0)
+            .unwrap();
         v.set(&r).unwrap();
     }
 }
@@ -94,9 +114,17 @@ fn every_adapter_starts_exactly_at_the_base_weight() {
                 let w2 = a.effective_weight(&w, 1.0).unwrap();
                 assert_eq!(w2.dtype(), dtype);
                 assert_eq!(w2.dims(), shape);
-                assert_eq!(bits(&w2), bits(&w), "{name} {shape:?} {dtype:?}: W' != W at init");
+                assert_eq!(
+                    bits(&w2),
+                    bits(&w),
+                    "{name} {shape:?} {dtype:?}: W' != W at init"
+                );
                 let w3 = a.effective_weight(&w, 0.7).unwrap();
-                assert_eq!(bits(&w3), bits(&w), "{name} {shape:?} {dtype:?}: scaled W' != W at init");
+                assert_eq!(
+                    bits(&w3),
+                    bits(&w),
+                    "{name} {shape:?} {dtype:?}: scaled W' != W at init"
+                );
             }
         }
     }
@@ -109,14 +137,30 @@ fn scale_zero_gives_the_base_and_scale_is_linear() {
         for (name, cfg) in configs() {
             let a = LayerAdapter::new(&cfg, "layer", &w).unwrap();
             randomize(&a, 11);
-            assert_eq!(bits(&a.effective_weight(&w, 0.0).unwrap()), bits(&w), "{name}");
+            assert_eq!(
+                bits(&a.effective_weight(&w, 0.0).unwrap()),
+                bits(&w),
+                "{name}"
+            );
             let d1 = (a.effective_weight(&w, 1.0).unwrap() - &w).unwrap();
             let d2 = (a.effective_weight(&w, 2.5).unwrap() - &w).unwrap();
-            let nz = d1.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-            assert!(nz > 1e-3, "{name} {shape:?}: randomized adapter changes nothing");
+            let nz = d1
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                nz > 1e-3,
+                "{name} {shape:?}: randomized adapter changes nothing"
+            );
             let err = (d2 - d1.affine(2.5, 0.0).unwrap()).unwrap().abs().unwrap();
             let err = err.max_all().unwrap().to_scalar::<f64>().unwrap();
-            assert!(err < 1e-12 * (1.0 + nz), "{name} {shape:?}: scale not linear ({err})");
+            assert!(
+                err < 1e-12 * (1.0 + nz),
+                "{name} {shape:?}: scale not linear ({err})"
+            );
         }
     }
 }
@@ -146,7 +190,8 @@ fn reference_delta(a: &LayerAdapter, w: &Tensor, cfg: &AdapterConfig) -> Vec<f64
                     for l in 0..m {
                         for k in 0..m1 {
                             for j in 0..d {
-                                dd[(i * m + l) * d + j] += beta[(i * m + l) * m1 + k] * d1[(l * m1 + k) * d + j];
+                                dd[(i * m + l) * d + j] +=
+                                    beta[(i * m + l) * m1 + k] * d1[(l * m1 + k) * d + j];
                             }
                         }
                     }
@@ -163,7 +208,13 @@ fn reference_delta(a: &LayerAdapter, w: &Tensor, cfg: &AdapterConfig) -> Vec<f64
                 }
             }
             let f = Tensor::from_vec(out, (n, d), &Device::Cpu).unwrap();
-            layout.from_filters(&f).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            layout
+                .from_filters(&f)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         }
         Method::Lora => {
             let (down, up) = (v("lora_down"), v("lora_up"));
@@ -174,7 +225,8 @@ fn reference_delta(a: &LayerAdapter, w: &Tensor, cfg: &AdapterConfig) -> Vec<f64
             for o in 0..co {
                 for c in 0..k {
                     for q in 0..r {
-                        out[o * k + c] += up[o * r + q] * down[q * k + c] * cfg.lora_alpha / r as f64;
+                        out[o * k + c] +=
+                            up[o * r + q] * down[q * k + c] * cfg.lora_alpha / r as f64;
                     }
                 }
             }
@@ -191,17 +243,29 @@ fn delta_weight_matches_the_formulas_of_the_design() {
         for (name, cfg) in configs() {
             let a = LayerAdapter::new(&cfg, "layer", &w).unwrap();
             randomize(&a, 5);
-            let got = a.delta_weight(&w, 1.0).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let got = a
+                .delta_weight(&w, 1.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             let want = reference_delta(&a, &w, &cfg);
             let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
             assert!(scale > 0.0, "{name}");
             for (g, r) in got.iter().zip(&want) {
-                assert!((g - r).abs() <= 1e-12 * scale, "{name} {shape:?}: {g} vs {r}");
+                assert!(
+                    (g - r).abs() <= 1e-12 * scale,
+                    "{name} {shape:?}: {g} vs {r}"
+                );
             }
             let eff = (a.effective_weight(&w, 1.0).unwrap() - &w).unwrap();
             let eff = eff.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for (g, r) in eff.iter().zip(&want) {
-                assert!((g - r).abs() <= 1e-12 * scale + 1e-15, "{name} {shape:?}: W' - W {g} vs {r}");
+                assert!(
+                    (g - r).abs() <= 1e-12 * scale + 1e-15,
+                    "{name} {shape:?}: W' - W {g} vs {r}"
+                );
             }
         }
     }
@@ -242,7 +306,12 @@ fn gradients_equal_central_finite_differences_in_f64() {
                     .get(var)
                     .unwrap_or_else(|| panic!("{name} {shape:?}: no gradient for parameter {k}"));
                 let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                let v0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let v0 = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
                 // L is linear in each parameter tensor, so central differences carry no truncation
                 // error and a large step keeps round-off small.
                 let h = 1e-2;
@@ -251,16 +320,30 @@ fn gradients_equal_central_finite_differences_in_f64() {
                     let mut v = v0.clone();
                     let mut at = |delta: f64| {
                         v[i] = v0[i] + delta;
-                        var.set(&Tensor::from_slice(&v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                        var.set(&Tensor::from_slice(&v, var.dims(), &Device::Cpu).unwrap())
+                            .unwrap();
                         loss(&a, &w, &x, &r).to_scalar::<f64>().unwrap()
                     };
                     fd.push((at(h) - at(-h)) / (2.0 * h));
                 }
-                var.set(&Tensor::from_slice(&v0, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_slice(&v0, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let norm = fd.iter().map(|x| x * x).sum::<f64>().sqrt();
-                let err = g.iter().zip(&fd).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
-                assert!(norm > 1e-8, "{name} {shape:?}: zero gradient for parameter {k}");
-                assert!(err / norm < 1e-6, "{name} {shape:?} param {k}: relative error {}", err / norm);
+                let err = g
+                    .iter()
+                    .zip(&fd)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(
+                    norm > 1e-8,
+                    "{name} {shape:?}: zero gradient for parameter {k}"
+                );
+                assert!(
+                    err / norm < 1e-6,
+                    "{name} {shape:?} param {k}: relative error {}",
+                    err / norm
+                );
             }
         }
     }
@@ -270,10 +353,20 @@ fn gradients_equal_central_finite_differences_in_f64() {
 fn parameter_counts_follow_the_design() {
     let w = layer_weights(&[6, 4, 3, 3], 1, DType::F32);
     let lin = layer_weights(&[8, 12], 1, DType::F32);
-    let count = |cfg: &AdapterConfig, w: &Tensor| LayerAdapter::new(cfg, "l", w).unwrap().num_params();
+    let count =
+        |cfg: &AdapterConfig, w: &Tensor| LayerAdapter::new(cfg, "l", w).unwrap().num_params();
     let c = |m| AdapterConfig::new(m);
     assert_eq!(count(&c(Method::Atoms), &w), 81);
-    assert_eq!(count(&AdapterConfig { atoms: Some(4), ..c(Method::Atoms) }, &w), 36);
+    assert_eq!(
+        count(
+            &AdapterConfig {
+                atoms: Some(4),
+                ..c(Method::Atoms)
+            },
+            &w
+        ),
+        36
+    );
     // ci*m*m1 + m*m1*d
     assert_eq!(count(&c(Method::AtomsRec), &w), 4 * 9 * 3 + 9 * 3 * 9);
     // r*(ci*k*k + co)
@@ -284,7 +377,11 @@ fn parameter_counts_follow_the_design() {
     for (_, cfg) in configs() {
         for shape in SHAPES {
             let w = layer_weights(shape, 1, DType::F32);
-            assert_eq!(count(&cfg, &w), cfg.num_params(shape).unwrap(), "{cfg:?} {shape:?}");
+            assert_eq!(
+                count(&cfg, &w),
+                cfg.num_params(shape).unwrap(),
+                "{cfg:?} {shape:?}"
+            );
         }
     }
 }
@@ -292,11 +389,25 @@ fn parameter_counts_follow_the_design() {
 #[test]
 fn layer_initialisation_depends_on_seed_and_name_only() {
     let w = layer_weights(&[6, 4, 3, 3], 1, DType::F32);
-    let cfg = AdapterConfig { seed: 3, ..AdapterConfig::new(Method::Lora) };
-    let get = |cfg: &AdapterConfig, name: &str| bits(&LayerAdapter::new(cfg, name, &w).unwrap().vars()[0]);
+    let cfg = AdapterConfig {
+        seed: 3,
+        ..AdapterConfig::new(Method::Lora)
+    };
+    let get = |cfg: &AdapterConfig, name: &str| {
+        bits(&LayerAdapter::new(cfg, name, &w).unwrap().vars()[0])
+    };
     assert_eq!(get(&cfg, "a"), get(&cfg, "a"));
     assert_ne!(get(&cfg, "a"), get(&cfg, "b"));
-    assert_ne!(get(&cfg, "a"), get(&AdapterConfig { seed: 4, ..cfg.clone() }, "a"));
+    assert_ne!(
+        get(&cfg, "a"),
+        get(
+            &AdapterConfig {
+                seed: 4,
+                ..cfg.clone()
+            },
+            "a"
+        )
+    );
 }
 
 #[test]
@@ -304,10 +415,32 @@ fn bad_configurations_are_errors() {
     let w = layer_weights(&[6, 4, 3, 3], 1, DType::F32);
     let lin = layer_weights(&[6, 10], 1, DType::F32);
     let c = AdapterConfig::new;
-    let err = |cfg: AdapterConfig, w: &Tensor| LayerAdapter::new(&cfg, "l", w).unwrap_err().to_string();
-    assert!(err(AdapterConfig { atoms: Some(10), ..c(Method::Atoms) }, &w).contains("between 1 and"));
-    assert!(err(AdapterConfig { rank: 7, ..c(Method::Lora) }, &w).contains("lora rank"));
-    assert!(err(AdapterConfig { rank: 0, ..c(Method::Lora) }, &w).contains("lora rank"));
+    let err =
+        |cfg: AdapterConfig, w: &Tensor| LayerAdapter::new(&cfg, "l", w).unwrap_err().to_string();
+    assert!(err(
+        AdapterConfig {
+            atoms: Some(10),
+            ..c(Method::Atoms)
+        },
+        &w
+    )
+    .contains("between 1 and"));
+    assert!(err(
+        AdapterConfig {
+            rank: 7,
+            ..c(Method::Lora)
+        },
+        &w
+    )
+    .contains("lora rank"));
+    assert!(err(
+        AdapterConfig {
+            rank: 0,
+            ..c(Method::Lora)
+        },
+        &w
+    )
+    .contains("lora rank"));
     assert!(err(c(Method::Atoms), &lin).contains("does not divide"));
     let a = LayerAdapter::new(&c(Method::Atoms), "l", &w).unwrap();
     assert!(a.effective_weight(&lin, 1.0).is_err());

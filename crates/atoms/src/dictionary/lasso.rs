@@ -35,7 +35,11 @@ impl Default for LassoOptions {
 impl LassoOptions {
     pub(crate) fn check(&self) -> Result<()> {
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
-            return Err(Error::invalid("lasso lambda", self.lambda, "must be finite and >= 0"));
+            return Err(Error::invalid(
+                "lasso lambda",
+                self.lambda,
+                "must be finite and >= 0",
+            ));
         }
         if self.sweeps == 0 {
             return Err(Error::invalid("lasso sweeps", 0, "must be at least 1"));
@@ -55,7 +59,13 @@ fn soft_threshold(z: f64, t: f64) -> f64 {
 }
 
 /// Sparse codes `A [N, m]` of `filters [N, d]` over `atoms [m, d]`.
-pub(super) fn code(filters: &[f64], atoms: &[f64], d: usize, m: usize, o: &LassoOptions) -> Vec<f64> {
+pub(super) fn code(
+    filters: &[f64],
+    atoms: &[f64],
+    d: usize,
+    m: usize,
+    o: &LassoOptions,
+) -> Vec<f64> {
     let mut q = vec![0f64; m * m];
     for i in 0..m {
         for j in 0..m {
@@ -215,7 +225,11 @@ mod tests {
                 ..Default::default()
             };
             let dict = Dictionary::learn(&f, d, Some(m), DictionaryKind::Lasso(o)).unwrap();
-            dict.coefficients(&f).unwrap().iter().filter(|x| **x == 0.0).count()
+            dict.coefficients(&f)
+                .unwrap()
+                .iter()
+                .filter(|x| **x == 0.0)
+                .count()
         };
         let (z0, z1, z2) = (zeros(0.0), zeros(0.02), zeros(0.2));
         assert!(z0 < z1 && z1 < z2, "zero counts {z0} {z1} {z2}");

@@ -87,7 +87,12 @@ impl Dictionary {
     }
 
     /// Learns `m` atoms from the row-major filter matrix `filters [N, d]`.
-    pub fn learn(filters: &[f64], d: usize, m: Option<usize>, kind: DictionaryKind) -> Result<Self> {
+    pub fn learn(
+        filters: &[f64],
+        d: usize,
+        m: Option<usize>,
+        kind: DictionaryKind,
+    ) -> Result<Self> {
         let m = m.unwrap_or(d);
         check_m(m, d)?;
         if d == 0 || filters.is_empty() || filters.len() % d != 0 {
@@ -146,6 +151,16 @@ impl Dictionary {
         })
     }
 
+    /// The same dictionary with its atoms rounded to `f32`, the precision delta files store.
+    /// Adapters are built on rounded atoms so that a delta rebuilds them bit for bit (lasso
+    /// coefficients are recomputed from the stored atoms at load time).
+    pub fn rounded_to_f32(&self) -> Self {
+        Dictionary {
+            atoms: self.atoms.iter().map(|&x| x as f32 as f64).collect(),
+            ..self.clone()
+        }
+    }
+
     /// How the atoms were computed.
     pub fn kind(&self) -> DictionaryKind {
         self.kind
@@ -196,7 +211,9 @@ impl Dictionary {
         }
         match self.kind {
             DictionaryKind::Svd => Ok(project(filters, &self.atoms, self.d, self.m)),
-            DictionaryKind::Lasso(opts) => Ok(lasso::code(filters, &self.atoms, self.d, self.m, &opts)),
+            DictionaryKind::Lasso(opts) => {
+                Ok(lasso::code(filters, &self.atoms, self.d, self.m, &opts))
+            }
         }
     }
 
@@ -333,7 +350,10 @@ mod tests {
             let discarded: f64 = dict.energy()[m..].iter().sum();
             assert!(discarded > 0.0);
             let rel = (err - discarded).abs() / discarded;
-            assert!(rel < 1e-9, "m={m}: error {err} vs discarded energy {discarded}");
+            assert!(
+                rel < 1e-9,
+                "m={m}: error {err} vs discarded energy {discarded}"
+            );
         }
     }
 
@@ -350,7 +370,10 @@ mod tests {
                 assert!((ip - want).abs() < 1e-13, "<{i},{j}> = {ip}");
             }
             let row = &a[i * d..(i + 1) * d];
-            let big = row.iter().cloned().fold(0f64, |m, x| if x.abs() > m.abs() { x } else { m });
+            let big = row
+                .iter()
+                .cloned()
+                .fold(0f64, |m, x| if x.abs() > m.abs() { x } else { m });
             assert!(big > 0.0, "row {i} largest entry is negative");
         }
         assert!(dict.energy().windows(2).all(|w| w[0] >= w[1]));
@@ -361,7 +384,10 @@ mod tests {
         let d = 9;
         let f = sample_filters(3 * CHUNK_ROWS + 17, d, 4);
         let run = |threads: usize, kind: DictionaryKind| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| {
                 let dict = Dictionary::learn(&f, d, None, kind).unwrap();
                 let alpha = dict.coefficients(&f).unwrap();
@@ -377,10 +403,22 @@ mod tests {
             let (a1, c1) = run(1, kind);
             let (a2, c2) = run(2, kind);
             let (a3, c3) = run(2, kind);
-            assert_eq!(bits(&a1), bits(&a2), "{kind}: atoms differ across thread counts");
-            assert_eq!(bits(&c1), bits(&c2), "{kind}: coefficients differ across thread counts");
+            assert_eq!(
+                bits(&a1),
+                bits(&a2),
+                "{kind}: atoms differ across thread counts"
+            );
+            assert_eq!(
+                bits(&c1),
+                bits(&c2),
+                "{kind}: coefficients differ across thread counts"
+            );
             assert_eq!(bits(&a2), bits(&a3), "{kind}: atoms differ between runs");
-            assert_eq!(bits(&c2), bits(&c3), "{kind}: coefficients differ between runs");
+            assert_eq!(
+                bits(&c2),
+                bits(&c3),
+                "{kind}: coefficients differ between runs"
+            );
         }
     }
 
@@ -400,14 +438,30 @@ mod tests {
     #[test]
     fn f32_weights_reconstruct_within_f32_precision() {
         let layout = Layout::from_shape(&[16, 8, 3, 3], Default::default()).unwrap();
-        let vals: Vec<f32> = sample_filters(128, 9, 6).iter().map(|&x| x as f32).collect();
+        let vals: Vec<f32> = sample_filters(128, 9, 6)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         let w = Tensor::from_vec(vals, layout.shape(), &Device::Cpu).unwrap();
         let dict = Dictionary::from_weight(&w, &layout, None, DictionaryKind::Svd).unwrap();
         let alpha = dict.coefficients_tensor(&w, &layout).unwrap();
         let atoms = dict.atoms_tensor(DType::F32, &Device::Cpu).unwrap();
         let back = layout.from_filters(&alpha.matmul(&atoms).unwrap()).unwrap();
-        let err = (back - &w).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let norm = w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (back - &w)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let norm = w
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let rel = (err / norm).sqrt();
         assert!(rel < 1e-5, "relative error {rel}");
     }

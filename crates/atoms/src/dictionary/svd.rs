@@ -17,7 +17,11 @@ pub(super) fn top_eigenvectors(g: &[f64], d: usize, m: usize) -> Result<(Vec<f64
         Error::invalid("weight", "Gram matrix", "the eigen-solver did not converge")
     })?;
     let mut order: Vec<usize> = (0..d).collect();
-    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        eig.eigenvalues[b]
+            .total_cmp(&eig.eigenvalues[a])
+            .then(a.cmp(&b))
+    });
 
     let mut atoms = Vec::with_capacity(m * d);
     for &k in order.iter().take(m) {
