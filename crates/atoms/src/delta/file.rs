@@ -29,7 +29,7 @@ impl Delta {
                 Ok((name.as_str(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(self.meta.to_map()))
+        safetensors::serialize(views, Some(self.meta.to_metadata()))
             .map_err(|e| Error::Safetensors(e.to_string()))
     }
 
@@ -53,7 +53,7 @@ impl Delta {
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors(e.to_string()))?;
         let meta = match header.metadata() {
-            Some(m) => DeltaMeta::from_map(m)?,
+            Some(m) => DeltaMeta::from_metadata(m)?,
             None => return Err(Error::NotADelta { found: None }),
         };
         let method = meta.config.method;

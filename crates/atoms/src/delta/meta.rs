@@ -93,7 +93,8 @@ impl DeltaMeta {
         )
     }
 
-    pub(crate) fn to_map(&self) -> HashMap<String, String> {
+    /// The safetensors `__metadata__` map of this metadata (the table above).
+    pub fn to_metadata(&self) -> HashMap<String, String> {
         let c = &self.config;
         let mut h = json!({
             "atoms": c.atoms,
@@ -137,7 +138,8 @@ impl DeltaMeta {
         m
     }
 
-    pub(crate) fn from_map(m: &HashMap<String, String>) -> Result<Self> {
+    /// Parses a safetensors `__metadata__` map, checking format, version and hyper-parameters.
+    pub fn from_metadata(m: &HashMap<String, String>) -> Result<Self> {
         let format = m.get("format");
         if format.map(String::as_str) != Some(FORMAT) {
             return Err(Error::NotADelta {
@@ -289,21 +291,21 @@ mod tests {
             meta.trigger = Some("sks".into());
             meta.steps = Some(400);
             meta.extra.insert("lr".into(), "0.01".into());
-            let back = DeltaMeta::from_map(&meta.to_map()).unwrap();
+            let back = DeltaMeta::from_metadata(&meta.to_metadata()).unwrap();
             assert_eq!(back, meta, "{method}");
         }
     }
 
     #[test]
     fn malformed_metadata_names_the_key() {
-        let good = DeltaMeta::new(AdapterConfig::new(Method::Lora), "m").to_map();
+        let good = DeltaMeta::new(AdapterConfig::new(Method::Lora), "m").to_metadata();
         let with = |k: &str, v: Option<&str>| {
             let mut m = good.clone();
             match v {
                 Some(v) => m.insert(k.into(), v.into()),
                 None => m.remove(k),
             };
-            DeltaMeta::from_map(&m).unwrap_err().to_string()
+            DeltaMeta::from_metadata(&m).unwrap_err().to_string()
         };
         assert!(with("format", None).contains("not an atomtune delta"));
         assert!(with("format_version", Some("2")).contains("newer"));

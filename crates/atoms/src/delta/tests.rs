@@ -161,7 +161,7 @@ fn rewrite(
 ) -> Vec<u8> {
     let bytes = d.to_bytes().unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut meta = d.meta().to_map();
+    let mut meta = d.meta().to_metadata();
     edit_meta(&mut meta);
     let mut items: Vec<_> = st
         .tensors()

@@ -1,0 +1,16 @@
+//! One module per subcommand.
+
+mod inspect;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+    }
+}
