@@ -2,6 +2,7 @@
 
 use candle_core::{Tensor, Var};
 
+use super::transform::transform_filters;
 use super::{base_plus_delta, check_base, param_dtype, scaled, Adapter, Method};
 use crate::{Dictionary, DictionaryKind, Layout, Result};
 
@@ -130,19 +131,17 @@ impl Adapter for AtomsAdapter {
 
     fn delta_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
         check_base(&self.layout, base)?;
-        let dw = match &self.coefficients {
-            // alpha @ dD = Wr @ D0^T @ dD
+        match &self.coefficients {
+            // alpha @ dD = Wr @ (D0^T dD)
             Coefficients::Projection => {
-                let wr = self
-                    .layout
-                    .to_filters(&base.to_dtype(self.atoms.dtype())?)?;
-                wr.matmul(&self.filter_update(scale)?)?
+                let w = base.to_dtype(self.atoms.dtype())?;
+                transform_filters(&w, &self.filter_update(scale)?, &self.layout)
             }
             Coefficients::Explicit(alpha) => {
-                alpha.matmul(&scaled(self.delta.as_tensor().clone(), scale)?)?
+                let dd = scaled(self.delta.as_tensor().clone(), scale)?;
+                self.layout.from_filters(&alpha.matmul(&dd)?)
             }
-        };
-        self.layout.from_filters(&dw)
+        }
     }
 
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
@@ -154,13 +153,10 @@ impl Adapter for AtomsAdapter {
             Coefficients::Projection => {
                 check_base(&self.layout, base)?;
                 let dtype = self.atoms.dtype();
-                let d = self.layout.filter_dim();
-                let t = (Tensor::eye(d, dtype, base.device())? + self.filter_update(scale)?)?;
-                let wr = self.layout.to_filters(&base.to_dtype(dtype)?)?;
-                Ok(self
-                    .layout
-                    .from_filters(&wr.matmul(&t)?)?
-                    .to_dtype(base.dtype())?)
+                let eye = Tensor::eye(self.layout.filter_dim(), dtype, base.device())?;
+                let t = (eye + self.filter_update(scale)?)?;
+                let w = transform_filters(&base.to_dtype(dtype)?, &t, &self.layout)?;
+                Ok(w.to_dtype(base.dtype())?)
             }
             Coefficients::Explicit(_) => base_plus_delta(self, base, scale),
         }

@@ -20,6 +20,7 @@ mod atoms;
 mod atoms_rec;
 mod full;
 pub(crate) mod lora;
+mod transform;
 
 use std::fmt;
 use std::str::FromStr;
