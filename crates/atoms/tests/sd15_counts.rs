@@ -41,3 +41,24 @@ fn atoms_on_sd15_convs_count_4212_and_4258() {
     assert_eq!(count(&k3), 4_212);
     assert_eq!(count(&k3) + count(&k1), 4_258);
 }
+
+/// The other methods on the same 98 convs (expected values worked out by hand from DESIGN.md's
+/// formulas: `ci*m*m1 + m*m1*d` for atoms-rec, `r*(ci*k*k + co)` for LoRA).
+#[test]
+fn other_methods_on_sd15_convs() {
+    let convs = unet_convs(&UnetShape::sd15());
+    let total = |cfg: AdapterConfig, k3_only: bool| -> usize {
+        convs
+            .iter()
+            .filter(|(_, s)| !k3_only || s[2..] == [3, 3])
+            .map(|(_, s)| cfg.num_params(s).unwrap())
+            .sum()
+    };
+    assert_eq!(total(AdapterConfig::new(Method::AtomsRec), true), 1_516_104);
+    assert_eq!(
+        total(AdapterConfig::new(Method::AtomsRec), false),
+        1_657_362
+    );
+    assert_eq!(total(AdapterConfig::new(Method::Lora), false), 2_526_880);
+    assert_eq!(total(AdapterConfig::new(Method::Full), false), 589_027_840);
+}

@@ -97,7 +97,8 @@ impl FromStr for Method {
 pub struct AdapterConfig {
     /// The method.
     pub method: Method,
-    /// Atoms per layer `m` (atoms methods); `None` means `m = d`, an exact dictionary.
+    /// Atoms per layer `m` (atoms methods); `None` means `m = d`, an exact dictionary. A layer
+    /// whose filters have fewer numbers (`d < m`, such as a 1x1 conv) gets `m = d`.
     pub atoms: Option<usize>,
     /// How atoms are computed from the base weight (atoms methods).
     pub dictionary: DictionaryKind,
@@ -231,18 +232,16 @@ impl LayerAdapter {
     pub fn new(config: &AdapterConfig, layer: &str, base: &Tensor) -> Result<Self> {
         config.validate()?;
         let layout = config.layout(base.dims())?;
+        let m = config.atoms.map(|m| m.min(layout.filter_dim()));
         let mut rng = layer_rng(config.seed, layer);
         Ok(match config.method {
-            Method::Atoms => LayerAdapter::Atoms(AtomsAdapter::new(
-                layout,
-                base,
-                config.atoms,
-                config.dictionary,
-            )?),
+            Method::Atoms => {
+                LayerAdapter::Atoms(AtomsAdapter::new(layout, base, m, config.dictionary)?)
+            }
             Method::AtomsRec => LayerAdapter::AtomsRec(AtomsRecAdapter::new(
                 layout,
                 base,
-                config.atoms,
+                m,
                 config.dictionary,
                 config.sub_atoms,
                 &mut rng,

@@ -417,14 +417,15 @@ fn bad_configurations_are_errors() {
     let c = AdapterConfig::new;
     let err =
         |cfg: AdapterConfig, w: &Tensor| LayerAdapter::new(&cfg, "l", w).unwrap_err().to_string();
-    assert!(err(
-        AdapterConfig {
-            atoms: Some(10),
-            ..c(Method::Atoms)
-        },
-        &w
-    )
-    .contains("between 1 and"));
+    let m = |m| AdapterConfig {
+        atoms: Some(m),
+        ..c(Method::Atoms)
+    };
+    assert!(err(m(0), &w).contains("at least 1"));
+    // m > d is clamped to d: a 1x1 conv has one-number filters whatever m the user asks for.
+    let k1 = layer_weights(&[6, 4, 1, 1], 1, DType::F32);
+    assert_eq!(LayerAdapter::new(&m(4), "l", &k1).unwrap().num_params(), 1);
+    assert_eq!(LayerAdapter::new(&m(10), "l", &w).unwrap().num_params(), 81);
     assert!(err(
         AdapterConfig {
             rank: 7,

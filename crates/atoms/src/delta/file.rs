@@ -153,8 +153,8 @@ fn check_layer(layer: &str, t: &LayerTensors, c: &AdapterConfig) -> Result<()> {
                     vec![c.atoms.unwrap_or(1), atoms[atoms.len() - 1]],
                 ));
             };
-            if m > d || c.atoms.is_some_and(|k| k != m) {
-                return Err(err("atoms", vec![c.atoms.unwrap_or(d), d]));
+            if m > d || c.atoms.is_some_and(|k| k.min(d) != m) {
+                return Err(err("atoms", vec![c.atoms.map_or(d, |k| k.min(d)), d]));
             }
             if c.method == Method::Atoms {
                 if t["delta"].dims() != [m, d] {
