@@ -1,8 +1,27 @@
-//! # models: the Stable Diffusion model stack (not built yet)
+//! # models: the Stable Diffusion model stack
 //!
-//! This crate will hold our own differentiable SD model code, proven equal to diffusers on the
-//! reference fixtures: configs read from diffusers files, the UNet with an adapter hook on every
-//! conv and linear layer by its diffusers name, the CLIP text encoder and tokenizer, the VAE, and
-//! loading from a local diffusers folder or a hub repo id (DESIGN.md section 3). It is empty
-//! today; see the issue "Stable Diffusion model stack in crates/models".
+//! Our own differentiable SD 1.x / 2.x models, proven equal to diffusers on the reference
+//! fixtures (`../shared/fixtures`):
+//!
+//! - [`config`]: configs read from the diffusers / transformers `config.json` files;
+//! - [`Unet`]: `UNet2DConditionModel`, every op with a backward (candle-transformers' UNet silently
+//!   loses gradients, DESIGN.md "Why we own the UNet");
+//! - [`layers`]: the adapter hook: every conv and linear registers its base weight by diffusers
+//!   name, and `atoms` adapters attach there;
+//! - [`weights`]: memory-mapped safetensors or seeded random weights, with errors that name the
+//!   key and file.
 #![deny(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod layers;
+pub mod nn;
+pub mod resnet;
+pub mod unet;
+pub mod weights;
+
+pub use config::{ClipConfig, UnetConfig, VaeConfig};
+pub use error::{Error, Result};
+pub use layers::{LayerKind, Layers, Targets};
+pub use unet::Unet;
+pub use weights::Weights;

@@ -1,0 +1,264 @@
+//! The adapter hook: every conv and linear layer of a model registers its base weight here under
+//! its diffusers name, and asks here for the weight to use at each forward pass.
+//!
+//! Adapters from `atoms` attach by name ([`Layers::attach`]) without touching model code. A layer
+//! with no adapter uses its base weight as is; one adapter gives `W' = W + scale dW` through the
+//! adapter's own (exact, fast) path; several stack, `W + sum_k scale_k dW_k`, each computed from
+//! the base. [`Layers`] is also the [`atoms::BaseWeights`] a delta is checked against.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use atoms::{Adapter, LayerAdapter};
+use candle_core::Tensor;
+
+use crate::{Error, Result};
+
+/// What kind of layer a weight belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A 2-d convolution, weight `[co, ci, kh, kw]`.
+    Conv,
+    /// A linear layer, weight `[co, ci]`.
+    Linear,
+}
+
+/// A registered layer.
+#[derive(Clone, Debug)]
+pub struct LayerInfo {
+    /// Conv or linear.
+    pub kind: LayerKind,
+    /// The frozen base weight.
+    pub weight: Tensor,
+}
+
+struct Attached {
+    adapter: Arc<LayerAdapter>,
+    scale: f64,
+}
+
+#[derive(Default)]
+struct Inner {
+    layers: BTreeMap<String, LayerInfo>,
+    adapters: BTreeMap<String, Vec<Attached>>,
+}
+
+/// The adaptable layers of one model, shared by the model's modules.
+#[derive(Clone, Default)]
+pub struct Layers {
+    id: Arc<str>,
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl fmt::Debug for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.inner.read().expect("lock");
+        f.debug_struct("Layers")
+            .field("id", &self.id)
+            .field("layers", &inner.layers.len())
+            .field("adapted", &inner.adapters.len())
+            .finish()
+    }
+}
+
+impl Layers {
+    /// An empty table for a model known as `id` (a hub id or a path, for messages).
+    pub fn new(id: impl Into<String>) -> Self {
+        let id: String = id.into();
+        Layers {
+            id: id.into(),
+            inner: Arc::default(),
+        }
+    }
+
+    pub(crate) fn register(&self, name: &str, kind: LayerKind, weight: &Tensor) {
+        let mut inner = self.inner.write().expect("lock");
+        inner.layers.insert(
+            name.to_string(),
+            LayerInfo {
+                kind,
+                weight: weight.clone(),
+            },
+        );
+    }
+
+    /// Every registered layer's name, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .expect("lock")
+            .layers
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// One layer.
+    pub fn get(&self, name: &str) -> Option<LayerInfo> {
+        self.inner.read().expect("lock").layers.get(name).cloned()
+    }
+
+    /// The names of the layers a target set selects (DESIGN.md 1.4).
+    pub fn select(&self, targets: Targets) -> Vec<String> {
+        let inner = self.inner.read().expect("lock");
+        inner
+            .layers
+            .iter()
+            .filter(|(name, info)| targets.selects(name, info))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Attaches `adapter` to `name` at `scale` (adapters already there stay: they stack).
+    pub fn attach(&self, name: &str, adapter: LayerAdapter, scale: f64) -> Result<()> {
+        let mut inner = self.inner.write().expect("lock");
+        let info = inner
+            .layers
+            .get(name)
+            .ok_or_else(|| Error::Atoms(atoms::Error::UnknownLayer { layer: name.into() }))?;
+        if adapter.layout().shape() != info.weight.dims() {
+            return Err(Error::Input(format!(
+                "adapter for `{name}` was built for {} but the layer's weight is {:?}",
+                adapter.layout(),
+                info.weight.dims()
+            )));
+        }
+        inner
+            .adapters
+            .entry(name.to_string())
+            .or_default()
+            .push(Attached {
+                adapter: Arc::new(adapter),
+                scale,
+            });
+        Ok(())
+    }
+
+    /// Removes every adapter.
+    pub fn detach_all(&self) {
+        self.inner.write().expect("lock").adapters.clear();
+    }
+
+    /// The trainable parameters of every attached adapter.
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        let inner = self.inner.read().expect("lock");
+        inner
+            .adapters
+            .values()
+            .flatten()
+            .flat_map(|a| a.adapter.vars())
+            .collect()
+    }
+
+    /// The attached adapters of `name`, with their scales.
+    pub fn adapters(&self, name: &str) -> Vec<(Arc<LayerAdapter>, f64)> {
+        let inner = self.inner.read().expect("lock");
+        inner
+            .adapters
+            .get(name)
+            .map(|v| v.iter().map(|a| (a.adapter.clone(), a.scale)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The weight `name` uses now: `base` with its adapters applied.
+    pub(crate) fn weight(&self, name: &str, base: &Tensor) -> Result<Tensor> {
+        let attached = self.adapters(name);
+        match attached.as_slice() {
+            [] => Ok(base.clone()),
+            [(a, scale)] => Ok(a.effective_weight(base, *scale)?),
+            many => {
+                let mut w = base.to_dtype(atoms::adapter::param_dtype(base.dtype()))?;
+                for (a, scale) in many {
+                    if *scale != 0.0 {
+                        w = (w + a.delta_weight(base, *scale)?)?;
+                    }
+                }
+                Ok(w.to_dtype(base.dtype())?)
+            }
+        }
+    }
+}
+
+impl atoms::BaseWeights for Layers {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn weight_shape(&self, layer: &str) -> Option<Vec<usize>> {
+        self.get(layer).map(|i| i.weight.dims().to_vec())
+    }
+
+    fn weight(&self, layer: &str) -> atoms::Result<Tensor> {
+        self.get(layer)
+            .map(|i| i.weight)
+            .ok_or_else(|| atoms::Error::UnknownLayer {
+                layer: layer.into(),
+            })
+    }
+}
+
+/// Which layers a method tunes (DESIGN.md 1.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Targets {
+    /// Every convolution, 3x3 and 1x1 (the paper's SD setting).
+    #[default]
+    Conv,
+    /// The 3x3 (and larger) convolutions only.
+    Conv3x3,
+    /// The attention projections `to_q`, `to_k`, `to_v`, `to_out.0` (LoRA's usual targets).
+    Attn,
+    /// Every convolution and every linear layer.
+    All,
+}
+
+impl Targets {
+    fn selects(&self, name: &str, info: &LayerInfo) -> bool {
+        match self {
+            Targets::Conv => info.kind == LayerKind::Conv,
+            Targets::Conv3x3 => {
+                info.kind == LayerKind::Conv
+                    && info.weight.dims()[2..].iter().product::<usize>() > 1
+            }
+            Targets::Attn => {
+                info.kind == LayerKind::Linear
+                    && [".to_q", ".to_k", ".to_v", ".to_out.0"]
+                        .iter()
+                        .any(|s| name.ends_with(s))
+            }
+            Targets::All => true,
+        }
+    }
+
+    /// The name users type.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Targets::Conv => "conv",
+            Targets::Conv3x3 => "conv3x3",
+            Targets::Attn => "attn",
+            Targets::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Targets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Targets {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        [Targets::Conv, Targets::Conv3x3, Targets::Attn, Targets::All]
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown targets `{s}` (expected conv, conv3x3, attn or all)"
+                ))
+            })
+    }
+}

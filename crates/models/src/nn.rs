@@ -1,0 +1,172 @@
+//! Building blocks, all differentiable: convs and linears that take their weight from the adapter
+//! hook, normalisations and attention built from ops that have a backward.
+//!
+//! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients stop silently);
+//! nothing here uses them.
+
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::layers::{LayerKind, Layers};
+use crate::weights::Weights;
+use crate::Result;
+
+/// A 2-d convolution whose weight passes through the adapter hook.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    layers: Layers,
+}
+
+impl Conv2d {
+    /// Loads `weight` `[cout, cin, k, k]` (and `bias` `[cout]` if `bias`) at `w`'s prefix, which is
+    /// also the layer's name in `layers`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        w: &Weights,
+        layers: &Layers,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get((cout, cin, k, k), "weight")?;
+        let bias = if bias {
+            Some(w.get(cout, "bias")?)
+        } else {
+            None
+        };
+        layers.register(w.prefix(), LayerKind::Conv, &weight);
+        Ok(Conv2d {
+            name: w.prefix().to_string(),
+            weight,
+            bias,
+            stride,
+            padding,
+            layers: layers.clone(),
+        })
+    }
+
+    /// # Shapes
+    /// `[b, cin, h, w] -> [b, cout, h', w']`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.layers.weight(&self.name, &self.weight)?;
+        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// A linear layer whose weight passes through the adapter hook.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    layers: Layers,
+}
+
+impl Linear {
+    /// Loads `weight` `[dout, din]` (and `bias` `[dout]` if `bias`) at `w`'s prefix.
+    pub fn new(w: &Weights, layers: &Layers, din: usize, dout: usize, bias: bool) -> Result<Self> {
+        let weight = w.get((dout, din), "weight")?;
+        let bias = if bias {
+            Some(w.get(dout, "bias")?)
+        } else {
+            None
+        };
+        layers.register(w.prefix(), LayerKind::Linear, &weight);
+        Ok(Linear {
+            name: w.prefix().to_string(),
+            weight,
+            bias,
+            layers: layers.clone(),
+        })
+    }
+
+    /// # Shapes
+    /// `[..., din] -> [..., dout]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.layers.weight(&self.name, &self.weight)?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Group normalisation over `[b, c, ...]` (candle-nn's, composed from differentiable ops).
+#[derive(Debug, Clone)]
+pub struct GroupNorm(candle_nn::GroupNorm);
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` `[channels]`.
+    pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let weight = w.get(channels, "weight")?;
+        let bias = w.get(channels, "bias")?;
+        Ok(GroupNorm(candle_nn::GroupNorm::new(
+            weight, bias, channels, groups, eps,
+        )?))
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(x)?)
+    }
+}
+
+/// Layer normalisation over the last dimension, composed from differentiable ops (statistics in
+/// f32 for half-precision inputs).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` `[dim]`.
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(dim, "weight")?,
+            bias: w.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm_slow(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?)
+    }
+}
+
+/// Softmax attention `softmax(q k^T * scale) v`, differentiable; scores in f32 when `upcast`
+/// (or when inputs are half precision).
+///
+/// # Shapes
+/// `q [b, n, d]`, `k [b, m, d]`, `v [b, m, dv]` -> `[b, n, dv]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let up = upcast || matches!(dtype, DType::F16 | DType::BF16);
+    let (q, k) = if up {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+    Ok(probs.matmul(v)?)
+}

@@ -1,0 +1,221 @@
+//! `UNet2DConditionModel` for SD 1.x and 2.x, differentiable end to end, every conv and linear
+//! registered in a [`Layers`] table by its diffusers name so adapters attach without touching
+//! this code.
+
+mod blocks;
+mod transformer;
+
+use candle_core::{DType, Tensor};
+
+pub use transformer::{Attention, Transformer2D, TransformerOpts};
+
+use crate::config::{DownBlock as DownType, UnetConfig, UpBlock as UpType};
+use crate::layers::Layers;
+use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::weights::Weights;
+use crate::{Error, Result};
+use blocks::{BlockOpts, DownBlock, MidBlock, UpBlock, UpChannels};
+
+/// The denoising UNet.
+#[derive(Debug, Clone)]
+pub struct Unet {
+    config: UnetConfig,
+    time_1: Linear,
+    time_2: Linear,
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    layers: Layers,
+}
+
+impl Unet {
+    /// Builds the UNet of `config` from `w` (keys as in diffusers' `unet/`), registering its convs
+    /// and linears in `layers`.
+    pub fn new(w: &Weights, config: &UnetConfig, layers: &Layers) -> Result<Self> {
+        let c = config;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let o = BlockOpts {
+            temb,
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            context_dim: c.cross_attention_dim,
+            depth: c.transformer_layers_per_block,
+            linear_projection: c.use_linear_projection,
+            upcast_attention: c.upcast_attention,
+        };
+        let conv_in = Conv2d::new(
+            &w.pp("conv_in"),
+            layers,
+            c.in_channels,
+            ch[0],
+            c.conv_in_kernel,
+            1,
+            c.conv_in_kernel / 2,
+            true,
+        )?;
+        let time_1 = Linear::new(&w.pp("time_embedding.linear_1"), layers, ch[0], temb, true)?;
+        let time_2 = Linear::new(&w.pp("time_embedding.linear_2"), layers, temb, temb, true)?;
+        let mut down = Vec::new();
+        for (i, kind) in c.down_blocks.iter().enumerate() {
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let heads = (*kind == DownType::CrossAttn).then_some(c.heads[i]);
+            let pad = (i + 1 < n).then_some(c.downsample_padding);
+            down.push(DownBlock::new(
+                &w.pp("down_blocks").pp(i),
+                layers,
+                &o,
+                cin,
+                ch[i],
+                c.layers_per_block,
+                heads,
+                pad,
+            )?);
+        }
+        let mid = MidBlock::new(
+            &w.pp("mid_block"),
+            layers,
+            &o,
+            ch[n - 1],
+            c.heads[n - 1],
+            c.mid_block_scale_factor,
+        )?;
+        let mut up = Vec::new();
+        for (i, kind) in c.up_blocks.iter().enumerate() {
+            let rev = |k: usize| ch[n - 1 - k];
+            let channels = UpChannels {
+                prev: if i == 0 { ch[n - 1] } else { rev(i - 1) },
+                out: rev(i),
+                skip_in: rev((i + 1).min(n - 1)),
+            };
+            let heads = (*kind == UpType::CrossAttn).then_some(c.heads[n - 1 - i]);
+            up.push(UpBlock::new(
+                &w.pp("up_blocks").pp(i),
+                layers,
+                &o,
+                channels,
+                c.layers_per_block + 1,
+                heads,
+                i + 1 < n,
+            )?);
+        }
+        Ok(Unet {
+            config: c.clone(),
+            time_1,
+            time_2,
+            conv_in,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::new(&w.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?,
+            conv_out: Conv2d::new(
+                &w.pp("conv_out"),
+                layers,
+                ch[0],
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                c.conv_out_kernel / 2,
+                true,
+            )?,
+            layers: layers.clone(),
+        })
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &UnetConfig {
+        &self.config
+    }
+
+    /// Its adaptable layers.
+    pub fn layers(&self) -> &Layers {
+        &self.layers
+    }
+
+    /// The sinusoidal timestep features (`time_proj`), `[b] -> [b, block_out_channels[0]]`, f32.
+    pub fn time_proj(&self, timesteps: &Tensor) -> Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let device = timesteps.device();
+        // As diffusers' get_timestep_embedding: exp(-ln(10000) * i / (half - shift)), in f32.
+        let exponent =
+            (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)? * -(10000f64.ln()))?;
+        let freqs = (exponent / (half as f64 - self.config.freq_shift))?.exp()?;
+        let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
+        let args = t.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        let mut emb = if self.config.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], 1)?
+        } else {
+            Tensor::cat(&[sin, cos], 1)?
+        };
+        if dim % 2 == 1 {
+            emb = emb.pad_with_zeros(1, 0, 1)?;
+        }
+        Ok(emb)
+    }
+
+    /// The time embedding MLP on [`Unet::time_proj`]'s output.
+    pub fn time_embedding(&self, proj: &Tensor) -> Result<Tensor> {
+        self.time_2.forward(&self.time_1.forward(proj)?.silu()?)
+    }
+
+    /// Predicts noise (or `v`) for `sample` at `timesteps` given text `context`.
+    ///
+    /// # Shapes
+    /// `sample [b, in, h, w]`; `timesteps` `[b]`, `[1]` or a scalar (any numeric dtype);
+    /// `context [b, 77, cross_attention_dim]` -> `[b, out, h, w]`.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, cin, _, _) = sample.dims4()?;
+        if cin != self.config.in_channels {
+            return Err(Error::Input(format!(
+                "unet input has {cin} channels, the config says {}",
+                self.config.in_channels
+            )));
+        }
+        if context.dims3()?.0 != b || context.dim(2)? != self.config.cross_attention_dim {
+            return Err(Error::Input(format!(
+                "text context {:?} does not fit a batch of {b} and cross_attention_dim {}",
+                context.dims(),
+                self.config.cross_attention_dim
+            )));
+        }
+        let t = timesteps.flatten_all()?;
+        let t = match t.dim(0)? {
+            1 => t.broadcast_as(b)?.contiguous()?,
+            n if n == b => t,
+            n => return Err(Error::Input(format!("{n} timesteps for a batch of {b}"))),
+        };
+        let temb = self.time_embedding(&self.time_proj(&t)?.to_dtype(sample.dtype())?)?;
+
+        let x = if self.config.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut h = self.conv_in.forward(&x)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down {
+            let (out, states) = block.forward(&h, &temb, context)?;
+            h = out;
+            skips.extend(states);
+        }
+        h = self.mid.forward(&h, &temb, context)?;
+        for block in &self.up {
+            let k = block.num_skips();
+            let mine = skips.split_off(skips.len() - k);
+            let up_size = skips.last().map(|s| (s.dim(2), s.dim(3)));
+            let up_size = match up_size {
+                Some((Ok(a), Ok(b))) => Some((a, b)),
+                _ => None,
+            };
+            h = block.forward(&h, &mine, &temb, context, up_size)?;
+        }
+        let h = self.norm_out.forward(&h)?.silu()?;
+        self.conv_out.forward(&h)
+    }
+}

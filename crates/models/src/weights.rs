@@ -1,0 +1,276 @@
+//! Where a model's tensors come from: memory-mapped safetensors files, or seeded random values
+//! for benchmarks at real size without a download.
+//!
+//! A [`Weights`] is a cursor into the source with a key prefix, like candle's `VarBuilder`
+//! (`w.pp("down_blocks").pp(0)` reads `down_blocks.0.*`), plus what a user needs when a checkpoint
+//! does not fit: errors naming the key, the file and both shapes, and a check that every tensor
+//! of the file was used.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::{Error, Result};
+
+enum Source {
+    Files {
+        st: MmapedSafetensors,
+        label: String,
+    },
+    Random {
+        seed: u64,
+    },
+}
+
+struct Inner {
+    source: Source,
+    dtype: DType,
+    device: Device,
+    used: Mutex<BTreeSet<String>>,
+}
+
+/// A source of named tensors, at a key prefix.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+    prefix: String,
+}
+
+impl Weights {
+    /// Maps `.safetensors` files (one model may be split in several), loading tensors as `dtype`
+    /// on `device`. Pickle files are refused.
+    pub fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        for p in paths {
+            if p.extension()
+                .is_some_and(|e| e == "bin" || e == "ckpt" || e == "pt" || e == "pth")
+            {
+                return Err(Error::Pickle { path: p.clone() });
+            }
+            if !p.is_file() {
+                return Err(Error::io(
+                    p,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                ));
+            }
+        }
+        let label = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
+        // rewrites the file while it is open.
+        let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| Error::Config {
+            path: paths.first().cloned().unwrap_or_default(),
+            reason: format!("not a valid safetensors file: {e}"),
+        })?;
+        Ok(Self::new(Source::Files { st, label }, dtype, device))
+    }
+
+    /// Seeded random values: a key's tensor depends only on `seed` and the key. Matrices and
+    /// kernels are uniform in `±1/sqrt(fan_in)` (PyTorch's default scale), norm weights are 1,
+    /// other vectors small. For benchmarks at real size; not a trained model.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Random { seed }, dtype, device)
+    }
+
+    fn new(source: Source, dtype: DType, device: &Device) -> Self {
+        Weights {
+            inner: Arc::new(Inner {
+                source,
+                dtype,
+                device: device.clone(),
+                used: Mutex::new(BTreeSet::new()),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// The same source at `prefix.name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Weights {
+            inner: self.inner.clone(),
+            prefix: self.key(&name.to_string()),
+        }
+    }
+
+    /// The current prefix: the diffusers name of the module being built.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The dtype tensors are loaded as.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// The device tensors are loaded on.
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    fn label(&self) -> String {
+        match &self.inner.source {
+            Source::Files { label, .. } => label.clone(),
+            Source::Random { seed } => format!("random weights (seed {seed})"),
+        }
+    }
+
+    /// Whether the source has `name` (random sources have everything).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.inner.source {
+            Source::Files { st, .. } => st.get(&self.key(name)).is_ok(),
+            Source::Random { .. } => true,
+        }
+    }
+
+    /// The tensor `prefix.name`, which must have `shape`.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let key = self.key(name);
+        let t = match &self.inner.source {
+            Source::Files { st, .. } => {
+                let view = st.get(&key).map_err(|_| Error::MissingKey {
+                    file: self.label(),
+                    key: key.clone(),
+                    shape: shape.dims().to_vec(),
+                })?;
+                if view.shape() != shape.dims() {
+                    return Err(Error::KeyShape {
+                        file: self.label(),
+                        key,
+                        found: view.shape().to_vec(),
+                        expected: shape.dims().to_vec(),
+                    });
+                }
+                st.load(&key, &self.inner.device)?
+            }
+            Source::Random { seed } => random_tensor(*seed, &key, &shape, &self.inner.device)?,
+        };
+        self.inner.used.lock().expect("lock").insert(key);
+        Ok(t.to_dtype(self.inner.dtype)?)
+    }
+
+    /// Errors if the files hold tensors that nothing asked for: a checkpoint of another
+    /// architecture or config that happens to have every key we need.
+    pub fn check_all_used(&self) -> Result<()> {
+        let Source::Files { st, .. } = &self.inner.source else {
+            return Ok(());
+        };
+        let used = self.inner.used.lock().expect("lock");
+        let mut extra: Vec<String> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !used.contains(k))
+            .collect();
+        extra.sort();
+        match extra.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::ExtraKeys {
+                file: self.label(),
+                count: extra.len(),
+                first: first.clone(),
+            }),
+        }
+    }
+}
+
+fn random_tensor(seed: u64, key: &str, shape: &Shape, device: &Device) -> Result<Tensor> {
+    let dims = shape.dims();
+    let n = shape.elem_count();
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let is_norm = key.contains("norm");
+    if dims.len() == 1 && is_norm {
+        let v = if name == "weight" { 1f32 } else { 0f32 };
+        return Ok(Tensor::full(v, dims, device)?);
+    }
+    let bound = if dims.len() >= 2 {
+        let fan_in: usize = dims[1..].iter().product();
+        1.0 / (fan_in as f32).sqrt()
+    } else {
+        0.02
+    };
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ xxhash_rust::xxh3::xxh3_64(key.as_bytes()));
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+    Ok(Tensor::from_vec(v, dims, device)?)
+}
+
+/// The first of `names` that exists in `dir`, as a path.
+pub(crate) fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_weights_are_seeded_per_key() {
+        let a = Weights::random(1, DType::F32, &Device::Cpu);
+        let t1 = a.pp("x").get((4, 3), "weight").unwrap();
+        let t2 = a.pp("x").get((4, 3), "weight").unwrap();
+        let t3 = a.pp("y").get((4, 3), "weight").unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&t1), v(&t2));
+        assert_ne!(v(&t1), v(&t3));
+        assert!(v(&t1).iter().all(|x| x.abs() <= 1.0 / 3f32.sqrt()));
+        let n = a.pp("norm1").get(4, "weight").unwrap();
+        assert_eq!(v(&n), vec![1.0; 4]);
+    }
+
+    #[test]
+    fn files_report_missing_wrong_and_unused_keys_by_name() {
+        let dir = tempfile_dir();
+        let path = dir.join("w.safetensors");
+        let mut m = std::collections::HashMap::new();
+        m.insert(
+            "a.weight".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "b.weight".to_string(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&m, &path).unwrap();
+        let w = Weights::from_files(&[path.clone()], DType::F16, &Device::Cpu).unwrap();
+        assert_eq!(w.pp("a").get((2, 3), "weight").unwrap().dtype(), DType::F16);
+        let e = w.pp("a").get((3, 2), "weight").unwrap_err().to_string();
+        assert!(
+            e.contains("`a.weight` has shape [2, 3], the config expects [3, 2]"),
+            "{e}"
+        );
+        let e = w.pp("c").get(2, "weight").unwrap_err().to_string();
+        assert!(
+            e.contains("missing tensor `c.weight`") && e.contains("w.safetensors"),
+            "{e}"
+        );
+        let e = w.check_all_used().unwrap_err().to_string();
+        assert!(
+            e.contains("1 tensor(s) not used") && e.contains("b.weight"),
+            "{e}"
+        );
+        let e = Weights::from_files(&[dir.join("model.bin")], DType::F32, &Device::Cpu);
+        assert!(matches!(e, Err(Error::Pickle { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("atomtune-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,153 @@
+//! The UNet against diffusers on the reference fixtures (`../shared/fixtures`, see its README):
+//! outputs within 1e-4 of the output's scale, and the training loss and gradients.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use models::{Layers, Unet, UnetConfig, Weights};
+
+const FIXTURES: [&str; 2] = ["tiny-sd-2block", "tiny-sd15-shape"];
+
+fn fixture(name: &str) -> Option<PathBuf> {
+    testutil::shared_path(&format!("fixtures/{name}"))
+}
+
+fn reference(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn load_unet(dir: &std::path::Path) -> Unet {
+    let cfg = UnetConfig::read(&dir.join("unet/config.json")).unwrap();
+    let w = Weights::from_files(
+        &[dir.join("unet/diffusion_pytorch_model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let unet = Unet::new(&w, &cfg, &Layers::new(dir.display().to_string())).unwrap();
+    w.check_all_used().unwrap();
+    unet
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap();
+    let d = (&a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / s.max(1e-12)
+}
+
+#[test]
+fn time_embedding_matches_diffusers() {
+    for name in FIXTURES {
+        let Some(dir) = fixture(name) else { return };
+        let r = reference(&dir);
+        let unet = load_unet(&dir);
+        let proj = unet.time_proj(&r["unet.timestep"]).unwrap();
+        assert!(
+            rel_err(&proj, &r["unet.time_proj"]) < 1e-5,
+            "{name} time_proj"
+        );
+        let emb = unet.time_embedding(&proj).unwrap();
+        assert!(rel_err(&emb, &r["unet.time_emb"]) < 1e-5, "{name} time_emb");
+    }
+}
+
+#[test]
+fn unet_output_matches_diffusers_at_batch_1_and_2() {
+    for name in FIXTURES {
+        let Some(dir) = fixture(name) else { return };
+        let r = reference(&dir);
+        let unet = load_unet(&dir);
+        let out = unet
+            .forward(
+                &r["unet.sample"],
+                &r["unet.timestep"],
+                &r["unet.encoder_hidden_states"],
+            )
+            .unwrap();
+        let e = rel_err(&out, &r["unet.out"]);
+        eprintln!("{name}: unet batch 1 relative error {e:.2e}");
+        assert!(e < 1e-4, "{name} batch 1: relative error {e}");
+        let out = unet
+            .forward(
+                &r["unet.b2.sample"],
+                &r["unet.b2.timestep"],
+                &r["unet.b2.encoder_hidden_states"],
+            )
+            .unwrap();
+        let e = rel_err(&out, &r["unet.b2.out"]);
+        assert!(e < 1e-4, "{name} batch 2: relative error {e}");
+    }
+}
+
+/// The training step of the fixture: epsilon-MSE at t=321 and the gradients of 7 weights,
+/// through `full` adapters on those layers (the gradient of `dW` is the gradient of `W`).
+#[test]
+fn training_loss_and_gradients_match_diffusers() {
+    use atoms::{AdapterConfig, LayerAdapter, Method};
+    for name in FIXTURES {
+        let Some(dir) = fixture(name) else { return };
+        let r = reference(&dir);
+        let unet = load_unet(&dir);
+        let layers = unet.layers();
+        let grads_ref: Vec<(String, &Tensor)> = r
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("train.grad.")
+                    .map(|p| (p.strip_suffix(".weight").unwrap().to_string(), v))
+            })
+            .collect();
+        assert_eq!(grads_ref.len(), 7);
+        let mut vars = Vec::new();
+        for (layer, _) in &grads_ref {
+            let base = layers
+                .get(layer)
+                .unwrap_or_else(|| panic!("{layer} not registered"))
+                .weight;
+            let a = LayerAdapter::new(&AdapterConfig::new(Method::Full), layer, &base).unwrap();
+            vars.push(atoms::Adapter::vars(&a)[0].clone());
+            layers.attach(layer, a, 1.0).unwrap();
+        }
+        let pred = unet
+            .forward(
+                &r["train.noisy"],
+                &r["train.t"],
+                &r["text.last_hidden_state"],
+            )
+            .unwrap();
+        let loss = (pred - &r["train.noise"])
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let l = loss.to_scalar::<f32>().unwrap();
+        let want = r["train.loss"].to_vec1::<f32>().unwrap()[0];
+        assert!((l - want).abs() / want < 1e-5, "{name}: loss {l} vs {want}");
+        let grads = loss.backward().unwrap();
+        for ((layer, g_ref), v) in grads_ref.iter().zip(&vars) {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("{name}: no gradient reached {layer}"));
+            let e = rel_err(g, g_ref);
+            assert!(e < 1e-3, "{name} {layer}: gradient relative error {e}");
+        }
+        layers.detach_all();
+    }
+}
