@@ -12,16 +12,20 @@
 //!   key and file.
 #![deny(missing_docs)]
 
+pub mod clip;
 pub mod config;
 mod error;
 pub mod layers;
 pub mod nn;
 pub mod resnet;
+pub mod tokenizer;
 pub mod unet;
 pub mod weights;
 
+pub use clip::{ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{LayerKind, Layers, Targets};
+pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::Unet;
 pub use weights::Weights;

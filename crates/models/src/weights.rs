@@ -136,6 +136,12 @@ impl Weights {
         }
     }
 
+    /// Marks `prefix.name` as used without loading it: a buffer some checkpoints carry that the
+    /// model recomputes (such as CLIP's `position_ids`).
+    pub fn skip(&self, name: &str) {
+        self.inner.used.lock().expect("lock").insert(self.key(name));
+    }
+
     /// The tensor `prefix.name`, which must have `shape`.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();

@@ -1,0 +1,161 @@
+//! The CLIP text encoder (`CLIPTextModel`): token and position embeddings, pre-norm transformer
+//! layers with a causal mask, final layer norm; the pooled output is the state at the first
+//! end-of-text token.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{ClipActivation, ClipConfig};
+use crate::layers::Layers;
+use crate::nn::{LayerNorm, Linear};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The text encoder.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    config: ClipConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_ln: LayerNorm,
+}
+
+/// What the text encoder returns.
+#[derive(Debug, Clone)]
+pub struct ClipOutput {
+    /// `[b, seq, hidden]`, after the final layer norm: what SD's UNet attends to.
+    pub last_hidden_state: Tensor,
+    /// `[b, hidden]`: the state at each sequence's first end-of-text token.
+    pub pooled: Tensor,
+}
+
+impl ClipTextModel {
+    /// Builds the encoder from `w` (keys `text_model.*`).
+    pub fn new(w: &Weights, config: &ClipConfig, layers: &Layers) -> Result<Self> {
+        let c = config;
+        let w = w.pp("text_model");
+        let h = c.hidden_size;
+        let e = w.pp("embeddings");
+        // Older checkpoints also store the position ids buffer; it is 0..n and not needed.
+        e.skip("position_ids");
+        let lin = |w: &Weights, din, dout| Linear::new(w, layers, din, dout, true);
+        let enc = w.pp("encoder.layers");
+        Ok(ClipTextModel {
+            token_embedding: e.pp("token_embedding").get((c.vocab_size, h), "weight")?,
+            position_embedding: e
+                .pp("position_embedding")
+                .get((c.max_position_embeddings, h), "weight")?,
+            layers: (0..c.num_hidden_layers)
+                .map(|i| {
+                    let l = enc.pp(i);
+                    let a = l.pp("self_attn");
+                    Ok(EncoderLayer {
+                        ln1: LayerNorm::new(&l.pp("layer_norm1"), h, c.layer_norm_eps)?,
+                        q: lin(&a.pp("q_proj"), h, h)?,
+                        k: lin(&a.pp("k_proj"), h, h)?,
+                        v: lin(&a.pp("v_proj"), h, h)?,
+                        out: lin(&a.pp("out_proj"), h, h)?,
+                        ln2: LayerNorm::new(&l.pp("layer_norm2"), h, c.layer_norm_eps)?,
+                        fc1: lin(&l.pp("mlp.fc1"), h, c.intermediate_size)?,
+                        fc2: lin(&l.pp("mlp.fc2"), c.intermediate_size, h)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            final_ln: LayerNorm::new(&w.pp("final_layer_norm"), h, c.layer_norm_eps)?,
+            config: c.clone(),
+        })
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Ok(Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)?)
+    }
+
+    /// Encodes token ids `[b, seq]` (u32 or i64).
+    pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
+        let (b, n) = ids.dims2()?;
+        let c = &self.config;
+        if n > c.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{n} tokens, the text encoder takes at most {}",
+                c.max_position_embeddings
+            )));
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let flat = ids.flatten_all()?;
+        let mut x = self
+            .token_embedding
+            .index_select(&flat, 0)?
+            .reshape((b, n, c.hidden_size))?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
+        let heads = c.num_attention_heads;
+        let hd = c.hidden_size / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask = Self::causal_mask(n, DType::F32, x.device())?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)?)
+        };
+        for l in &self.layers {
+            let h = l.ln1.forward(&x)?;
+            let (q, k, v) = (
+                split(l.q.forward(&h)?)?,
+                split(l.k.forward(&h)?)?,
+                split(l.v.forward(&h)?)?,
+            );
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let o = probs
+                .matmul(&v)?
+                .to_dtype(x.dtype())?
+                .transpose(1, 2)?
+                .reshape((b, n, c.hidden_size))?;
+            x = (x + l.out.forward(&o)?)?;
+            let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
+            let h = match c.hidden_act {
+                ClipActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+                ClipActivation::Gelu => h.gelu_erf()?,
+            };
+            x = (x + l.fc2.forward(&h)?)?;
+        }
+        let last = self.final_ln.forward(&x)?;
+        // transformers: the first position of eos_token_id in each row.
+        let ids_v = ids.to_vec2::<u32>()?;
+        let pos: Vec<u32> = ids_v
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .position(|&t| t as usize == c.eos_token_id)
+                    .unwrap_or(row.len() - 1) as u32
+            })
+            .collect();
+        let pooled = (0..b)
+            .map(|i| last.get(i)?.get(pos[i] as usize))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(ClipOutput {
+            pooled: Tensor::stack(&pooled, 0)?,
+            last_hidden_state: last,
+        })
+    }
+}

@@ -1,0 +1,134 @@
+//! Tokenizer and text encoder against transformers on the reference fixtures.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use models::{ClipConfig, ClipTextModel, ClipTokenizer, Layers, Weights};
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+const PROMPT: &str = "a photo of sks dog";
+
+/// A copy of the fixture's tokenizer folder without tokenizer.json: SD repos ship only
+/// vocab.json and merges.txt.
+fn vocab_merges_only(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn tokenizer_ids_match_exactly_from_either_file_set() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd-2block") else {
+        return;
+    };
+    let r = candle_core::safetensors::load(fx.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let bare = vocab_merges_only(&fx.join("tokenizer"));
+    for dir in [fx.join("tokenizer"), bare.path().to_path_buf()] {
+        let tok = ClipTokenizer::from_dir(&dir).unwrap();
+        assert_eq!(
+            tok.encode(PROMPT, true).unwrap().ids,
+            ids(&r["text.input_ids"]),
+            "{}",
+            dir.display()
+        );
+        assert_eq!(
+            tok.encode(PROMPT, false).unwrap().ids,
+            ids(&r["text.input_ids_unpadded"])
+        );
+        assert_eq!(
+            tok.encode("", true).unwrap().ids,
+            ids(&r["text.uncond_input_ids"])
+        );
+        assert_eq!(
+            tok.encode("A  Photo of SKS dog", false).unwrap().ids,
+            vec![49406, 320, 1125, 539, 48136, 1929, 49407]
+        );
+        // Over-long prompts are cut to 77 ids, ending with the end token, and say so.
+        let long = tok.encode(&"dog ".repeat(100), true).unwrap();
+        assert_eq!(long.ids.len(), 77);
+        assert_eq!(long.ids[76], 49407);
+        assert_eq!(long.truncated_from, Some(100));
+    }
+}
+
+#[test]
+fn sd2_style_padding_token_comes_from_the_special_tokens_map() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd-2block/tokenizer") else {
+        return;
+    };
+    let dir = vocab_merges_only(&fx);
+    std::fs::write(
+        dir.path().join("special_tokens_map.json"),
+        r#"{"pad_token": {"content": "!", "lstrip": false}}"#,
+    )
+    .unwrap();
+    let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.pad_id(), 0);
+    let t = tok.encode(PROMPT, true).unwrap();
+    assert_eq!(&t.ids[7..10], &[0, 0, 0]);
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    for name in ["tiny-sd-2block", "tiny-sd15-shape"] {
+        let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
+            return;
+        };
+        let r =
+            candle_core::safetensors::load(fx.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let cfg = ClipConfig::read(&fx.join("text_encoder/config.json")).unwrap();
+        let w = Weights::from_files(
+            &[fx.join("text_encoder/model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let te = ClipTextModel::new(&w, &cfg, &Layers::new("te")).unwrap();
+        w.check_all_used().unwrap();
+        let out = te.forward(&r["text.input_ids"]).unwrap();
+        let e = rel_err(&out.last_hidden_state, &r["text.last_hidden_state"]);
+        assert!(e < 1e-4, "{name}: last hidden state error {e}");
+        let e = rel_err(&out.pooled, &r["text.pooler_output"]);
+        assert!(e < 1e-4, "{name}: pooled error {e}");
+        let out = te.forward(&r["text.uncond_input_ids"]).unwrap();
+        let e = rel_err(&out.last_hidden_state, &r["text.uncond_last_hidden_state"]);
+        assert!(e < 1e-4, "{name}: uncond error {e}");
+    }
+}
