@@ -20,6 +20,7 @@ pub mod nn;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextModel};
@@ -28,4 +29,5 @@ pub use error::{Error, Result};
 pub use layers::{LayerKind, Layers, Targets};
 pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::Unet;
+pub use vae::{LatentDist, Vae};
 pub use weights::Weights;
