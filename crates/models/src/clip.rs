@@ -140,18 +140,25 @@ impl ClipTextModel {
             x = (x + l.fc2.forward(&h)?)?;
         }
         let last = self.final_ln.forward(&x)?;
-        // transformers: the first position of eos_token_id in each row.
+        // As transformers: the first position of `eos_token_id` in each row; configs with the
+        // legacy `eos_token_id = 2` (SD 1.x/2.x hub repos) use the position of the largest id,
+        // which is the end token in CLIP's vocabulary.
         let ids_v = ids.to_vec2::<u32>()?;
-        let pos: Vec<u32> = ids_v
+        let pos: Vec<usize> = ids_v
             .iter()
             .map(|row| {
-                row.iter()
-                    .position(|&t| t as usize == c.eos_token_id)
-                    .unwrap_or(row.len() - 1) as u32
+                if c.eos_token_id == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&t| t == max).unwrap_or(0)
+                } else {
+                    row.iter()
+                        .position(|&t| t as usize == c.eos_token_id)
+                        .unwrap_or(row.len() - 1)
+                }
             })
             .collect();
         let pooled = (0..b)
-            .map(|i| last.get(i)?.get(pos[i] as usize))
+            .map(|i| last.get(i)?.get(pos[i]))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(ClipOutput {
             pooled: Tensor::stack(&pooled, 0)?,

@@ -89,16 +89,6 @@ impl Json {
         }
     }
 
-    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>> {
-        self.get(key)
-            .map(|v| {
-                v.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| self.bad(key, "a string"))
-            })
-            .transpose()
-    }
-
     pub(crate) fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
         let v = self.get(key).ok_or_else(|| self.missing(key))?;
         v.as_array()

@@ -8,6 +8,9 @@
 //!   loses gradients, DESIGN.md "Why we own the UNet");
 //! - [`layers`]: the adapter hook: every conv and linear registers its base weight by diffusers
 //!   name, and `atoms` adapters attach there;
+//! - [`ClipTextModel`] and [`ClipTokenizer`], [`Vae`]: the frozen text encoder and autoencoder;
+//! - [`pipeline`]: loading a local diffusers folder, a hub repo id, or a random-weight preset
+//!   ([`presets`]);
 //! - [`weights`]: memory-mapped safetensors or seeded random weights, with errors that name the
 //!   key and file.
 #![deny(missing_docs)]
@@ -15,8 +18,11 @@
 pub mod clip;
 pub mod config;
 mod error;
+mod hub;
 pub mod layers;
 pub mod nn;
+pub mod pipeline;
+pub mod presets;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
@@ -27,6 +33,8 @@ pub use clip::{ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{LayerKind, Layers, Targets};
+pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
+pub use presets::Preset;
 pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};

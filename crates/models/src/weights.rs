@@ -7,7 +7,7 @@
 //! of the file was used.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -215,11 +215,6 @@ fn random_tensor(seed: u64, key: &str, shape: &Shape, device: &Device) -> Result
     Ok(Tensor::from_vec(v, dims, device)?)
 }
 
-/// The first of `names` that exists in `dir`, as a path.
-pub(crate) fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
-    names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +235,8 @@ mod tests {
 
     #[test]
     fn files_report_missing_wrong_and_unused_keys_by_name() {
-        let dir = tempfile_dir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("w.safetensors");
         let mut m = std::collections::HashMap::new();
         m.insert(
@@ -252,7 +248,7 @@ mod tests {
             Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
         );
         candle_core::safetensors::save(&m, &path).unwrap();
-        let w = Weights::from_files(&[path.clone()], DType::F16, &Device::Cpu).unwrap();
+        let w = Weights::from_files(std::slice::from_ref(&path), DType::F16, &Device::Cpu).unwrap();
         assert_eq!(w.pp("a").get((2, 3), "weight").unwrap().dtype(), DType::F16);
         let e = w.pp("a").get((3, 2), "weight").unwrap_err().to_string();
         assert!(
@@ -271,12 +267,5 @@ mod tests {
         );
         let e = Weights::from_files(&[dir.join("model.bin")], DType::F32, &Device::Cpu);
         assert!(matches!(e, Err(Error::Pickle { .. })));
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("atomtune-weights-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
     }
 }

@@ -1,0 +1,210 @@
+//! Fetching a diffusers pipeline from the Hugging Face Hub with `hf-hub`.
+//!
+//! Files land in the user's cache (`$HF_HOME/hub`, the layout Python's `huggingface_hub` uses, so
+//! both share downloads). The repo listing decides which weight files to fetch (variant, pickle-only
+//! repos); without network the cache alone is used. `HF_TOKEN` is passed on for gated repos.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::pipeline::LoadOptions;
+use crate::{Error, Result};
+
+const REQUIRED: [&str; 5] = [
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+];
+const OPTIONAL: [&str; 4] = [
+    "model_index.json",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+];
+const WEIGHTS: [(&str, &str); 3] = [
+    ("unet", "diffusion_pytorch_model"),
+    ("vae", "diffusion_pytorch_model"),
+    ("text_encoder", "model"),
+];
+
+struct Fetcher {
+    repo_id: String,
+    api: Option<ApiRepo>,
+    cache: hf_hub::CacheRepo,
+    listing: Option<Vec<String>>,
+    offline_reason: Option<String>,
+}
+
+impl Fetcher {
+    fn has(&self, file: &str) -> bool {
+        match &self.listing {
+            Some(l) => l.iter().any(|f| f == file),
+            None => self.cache.get(file).is_some(),
+        }
+    }
+
+    fn get(&self, file: &str) -> Result<PathBuf> {
+        if let Some(p) = self.cache.get(file) {
+            return Ok(p);
+        }
+        let err = |reason: String| Error::Hub {
+            repo: self.repo_id.clone(),
+            file: file.into(),
+            reason,
+        };
+        match (&self.api, &self.offline_reason) {
+            (Some(api), None) => api.get(file).map_err(|e| err(explain(&e.to_string()))),
+            (_, reason) => Err(err(format!(
+                "not in the local cache and the hub is unreachable ({})",
+                reason.as_deref().unwrap_or("offline")
+            ))),
+        }
+    }
+}
+
+/// Hints for the failures users meet.
+fn explain(e: &str) -> String {
+    if e.contains("401") || e.contains("403") {
+        format!(
+            "{e} (a gated or private repo: accept its license on huggingface.co and set HF_TOKEN)"
+        )
+    } else if e.contains("404") {
+        format!("{e} (no such repo, revision or file: check the id and --revision)")
+    } else {
+        e.to_string()
+    }
+}
+
+/// Downloads (or finds in the cache) what a pipeline needs; returns the snapshot folder, which
+/// is laid out like a local diffusers folder.
+pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBuf> {
+    let revision = opts.revision.clone().unwrap_or_else(|| "main".to_string());
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision);
+    let mut builder = ApiBuilder::from_env();
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let (api, build_err) = match builder.build() {
+        Ok(api) => (Some(api.repo(repo.clone())), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let (listing, offline_reason) = match &api {
+        Some(a) => match a.info() {
+            Ok(info) => (
+                Some(info.siblings.into_iter().map(|s| s.rfilename).collect()),
+                None,
+            ),
+            Err(e) => (None, Some(explain(&e.to_string()))),
+        },
+        None => (None, build_err),
+    };
+    let f = Fetcher {
+        repo_id: repo_id.to_string(),
+        api,
+        cache: Cache::from_env().repo(repo),
+        listing,
+        offline_reason,
+    };
+
+    let mut root: Option<PathBuf> = None;
+    let mut remember = |p: &Path, file: &str| {
+        if root.is_none() {
+            let depth = file.split('/').count();
+            root = p.ancestors().nth(depth).map(Path::to_path_buf);
+        }
+    };
+    for file in REQUIRED {
+        let p = f.get(file)?;
+        remember(&p, file);
+    }
+    for file in OPTIONAL.iter().chain(["tokenizer/tokenizer.json"].iter()) {
+        if f.has(file) {
+            f.get(file)?;
+        }
+    }
+    let has_tokenizer = f.has("tokenizer/tokenizer.json")
+        || (f.has("tokenizer/vocab.json") && f.has("tokenizer/merges.txt"));
+    if !has_tokenizer {
+        return Err(Error::Hub {
+            repo: repo_id.into(),
+            file: "tokenizer/".into(),
+            reason: "neither tokenizer.json nor vocab.json + merges.txt".into(),
+        });
+    }
+    for (folder, stem) in WEIGHTS {
+        for file in weight_files(&f, folder, stem, opts.variant.as_deref())? {
+            f.get(&file)?;
+        }
+    }
+    root.ok_or_else(|| Error::Hub {
+        repo: repo_id.into(),
+        file: "unet/config.json".into(),
+        reason: "could not locate the snapshot folder".into(),
+    })
+}
+
+/// Which weight files of `folder` to fetch, by the same rules as a local folder.
+fn weight_files(
+    f: &Fetcher,
+    folder: &str,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<String>> {
+    let names: Vec<String> = match variant {
+        Some(v) => vec![format!("{folder}/{stem}.{v}.safetensors")],
+        None => vec![
+            format!("{folder}/{stem}.safetensors"),
+            format!("{folder}/{stem}.fp16.safetensors"),
+        ],
+    };
+    for name in &names {
+        if f.has(name) {
+            return Ok(vec![name.clone()]);
+        }
+        let index = format!("{name}.index.json");
+        if f.has(&index) {
+            let path = f.get(&index)?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: path.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?;
+            let mut shards: Vec<String> = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str())
+                        .map(|s| format!("{folder}/{s}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            return Ok(shards);
+        }
+    }
+    if f.has(&format!("{folder}/{stem}.bin")) {
+        return Err(Error::Pickle {
+            path: PathBuf::from(format!("{}:{folder}/{stem}.bin", f.repo_id)),
+        });
+    }
+    Err(Error::Hub {
+        repo: f.repo_id.clone(),
+        file: names[0].clone(),
+        reason: match (&f.listing, variant) {
+            (Some(_), Some(v)) => {
+                format!("the repo has no `{v}` variant of {folder}; drop --variant")
+            }
+            (Some(_), None) => "the repo has no safetensors weights here".into(),
+            (None, _) => format!(
+                "not in the local cache and the hub is unreachable ({})",
+                f.offline_reason.as_deref().unwrap_or("offline")
+            ),
+        },
+    })
+}
