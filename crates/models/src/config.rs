@@ -162,6 +162,15 @@ impl Json {
         }
     }
 
+    /// The class of a pipeline component in `model_index.json` (`"unet": ["diffusers", "UNet2DConditionModel"]`).
+    pub(crate) fn component_class(&self, key: &str) -> Option<String> {
+        self.get(key)?
+            .as_array()?
+            .get(1)?
+            .as_str()
+            .map(String::from)
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -141,6 +141,7 @@ impl StableDiffusion {
                 })
             }
         };
+        check_model_index(dir)?;
         let unet_dir = sub("unet")?;
         let unet_cfg = UnetConfig::read(&config(&unet_dir, "config.json")?)?;
         let w = weights(&unet_dir, "diffusion_pytorch_model", opts)?;
@@ -199,6 +200,39 @@ impl StableDiffusion {
             ),
         })
     }
+}
+
+/// Checks `model_index.json` (when present) names a pipeline whose parts we can load, so that an
+/// SDXL or SD3 folder is refused by name instead of failing on a missing key.
+fn check_model_index(dir: &Path) -> Result<()> {
+    let path = dir.join("model_index.json");
+    if !path.is_file() {
+        return Ok(());
+    }
+    let j = crate::config::Json::read(&path)?;
+    let class = j.str_or("_class_name", "StableDiffusionPipeline")?;
+    let ok = class.starts_with("StableDiffusion")
+        && !class.contains("XL")
+        && !class.starts_with("StableDiffusion3");
+    if !ok {
+        return Err(j.unsupported(
+            "_class_name",
+            &class,
+            "Stable Diffusion 1.x / 2.x pipelines",
+        ));
+    }
+    for (part, want) in [
+        ("unet", "UNet2DConditionModel"),
+        ("vae", "AutoencoderKL"),
+        ("text_encoder", "CLIPTextModel"),
+    ] {
+        if let Some(found) = j.component_class(part) {
+            if found != want {
+                return Err(j.unsupported(part, &found, want));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The weights of one component folder: `<stem>[.variant].safetensors`, or the shards its

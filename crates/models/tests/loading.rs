@@ -140,3 +140,30 @@ fn broken_folders_get_errors_that_say_what_to_do() {
     let e = load(&LoadOptions::default()).unwrap();
     assert!(e.contains("missing vae/ folder"), "{e}");
 }
+
+#[test]
+fn pipelines_of_other_families_are_refused_by_name() {
+    let Some(fx) = fixture("tiny-sd-2block") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_pipeline(&fx, &dir);
+    let index = std::fs::read_to_string(dir.join("model_index.json")).unwrap();
+    std::fs::write(
+        dir.join("model_index.json"),
+        index.replace(
+            "\"StableDiffusionPipeline\"",
+            "\"StableDiffusionXLPipeline\"",
+        ),
+    )
+    .unwrap();
+    let e = StableDiffusion::load_dir(&dir, "m", &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("StableDiffusionXLPipeline") && e.contains("model_index.json"),
+        "{e}"
+    );
+}

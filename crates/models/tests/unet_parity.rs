@@ -151,3 +151,71 @@ fn training_loss_and_gradients_match_diffusers() {
         layers.detach_all();
     }
 }
+
+/// Each batch element gets its own timestep: a batch of two at (500, 999) equals two batches
+/// of one.
+#[test]
+fn one_timestep_per_batch_element() {
+    let Some(dir) = fixture("tiny-sd-2block") else {
+        return;
+    };
+    let r = reference(&dir);
+    let unet = load_unet(&dir);
+    let (x, c) = (&r["unet.b2.sample"], &r["unet.b2.encoder_hidden_states"]);
+    let both = unet
+        .forward(x, &Tensor::new(&[500i64, 999], &Device::Cpu).unwrap(), c)
+        .unwrap();
+    for (i, t) in [500i64, 999].into_iter().enumerate() {
+        let one = unet
+            .forward(
+                &x.narrow(0, i, 1).unwrap(),
+                &Tensor::new(&[t], &Device::Cpu).unwrap(),
+                &c.narrow(0, i, 1).unwrap(),
+            )
+            .unwrap();
+        let e = rel_err(&both.narrow(0, i, 1).unwrap(), &one);
+        assert!(e < 1e-5, "element {i}: {e}");
+    }
+}
+
+/// SD 2.x's linear `proj_in`/`proj_out` compute what SD 1.x's 1x1 convs do with the same
+/// weights: the fixture's UNet with its conv projections reshaped to linear ones, under
+/// `use_linear_projection = true`, gives the fixture's output.
+#[test]
+fn linear_projections_equal_conv_projections() {
+    let Some(dir) = fixture("tiny-sd15-shape") else {
+        return;
+    };
+    let r = reference(&dir);
+    let mut tensors = candle_core::safetensors::load(
+        dir.join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (k, v) in tensors.iter_mut() {
+        if (k.contains("proj_in.weight") || k.contains("proj_out.weight")) && v.rank() == 4 {
+            *v = v.squeeze(3).unwrap().squeeze(2).unwrap();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("unet.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let text = std::fs::read_to_string(dir.join("unet/config.json")).unwrap();
+    let text = text.replace(
+        "\"use_linear_projection\": false",
+        "\"use_linear_projection\": true",
+    );
+    let cfg = UnetConfig::parse(&dir.join("unet/config.json"), &text).unwrap();
+    assert!(cfg.use_linear_projection);
+    let w = Weights::from_files(&[file], DType::F32, &Device::Cpu).unwrap();
+    let unet = Unet::new(&w, &cfg, &Layers::new("linear")).unwrap();
+    let out = unet
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timestep"],
+            &r["unet.encoder_hidden_states"],
+        )
+        .unwrap();
+    let e = rel_err(&out, &r["unet.out"]);
+    assert!(e < 1e-4, "relative error {e}");
+}
