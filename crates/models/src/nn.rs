@@ -10,6 +10,23 @@ use crate::layers::{LayerKind, Layers};
 use crate::weights::Weights;
 use crate::Result;
 
+/// The dtype a matmul or conv runs in: candle's CPU kernels have no bf16 matmul or conv, so bf16
+/// models compute those in f32 on the CPU (weights stay bf16 in memory).
+pub(crate) fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType {
+    if dtype == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// `x @ w^T` for `x [..., din]` and `w [dout, din]`, in [`compute_dtype`], returned in `x`'s dtype.
+pub(crate) fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dt = compute_dtype(x.dtype(), x.device());
+    let y = x.to_dtype(dt)?.broadcast_matmul(&w.to_dtype(dt)?.t()?)?;
+    Ok(y.to_dtype(x.dtype())?)
+}
+
 /// A 2-d convolution whose weight passes through the adapter hook.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -56,7 +73,11 @@ impl Conv2d {
     /// `[b, cin, h, w] -> [b, cout, h', w']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.layers.weight(&self.name, &self.weight)?;
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        let dt = compute_dtype(x.dtype(), x.device());
+        let y = x
+            .to_dtype(dt)?
+            .conv2d(&w.to_dtype(dt)?, self.padding, self.stride, 1, 1)?
+            .to_dtype(x.dtype())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
             None => y,
@@ -95,7 +116,7 @@ impl Linear {
     /// `[..., din] -> [..., dout]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.layers.weight(&self.name, &self.weight)?;
-        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = linear_fwd(x, &w)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -153,8 +174,8 @@ impl LayerNorm {
     }
 }
 
-/// Softmax attention `softmax(q k^T * scale) v`, differentiable; scores in f32 when `upcast`
-/// (or when inputs are half precision).
+/// Softmax attention `softmax(q k^T * scale) v`, differentiable; computed in f32 when `upcast`
+/// or when inputs are half precision, and returned in `v`'s dtype.
 ///
 /// # Shapes
 /// `q [b, n, d]`, `k [b, m, d]`, `v [b, m, dv]` -> `[b, n, dv]`.

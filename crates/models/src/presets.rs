@@ -163,3 +163,33 @@ const SD21_SCHEDULER: &str = r#"{
   "clip_sample": false, "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": false,
   "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null
 }"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ClipConfig, UnetConfig, VaeConfig};
+    use std::path::Path;
+
+    #[test]
+    fn every_preset_config_parses_to_its_architecture() {
+        for p in Preset::ALL {
+            let u = UnetConfig::parse(Path::new(p.name()), p.unet_config()).unwrap();
+            let t = ClipConfig::parse(Path::new(p.name()), p.text_encoder_config()).unwrap();
+            VaeConfig::parse(Path::new(p.name()), p.vae_config()).unwrap();
+            assert_eq!(u.block_out_channels, vec![320, 640, 1280, 1280]);
+            assert_eq!(u.cross_attention_dim, t.hidden_size, "{p}");
+            match p {
+                Preset::Sd15 => assert_eq!(
+                    (u.heads.clone(), u.use_linear_projection),
+                    (vec![8; 4], false)
+                ),
+                _ => assert_eq!(
+                    (u.heads.clone(), u.use_linear_projection),
+                    (vec![5, 10, 20, 20], true)
+                ),
+            }
+            assert_eq!(p.name().parse::<Preset>().unwrap(), p);
+        }
+        assert!(Preset::Sd21.scheduler_config().contains("v_prediction"));
+    }
+}

@@ -219,3 +219,30 @@ fn linear_projections_equal_conv_projections() {
     let e = rel_err(&out, &r["unet.out"]);
     assert!(e < 1e-4, "relative error {e}");
 }
+
+/// Half-precision weights run (norms and attention scores in f32) and stay close to f32.
+#[test]
+fn half_precision_forward_stays_close() {
+    let Some(dir) = fixture("tiny-sd15-shape") else {
+        return;
+    };
+    let r = reference(&dir);
+    let cfg = UnetConfig::read(&dir.join("unet/config.json")).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        let w = Weights::from_files(
+            &[dir.join("unet/diffusion_pytorch_model.safetensors")],
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let unet = Unet::new(&w, &cfg, &Layers::new("half")).unwrap();
+        let x = r["unet.sample"].to_dtype(dtype).unwrap();
+        let c = r["unet.encoder_hidden_states"].to_dtype(dtype).unwrap();
+        let out = unet.forward(&x, &r["unet.timestep"], &c).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let e = rel_err(&out, &r["unet.out"]);
+        let tol = if dtype == DType::F16 { 1e-2 } else { 5e-2 };
+        assert!(e < tol, "{dtype:?}: relative error {e}");
+        eprintln!("{dtype:?}: relative error {e:.2e}");
+    }
+}
