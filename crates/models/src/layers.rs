@@ -43,6 +43,8 @@ struct Attached {
 struct Inner {
     layers: BTreeMap<String, LayerInfo>,
     adapters: BTreeMap<String, Vec<Attached>>,
+    /// Effective weights computed once by [`Layers::bake`], used until adapters change.
+    baked: BTreeMap<String, Tensor>,
 }
 
 /// The adaptable layers of one model, shared by the model's modules.
@@ -138,7 +140,29 @@ impl Layers {
 
     /// Removes every adapter.
     pub fn detach_all(&self) {
-        self.inner.write().expect("lock").adapters.clear();
+        let mut inner = self.inner.write().expect("lock");
+        inner.adapters.clear();
+        inner.baked.clear();
+    }
+
+    /// Computes every adapted layer's effective weight now and uses it until adapters change:
+    /// for inference, where adapter parameters are fixed and a model runs many times. (Not for
+    /// training: gradients do not flow through baked weights.)
+    pub fn bake(&self) -> Result<()> {
+        let names: Vec<(String, Tensor)> = {
+            let inner = self.inner.read().expect("lock");
+            inner
+                .adapters
+                .keys()
+                .map(|n| (n.clone(), inner.layers[n].weight.clone()))
+                .collect()
+        };
+        let mut baked = BTreeMap::new();
+        for (name, base) in names {
+            baked.insert(name.clone(), self.compute_weight(&name, &base)?.detach());
+        }
+        self.inner.write().expect("lock").baked = baked;
+        Ok(())
     }
 
     /// The trainable parameters of every attached adapter.
@@ -164,6 +188,13 @@ impl Layers {
 
     /// The weight `name` uses now: `base` with its adapters applied.
     pub(crate) fn weight(&self, name: &str, base: &Tensor) -> Result<Tensor> {
+        if let Some(w) = self.inner.read().expect("lock").baked.get(name) {
+            return Ok(w.clone());
+        }
+        self.compute_weight(name, base)
+    }
+
+    fn compute_weight(&self, name: &str, base: &Tensor) -> Result<Tensor> {
         let attached = self.adapters(name);
         match attached.as_slice() {
             [] => Ok(base.clone()),

@@ -69,6 +69,11 @@ impl Conv2d {
         })
     }
 
+    /// The frozen base weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// # Shapes
     /// `[b, cin, h, w] -> [b, cout, h', w']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -12,10 +12,15 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod infotext;
 pub mod noise;
+pub mod pipeline;
+pub mod png_io;
 pub mod rng;
 pub mod schedulers;
 
 pub use error::{Error, Result};
+pub use infotext::Infotext;
+pub use pipeline::{apply_deltas, Generated, Pipeline, Request, Step};
 pub use rng::{NoiseRng, RngState};
 pub use schedulers::{Scheduler, SchedulerConfig, SchedulerKind};

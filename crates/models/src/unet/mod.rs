@@ -131,6 +131,16 @@ impl Unet {
         &self.config
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.conv_out.weight().device()
+    }
+
+    /// The dtype of its weights.
+    pub fn dtype(&self) -> DType {
+        self.conv_out.weight().dtype()
+    }
+
     /// Its adaptable layers.
     pub fn layers(&self) -> &Layers {
         &self.layers

@@ -1,0 +1,238 @@
+//! Text to image: tokenizer -> text encoder (negative and positive prompt in one batch) ->
+//! scheduler loop with classifier-free guidance -> VAE decode. As diffusers'
+//! `StableDiffusionPipeline`, so that a run from the same initial latents gives the same image.
+
+use atoms::Delta;
+use candle_core::{DType, Tensor};
+use models::StableDiffusion;
+
+use crate::rng::NoiseRng;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::{Error, Result};
+
+/// One image to make.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The prompt.
+    pub prompt: String,
+    /// What to steer away from ("" for none).
+    pub negative_prompt: String,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; `<= 1` skips the unconditional pass.
+    pub guidance: f64,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+    /// Image width in pixels (a multiple of the VAE's factor, 8).
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Seed of the initial noise and of stochastic schedulers' noise.
+    pub seed: u64,
+    /// Initial latents `[1, c, h/8, w/8]` instead of seeded noise (multiplied by the scheduler's
+    /// `init_noise_sigma`, like diffusers' `latents=`).
+    pub latents: Option<Tensor>,
+}
+
+/// What a run made.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    /// The final latents (unscaled), `[1, c, h/8, w/8]`, f32.
+    pub latents: Tensor,
+    /// The raw VAE decode, about `[-1, 1]`, `[1, 3, h, w]`, f32.
+    pub image: Tensor,
+    /// Things the user should know (prompts cut to the tokenizer's length).
+    pub warnings: Vec<String>,
+}
+
+/// Where a run stands, for progress reports.
+#[derive(Debug)]
+pub struct Step<'t> {
+    /// Steps done.
+    pub done: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// The latents after this step.
+    pub latents: &'t Tensor,
+}
+
+/// A loaded model ready to sample.
+pub struct Pipeline<'a> {
+    sd: &'a StableDiffusion,
+    config: SchedulerConfig,
+}
+
+impl<'a> Pipeline<'a> {
+    /// A pipeline over `sd`, with its scheduler config.
+    pub fn new(sd: &'a StableDiffusion) -> Result<Self> {
+        let (path, text) = &sd.scheduler_config;
+        Ok(Pipeline {
+            sd,
+            config: SchedulerConfig::parse(path, text)?,
+        })
+    }
+
+    /// The model's scheduler config.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The scheduler the model's config names (`_class_name`), when it is one we have.
+    pub fn default_scheduler(&self) -> Option<SchedulerKind> {
+        let v: serde_json::Value = serde_json::from_str(&self.sd.scheduler_config.1).ok()?;
+        SchedulerKind::from_class_name(v.get("_class_name")?.as_str()?)
+    }
+
+    /// Text embeddings `[n, 77, d]` of `prompts`, and a warning per prompt that was cut.
+    pub fn encode(&self, prompts: &[&str]) -> Result<(Tensor, Vec<String>)> {
+        let tok = self.sd.tokenizer.as_ref().ok_or_else(|| {
+            Error::Request(format!(
+                "model `{}` has no tokenizer (random presets have no vocabulary); use a real model folder or hub id",
+                self.sd.id
+            ))
+        })?;
+        let device = self.sd.unet.device().clone();
+        let mut ids = Vec::new();
+        let mut warnings = Vec::new();
+        for p in prompts {
+            let t = tok.encode(p, true)?;
+            if let Some(n) = t.truncated_from {
+                warnings.push(format!(
+                    "prompt {p:?} has {n} tokens; only the first {} are used (CLIP reads {} including start and end)",
+                    tok.max_length() - 2,
+                    tok.max_length()
+                ));
+            }
+            ids.push(Tensor::new(t.ids.as_slice(), &device)?);
+        }
+        let ids = Tensor::stack(&ids, 0)?;
+        Ok((
+            self.sd.text_encoder.forward(&ids)?.last_hidden_state,
+            warnings,
+        ))
+    }
+
+    /// Runs one request; `progress` is called after each step.
+    pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Step<'_>)) -> Result<Generated> {
+        let unet = &self.sd.unet;
+        let f = self.sd.vae.downscale();
+        if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+            return Err(Error::Request(format!(
+                "--width and --height must be positive multiples of {f}, not {}x{}",
+                req.width, req.height
+            )));
+        }
+        let (lh, lw) = (req.height / f, req.width / f);
+        let lc = unet.config().in_channels;
+        let cfg = req.guidance > 1.0;
+        let (ctx, warnings) = if cfg {
+            self.encode(&[&req.negative_prompt, &req.prompt])?
+        } else {
+            self.encode(&[&req.prompt])?
+        };
+        let dtype = ctx.dtype();
+        let device = ctx.device().clone();
+        let mut scheduler = req.scheduler.build(&self.config, req.steps)?;
+        let mut rng = NoiseRng::new(req.seed);
+        let init = match &req.latents {
+            Some(l) => {
+                if l.dims() != [1, lc, lh, lw] {
+                    return Err(Error::Request(format!(
+                        "initial latents have shape {:?}, a {}x{} image needs [1, {lc}, {lh}, {lw}]",
+                        l.dims(),
+                        req.width,
+                        req.height
+                    )));
+                }
+                l.to_dtype(DType::F32)?.to_device(&device)?
+            }
+            None => rng.randn(&[1, lc, lh, lw], DType::F32, &device)?,
+        };
+        let mut x = (init * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = scheduler.scale_model_input(&x, i)?;
+            let input = if cfg {
+                Tensor::cat(&[&input, &input], 0)?
+            } else {
+                input
+            };
+            let t = Tensor::new(&[t as f32], &device)?;
+            let out = unet
+                .forward(&input.to_dtype(dtype)?, &t, &ctx)?
+                .to_dtype(DType::F32)?;
+            let eps = if cfg {
+                let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
+                (&u + ((c - &u)? * req.guidance)?)?
+            } else {
+                out
+            };
+            x = scheduler.step(&eps, i, &x, &mut rng)?;
+            progress(Step {
+                done: i + 1,
+                total,
+                latents: &x,
+            });
+        }
+        let image = self.decode(&x)?;
+        Ok(Generated {
+            latents: x,
+            image,
+            warnings,
+        })
+    }
+
+    /// The raw VAE decode of unscaled latents, f32.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let vae = &self.sd.vae;
+        let z = (latents / vae.scaling_factor())?.to_dtype(self.sd.unet.dtype())?;
+        Ok(vae.decode(&z)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Attaches deltas, each at its weight, to the model's UNet and bakes the effective weights.
+/// A delta that does not fit the architecture is an error; one trained on a different base of the
+/// same architecture is applied with a warning (an error with `strict`). Returns the warnings.
+pub fn apply_deltas(
+    sd: &StableDiffusion,
+    deltas: &[(Delta, f64)],
+    strict: bool,
+) -> Result<Vec<String>> {
+    let layers = sd.unet.layers();
+    let mut warnings = Vec::new();
+    for (delta, weight) in deltas {
+        let fit = delta.check_base(layers, strict)?;
+        if let Some(w) = fit.warning(delta) {
+            warnings.push(w);
+        }
+        for (name, adapter) in delta.adapters(layers)? {
+            layers.attach(&name, adapter, *weight)?;
+        }
+    }
+    layers.bake()?;
+    Ok(warnings)
+}
+
+/// Pixels of a raw decode: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`, row-major RGB, per image.
+pub fn to_rgb8(image: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
+    let (b, c, h, w) = image.dims4()?;
+    if c != 3 {
+        return Err(Error::Request(format!("an image has 3 channels, not {c}")));
+    }
+    let px = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let px = (px * 255.0)?.round()?.permute((0, 2, 3, 1))?.contiguous()?;
+    let v = px.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..b)
+        .map(|i| {
+            (
+                w,
+                h,
+                v[i * h * w * 3..(i + 1) * h * w * 3]
+                    .iter()
+                    .map(|&x| x as u8)
+                    .collect(),
+            )
+        })
+        .collect())
+}
