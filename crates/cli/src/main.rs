@@ -6,7 +6,9 @@
 mod base_model;
 mod cli;
 mod commands;
+mod device;
 mod format;
+mod progress;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod inspect;
+mod sample;
 
 use std::process::ExitCode;
 
@@ -12,5 +13,6 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Sample(args) => sample::run(&args),
     }
 }

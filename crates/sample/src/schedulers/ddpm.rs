@@ -14,11 +14,12 @@ use super::{split_prediction, Scheduler};
 use crate::rng::NoiseRng;
 use crate::Result;
 
+/// The step noise's variance: the posterior's (`fixed_small`, and `fixed_small_log`, which
+/// diffusers computes as `exp(log(var) / 2)`, the same standard deviation) or `beta_t`.
 #[derive(Clone, Copy)]
 enum Variance {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+    Small,
+    Large,
 }
 
 /// The DDPM scheduler after `set_timesteps`.
@@ -36,9 +37,8 @@ impl Ddpm {
     pub fn new(c: &SchedulerConfig, n: usize) -> Result<Self> {
         c.only("thresholding", &[Value::Bool(false)])?;
         let variance = match c.str_or("variance_type", "fixed_small")?.as_str() {
-            "fixed_small" => Variance::FixedSmall,
-            "fixed_small_log" => Variance::FixedSmallLog,
-            "fixed_large" => Variance::FixedLarge,
+            "fixed_small" | "fixed_small_log" => Variance::Small,
+            "fixed_large" => Variance::Large,
             other => return Err(c.err(format!("`variance_type` = {other:?} is not supported (fixed_small, fixed_small_log, fixed_large)"))),
         };
         let schedule = NoiseSchedule::from_config(c)?;
@@ -99,8 +99,8 @@ impl Scheduler for Ddpm {
         }
         let var = ((1.0 - abar_prev) / (1.0 - abar) * beta).max(1e-20);
         let std = match self.variance {
-            Variance::FixedSmall | Variance::FixedSmallLog => var.sqrt(),
-            Variance::FixedLarge => beta.sqrt(),
+            Variance::Small => var.sqrt(),
+            Variance::Large => beta.sqrt(),
         };
         let z = rng.randn(x.dims(), x.dtype(), x.device())?;
         Ok((mean + (z * std)?)?)

@@ -1,0 +1,260 @@
+//! `atomtune sample`: prompts in, PNGs out (with their generation parameters inside).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use atoms::Delta;
+use candle_core::Tensor;
+use models::{LoadOptions, StableDiffusion};
+use sample::pipeline::to_rgb8;
+use sample::{apply_deltas, png_io, Infotext, Pipeline, Request, SchedulerKind};
+
+use crate::cli::SampleArgs;
+use crate::device::{describe, device, dtype};
+use crate::progress::Reporter;
+
+/// The prompts of a run: `--prompt`, or the lines of `--prompts` with `{token}` and `{class}`
+/// filled in.
+fn prompts(args: &SampleArgs, first_delta: Option<&Delta>) -> Result<Vec<String>> {
+    let raw: Vec<(usize, String)> = match (&args.prompt, &args.prompts) {
+        (Some(p), _) => vec![(0, p.clone())],
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --prompts {}", file.display()))?;
+            let lines: Vec<(usize, String)> = text
+                .lines()
+                .enumerate()
+                .map(|(i, l)| (i + 1, l.trim().to_string()))
+                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            if lines.is_empty() {
+                bail!(
+                    "--prompts {}: no prompts in the file (one per line)",
+                    file.display()
+                );
+            }
+            lines
+        }
+        (None, None) => bail!("give --prompt or --prompts"),
+    };
+    let token = args
+        .token
+        .clone()
+        .or_else(|| first_delta.and_then(|d| d.meta().trigger.clone()));
+    let class = args
+        .class_word
+        .clone()
+        .or_else(|| first_delta.and_then(|d| d.meta().class.clone()));
+    raw.into_iter()
+        .map(|(line, p)| {
+            let mut p = p;
+            for (placeholder, value, flag) in [("{token}", &token, "--token"), ("{class}", &class, "--class")] {
+                if p.contains(placeholder) {
+                    let Some(v) = value else {
+                        bail!(
+                            "prompt{} uses {placeholder}: pass {flag}, or a --delta that records one",
+                            if line > 0 { format!(" on line {line}") } else { String::new() }
+                        );
+                    };
+                    p = p.replace(placeholder, v);
+                }
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// The first free `NNNNN` index of `NNNNN-*.png` files in `dir`.
+fn next_index(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digits = name.split('-').next()?;
+            (digits.len() == 5 && name.ends_with(".png")).then(|| digits.parse::<usize>().ok())?
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+/// Lays images of one size out in a near-square grid.
+fn grid(images: &[(usize, usize, Vec<u8>)]) -> (usize, usize, Vec<u8>) {
+    let (w, h) = (images[0].0, images[0].1);
+    let cols = (images.len() as f64).sqrt().ceil() as usize;
+    let rows = images.len().div_ceil(cols);
+    let mut out = vec![0u8; cols * w * rows * h * 3];
+    for (k, (_, _, px)) in images.iter().enumerate() {
+        let (r, c) = (k / cols, k % cols);
+        for y in 0..h {
+            let dst = ((r * h + y) * cols * w + c * w) * 3;
+            out[dst..dst + w * 3].copy_from_slice(&px[y * w * 3..(y + 1) * w * 3]);
+        }
+    }
+    (cols * w, rows * h, out)
+}
+
+fn read_latents(path: &Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading --latents {}", path.display()))?;
+    let t = match tensors.len() {
+        1 => tensors.into_values().next().expect("one tensor"),
+        _ => tensors.get("latents").cloned().with_context(|| {
+            format!(
+                "--latents {}: holds several tensors and none is named `latents`",
+                path.display()
+            )
+        })?,
+    };
+    if t.rank() != 4 || t.dim(0)? != 1 {
+        bail!(
+            "--latents {}: shape {:?}, expected [1, channels, h/8, w/8]",
+            path.display(),
+            t.dims()
+        );
+    }
+    Ok(t)
+}
+
+pub fn run(args: &SampleArgs) -> Result<ExitCode> {
+    let rep = Reporter::new(args.quiet);
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    let deltas: Vec<(Delta, f64)> = args
+        .deltas
+        .iter()
+        .map(|d| {
+            Ok((
+                Delta::read(&d.path)
+                    .with_context(|| format!("reading --delta {}", d.path.display()))?,
+                d.weight,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let prompts = prompts(args, deltas.first().map(|(d, _)| d))?;
+    let latents = args.latents.as_deref().map(read_latents).transpose()?;
+
+    let dev = device(args.model.device)?;
+    let dt = dtype(args.model.dtype, &dev);
+    rep.info(
+        None,
+        &format!(
+            "loading {} on {} ({dt:?})",
+            args.model.model,
+            describe(&dev)
+        ),
+    );
+    let opts = LoadOptions {
+        dtype: dt,
+        device: dev,
+        variant: args.model.variant.clone(),
+        revision: args.model.revision.clone(),
+        seed: 0,
+    };
+    let sd = StableDiffusion::load(&args.model.model, &opts)
+        .with_context(|| format!("loading --model {}", args.model.model))?;
+    for w in apply_deltas(&sd, &deltas, args.strict).context("applying --delta")? {
+        rep.warn(None, &w);
+    }
+    let pipe = Pipeline::new(&sd)?;
+    let kind = match &args.scheduler {
+        Some(s) => s.parse::<SchedulerKind>()?,
+        None => pipe.default_scheduler().unwrap_or(SchedulerKind::Ddim),
+    };
+    let f = sd.vae.downscale();
+    let native = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let (width, height) = match (&latents, args.width, args.height) {
+        (Some(l), None, None) => (l.dim(3)? * f, l.dim(2)? * f),
+        (_, w, h) => (w.unwrap_or(native), h.unwrap_or(native)),
+    };
+    for (flag, v) in [("--width", width), ("--height", height)] {
+        if v == 0 || v % f != 0 {
+            bail!("{flag} {v}: must be a positive multiple of {f}");
+        }
+    }
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating --out {}", args.out.display()))?;
+    let mut index = next_index(&args.out);
+    let deltas_text = args
+        .deltas
+        .iter()
+        .map(|d| format!("{}: {}", d.path.display(), d.weight))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let total = prompts.len() * args.num_images;
+    let mut made = Vec::new();
+    let mut first_info = None;
+    for prompt in &prompts {
+        for i in 0..args.num_images {
+            let s = seed + i as u64;
+            let req = Request {
+                prompt: prompt.clone(),
+                negative_prompt: args.negative_prompt.clone(),
+                steps: args.steps,
+                guidance: args.guidance,
+                scheduler: kind,
+                width,
+                height,
+                seed: s,
+                latents: latents.clone(),
+            };
+            let pb = rep.bar(
+                args.steps as u64,
+                format!("image {}/{total}", made.len() + 1),
+            );
+            let out = pipe.generate(&req, &mut |st| {
+                pb.set_length(st.total as u64);
+                pb.set_position(st.done as u64);
+            })?;
+            pb.finish_and_clear();
+            if i == 0 {
+                for w in &out.warnings {
+                    rep.warn(None, w);
+                }
+            }
+            let (w, h, rgb) = to_rgb8(&out.image)?.remove(0);
+            let mut params = vec![
+                ("Steps".to_string(), args.steps.to_string()),
+                ("Sampler".into(), kind.a1111_name().into()),
+                ("CFG scale".into(), args.guidance.to_string()),
+                ("Seed".into(), s.to_string()),
+                ("Size".into(), format!("{w}x{h}")),
+                ("Model".into(), args.model.model.clone()),
+                ("Scheduler".into(), kind.name().into()),
+            ];
+            if !deltas_text.is_empty() {
+                params.push(("Deltas".into(), deltas_text.clone()));
+            }
+            if let Some(l) = &args.latents {
+                params.push(("Latents".into(), l.display().to_string()));
+            }
+            params.push((
+                "Version".into(),
+                format!("atomtune {}", env!("CARGO_PKG_VERSION")),
+            ));
+            let info = Infotext {
+                prompt: prompt.clone(),
+                negative_prompt: args.negative_prompt.clone(),
+                params,
+            }
+            .render();
+            let path: PathBuf = args.out.join(format!("{index:05}-{s}.png"));
+            png_io::write_png(&path, w, h, &rgb, &info)?;
+            rep.info(None, &format!("wrote {}", path.display()));
+            first_info.get_or_insert(info);
+            index += 1;
+            made.push((w, h, rgb));
+        }
+    }
+    if args.grid && made.len() > 1 {
+        let (w, h, px) = grid(&made);
+        let path = args.out.join(format!("grid-{index:05}.png"));
+        png_io::write_png(&path, w, h, &px, first_info.as_deref().unwrap_or(""))?;
+        rep.info(None, &format!("wrote {}", path.display()));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,278 @@
+//! `atomtune sample` end to end on the tiny-sd15-shape fixture.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use atoms::{Adapter, AdapterConfig, Delta, DeltaMeta, LayerAdapter, Method};
+use models::{LoadOptions, StableDiffusion, Targets};
+use sample::png_io::read_png;
+use sample::Infotext;
+
+fn fixture() -> Option<PathBuf> {
+    testutil::shared_path("fixtures/tiny-sd15-shape")
+}
+
+fn atomtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_atomtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "atomtune failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "png")
+                && !p.file_name().unwrap().to_string_lossy().starts_with("grid")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn pixels(p: &Path) -> Vec<u8> {
+    read_png(p).unwrap().pixels
+}
+
+#[test]
+fn pngs_carry_parameters_that_parse_back_to_the_flags() {
+    let Some(fx) = fixture() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let o = atomtune(&[
+        "sample",
+        "--model",
+        fx.to_str().unwrap(),
+        "--prompt",
+        "a photo of sks dog, at the beach",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "3",
+        "--guidance",
+        "5",
+        "--scheduler",
+        "euler",
+        "--seed",
+        "11",
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--quiet",
+    ]);
+    ok(&o);
+    let files = pngs(out.path());
+    assert_eq!(files.len(), 1);
+    assert!(files[0].ends_with("00000-11.png"), "{files:?}");
+    let png = read_png(&files[0]).unwrap();
+    assert_eq!((png.width, png.height), (128, 64));
+    let info = Infotext::parse(png.parameters.as_deref().unwrap());
+    assert_eq!(info.prompt, "a photo of sks dog, at the beach");
+    assert_eq!(info.negative_prompt, "blurry");
+    let m = info.map();
+    assert_eq!(m["Steps"], "3");
+    assert_eq!(m["Sampler"], "Euler");
+    assert_eq!(m["Scheduler"], "euler");
+    assert_eq!(m["CFG scale"], "5");
+    assert_eq!(m["Seed"], "11");
+    assert_eq!(m["Size"], "128x64");
+    assert_eq!(m["Model"], fx.to_str().unwrap());
+}
+
+#[test]
+fn any_image_of_a_run_can_be_made_again_alone() {
+    let Some(fx) = fixture() else { return };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |dir: &Path, seed: &str, n: &str| {
+        ok(&atomtune(&[
+            "sample",
+            "--model",
+            fx.to_str().unwrap(),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "4",
+            "--scheduler",
+            "euler-a",
+            "--seed",
+            seed,
+            "--num-images",
+            n,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            dir.to_str().unwrap(),
+            "--quiet",
+        ]))
+    };
+    run(a.path(), "100", "3");
+    run(b.path(), "102", "1");
+    let (three, one) = (pngs(a.path()), pngs(b.path()));
+    assert_eq!(three.len(), 3);
+    assert!(three[2].ends_with("00002-102.png"));
+    assert_eq!(pixels(&three[2]), pixels(&one[0]));
+    assert_ne!(pixels(&three[0]), pixels(&three[1]));
+}
+
+/// An `atoms` delta on every conv of the fixture with random `dD` of size `scale`.
+fn write_delta(fx: &Path, path: &Path, seed: u64, scale: f32) {
+    let sd = StableDiffusion::load(fx.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let layers = sd.unet.layers();
+    let mut adapters = Vec::new();
+    for (i, name) in layers.select(Targets::Conv).into_iter().enumerate() {
+        let a = LayerAdapter::new(
+            &AdapterConfig::new(Method::Atoms),
+            &name,
+            &layers.get(&name).unwrap().weight,
+        )
+        .unwrap();
+        let v = &a.vars()[0];
+        let r = sample::NoiseRng::new(seed * 1000 + i as u64)
+            .randn(v.dims(), v.dtype(), &candle_core::Device::Cpu)
+            .unwrap();
+        v.set(&(r * scale as f64).unwrap()).unwrap();
+        adapters.push((name, a));
+    }
+    let mut meta = DeltaMeta::new(AdapterConfig::new(Method::Atoms), fx.display().to_string());
+    meta.trigger = Some("sks".into());
+    meta.class = Some("dog".into());
+    Delta::from_adapters(meta, adapters.iter().map(|(n, a)| (n.as_str(), a)), layers)
+        .unwrap()
+        .write(path)
+        .unwrap();
+}
+
+#[test]
+fn deltas_change_the_image_weight_zero_does_not_and_two_stack() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (
+        tmp.path().join("d1.safetensors"),
+        tmp.path().join("d2.safetensors"),
+    );
+    write_delta(&fx, &d1, 1, 0.3);
+    write_delta(&fx, &d2, 2, 0.3);
+    let run = |name: &str, deltas: &[String]| -> Vec<u8> {
+        let dir = tmp.path().join(name);
+        let mut args: Vec<String> = [
+            "sample",
+            "--model",
+            fx.to_str().unwrap(),
+            "--prompt",
+            "a photo of {token} {class}",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--seed",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--quiet",
+            "--token",
+            "sks",
+            "--class",
+            "dog",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.to_str().unwrap().into());
+        for d in deltas {
+            args.push("--delta".into());
+            args.push(d.clone());
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
+            .args(&args)
+            .output()
+            .unwrap();
+        ok(&o);
+        pixels(&pngs(&dir)[0])
+    };
+    let base = run("base", &[]);
+    let zero = run("zero", &[format!("{}:0", d1.display())]);
+    assert_eq!(
+        zero, base,
+        "a delta at weight 0 must give the base model's image exactly"
+    );
+    let one = run("one", &[d1.display().to_string()]);
+    assert_ne!(one, base, "the delta changes nothing");
+    let two = run(
+        "two",
+        &[d1.display().to_string(), format!("{}:1", d2.display())],
+    );
+    let only2 = run("only2", &[d2.display().to_string()]);
+    assert_ne!(two, one);
+    assert_ne!(two, only2);
+    // Stacking is additive: d1 at 1 and d1 at -1 cancel out to the base (up to rounding).
+    let cancel = run(
+        "cancel",
+        &[d1.display().to_string(), format!("{}:-1", d1.display())],
+    );
+    let max = cancel
+        .iter()
+        .zip(&base)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(max <= 1, "d1 - d1 differs from the base by {max}/255");
+}
+
+#[test]
+fn bad_flags_get_errors_that_name_them() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "sample",
+        "--model",
+        fx.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ];
+    let err = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = atomtune(&args);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(err(&["--prompt", "x", "--width", "100"]).contains("--width 100"));
+    assert!(err(&["--prompt", "a photo of {token}"]).contains("{token}"));
+    let e = err(&["--prompt", "x", "--delta", "missing.safetensors"]);
+    assert!(e.contains("--delta missing.safetensors"), "{e}");
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "# only a comment\n\n").unwrap();
+    assert!(err(&["--prompts", prompts.to_str().unwrap()]).contains("no prompts"));
+    let o = atomtune(&[
+        "sample",
+        "--model",
+        "./no-such-folder",
+        "--prompt",
+        "x",
+        "--quiet",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--model ./no-such-folder"),
+        "{e}"
+    );
+}
