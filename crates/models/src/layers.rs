@@ -165,7 +165,13 @@ impl Layers {
         Ok(())
     }
 
-    /// The trainable parameters of every attached adapter.
+    /// The names of the layers with adapters attached, in order.
+    pub fn adapted(&self) -> Vec<String> {
+        self.inner.read().expect("lock").adapters.keys().cloned().collect()
+    }
+
+    /// The trainable parameters of every attached adapter (layers by name, then each adapter's
+    /// own order: a fixed order, which optimizer state relies on).
     pub fn vars(&self) -> Vec<candle_core::Var> {
         let inner = self.inner.read().expect("lock");
         inner

@@ -75,14 +75,15 @@ impl BaseFit {
 
 impl Delta {
     /// A delta from trained adapters. The fingerprints of their base weights are taken from
-    /// `base`; `meta.config.method` must be the adapters' method.
+    /// `base` (except those `meta` already holds, which callers that write many deltas of the
+    /// same base reuse); `meta.config.method` must be the adapters' method.
     pub fn from_adapters<'a>(
         mut meta: DeltaMeta,
         adapters: impl IntoIterator<Item = (&'a str, &'a LayerAdapter)>,
         base: &dyn BaseWeights,
     ) -> Result<Self> {
         let mut layers = BTreeMap::new();
-        meta.fingerprints.clear();
+        let mut known = std::mem::take(&mut meta.fingerprints);
         for (name, a) in adapters {
             if a.method() != meta.config.method {
                 return Err(Error::invalid(
@@ -99,8 +100,11 @@ impl Delta {
                 let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                 t.insert(suffix.to_string(), tensor);
             }
-            meta.fingerprints
-                .insert(name.to_string(), fingerprint(&base.weight(name)?)?);
+            let fp = match known.remove(name) {
+                Some(fp) => fp,
+                None => fingerprint(&base.weight(name)?)?,
+            };
+            meta.fingerprints.insert(name.to_string(), fp);
             layers.insert(name.to_string(), t);
         }
         Ok(Delta { meta, layers })

@@ -1,0 +1,582 @@
+//! The training loop (DESIGN.md section 2): cached latents and text embeddings, a timestep and
+//! noise per example, the UNet with adapters, MSE to the noise (or `v`), backward to the adapter
+//! parameters only, AdamW; checkpoints, validation images, metrics, and a clean stop on request.
+//!
+//! Every random choice (initialisation, data order, flips, crops, latent samples, timesteps,
+//! noise) comes from one seeded generator on the host, saved in checkpoints, so a resumed run
+//! ends bit-identical to an uninterrupted one on the CPU.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use atoms::{Delta, DeltaMeta, LayerAdapter};
+use candle_core::{DType, Tensor, D};
+use models::StableDiffusion;
+use sample::schedulers::{NoiseSchedule, Prediction, SchedulerConfig};
+use sample::{noise, NoiseRng, Pipeline, Request};
+
+use crate::cache::LatentCache;
+use crate::checkpoint::{self, LoopState};
+use crate::config::TrainConfig;
+use crate::dataset::{self, ImageOptions};
+use crate::optim::{collect_grads, grad_norm, AdamW};
+use crate::prior::{ensure_class_images, ClassImageOptions};
+use crate::{Error, Result};
+
+/// Something the CLI shows.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A log line.
+    Info(String),
+    /// A warning.
+    Warn(String),
+    /// Progress of a preparation phase.
+    Phase {
+        /// What is being done.
+        name: &'a str,
+        /// Units done.
+        done: usize,
+        /// Units in all.
+        total: usize,
+    },
+    /// A training step finished.
+    Step(&'a StepReport),
+}
+
+/// One optimizer step's numbers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// The loss (instance + weighted prior), averaged over micro-batches.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The gradient's global norm before clipping.
+    pub grad_norm: f64,
+    /// Wall-clock seconds of the step.
+    pub seconds: f64,
+}
+
+/// A fixed set of (latent, timestep, noise) to measure learning on.
+pub struct EvalSet {
+    x0: Tensor,
+    ctx: Tensor,
+    t: Vec<usize>,
+    noise: Tensor,
+}
+
+/// A prepared training run.
+pub struct Trainer<'a> {
+    sd: &'a StableDiffusion,
+    cfg: TrainConfig,
+    instance: LatentCache,
+    prior: Option<LatentCache>,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    opt: AdamW,
+    rng: NoiseRng,
+    order: Vec<usize>,
+    pos: usize,
+    step: usize,
+    fingerprints: BTreeMap<String, String>,
+}
+
+fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
+    flip && rng.unit() < 0.5
+}
+
+impl<'a> Trainer<'a> {
+    /// Loads the images, generates missing class images, caches latents and embeddings, and
+    /// attaches fresh adapters, or those of the checkpoint `resume` (with its optimizer and
+    /// generator state).
+    pub fn prepare(
+        sd: &'a StableDiffusion,
+        cfg: TrainConfig,
+        resume: Option<&Path>,
+        events: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let layers = sd.unet.layers();
+        if !layers.vars().is_empty() {
+            return Err(Error::Config("the model already has adapters attached".into()));
+        }
+        let opts = ImageOptions {
+            resolution: cfg.resolution,
+            center_crop: cfg.center_crop,
+            skip_bad: cfg.skip_bad_images,
+        };
+        let images = dataset::load_folder(&cfg.images, opts, &mut |w| events(Event::Warn(w)))?;
+        let instance_text = cfg.instance_text();
+        let captions: Vec<String> = images.iter().map(|i| i.caption.clone().unwrap_or_else(|| instance_text.clone())).collect();
+        events(Event::Info(format!(
+            "{} training images from {} ({} with their own caption)",
+            images.len(),
+            cfg.images.display(),
+            images.iter().filter(|i| i.caption.is_some()).count()
+        )));
+        let prior = match &cfg.prior {
+            None => None,
+            Some(p) => {
+                let o = ClassImageOptions {
+                    prompt: p.class_prompt.clone(),
+                    count: p.num_class_images,
+                    steps: p.sample_steps,
+                    guidance: 7.5,
+                    resolution: cfg.resolution,
+                    seed: cfg.seed.wrapping_add(1_000_000),
+                };
+                let written = ensure_class_images(sd, &p.class_dir, &o, &mut |done, total| {
+                    events(Event::Phase { name: "generating class images", done, total })
+                })?;
+                if !written.is_empty() {
+                    events(Event::Info(format!("generated {} class images in {}", written.len(), p.class_dir.display())));
+                }
+                let mut class_images = dataset::load_folder(&p.class_dir, opts, &mut |w| events(Event::Warn(w)))?;
+                class_images.truncate(p.num_class_images);
+                let caps = vec![p.class_prompt.clone(); class_images.len()];
+                Some(LatentCache::build(sd, &class_images, &caps, cfg.resolution, cfg.flip, &mut |done, total| {
+                    events(Event::Phase { name: "encoding class images", done, total })
+                })?)
+            }
+        };
+        let instance = LatentCache::build(sd, &images, &captions, cfg.resolution, cfg.flip, &mut |done, total| {
+            events(Event::Phase { name: "encoding images", done, total })
+        })?;
+        let (path, text) = &sd.scheduler_config;
+        let sc = SchedulerConfig::parse(path, text)?;
+        let schedule = NoiseSchedule::from_config(&sc)?;
+        let prediction = match serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("prediction_type").and_then(|p| p.as_str().map(String::from)))
+            .as_deref()
+        {
+            None | Some("epsilon") => Prediction::Epsilon,
+            Some("v_prediction") => Prediction::VPrediction,
+            Some("sample") => Prediction::Sample,
+            Some(other) => return Err(Error::Config(format!("{}: unknown prediction_type {other:?}", path.display()))),
+        };
+
+        let (rng, order, pos, step, opt_state) = match resume {
+            Some(dir) => {
+                let ck = checkpoint::read(dir)?;
+                if ck.state.fingerprint != cfg.fingerprint() {
+                    return Err(Error::Checkpoint {
+                        path: dir.into(),
+                        reason: "it was made with other settings (method, data, learning rate, seed...); resume with the same flags, or start a new --out".into(),
+                    });
+                }
+                ck.delta.check_base(layers, true)?;
+                for (name, adapter) in ck.delta.adapters(layers)? {
+                    layers.attach(&name, adapter, 1.0)?;
+                }
+                events(Event::Info(format!("resuming from {} (step {})", ck.dir.display(), ck.state.step)));
+                (NoiseRng::from_state(ck.state.rng()?), ck.state.order, ck.state.pos, ck.state.step, Some(ck.optimizer))
+            }
+            None => {
+                let targets = layers.select(cfg.targets);
+                if targets.is_empty() {
+                    return Err(Error::Config(format!("--targets {} selects no layer of this model", cfg.targets)));
+                }
+                for name in &targets {
+                    let base = layers.get(name).expect("selected layers exist").weight;
+                    layers.attach(name, LayerAdapter::new(&cfg.adapter, name, &base)?, 1.0)?;
+                }
+                (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None)
+            }
+        };
+        let mut opt = AdamW::new(layers.vars(), cfg.adamw)?;
+        if let Some(s) = opt_state {
+            opt.load_state(&s)?;
+        }
+        let params: usize = opt.vars().iter().map(|v| v.elem_count()).sum();
+        events(Event::Info(format!(
+            "{} on {} layers ({} trainable parameters)",
+            cfg.adapter.method,
+            layers.adapted().len(),
+            params
+        )));
+        Ok(Trainer {
+            sd,
+            cfg,
+            instance,
+            prior,
+            schedule,
+            prediction,
+            opt,
+            rng,
+            order,
+            pos,
+            step,
+            fingerprints: BTreeMap::new(),
+        })
+    }
+
+    /// Optimizer steps done.
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    fn next_index(&mut self) -> usize {
+        if self.pos >= self.order.len() {
+            let n = self.instance.images.len();
+            let mut order: Vec<usize> = (0..n * self.cfg.repeats).map(|k| k % n).collect();
+            for i in (1..order.len()).rev() {
+                let j = self.rng.below(i as u64 + 1) as usize;
+                order.swap(i, j);
+            }
+            self.order = order;
+            self.pos = 0;
+        }
+        let i = self.order[self.pos];
+        self.pos += 1;
+        i
+    }
+
+    /// One micro-batch's loss: `instance MSE + prior weight * class MSE`.
+    fn micro_loss(&mut self) -> Result<Tensor> {
+        let (mut zs, mut ctxs) = (Vec::new(), Vec::new());
+        for _ in 0..self.cfg.batch_size {
+            let i = self.next_index();
+            let flip = is_flip_index(&mut self.rng, self.cfg.flip);
+            zs.push(self.instance.draw(i, flip, &mut self.rng)?);
+            ctxs.push(self.instance.embeddings[self.instance.images[i].caption].clone());
+        }
+        if let Some(prior) = &self.prior {
+            for _ in 0..self.cfg.batch_size {
+                let j = self.rng.below(prior.images.len() as u64) as usize;
+                let flip = is_flip_index(&mut self.rng, self.cfg.flip);
+                zs.push(prior.draw(j, flip, &mut self.rng)?);
+                ctxs.push(prior.embeddings[prior.images[j].caption].clone());
+            }
+        }
+        let x0 = Tensor::cat(&zs, 0)?;
+        let ctx = Tensor::stack(&ctxs, 0)?;
+        let t: Vec<usize> = (0..zs.len()).map(|_| self.rng.below(self.schedule.len() as u64) as usize).collect();
+        let eps = self.rng.randn(x0.dims(), DType::F32, x0.device())?;
+        self.loss_on(&x0, &ctx, &t, &eps, self.cfg.batch_size)
+    }
+
+    /// The loss on given examples; the first `n_instance` are instance examples, the rest class
+    /// examples (weighted by the prior weight).
+    fn loss_on(&self, x0: &Tensor, ctx: &Tensor, t: &[usize], eps: &Tensor, n_instance: usize) -> Result<Tensor> {
+        let xt = noise::add_noise(&self.schedule, x0, eps, t)?;
+        let target = noise::target(&self.schedule, self.prediction, x0, eps, t)?;
+        let dtype = self.sd.unet.dtype();
+        let tt = Tensor::new(t.iter().map(|&x| x as u32).collect::<Vec<_>>().as_slice(), x0.device())?;
+        let pred = self.sd.unet.forward(&xt.to_dtype(dtype)?, &tt, &ctx.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+        let per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let n = t.len();
+        let inst = per_example.narrow(0, 0, n_instance)?.mean_all()?;
+        if n > n_instance {
+            let w = self.cfg.prior.as_ref().map_or(1.0, |p| p.weight);
+            let class = per_example.narrow(0, n_instance, n - n_instance)?.mean_all()?;
+            Ok((inst + (class * w)?)?)
+        } else {
+            Ok(inst)
+        }
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let start = Instant::now();
+        let vars = self.opt.vars().to_vec();
+        let accum = self.cfg.grad_accum;
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0f64;
+        for _ in 0..accum {
+            let loss = self.micro_loss()?;
+            let l = loss.to_scalar::<f32>()?;
+            if !l.is_finite() {
+                return Err(Error::NonFinite {
+                    step: self.step + 1,
+                    value: l,
+                    last: checkpoint::latest(&self.cfg.out.join("checkpoints"))
+                        .map_or("none written yet".into(), |p| p.display().to_string()),
+                });
+            }
+            loss_sum += l as f64 / accum as f64;
+            let grads = (loss / accum as f64)?.backward()?;
+            for (a, g) in acc.iter_mut().zip(collect_grads(&vars, &grads)) {
+                *a = match (a.take(), g) {
+                    (Some(x), Some(g)) => Some((x + g)?),
+                    (x, g) => x.or(g),
+                };
+            }
+        }
+        let norm = grad_norm(&acc)?;
+        let scale = match self.cfg.max_grad_norm {
+            Some(max) if norm > max => max / norm,
+            _ => 1.0,
+        };
+        let lr = self.cfg.lr_schedule.at(self.step, self.cfg.max_steps, self.cfg.lr, self.cfg.warmup_steps);
+        self.opt.step(&acc, lr, scale)?;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            total: self.cfg.max_steps,
+            loss: loss_sum,
+            lr,
+            grad_norm: norm,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// A fixed evaluation set: each training image's mean latent (center, not mirrored) at
+    /// `timesteps`, with noise from `seed`.
+    pub fn eval_set(&self, timesteps: &[usize], seed: u64) -> Result<EvalSet> {
+        let mut rng = NoiseRng::new(seed);
+        let (mut zs, mut ctxs, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+        for img in &self.instance.images {
+            for &t in timesteps {
+                let m = &img.mean[0];
+                let (_, _, h, w) = m.dims4()?;
+                let s = self.instance.side;
+                let z = (m.narrow(2, (h - s.min(h)) / 2, s.min(h))?.narrow(3, (w - s.min(w)) / 2, s.min(w))? * self.sd.vae.scaling_factor())?;
+                zs.push(z);
+                ctxs.push(self.instance.embeddings[img.caption].clone());
+                ts.push(t);
+            }
+        }
+        let x0 = Tensor::cat(&zs, 0)?;
+        Ok(EvalSet {
+            noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
+            ctx: Tensor::stack(&ctxs, 0)?,
+            x0,
+            t: ts,
+        })
+    }
+
+    /// The loss on an evaluation set with the adapters as they are now.
+    pub fn eval_loss(&self, set: &EvalSet) -> Result<f64> {
+        let l = self.loss_on(&set.x0, &set.ctx, &set.t, &set.noise, set.t.len())?;
+        Ok(l.detach().to_scalar::<f32>()? as f64)
+    }
+
+    /// The adapters as a delta, with the run's metadata.
+    pub fn delta(&mut self) -> Result<Delta> {
+        let layers = self.sd.unet.layers();
+        let attached: Vec<(String, Arc<LayerAdapter>)> = layers
+            .adapted()
+            .into_iter()
+            .filter_map(|n| layers.adapters(&n).into_iter().next().map(|(a, _)| (n, a)))
+            .collect();
+        let c = &self.cfg;
+        let mut meta = DeltaMeta::new(c.adapter.clone(), self.sd.id.clone());
+        meta.fingerprints = self.fingerprints.clone();
+        meta.targets = Some(c.targets.to_string());
+        meta.trigger = Some(c.token.clone());
+        meta.class = Some(c.class_word.clone());
+        meta.steps = Some(self.step as u64);
+        meta.seed = Some(c.seed);
+        meta.created = Some(now_rfc3339());
+        for (k, v) in [
+            ("lr", c.lr.to_string()),
+            ("lr_schedule", c.lr_schedule.to_string()),
+            ("batch_size", c.batch_size.to_string()),
+            ("resolution", c.resolution.to_string()),
+            ("instance_prompt", c.instance_text()),
+            ("prior_preservation", c.prior.is_some().to_string()),
+        ] {
+            meta.extra.insert(k.to_string(), v);
+        }
+        let delta = Delta::from_adapters(meta, attached.iter().map(|(n, a)| (n.as_str(), a.as_ref())), layers)?;
+        self.fingerprints = delta.meta().fingerprints.clone();
+        Ok(delta)
+    }
+
+    /// Writes a checkpoint of the current step under `OUT/checkpoints`.
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let delta = self.delta()?;
+        let rng = self.rng.state();
+        let state = LoopState {
+            step: self.step,
+            rng_seed: rng.seed,
+            rng_word_pos: rng.word_pos.to_string(),
+            order: self.order.clone(),
+            pos: self.pos,
+            fingerprint: self.cfg.fingerprint(),
+        };
+        checkpoint::write(&self.cfg.out.join("checkpoints"), &delta, &self.opt.state()?, &state)
+    }
+
+    /// Samples the validation prompt with the adapters as they are now; returns the PNGs.
+    pub fn validate(&self) -> Result<Vec<PathBuf>> {
+        let Some(v) = &self.cfg.validation else { return Ok(Vec::new()) };
+        let pipe = Pipeline::new(self.sd)?;
+        let dir = self.cfg.out.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let prompt = v.prompt.replace("{token}", &self.cfg.token).replace("{class}", &self.cfg.class_word);
+        let mut out = Vec::new();
+        for i in 0..v.num_images {
+            let req = Request {
+                prompt: prompt.clone(),
+                negative_prompt: String::new(),
+                steps: v.steps,
+                guidance: 7.5,
+                scheduler: pipe.default_scheduler().unwrap_or(sample::SchedulerKind::Ddim),
+                width: self.cfg.resolution,
+                height: self.cfg.resolution,
+                seed: self.cfg.seed + i as u64,
+                latents: None,
+            };
+            let g = pipe.generate(&req, &mut |_| {})?;
+            let (w, h, rgb) = sample::pipeline::to_rgb8(&g.image)?.remove(0);
+            let info = sample::Infotext {
+                prompt: prompt.clone(),
+                negative_prompt: String::new(),
+                params: vec![
+                    ("Steps".into(), v.steps.to_string()),
+                    ("Seed".into(), req.seed.to_string()),
+                    ("Size".into(), format!("{w}x{h}")),
+                    ("Model".into(), self.sd.id.clone()),
+                    ("Training step".into(), self.step.to_string()),
+                ],
+            };
+            let path = dir.join(format!("step-{:06}-{i}.png", self.step));
+            sample::png_io::write_png(&path, w, h, &rgb, &info.render())?;
+            out.push(path);
+        }
+        Ok(out)
+    }
+}
+
+/// The current UTC time as RFC 3339, without a date crate: days since the epoch to a civil date.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The final delta.
+    pub delta: PathBuf,
+    /// Steps done.
+    pub steps: usize,
+    /// Whether a stop request ended it early.
+    pub interrupted: bool,
+    /// The last checkpoint written, if any.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Keeps only the metrics of steps up to `step` (a resumed run rewrites what came after).
+fn trim_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    atoms::io::write_atomic(path, out.as_bytes())?;
+    Ok(())
+}
+
+fn read_losses(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect()
+}
+
+/// Runs a whole training: prepare (or resume), step to `max_steps` with checkpoints, validation
+/// and metrics, then write `OUT/delta.safetensors` and `OUT/loss.png`. When `stop` is set, the
+/// current step finishes, a checkpoint and the delta are written, and the run returns
+/// `interrupted`.
+pub fn run(
+    sd: &StableDiffusion,
+    cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop: &AtomicBool,
+    events: &mut dyn FnMut(Event<'_>),
+) -> Result<Outcome> {
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let mut t = Trainer::prepare(sd, cfg, resume, events)?;
+    let metrics_path = out.join("metrics.jsonl");
+    if resume.is_some() {
+        trim_metrics(&metrics_path, t.step)?;
+    } else {
+        atoms::io::write_atomic(&metrics_path, b"")?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut last_checkpoint = None;
+    let mut interrupted = false;
+    let total = t.cfg.max_steps;
+    while t.step < total {
+        let r = t.train_step()?;
+        let line = serde_json::json!({
+            "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds,
+        });
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        events(Event::Step(&r));
+        let stopping = stop.load(Ordering::SeqCst);
+        if t.cfg.checkpoint_every.is_some_and(|n| r.step % n == 0) || stopping {
+            let p = t.checkpoint()?;
+            events(Event::Info(format!("checkpoint {}", p.display())));
+            last_checkpoint = Some(p);
+        }
+        if let Some(v) = &t.cfg.validation {
+            if r.step % v.every == 0 && r.step < total {
+                for p in t.validate()? {
+                    events(Event::Info(format!("validation image {}", p.display())));
+                }
+            }
+        }
+        if stopping {
+            interrupted = true;
+            break;
+        }
+    }
+    if !interrupted && t.cfg.validation.is_some() {
+        for p in t.validate()? {
+            events(Event::Info(format!("validation image {}", p.display())));
+        }
+    }
+    let delta_path = out.join("delta.safetensors");
+    t.delta()?.write(&delta_path)?;
+    crate::plot::write_loss_curve(&out.join("loss.png"), &read_losses(&metrics_path))?;
+    Ok(Outcome {
+        delta: delta_path,
+        steps: t.step,
+        interrupted,
+        checkpoint: last_checkpoint,
+    })
+}
