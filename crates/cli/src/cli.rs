@@ -17,6 +17,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Teach the model a subject from a folder of photos; writes a small delta file.
+    Train(Box<TrainArgs>),
     /// Generate images from prompts with a base model and any number of deltas; PNGs carry
     /// their generation parameters.
     Sample(Box<SampleArgs>),
@@ -188,4 +190,179 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The folder of subject photos (3-10 are typical). `name.txt` beside `name.jpg` is that
+    /// image's caption.
+    #[arg(long, value_name = "DIR")]
+    pub images: PathBuf,
+
+    /// A rare token that will name the subject in prompts.
+    #[arg(long, default_value = "sks")]
+    pub token: String,
+
+    /// The subject's class word (dog, backpack, toy...).
+    #[arg(long = "class", value_name = "CLASS")]
+    pub class_word: String,
+
+    /// Output folder: delta.safetensors, metrics.jsonl, checkpoints/, samples/, loss.png.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// The prompt of images without a caption file.
+    #[arg(long, default_value = "a photo of {token} {class}")]
+    pub instance_prompt: String,
+
+    /// Training resolution in pixels (default: the model's native size, 512 for SD 1.5).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+
+    /// How images are cut to a square after resizing.
+    #[arg(long, value_parser = ["center", "random"], default_value = "center")]
+    pub crop: String,
+
+    /// Mirror images at random.
+    #[arg(long)]
+    pub flip: bool,
+
+    /// Each image appears this many times per epoch.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+
+    /// Skip files that are not readable images (with a warning) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_images: bool,
+
+    /// Prior preservation: a folder of class images (missing ones are generated there).
+    #[arg(long, value_name = "DIR")]
+    pub class_images: Option<PathBuf>,
+
+    /// The prompt of class images.
+    #[arg(long, default_value = "a photo of {class}")]
+    pub class_prompt: String,
+
+    /// How many class images prior preservation uses.
+    #[arg(long, default_value_t = 100)]
+    pub num_class_images: usize,
+
+    /// Weight of the class loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_weight: f64,
+
+    /// Sampling steps for generated class images.
+    #[arg(long, default_value_t = 25)]
+    pub class_sample_steps: usize,
+
+    /// What is tuned.
+    #[arg(long, value_parser = ["atoms", "atoms-rec", "lora", "full"], default_value = "atoms")]
+    pub method: String,
+
+    /// Which layers (default: conv for atoms, atoms-rec and full; attn for lora).
+    #[arg(long, value_parser = ["conv", "conv3x3", "attn", "all"])]
+    pub targets: Option<String>,
+
+    /// Atoms per layer m (default: the filter size d, an exact dictionary).
+    #[arg(long)]
+    pub atoms: Option<usize>,
+
+    /// Sub-atoms per atom m1 (atoms-rec).
+    #[arg(long, default_value_t = 3)]
+    pub sub_atoms: usize,
+
+    /// How atoms are computed.
+    #[arg(long, value_parser = ["svd", "lasso"], default_value = "svd")]
+    pub dictionary: String,
+
+    /// L1 weight of the lasso dictionary.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lasso_lambda: f64,
+
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+
+    /// LoRA alpha (default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+
+    /// Channel block of linear layers for atoms methods, ROWSxCOLS.
+    #[arg(long, default_value = "4x4")]
+    pub block: String,
+
+    /// Peak learning rate (default: per method, from the sweep in README.md).
+    #[arg(long)]
+    pub lr: Option<f64>,
+
+    /// Learning-rate schedule after warm-up.
+    #[arg(long, value_parser = ["constant", "linear", "cosine"], default_value = "constant")]
+    pub lr_schedule: String,
+
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+
+    /// Clip the global gradient norm (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+
+    /// Subject images per micro-batch (as many class images join them with prior preservation).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 400)]
+    pub max_steps: usize,
+
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Write a checkpoint every N steps.
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+
+    /// Continue from a checkpoint folder, or `latest` (the newest under OUT/checkpoints).
+    #[arg(long, value_name = "DIR|latest")]
+    pub resume: Option<String>,
+
+    /// A prompt sampled every --validation-every steps and at the end, into OUT/samples.
+    #[arg(long)]
+    pub validation_prompt: Option<String>,
+
+    /// Steps between validation samples.
+    #[arg(long, default_value_t = 100)]
+    pub validation_every: usize,
+
+    /// Sampling steps of validation images.
+    #[arg(long, default_value_t = 20)]
+    pub validation_steps: usize,
+
+    /// Validation images each time.
+    #[arg(long, default_value_t = 1)]
+    pub num_validation_images: usize,
+
+    /// No progress bars or log lines (warnings and errors still print).
+    #[arg(long)]
+    pub quiet: bool,
 }

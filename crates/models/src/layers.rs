@@ -167,7 +167,13 @@ impl Layers {
 
     /// The names of the layers with adapters attached, in order.
     pub fn adapted(&self) -> Vec<String> {
-        self.inner.read().expect("lock").adapters.keys().cloned().collect()
+        self.inner
+            .read()
+            .expect("lock")
+            .adapters
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The trainable parameters of every attached adapter (layers by name, then each adapter's

@@ -81,17 +81,29 @@ impl LatentCache {
                     distinct.len() - 1
                 }
             };
-            cached.push(CachedImage { mean, std, caption: idx });
+            cached.push(CachedImage {
+                mean,
+                std,
+                caption: idx,
+            });
             progress(i + 1, images.len());
         }
         let mut embeddings = Vec::new();
         let tok = sd.tokenizer.as_ref().ok_or_else(|| {
-            crate::Error::Config(format!("model `{}` has no tokenizer; train on a real model folder or hub id", sd.id))
+            crate::Error::Config(format!(
+                "model `{}` has no tokenizer; train on a real model folder or hub id",
+                sd.id
+            ))
         })?;
         for c in &distinct {
             let ids = tok.encode(c, true)?.ids;
             let ids = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            embeddings.push(sd.text_encoder.forward(&ids)?.last_hidden_state.squeeze(0)?);
+            embeddings.push(
+                sd.text_encoder
+                    .forward(&ids)?
+                    .last_hidden_state
+                    .squeeze(0)?,
+            );
         }
         Ok(LatentCache {
             images: cached,
@@ -117,9 +129,18 @@ impl LatentCache {
         let z = ((mean + (std * noise)?)? * self.scaling)?;
         let (_, _, h, w) = z.dims4()?;
         let (dy, dx) = (
-            if h > self.side { rng.below((h - self.side + 1) as u64) as usize } else { 0 },
-            if w > self.side { rng.below((w - self.side + 1) as u64) as usize } else { 0 },
+            if h > self.side {
+                rng.below((h - self.side + 1) as u64) as usize
+            } else {
+                0
+            },
+            if w > self.side {
+                rng.below((w - self.side + 1) as u64) as usize
+            } else {
+                0
+            },
         );
-        Ok(z.narrow(2, dy, self.side.min(h))?.narrow(3, dx, self.side.min(w))?)
+        Ok(z.narrow(2, dy, self.side.min(h))?
+            .narrow(3, dx, self.side.min(w))?)
     }
 }

@@ -41,10 +41,12 @@ impl LoopState {
     pub fn rng(&self) -> Result<RngState> {
         Ok(RngState {
             seed: self.rng_seed,
-            word_pos: self
-                .rng_word_pos
-                .parse()
-                .map_err(|_| Error::Config(format!("bad generator position `{}` in state.json", self.rng_word_pos)))?,
+            word_pos: self.rng_word_pos.parse().map_err(|_| {
+                Error::Config(format!(
+                    "bad generator position `{}` in state.json",
+                    self.rng_word_pos
+                ))
+            })?,
         })
     }
 }
@@ -55,10 +57,19 @@ pub fn dir_of(root: &Path, step: usize) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically; returns its folder.
-pub fn write(root: &Path, delta: &Delta, optimizer: &HashMap<String, Tensor>, state: &LoopState) -> Result<PathBuf> {
+pub fn write(
+    root: &Path,
+    delta: &Delta,
+    optimizer: &HashMap<String, Tensor>,
+    state: &LoopState,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let dst = dir_of(root, state.step);
-    let tmp = root.join(format!(".tmp-step-{:06}-{}", state.step, std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-step-{:06}-{}",
+        state.step,
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -66,7 +77,8 @@ pub fn write(root: &Path, delta: &Delta, optimizer: &HashMap<String, Tensor>, st
     delta.write(&tmp.join("delta.safetensors"))?;
     candle_core::safetensors::save(optimizer, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
-    std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io(tmp.join("state.json"), e))?;
+    std::fs::write(tmp.join("state.json"), json)
+        .map_err(|e| Error::io(tmp.join("state.json"), e))?;
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
     }
@@ -82,7 +94,10 @@ pub fn latest(root: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: usize = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join("state.json").is_file().then_some((step, e.path()))
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then_some((step, e.path()))
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)
@@ -114,8 +129,10 @@ pub fn read(dir: &Path) -> Result<Checkpoint> {
     let delta = Delta::read(&dir.join("delta.safetensors"))?;
     let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
         .map_err(|e| bad(format!("optimizer.safetensors: {e}")))?;
-    let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::io(dir.join("state.json"), e))?;
-    let state: LoopState = serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    let text = std::fs::read_to_string(dir.join("state.json"))
+        .map_err(|e| Error::io(dir.join("state.json"), e))?;
+    let state: LoopState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
     Ok(Checkpoint {
         dir: dir.into(),
         delta,

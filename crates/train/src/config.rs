@@ -94,7 +94,9 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// The instance prompt with `{token}` and `{class}` filled in.
     pub fn instance_text(&self) -> String {
-        self.instance_prompt.replace("{token}", &self.token).replace("{class}", &self.class_word)
+        self.instance_prompt
+            .replace("{token}", &self.token)
+            .replace("{class}", &self.class_word)
     }
 
     /// Checks ranges.
@@ -110,9 +112,12 @@ impl TrainConfig {
             return bad(format!("--lr {} must be a finite number >= 0", self.lr));
         }
         if self.resolution == 0 || self.resolution % 8 != 0 {
-            return bad(format!("--resolution {} must be a positive multiple of 8", self.resolution));
+            return bad(format!(
+                "--resolution {} must be a positive multiple of 8",
+                self.resolution
+            ));
         }
-        if self.max_grad_norm.is_some_and(|n| !(n > 0.0)) {
+        if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("--max-grad-norm must be > 0".into());
         }
         if self.token.trim().is_empty() {
@@ -150,7 +155,9 @@ impl TrainConfig {
             self.max_grad_norm,
             self.batch_size,
             self.seed,
-            self.prior.as_ref().map(|p| (&p.class_prompt, p.num_class_images, p.weight)),
+            self.prior
+                .as_ref()
+                .map(|p| (&p.class_prompt, p.num_class_images, p.weight)),
             self.token,
             self.class_word,
         )

@@ -14,7 +14,9 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
 use crate::{Error, Result};
 
-const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif"];
+const EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif",
+];
 
 /// How images are prepared.
 #[derive(Clone, Copy, Debug)]
@@ -85,7 +87,14 @@ pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> RgbImage
         return resized;
     }
     let (x, y) = ((nw - resolution) / 2, (nh - resolution) / 2);
-    image::imageops::crop_imm(&resized, x as u32, y as u32, resolution as u32, resolution as u32).to_image()
+    image::imageops::crop_imm(
+        &resized,
+        x as u32,
+        y as u32,
+        resolution as u32,
+        resolution as u32,
+    )
+    .to_image()
 }
 
 /// The image files of a folder, by name.
@@ -106,7 +115,11 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Loads and prepares every image of `dir`. Unreadable files stop the load with an error naming
 /// them, or with `skip_bad` are reported through `warn` and left out.
-pub fn load_folder(dir: &Path, opts: ImageOptions, warn: &mut dyn FnMut(String)) -> Result<Vec<TrainImage>> {
+pub fn load_folder(
+    dir: &Path,
+    opts: ImageOptions,
+    warn: &mut dyn FnMut(String),
+) -> Result<Vec<TrainImage>> {
     let mut out = Vec::new();
     for path in image_files(dir)? {
         let rgb = match decode(&path) {
@@ -159,7 +172,10 @@ mod tests {
     fn cmyk_gray16_and_alpha_become_rgb() {
         let red = decode(&data("cmyk-red.jpg")).unwrap();
         let p = red.get_pixel(8, 8);
-        assert!(p[0] > 200 && p[1] < 80 && p[2] < 80, "cmyk red decoded as {p:?}");
+        assert!(
+            p[0] > 200 && p[1] < 80 && p[2] < 80,
+            "cmyk red decoded as {p:?}"
+        );
         let g = decode(&data("gray16.png")).unwrap();
         let (a, b) = (g.get_pixel(0, 0), g.get_pixel(15, 0));
         assert!(a[0] == a[1] && a[1] == a[2] && b[0] == b[2], "{a:?} {b:?}");
@@ -193,10 +209,23 @@ mod tests {
             center_crop: true,
             skip_bad: false,
         };
-        let e = load_folder(dir.path(), opts, &mut |_| {}).unwrap_err().to_string();
-        assert!(e.contains("corrupt.jpg") && e.contains("--skip-bad-images"), "{e}");
+        let e = load_folder(dir.path(), opts, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("corrupt.jpg") && e.contains("--skip-bad-images"),
+            "{e}"
+        );
         let mut warnings = Vec::new();
-        let imgs = load_folder(dir.path(), ImageOptions { skip_bad: true, ..opts }, &mut |w| warnings.push(w)).unwrap();
+        let imgs = load_folder(
+            dir.path(),
+            ImageOptions {
+                skip_bad: true,
+                ..opts
+            },
+            &mut |w| warnings.push(w),
+        )
+        .unwrap();
         assert_eq!(imgs.len(), 2);
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("corrupt.jpg"));

@@ -55,7 +55,9 @@ impl FromStr for LrSchedule {
             "constant" => Ok(LrSchedule::Constant),
             "linear" => Ok(LrSchedule::Linear),
             "cosine" => Ok(LrSchedule::Cosine),
-            _ => Err(Error::Config(format!("unknown --lr-schedule `{s}` (constant, linear, cosine)"))),
+            _ => Err(Error::Config(format!(
+                "unknown --lr-schedule `{s}` (constant, linear, cosine)"
+            ))),
         }
     }
 }

@@ -102,7 +102,10 @@ impl AdamW {
             out.insert(format!("m.{i}"), m.to_device(&candle_core::Device::Cpu)?);
             out.insert(format!("v.{i}"), v.to_device(&candle_core::Device::Cpu)?);
         }
-        out.insert("step".into(), Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?);
+        out.insert(
+            "step".into(),
+            Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?,
+        );
         Ok(out)
     }
 
@@ -110,19 +113,35 @@ impl AdamW {
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let bad = |reason: String| Error::Config(format!("optimizer state does not fit: {reason}"));
         if state.len() != 2 * self.vars.len() + 1 {
-            return Err(bad(format!("{} tensors for {} parameters", state.len(), self.vars.len())));
+            return Err(bad(format!(
+                "{} tensors for {} parameters",
+                state.len(),
+                self.vars.len()
+            )));
         }
         for (i, var) in self.vars.iter().enumerate() {
             for (name, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = state.get(&format!("{name}.{i}")).ok_or_else(|| bad(format!("no `{name}.{i}`")))?;
+                let t = state
+                    .get(&format!("{name}.{i}"))
+                    .ok_or_else(|| bad(format!("no `{name}.{i}`")))?;
                 if t.dims() != var.dims() {
-                    return Err(bad(format!("`{name}.{i}` has shape {:?}, the parameter {:?}", t.dims(), var.dims())));
+                    return Err(bad(format!(
+                        "`{name}.{i}` has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        var.dims()
+                    )));
                 }
                 *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
             }
         }
         let step = state.get("step").ok_or_else(|| bad("no `step`".into()))?;
-        self.step = step.flatten_all()?.to_vec1::<i64>()?.first().copied().unwrap_or(0).max(0) as usize;
+        self.step = step
+            .flatten_all()?
+            .to_vec1::<i64>()?
+            .first()
+            .copied()
+            .unwrap_or(0)
+            .max(0) as usize;
         Ok(())
     }
 }
@@ -136,7 +155,11 @@ pub fn collect_grads(vars: &[Var], grads: &GradStore) -> Vec<Option<Tensor>> {
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads.iter().flatten() {
-        sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sum += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }
@@ -167,14 +190,16 @@ mod tests {
         }
         let var = Var::from_slice(&p0, 2, &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![var.clone()], c).unwrap();
-        opt.step(&[Some(Tensor::new(&g[0], &Device::Cpu).unwrap())], lr, 1.0).unwrap();
+        opt.step(&[Some(Tensor::new(&g[0], &Device::Cpu).unwrap())], lr, 1.0)
+            .unwrap();
         // save after one step, restore into a fresh optimizer, take the second step there
         let state = opt.state().unwrap();
         let var2 = Var::from_tensor(var.as_tensor()).unwrap();
         let mut opt2 = AdamW::new(vec![var2.clone()], c).unwrap();
         opt2.load_state(&state).unwrap();
         assert_eq!(opt2.step_count(), 1);
-        opt2.step(&[Some(Tensor::new(&g[1], &Device::Cpu).unwrap())], lr, 1.0).unwrap();
+        opt2.step(&[Some(Tensor::new(&g[1], &Device::Cpu).unwrap())], lr, 1.0)
+            .unwrap();
         let got = var2.as_tensor().to_vec1::<f64>().unwrap();
         for k in 0..2 {
             assert!((got[k] - p[k]).abs() < 1e-12, "{got:?} vs {p:?}");

@@ -35,7 +35,9 @@ pub fn write_loss_curve(path: &Path, losses: &[f64]) -> Result<()> {
     c.line((x0, y0), (x0, y1), [120, 120, 120]);
     let finite: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();
     if finite.len() >= 2 {
-        let (lo, hi) = finite.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let (lo, hi) = finite
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
         let span = if hi > lo { hi - lo } else { 1.0 };
         let px = |i: usize, v: f64| -> (i64, i64) {
             let x = x0 + ((x1 - x0) as f64 * i as f64 / (finite.len() - 1) as f64) as i64;
@@ -54,7 +56,11 @@ pub fn write_loss_curve(path: &Path, losses: &[f64]) -> Result<()> {
             prev_ema = e;
         }
     }
-    let text = format!("atomtune loss curve: {} steps, min {:.5}", losses.len(), finite.iter().cloned().fold(f64::NAN, f64::min));
+    let text = format!(
+        "atomtune loss curve: {} steps, min {:.5}",
+        losses.len(),
+        finite.iter().cloned().fold(f64::NAN, f64::min)
+    );
     sample::png_io::write_png(path, W, H, &c.0, &text)?;
     Ok(())
 }

@@ -105,7 +105,9 @@ impl<'a> Trainer<'a> {
         cfg.validate()?;
         let layers = sd.unet.layers();
         if !layers.vars().is_empty() {
-            return Err(Error::Config("the model already has adapters attached".into()));
+            return Err(Error::Config(
+                "the model already has adapters attached".into(),
+            ));
         }
         let opts = ImageOptions {
             resolution: cfg.resolution,
@@ -114,7 +116,10 @@ impl<'a> Trainer<'a> {
         };
         let images = dataset::load_folder(&cfg.images, opts, &mut |w| events(Event::Warn(w)))?;
         let instance_text = cfg.instance_text();
-        let captions: Vec<String> = images.iter().map(|i| i.caption.clone().unwrap_or_else(|| instance_text.clone())).collect();
+        let captions: Vec<String> = images
+            .iter()
+            .map(|i| i.caption.clone().unwrap_or_else(|| instance_text.clone()))
+            .collect();
         events(Event::Info(format!(
             "{} training images from {} ({} with their own caption)",
             images.len(),
@@ -133,34 +138,73 @@ impl<'a> Trainer<'a> {
                     seed: cfg.seed.wrapping_add(1_000_000),
                 };
                 let written = ensure_class_images(sd, &p.class_dir, &o, &mut |done, total| {
-                    events(Event::Phase { name: "generating class images", done, total })
+                    events(Event::Phase {
+                        name: "generating class images",
+                        done,
+                        total,
+                    })
                 })?;
                 if !written.is_empty() {
-                    events(Event::Info(format!("generated {} class images in {}", written.len(), p.class_dir.display())));
+                    events(Event::Info(format!(
+                        "generated {} class images in {}",
+                        written.len(),
+                        p.class_dir.display()
+                    )));
                 }
-                let mut class_images = dataset::load_folder(&p.class_dir, opts, &mut |w| events(Event::Warn(w)))?;
+                let mut class_images =
+                    dataset::load_folder(&p.class_dir, opts, &mut |w| events(Event::Warn(w)))?;
                 class_images.truncate(p.num_class_images);
                 let caps = vec![p.class_prompt.clone(); class_images.len()];
-                Some(LatentCache::build(sd, &class_images, &caps, cfg.resolution, cfg.flip, &mut |done, total| {
-                    events(Event::Phase { name: "encoding class images", done, total })
-                })?)
+                Some(LatentCache::build(
+                    sd,
+                    &class_images,
+                    &caps,
+                    cfg.resolution,
+                    cfg.flip,
+                    &mut |done, total| {
+                        events(Event::Phase {
+                            name: "encoding class images",
+                            done,
+                            total,
+                        })
+                    },
+                )?)
             }
         };
-        let instance = LatentCache::build(sd, &images, &captions, cfg.resolution, cfg.flip, &mut |done, total| {
-            events(Event::Phase { name: "encoding images", done, total })
-        })?;
+        let instance = LatentCache::build(
+            sd,
+            &images,
+            &captions,
+            cfg.resolution,
+            cfg.flip,
+            &mut |done, total| {
+                events(Event::Phase {
+                    name: "encoding images",
+                    done,
+                    total,
+                })
+            },
+        )?;
         let (path, text) = &sd.scheduler_config;
         let sc = SchedulerConfig::parse(path, text)?;
         let schedule = NoiseSchedule::from_config(&sc)?;
         let prediction = match serde_json::from_str::<serde_json::Value>(text)
             .ok()
-            .and_then(|v| v.get("prediction_type").and_then(|p| p.as_str().map(String::from)))
+            .and_then(|v| {
+                v.get("prediction_type")
+                    .and_then(|p| p.as_str().map(String::from))
+            })
             .as_deref()
         {
             None | Some("epsilon") => Prediction::Epsilon,
             Some("v_prediction") => Prediction::VPrediction,
             Some("sample") => Prediction::Sample,
-            Some(other) => return Err(Error::Config(format!("{}: unknown prediction_type {other:?}", path.display()))),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "{}: unknown prediction_type {other:?}",
+                    path.display()
+                )))
+            }
         };
 
         let (rng, order, pos, step, opt_state) = match resume {
@@ -176,13 +220,26 @@ impl<'a> Trainer<'a> {
                 for (name, adapter) in ck.delta.adapters(layers)? {
                     layers.attach(&name, adapter, 1.0)?;
                 }
-                events(Event::Info(format!("resuming from {} (step {})", ck.dir.display(), ck.state.step)));
-                (NoiseRng::from_state(ck.state.rng()?), ck.state.order, ck.state.pos, ck.state.step, Some(ck.optimizer))
+                events(Event::Info(format!(
+                    "resuming from {} (step {})",
+                    ck.dir.display(),
+                    ck.state.step
+                )));
+                (
+                    NoiseRng::from_state(ck.state.rng()?),
+                    ck.state.order,
+                    ck.state.pos,
+                    ck.state.step,
+                    Some(ck.optimizer),
+                )
             }
             None => {
                 let targets = layers.select(cfg.targets);
                 if targets.is_empty() {
-                    return Err(Error::Config(format!("--targets {} selects no layer of this model", cfg.targets)));
+                    return Err(Error::Config(format!(
+                        "--targets {} selects no layer of this model",
+                        cfg.targets
+                    )));
                 }
                 for name in &targets {
                     let base = layers.get(name).expect("selected layers exist").weight;
@@ -263,25 +320,43 @@ impl<'a> Trainer<'a> {
         }
         let x0 = Tensor::cat(&zs, 0)?;
         let ctx = Tensor::stack(&ctxs, 0)?;
-        let t: Vec<usize> = (0..zs.len()).map(|_| self.rng.below(self.schedule.len() as u64) as usize).collect();
+        let t: Vec<usize> = (0..zs.len())
+            .map(|_| self.rng.below(self.schedule.len() as u64) as usize)
+            .collect();
         let eps = self.rng.randn(x0.dims(), DType::F32, x0.device())?;
         self.loss_on(&x0, &ctx, &t, &eps, self.cfg.batch_size)
     }
 
     /// The loss on given examples; the first `n_instance` are instance examples, the rest class
     /// examples (weighted by the prior weight).
-    fn loss_on(&self, x0: &Tensor, ctx: &Tensor, t: &[usize], eps: &Tensor, n_instance: usize) -> Result<Tensor> {
+    fn loss_on(
+        &self,
+        x0: &Tensor,
+        ctx: &Tensor,
+        t: &[usize],
+        eps: &Tensor,
+        n_instance: usize,
+    ) -> Result<Tensor> {
         let xt = noise::add_noise(&self.schedule, x0, eps, t)?;
         let target = noise::target(&self.schedule, self.prediction, x0, eps, t)?;
         let dtype = self.sd.unet.dtype();
-        let tt = Tensor::new(t.iter().map(|&x| x as u32).collect::<Vec<_>>().as_slice(), x0.device())?;
-        let pred = self.sd.unet.forward(&xt.to_dtype(dtype)?, &tt, &ctx.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+        let tt = Tensor::new(
+            t.iter().map(|&x| x as u32).collect::<Vec<_>>().as_slice(),
+            x0.device(),
+        )?;
+        let pred = self
+            .sd
+            .unet
+            .forward(&xt.to_dtype(dtype)?, &tt, &ctx.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?;
         let per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
         let n = t.len();
         let inst = per_example.narrow(0, 0, n_instance)?.mean_all()?;
         if n > n_instance {
             let w = self.cfg.prior.as_ref().map_or(1.0, |p| p.weight);
-            let class = per_example.narrow(0, n_instance, n - n_instance)?.mean_all()?;
+            let class = per_example
+                .narrow(0, n_instance, n - n_instance)?
+                .mean_all()?;
             Ok((inst + (class * w)?)?)
         } else {
             Ok(inst)
@@ -320,7 +395,12 @@ impl<'a> Trainer<'a> {
             Some(max) if norm > max => max / norm,
             _ => 1.0,
         };
-        let lr = self.cfg.lr_schedule.at(self.step, self.cfg.max_steps, self.cfg.lr, self.cfg.warmup_steps);
+        let lr = self.cfg.lr_schedule.at(
+            self.step,
+            self.cfg.max_steps,
+            self.cfg.lr,
+            self.cfg.warmup_steps,
+        );
         self.opt.step(&acc, lr, scale)?;
         self.step += 1;
         Ok(StepReport {
@@ -343,7 +423,11 @@ impl<'a> Trainer<'a> {
                 let m = &img.mean[0];
                 let (_, _, h, w) = m.dims4()?;
                 let s = self.instance.side;
-                let z = (m.narrow(2, (h - s.min(h)) / 2, s.min(h))?.narrow(3, (w - s.min(w)) / 2, s.min(w))? * self.sd.vae.scaling_factor())?;
+                let z = (m.narrow(2, (h - s.min(h)) / 2, s.min(h))?.narrow(
+                    3,
+                    (w - s.min(w)) / 2,
+                    s.min(w),
+                )? * self.sd.vae.scaling_factor())?;
                 zs.push(z);
                 ctxs.push(self.instance.embeddings[img.caption].clone());
                 ts.push(t);
@@ -391,7 +475,11 @@ impl<'a> Trainer<'a> {
         ] {
             meta.extra.insert(k.to_string(), v);
         }
-        let delta = Delta::from_adapters(meta, attached.iter().map(|(n, a)| (n.as_str(), a.as_ref())), layers)?;
+        let delta = Delta::from_adapters(
+            meta,
+            attached.iter().map(|(n, a)| (n.as_str(), a.as_ref())),
+            layers,
+        )?;
         self.fingerprints = delta.meta().fingerprints.clone();
         Ok(delta)
     }
@@ -408,16 +496,26 @@ impl<'a> Trainer<'a> {
             pos: self.pos,
             fingerprint: self.cfg.fingerprint(),
         };
-        checkpoint::write(&self.cfg.out.join("checkpoints"), &delta, &self.opt.state()?, &state)
+        checkpoint::write(
+            &self.cfg.out.join("checkpoints"),
+            &delta,
+            &self.opt.state()?,
+            &state,
+        )
     }
 
     /// Samples the validation prompt with the adapters as they are now; returns the PNGs.
     pub fn validate(&self) -> Result<Vec<PathBuf>> {
-        let Some(v) = &self.cfg.validation else { return Ok(Vec::new()) };
+        let Some(v) = &self.cfg.validation else {
+            return Ok(Vec::new());
+        };
         let pipe = Pipeline::new(self.sd)?;
         let dir = self.cfg.out.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let prompt = v.prompt.replace("{token}", &self.cfg.token).replace("{class}", &self.cfg.class_word);
+        let prompt = v
+            .prompt
+            .replace("{token}", &self.cfg.token)
+            .replace("{class}", &self.cfg.class_word);
         let mut out = Vec::new();
         for i in 0..v.num_images {
             let req = Request {
@@ -425,7 +523,9 @@ impl<'a> Trainer<'a> {
                 negative_prompt: String::new(),
                 steps: v.steps,
                 guidance: 7.5,
-                scheduler: pipe.default_scheduler().unwrap_or(sample::SchedulerKind::Ddim),
+                scheduler: pipe
+                    .default_scheduler()
+                    .unwrap_or(sample::SchedulerKind::Ddim),
                 width: self.cfg.resolution,
                 height: self.cfg.resolution,
                 seed: self.cfg.seed + i as u64,
@@ -468,7 +568,12 @@ fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// How a run ended.
@@ -486,7 +591,9 @@ pub struct Outcome {
 
 /// Keeps only the metrics of steps up to `step` (a resumed run rewrites what came after).
 fn trim_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -508,7 +615,12 @@ fn read_losses(path: &Path) -> Vec<f64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("loss")?
+                .as_f64()
+        })
         .collect()
 }
 

@@ -2,6 +2,7 @@
 
 mod inspect;
 mod sample;
+mod train;
 
 use std::process::ExitCode;
 
@@ -14,5 +15,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Sample(args) => sample::run(&args),
+        Command::Train(args) => train::run(&args),
     }
 }

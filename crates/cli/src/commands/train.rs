@@ -1,0 +1,217 @@
+//! `atomtune train`: photos in, a delta out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use atoms::{AdapterConfig, DictionaryKind, LassoOptions, Method};
+use models::{LoadOptions, StableDiffusion, Targets};
+use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
+
+use crate::cli::TrainArgs;
+use crate::device::{describe, device, dtype};
+use crate::format::bytes;
+use crate::progress::Reporter;
+
+/// Default learning rates per method, chosen by the sweep in README.md ("Choosing the defaults").
+pub fn default_lr(method: Method) -> f64 {
+    match method {
+        Method::Atoms => 1e-3,
+        Method::AtomsRec => 1e-3,
+        Method::Lora => 1e-3,
+        // not swept: diffusers' DreamBooth default for full fine-tuning
+        Method::Full => 5e-6,
+    }
+}
+
+fn adapter_config(a: &TrainArgs, method: Method) -> Result<AdapterConfig> {
+    Ok(AdapterConfig {
+        method,
+        atoms: a.atoms,
+        dictionary: match a.dictionary.as_str() {
+            "lasso" => DictionaryKind::Lasso(LassoOptions {
+                lambda: a.lasso_lambda,
+                ..Default::default()
+            }),
+            _ => DictionaryKind::Svd,
+        },
+        sub_atoms: a.sub_atoms,
+        rank: a.rank,
+        lora_alpha: a.lora_alpha.unwrap_or(a.rank as f64),
+        block: a.block.parse().context("--block")?,
+        seed: a.seed,
+    })
+}
+
+pub fn run(a: &TrainArgs) -> Result<ExitCode> {
+    let rep = Reporter::new(a.quiet);
+    let method: Method = a.method.parse()?;
+    let targets: Targets = match &a.targets {
+        Some(t) => t.parse()?,
+        None if method == Method::Lora => Targets::Attn,
+        None => Targets::Conv,
+    };
+    if !a.images.is_dir() {
+        bail!("--images {}: no such folder", a.images.display());
+    }
+    let dev = device(a.model.device)?;
+    let dt = dtype(a.model.dtype, &dev);
+    rep.info(
+        None,
+        &format!("loading {} on {} ({dt:?})", a.model.model, describe(&dev)),
+    );
+    let opts = LoadOptions {
+        dtype: dt,
+        device: dev,
+        variant: a.model.variant.clone(),
+        revision: a.model.revision.clone(),
+        seed: 0,
+    };
+    let sd = StableDiffusion::load(&a.model.model, &opts)
+        .with_context(|| format!("loading --model {}", a.model.model))?;
+    let resolution = a
+        .resolution
+        .unwrap_or_else(|| sd.unet.config().sample_size.unwrap_or(64) * sd.vae.downscale());
+    let fill = |s: &str| {
+        s.replace("{token}", &a.token)
+            .replace("{class}", &a.class_word)
+    };
+    let cfg = TrainConfig {
+        images: a.images.clone(),
+        token: a.token.clone(),
+        class_word: a.class_word.clone(),
+        instance_prompt: a.instance_prompt.clone(),
+        resolution,
+        center_crop: a.crop == "center",
+        flip: a.flip,
+        repeats: a.repeats,
+        skip_bad_images: a.skip_bad_images,
+        prior: a.class_images.as_ref().map(|dir| PriorConfig {
+            class_prompt: fill(&a.class_prompt),
+            class_dir: dir.clone(),
+            num_class_images: a.num_class_images,
+            weight: a.prior_weight,
+            sample_steps: a.class_sample_steps,
+        }),
+        adapter: adapter_config(a, method)?,
+        targets,
+        lr: a.lr.unwrap_or_else(|| default_lr(method)),
+        lr_schedule: a.lr_schedule.parse()?,
+        warmup_steps: a.warmup_steps,
+        adamw: AdamWConfig {
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: 1e-8,
+            weight_decay: a.weight_decay,
+        },
+        grad_accum: a.grad_accum,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        batch_size: a.batch_size,
+        max_steps: a.max_steps,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every.filter(|&n| n > 0),
+        validation: a.validation_prompt.as_ref().map(|p| ValidationConfig {
+            prompt: p.clone(),
+            every: a.validation_every,
+            steps: a.validation_steps,
+            num_images: a.num_validation_images,
+        }),
+        out: a.out.clone(),
+    };
+    let resume: Option<PathBuf> = match a.resume.as_deref() {
+        None => None,
+        Some("latest") => Some(
+            train::checkpoint::latest(&a.out.join("checkpoints")).with_context(|| {
+                format!(
+                    "--resume latest: no checkpoint under {}",
+                    a.out.join("checkpoints").display()
+                )
+            })?,
+        ),
+        Some(dir) => Some(PathBuf::from(dir)),
+    };
+
+    // Ctrl-C once: finish the step, checkpoint, write the delta, exit 0. Twice: stop at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        Arc::clone(&stop),
+    )?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut phase_bar: Option<(String, indicatif::ProgressBar)> = None;
+    let mut warned_stop = false;
+    let mut events = |e: Event<'_>| match e {
+        Event::Info(m) => rep.info(bar.as_ref(), &m),
+        Event::Warn(m) => rep.warn(bar.as_ref(), &m),
+        Event::Phase { name, done, total } => {
+            let pb = match &phase_bar {
+                Some((n, pb)) if n == name => pb.clone(),
+                _ => {
+                    let pb = rep.bar(total as u64, name.to_string());
+                    phase_bar = Some((name.to_string(), pb.clone()));
+                    pb
+                }
+            };
+            pb.set_position(done as u64);
+            if done == total {
+                pb.finish_and_clear();
+            }
+        }
+        Event::Step(r) => {
+            let pb = bar.get_or_insert_with(|| {
+                let pb = rep.bar(r.total as u64, "training".into());
+                pb.set_position(r.step as u64 - 1);
+                pb
+            });
+            pb.set_position(r.step as u64);
+            pb.set_message(format!("training loss {:.4}", r.loss));
+            if pb.is_hidden() && (r.step % 10 == 0 || r.step == r.total) {
+                rep.info(
+                    None,
+                    &format!(
+                        "step {}/{} loss {:.5} lr {:.2e} {:.2}s",
+                        r.step, r.total, r.loss, r.lr, r.seconds
+                    ),
+                );
+            }
+            if stop.load(Ordering::SeqCst) && !warned_stop {
+                warned_stop = true;
+                rep.info(
+                    Some(pb),
+                    "stopping after this step (Ctrl-C again to quit at once)",
+                );
+            }
+        }
+    };
+    let outcome = train::run(&sd, cfg, resume.as_deref(), &stop, &mut events)?;
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let size = std::fs::metadata(&outcome.delta)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if outcome.interrupted {
+        println!(
+            "stopped at step {}: checkpoint {} and delta {} written.\nResume with the same flags plus: --resume latest",
+            outcome.steps,
+            outcome.checkpoint.as_ref().map_or("-".into(), |p| p.display().to_string()),
+            outcome.delta.display()
+        );
+    } else {
+        println!(
+            "wrote {} ({}) after {} steps. Try it:\n  atomtune sample --model {} --delta {} --prompt \"{}\"",
+            outcome.delta.display(),
+            bytes(size),
+            outcome.steps,
+            a.model.model,
+            outcome.delta.display(),
+            fill(&a.instance_prompt)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,256 @@
+//! `atomtune train` end to end on the tiny-sd15-shape fixture with real photos.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use atoms::Delta;
+use sample::png_io::read_png;
+
+fn fixture() -> Option<PathBuf> {
+    testutil::shared_path("fixtures/tiny-sd15-shape")
+}
+
+fn photos(dir: &Path, n: usize) -> Option<()> {
+    let src = testutil::shared_path("datasets/dreambooth/dog")?;
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let name = format!("{i:02}.jpg");
+        std::fs::copy(src.join(&name), dir.join(&name)).unwrap();
+    }
+    Some(())
+}
+
+fn atomtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_atomtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn train_args<'a>(fx: &'a str, images: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        fx,
+        "--images",
+        images,
+        "--class",
+        "dog",
+        "--out",
+        out,
+        "--resolution",
+        "64",
+        "--max-steps",
+        steps,
+        "--quiet",
+    ]
+}
+
+#[test]
+fn training_writes_a_small_delta_that_sample_can_use() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 3).is_none() {
+        return;
+    }
+    let out = tmp.path().join("run");
+    let o = atomtune(&train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "8",
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("atomtune sample --model") && stdout.contains("delta.safetensors"),
+        "{stdout}"
+    );
+    for f in ["delta.safetensors", "metrics.jsonl", "loss.png"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        8
+    );
+    let delta_path = out.join("delta.safetensors");
+    let d = Delta::read(&delta_path).unwrap();
+    assert_eq!(d.meta().steps, Some(8));
+    assert_eq!(d.meta().trigger.as_deref(), Some("sks"));
+    assert_eq!(d.meta().class.as_deref(), Some("dog"));
+    assert_eq!(d.meta().base_model, fx.to_str().unwrap());
+    // atoms on every conv of tiny-sd15-shape: 52 3x3 + 45 1x1 = 4,257 numbers
+    assert_eq!(d.num_params(), 4257);
+    let size = std::fs::metadata(&delta_path).unwrap().len();
+    eprintln!("delta size: {size} bytes");
+    assert!(size < 80_000, "{size} bytes");
+    // the trained delta changes the image; at weight 0 it does not
+    let png = |name: &str, delta: Option<String>| -> Vec<u8> {
+        let dir = tmp.path().join(name);
+        let mut args: Vec<String> = [
+            "sample",
+            "--model",
+            fx.to_str().unwrap(),
+            "--prompt",
+            "a photo of sks dog",
+            "--steps",
+            "3",
+            "--seed",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--quiet",
+            "--out",
+            dir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(d) = delta {
+            args.push("--delta".into());
+            args.push(d);
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let f = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        read_png(&f).unwrap().pixels
+    };
+    let base = png("base", None);
+    assert_ne!(png("tuned", Some(delta_path.display().to_string())), base);
+    assert_eq!(
+        png("zero", Some(format!("{}:0", delta_path.display()))),
+        base
+    );
+}
+
+#[test]
+fn ctrl_c_leaves_a_checkpoint_and_a_delta_and_the_run_resumes() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 2).is_none() {
+        return;
+    }
+    let out = tmp.path().join("run");
+    let args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "100000",
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_atomtune"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for a few steps
+    let metrics = out.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("--resume latest"), "{stdout}");
+    let ck = train::checkpoint::latest(&out.join("checkpoints")).expect("a checkpoint");
+    let ck = train::checkpoint::read(&ck).unwrap();
+    let d = Delta::read(&out.join("delta.safetensors")).unwrap();
+    assert_eq!(d.meta().steps, Some(ck.state.step as u64));
+    assert_eq!(
+        std::fs::read_to_string(&metrics).unwrap().lines().count(),
+        ck.state.step
+    );
+    // resume and finish a few more steps
+    let target = (ck.state.step + 2).to_string();
+    let mut args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &target,
+    );
+    args.extend(["--resume", "latest"]);
+    let o = atomtune(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        Delta::read(&out.join("delta.safetensors"))
+            .unwrap()
+            .meta()
+            .steps,
+        Some(ck.state.step as u64 + 2)
+    );
+}
+
+#[test]
+fn a_corrupt_image_is_named_or_skipped() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 2).is_none() {
+        return;
+    }
+    std::fs::copy(
+        testutil::data_path("images/corrupt.jpg"),
+        images.join("broken.jpg"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "1",
+    );
+    let o = atomtune(&args);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("broken.jpg") && e.contains("--skip-bad-images"),
+        "{e}"
+    );
+    let mut args = args.clone();
+    args.push("--skip-bad-images");
+    let o = atomtune(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warning: skipping"));
+    // an empty folder is an error too
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = atomtune(&train_args(
+        fx.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "1",
+    ));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no images found"));
+}

@@ -1,0 +1,273 @@
+//! Training on the tiny fixtures with real photos: learning happens, `--lr 0` changes nothing,
+//! a resumed run ends bit-identical, prior preservation makes exactly the missing class images.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use atoms::{AdapterConfig, Delta, Method};
+use models::{LoadOptions, StableDiffusion, Targets};
+use train::{AdamWConfig, LrSchedule, PriorConfig, TrainConfig, Trainer};
+
+fn fixture() -> Option<PathBuf> {
+    testutil::shared_path("fixtures/tiny-sd15-shape")
+}
+
+/// A folder with `n` photos of the DreamBooth `dog` subject (real JPEGs of odd sizes).
+fn photos(n: usize) -> Option<tempfile::TempDir> {
+    let src = testutil::shared_path("datasets/dreambooth/dog")?;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let name = format!("{i:02}.jpg");
+        std::fs::copy(src.join(&name), dir.path().join(&name)).unwrap();
+    }
+    Some(dir)
+}
+
+fn load(fx: &Path) -> StableDiffusion {
+    StableDiffusion::load(fx.to_str().unwrap(), &LoadOptions::default()).unwrap()
+}
+
+fn config(images: &Path, out: &Path, method: Method, lr: f64, steps: usize) -> TrainConfig {
+    TrainConfig {
+        images: images.into(),
+        token: "sks".into(),
+        class_word: "dog".into(),
+        instance_prompt: "a photo of {token} {class}".into(),
+        resolution: 64,
+        center_crop: true,
+        flip: false,
+        repeats: 1,
+        skip_bad_images: false,
+        prior: None,
+        adapter: AdapterConfig {
+            rank: 4,
+            ..AdapterConfig::new(method)
+        },
+        targets: if method == Method::Lora {
+            Targets::Attn
+        } else {
+            Targets::Conv
+        },
+        lr,
+        lr_schedule: LrSchedule::Constant,
+        warmup_steps: 0,
+        adamw: AdamWConfig::default(),
+        grad_accum: 1,
+        max_grad_norm: Some(1.0),
+        batch_size: 2,
+        max_steps: steps,
+        seed: 7,
+        checkpoint_every: None,
+        validation: None,
+        out: out.into(),
+    }
+}
+
+#[test]
+fn the_loss_goes_down_with_training_and_stays_put_at_lr_zero() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(3) else { return };
+    let out = tempfile::tempdir().unwrap();
+    for (method, lr) in [
+        (Method::Atoms, 3e-3),
+        (Method::AtomsRec, 3e-3),
+        (Method::Lora, 1e-2),
+    ] {
+        for (lr, steps) in [(lr, 25), (0.0, 5)] {
+            let sd = load(&fx);
+            let mut t = Trainer::prepare(
+                &sd,
+                config(imgs.path(), out.path(), method, lr, steps),
+                None,
+                &mut |_| {},
+            )
+            .unwrap();
+            let set = t.eval_set(&[150, 450, 750], 1).unwrap();
+            let before = t.eval_loss(&set).unwrap();
+            for _ in 0..steps {
+                t.train_step().unwrap();
+            }
+            let after = t.eval_loss(&set).unwrap();
+            if lr == 0.0 {
+                assert_eq!(
+                    after.to_bits(),
+                    before.to_bits(),
+                    "{method}: lr 0 changed the loss {before} -> {after}"
+                );
+            } else {
+                assert!(
+                    after < 0.95 * before,
+                    "{method}: loss {before} -> {after} after 25 steps at lr {lr}"
+                );
+            }
+        }
+    }
+}
+
+fn delta_bits(p: &Path) -> Vec<(String, Vec<u32>)> {
+    let d = Delta::read(p).unwrap();
+    d.layers()
+        .iter()
+        .flat_map(|(l, ts)| {
+            ts.iter().map(move |(s, t)| {
+                (
+                    format!("{l}.{s}"),
+                    t.flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn losses(p: &Path) -> Vec<u64> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+                .to_bits()
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(3) else { return };
+    let Some(class_src) = testutil::shared_path("datasets/dreambooth/dog2") else {
+        return;
+    };
+    let class_dir = tempfile::tempdir().unwrap();
+    for f in ["00.jpg", "01.jpg"] {
+        std::fs::copy(class_src.join(f), class_dir.path().join(f)).unwrap();
+    }
+    let base = |out: &Path, steps: usize| TrainConfig {
+        flip: true,
+        center_crop: false,
+        repeats: 2,
+        grad_accum: 2,
+        lr_schedule: LrSchedule::Cosine,
+        warmup_steps: 2,
+        checkpoint_every: Some(3),
+        prior: Some(PriorConfig {
+            class_prompt: "a photo of dog".into(),
+            class_dir: class_dir.path().into(),
+            num_class_images: 2,
+            weight: 0.5,
+            sample_steps: 2,
+        }),
+        max_steps: steps,
+        ..config(imgs.path(), out, Method::Atoms, 2e-3, steps)
+    };
+    let never = AtomicBool::new(false);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sd = load(&fx);
+    train::run(&sd, base(a.path(), 6), None, &never, &mut |_| {}).unwrap();
+    // the same run in two halves: 6 steps with a stop request after the third
+    let sd = load(&fx);
+    let stop = AtomicBool::new(false);
+    let mut steps = 0;
+    let first = train::run(&sd, base(b.path(), 6), None, &stop, &mut |e| {
+        if let train::Event::Step(_) = e {
+            steps += 1;
+            if steps == 3 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.steps, 3);
+    let ck = train::checkpoint::latest(&b.path().join("checkpoints")).unwrap();
+    let sd = load(&fx);
+    let second = train::run(&sd, base(b.path(), 6), Some(&ck), &never, &mut |_| {}).unwrap();
+    assert!(!second.interrupted);
+    assert_eq!(second.steps, 6);
+    assert_eq!(
+        delta_bits(&a.path().join("delta.safetensors")),
+        delta_bits(&b.path().join("delta.safetensors"))
+    );
+    assert_eq!(
+        losses(&a.path().join("metrics.jsonl")),
+        losses(&b.path().join("metrics.jsonl"))
+    );
+    // a resume with other settings is refused
+    let sd = load(&fx);
+    let other = TrainConfig {
+        lr: 1e-3,
+        ..base(b.path(), 6)
+    };
+    let e = train::run(&sd, other, Some(&ck), &never, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("other settings"), "{e}");
+}
+
+#[test]
+fn prior_preservation_generates_exactly_the_missing_class_images_and_reuses_them() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let Some(class_src) = testutil::shared_path("datasets/dreambooth/dog2") else {
+        return;
+    };
+    let class_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(class_src.join("00.jpg"), class_dir.path().join("00.jpg")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        prior: Some(PriorConfig {
+            class_prompt: "a photo of dog".into(),
+            class_dir: class_dir.path().into(),
+            num_class_images: 3,
+            weight: 1.0,
+            sample_steps: 2,
+        }),
+        ..config(imgs.path(), out.path(), Method::Atoms, 1e-3, 1)
+    };
+    let count = || std::fs::read_dir(class_dir.path()).unwrap().count();
+    let sd = load(&fx);
+    let mut infos = Vec::new();
+    Trainer::prepare(&sd, cfg.clone(), None, &mut |e| {
+        if let train::Event::Info(m) = e {
+            infos.push(m)
+        }
+    })
+    .unwrap();
+    assert_eq!(count(), 3);
+    assert!(
+        infos.iter().any(|m| m.contains("generated 2 class images")),
+        "{infos:?}"
+    );
+    let made: Vec<_> = std::fs::read_dir(class_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    assert_eq!(made.len(), 2);
+    let png = sample::png_io::read_png(&made[0]).unwrap();
+    assert!(png.parameters.unwrap().starts_with("a photo of dog"));
+    let stamp = std::fs::metadata(&made[0]).unwrap().modified().unwrap();
+    // a rerun reuses them
+    let sd = load(&fx);
+    let mut infos = Vec::new();
+    Trainer::prepare(&sd, cfg, None, &mut |e| {
+        if let train::Event::Info(m) = e {
+            infos.push(m)
+        }
+    })
+    .unwrap();
+    assert_eq!(count(), 3);
+    assert!(!infos.iter().any(|m| m.contains("generated")));
+    assert_eq!(
+        std::fs::metadata(&made[0]).unwrap().modified().unwrap(),
+        stamp
+    );
+}
