@@ -271,3 +271,33 @@ fn prior_preservation_generates_exactly_the_missing_class_images_and_reuses_them
         stamp
     );
 }
+
+#[test]
+fn a_diverging_run_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let out = tempfile::tempdir().unwrap();
+    // an absurd learning rate: the first update blows the filters up, the next loss is not finite
+    let cfg = TrainConfig {
+        checkpoint_every: Some(1),
+        max_grad_norm: None,
+        adamw: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        ..config(imgs.path(), out.path(), Method::Atoms, 1e30, 5)
+    };
+    let sd = load(&fx);
+    let e = train::run(&sd, cfg, None, &AtomicBool::new(false), &mut |_| {})
+        .err()
+        .unwrap();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, train::Error::NonFinite { step: 2, .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("step-000001") && msg.contains("--lr"), "{msg}");
+    let ck = train::checkpoint::read(&out.path().join("checkpoints/step-000001")).unwrap();
+    assert_eq!(ck.state.step, 1);
+    assert!(!out.path().join("checkpoints/step-000002").exists());
+}

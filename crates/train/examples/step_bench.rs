@@ -1,0 +1,95 @@
+//! Seconds per training step and peak memory of the real trainer (cached latents and text
+//! embeddings, UNet forward and backward to the adapters, AdamW), as one JSON line:
+//!
+//! ```text
+//! cargo run --release -p atomtune-train --example step_bench -- MODEL_DIR IMAGES_DIR METHOD LATENT STEPS
+//! ```
+//!
+//! `LATENT` is the latent side (the training resolution is 8x that). The median is over `STEPS`
+//! steps after two warm-up steps. `scripts/bench-train.sh` runs it next to the PyTorch peer.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use atoms::{AdapterConfig, Method};
+use models::{LoadOptions, StableDiffusion, Targets};
+use train::{AdamWConfig, LrSchedule, TrainConfig, Trainer};
+
+fn peak_rss_gb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|s| s != "--bench")
+        .collect();
+    let model = a
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "../shared/fixtures/tiny-sd15-shape".into());
+    let images = PathBuf::from(
+        a.get(1)
+            .cloned()
+            .unwrap_or_else(|| "../shared/datasets/dreambooth/dog".into()),
+    );
+    let method: Method = a.get(2).map_or("atoms", |s| s.as_str()).parse()?;
+    let latent: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
+    let steps: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let t0 = Instant::now();
+    let sd = StableDiffusion::load(&model, &LoadOptions::default())?;
+    let cfg = TrainConfig {
+        images,
+        token: "sks".into(),
+        class_word: "dog".into(),
+        instance_prompt: "a photo of {token} {class}".into(),
+        resolution: latent * sd.vae.downscale(),
+        center_crop: true,
+        flip: false,
+        repeats: 1,
+        skip_bad_images: false,
+        prior: None,
+        adapter: AdapterConfig::new(method),
+        targets: if method == Method::Lora {
+            Targets::Attn
+        } else {
+            Targets::Conv
+        },
+        lr: 1e-4,
+        lr_schedule: LrSchedule::Constant,
+        warmup_steps: 0,
+        adamw: AdamWConfig::default(),
+        grad_accum: 1,
+        max_grad_norm: Some(1.0),
+        batch_size: 1,
+        max_steps: steps + 2,
+        seed: 0,
+        checkpoint_every: None,
+        validation: None,
+        out: std::env::temp_dir().join("atomtune-step-bench"),
+    };
+    let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {})?;
+    let prepare_s = t0.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let r = t.train_step()?;
+        if i >= 2 {
+            times.push(r.seconds);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{{\"model\": \"{}\", \"method\": \"{method}\", \"latent\": {latent}, \"median_step_s\": {:.4}, \"min_step_s\": {:.4}, \"steps\": {steps}, \"prepare_s\": {prepare_s:.2}, \"peak_rss_gb\": {:.3}, \"threads\": {}}}",
+        std::path::Path::new(&model).file_name().map_or(model.clone(), |f| f.to_string_lossy().into_owned()),
+        times[times.len() / 2],
+        times[0],
+        peak_rss_gb(),
+        candle_core::utils::get_num_threads()
+    );
+    Ok(())
+}
