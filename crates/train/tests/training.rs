@@ -301,3 +301,37 @@ fn a_diverging_run_stops_with_an_error_and_keeps_the_last_good_checkpoint() {
     assert_eq!(ck.state.step, 1);
     assert!(!out.path().join("checkpoints/step-000002").exists());
 }
+
+/// Half-precision weights train f32 adapter parameters with an f32 loss.
+#[test]
+fn half_precision_models_train_f32_adapters() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let out = tempfile::tempdir().unwrap();
+    for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+        let opts = LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        let sd = StableDiffusion::load(fx.to_str().unwrap(), &opts).unwrap();
+        let mut t = Trainer::prepare(
+            &sd,
+            config(imgs.path(), out.path(), Method::Atoms, 1e-3, 2),
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(sd
+            .unet
+            .layers()
+            .vars()
+            .iter()
+            .all(|v| v.dtype() == candle_core::DType::F32));
+        for _ in 0..2 {
+            let r = t.train_step().unwrap();
+            assert!(r.loss.is_finite() && r.grad_norm > 0.0, "{dtype:?}: {r:?}");
+        }
+        let d = t.delta().unwrap();
+        assert_eq!(d.num_params(), 4257);
+    }
+}

@@ -276,7 +276,14 @@ impl UpBlock {
         if let Some(conv) = &self.upsample {
             let (_, _, hh, ww) = h.dims4()?;
             let (th, tw) = up_size.unwrap_or((2 * hh, 2 * ww));
-            h = conv.forward(&h.upsample_nearest2d(th, tw)?)?;
+            // In f32 for bf16 on the CPU: the upsample's backward is a grouped conv, which
+            // candle's CPU kernels do not have in bf16.
+            let dt = crate::nn::compute_dtype(h.dtype(), h.device());
+            let up = h
+                .to_dtype(dt)?
+                .upsample_nearest2d(th, tw)?
+                .to_dtype(h.dtype())?;
+            h = conv.forward(&up)?;
         }
         Ok(h)
     }
