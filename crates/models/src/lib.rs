@@ -15,6 +15,7 @@
 //!   key and file.
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod clip;
 pub mod config;
 mod error;

@@ -4,7 +4,7 @@
 //! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients stop silently);
 //! nothing here uses them.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 
 use crate::layers::{LayerKind, Layers};
 use crate::weights::Weights;
@@ -180,19 +180,23 @@ impl LayerNorm {
 }
 
 /// Softmax attention `softmax(q k^T * scale) v`, differentiable; computed in f32 when `upcast`
-/// or when inputs are half precision, and returned in `v`'s dtype.
+/// or when inputs are half precision, and returned in `v`'s dtype. On the CPU it runs as one
+/// chunked op with a recomputing backward ([`crate::attention`]).
 ///
 /// # Shapes
 /// `q [b, n, d]`, `k [b, m, d]`, `v [b, m, dv]` -> `[b, n, dv]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let up = upcast || matches!(dtype, DType::F16 | DType::BF16);
-    let (q, k) = if up {
-        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    let dtype = v.dtype();
+    let dt = if upcast || matches!(dtype, DType::F16 | DType::BF16) {
+        DType::F32
     } else {
-        (q.clone(), k.clone())
+        dtype
     };
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(v)?)
+    let o = crate::attention::attention_fused(
+        &q.to_dtype(dt)?,
+        &k.to_dtype(dt)?,
+        &v.to_dtype(dt)?,
+        scale,
+    )?;
+    Ok(o.to_dtype(dtype)?)
 }
