@@ -20,10 +20,8 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-/// Bytes of scores a forward task holds at once.
-const CHUNK_BYTES: usize = 2 << 20;
-/// Bytes of one backward chunk tensor (the batch of heads at once).
-const BWD_CHUNK_BYTES: usize = 64 << 20;
+/// Bytes of scores a task holds at once (forward and backward: twice that).
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// `softmax(scale q k^T) v` from plain candle ops: every device, and the reference.
 ///
@@ -62,48 +60,100 @@ impl Float for f64 {
     }
 }
 
-/// `dst [m, n] = a [m, k] @ b^T` (`b` is `[n, k]`), or `a @ b` (`b` is `[k, n]`), all row-major.
-///
-/// # Safety
-/// The slices must hold the matrices of the sizes given.
-unsafe fn gemm<T: Float>(
-    dst: &mut [T],
-    a: &[T],
-    b: &[T],
-    m: usize,
-    n: usize,
-    k: usize,
-    b_transposed: bool,
-) {
-    let (rhs_cs, rhs_rs) = if b_transposed {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        false,
-        a.as_ptr(),
-        1,
-        k as isize,
-        b.as_ptr(),
-        rhs_cs,
-        rhs_rs,
-        T::zero(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+/// A row-major matrix view for [`gemm`]: `data`, and whether to read it transposed.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a, T> Mat<'a, T> {
+    fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// `(rows, cols, column stride, row stride)` as seen.
+    fn view(&self) -> (usize, usize, isize, isize) {
+        if self.transposed {
+            (self.cols, self.rows, self.cols as isize, 1)
+        } else {
+            (self.rows, self.cols, 1, self.cols as isize)
+        }
+    }
+}
+
+/// `dst [m, n] (+)= a @ b`, single-threaded (callers parallelise over heads).
+fn gemm<T: Float>(dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) {
+    let (m, k, a_cs, a_rs) = a.view();
+    let (k2, n, b_cs, b_rs) = b.view();
+    assert!(k == k2 && dst.len() >= m * n && a.data.len() >= m * k && b.data.len() >= k * n);
+    // SAFETY: the assert above checks every matrix lies within its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `x <- softmax(scale x)` on each row of `m` numbers.
+fn softmax_rows<T: Float>(x: &mut [T], m: usize, scale: T) {
+    for row in x.chunks_exact_mut(m) {
+        let mut max = T::neg_infinity();
+        for v in row.iter_mut() {
+            *v = *v * scale;
+            max = max.max(*v);
+        }
+        let mut sum = T::zero();
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        let inv = T::one() / sum;
+        for v in row.iter_mut() {
+            *v = *v * inv;
+        }
+    }
+}
+
+/// Query rows per chunk so a chunk's `rows x m` scores take about `CHUNK_BYTES`.
+fn chunk_rows<T>(n: usize, m: usize) -> usize {
+    (CHUNK_BYTES / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1))
 }
 
 impl FusedAttention {
+    /// Forward: `out [b, n, e]`, one task per (batch row, chunk of queries).
     fn run<T: Float>(
         &self,
         q: &[T],
@@ -112,45 +162,83 @@ impl FusedAttention {
         (b, n, m, d, e): (usize, usize, usize, usize, usize),
     ) -> Vec<T> {
         let mut out = vec![T::zero(); b * n * e];
-        let chunk = (CHUNK_BYTES / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1));
+        let chunk = chunk_rows::<T>(n, m);
         let scale = T::from_f64(self.scale);
-        // one task per (batch row, chunk of queries): contiguous rows of the output
         let tasks: Vec<(usize, usize)> = (0..b)
             .flat_map(|bi| (0..n).step_by(chunk).map(move |s| (bi, s)))
             .collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
         tasks.par_iter().for_each(|&(bi, s)| {
             let c = chunk.min(n - s);
-            let mut scores = vec![T::zero(); c * m];
-            let qc = &q[(bi * n + s) * d..(bi * n + s + c) * d];
-            let kb = &k[bi * m * d..(bi + 1) * m * d];
-            let vb = &v[bi * m * e..(bi + 1) * m * e];
-            // SAFETY: sizes as declared; scores is c x m.
-            unsafe { gemm(&mut scores, qc, kb, c, m, d, true) };
-            for row in scores.chunks_exact_mut(m) {
-                let mut max = T::neg_infinity();
-                for x in row.iter_mut() {
-                    *x = *x * scale;
-                    max = max.max(*x);
-                }
-                let mut sum = T::zero();
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum = sum + *x;
-                }
-                let inv = T::one() / sum;
-                for x in row.iter_mut() {
-                    *x = *x * inv;
-                }
-            }
+            let mut p = vec![T::zero(); c * m];
+            let qc = Mat::new(&q[(bi * n + s) * d..(bi * n + s + c) * d], c, d);
+            let kb = Mat::new(&k[bi * m * d..(bi + 1) * m * d], m, d);
+            let vb = Mat::new(&v[bi * m * e..(bi + 1) * m * e], m, e);
+            gemm(&mut p, qc, kb.t(), false);
+            softmax_rows(&mut p, m, scale);
             let out_ptr = out_ptr;
             // SAFETY: each task writes its own rows [(bi * n + s) .. + c) of the output.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out_ptr.get().add((bi * n + s) * e), c * e)
             };
-            unsafe { gemm(dst, &scores, vb, c, e, m, false) };
+            gemm(dst, Mat::new(&p, c, m), vb, false);
         });
         out
+    }
+
+    /// Backward: `(dq, dk, dv)`, one task per batch row (it owns that row's `dk`, `dv`), query
+    /// chunks in turn; the probabilities are recomputed, never stored.
+    #[allow(clippy::type_complexity)]
+    fn grads<T: Float>(
+        &self,
+        (q, k, v, o, g): (&[T], &[T], &[T], &[T], &[T]),
+        (b, n, m, d, e): (usize, usize, usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::zero(); b * n * d],
+            vec![T::zero(); b * m * d],
+            vec![T::zero(); b * m * e],
+        );
+        let chunk = chunk_rows::<T>(n, m);
+        let scale = T::from_f64(self.scale);
+        dq.par_chunks_mut(n * d)
+            .zip(dk.par_chunks_mut(m * d))
+            .zip(dv.par_chunks_mut(m * e))
+            .enumerate()
+            .for_each(|(bi, ((dqb, dkb), dvb))| {
+                let kb = Mat::new(&k[bi * m * d..(bi + 1) * m * d], m, d);
+                let vb = Mat::new(&v[bi * m * e..(bi + 1) * m * e], m, e);
+                let mut p = vec![T::zero(); chunk * m];
+                let mut ds = vec![T::zero(); chunk * m];
+                for s in (0..n).step_by(chunk) {
+                    let c = chunk.min(n - s);
+                    let rows = |w: usize| (bi * n + s) * w..(bi * n + s + c) * w;
+                    let qc = Mat::new(&q[rows(d)], c, d);
+                    let gc = Mat::new(&g[rows(e)], c, e);
+                    let oc = &o[rows(e)];
+                    let (p, ds) = (&mut p[..c * m], &mut ds[..c * m]);
+                    gemm(p, qc, kb.t(), false);
+                    softmax_rows(p, m, scale);
+                    // dV += P^T G
+                    gemm(dvb, Mat::new(p, c, m).t(), gc, true);
+                    // dP = G V^T, then dS = scale P (dP - rowsum(G O))
+                    gemm(ds, gc, vb.t(), false);
+                    for i in 0..c {
+                        let mut rowsum = T::zero();
+                        for j in 0..e {
+                            rowsum = rowsum + gc.data[i * e + j] * oc[i * e + j];
+                        }
+                        for j in 0..m {
+                            let x = i * m + j;
+                            ds[x] = scale * p[x] * (ds[x] - rowsum);
+                        }
+                    }
+                    // dQ = dS K; dK += dS^T Q
+                    gemm(&mut dqb[s * d..(s + c) * d], Mat::new(ds, c, m), kb, false);
+                    gemm(dkb, Mat::new(ds, c, m).t(), qc, true);
+                }
+            });
+        (dq, dk, dv)
     }
 }
 
@@ -218,34 +306,53 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, o, g) = (
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            out.detach(),
-            grad.detach(),
+        let (b, n, d) = q.dims3()?;
+        let (m, e) = (k.dim(1)?, v.dim(2)?);
+        let dims = (b, n, m, d, e);
+        // The inputs are small next to the scores: copy them out of candle's storage.
+        let flat = |t: &Tensor| t.detach().contiguous()?.flatten_all();
+        let (qf, kf, vf, of, gf) = (
+            flat(q)?,
+            flat(k)?,
+            flat(v)?,
+            flat(out)?,
+            flat(&grad.to_dtype(q.dtype())?)?,
         );
-        let (b, n, _) = q.dims3()?;
-        let m = k.dim(1)?;
-        let chunk =
-            (BWD_CHUNK_BYTES / (q.dtype().size_in_bytes() * b * m.max(1))).clamp(1, n.max(1));
-        let kt = k.t()?;
-        let vt = v.t()?;
-        let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
-        for s in (0..n).step_by(chunk) {
-            let c = chunk.min(n - s);
-            let (qc, gc, oc) = (q.narrow(1, s, c)?, g.narrow(1, s, c)?, o.narrow(1, s, c)?);
-            let p = candle_nn::ops::softmax(&(qc.matmul(&kt)? * self.scale)?, D::Minus1)?;
-            dv = (dv + p.t()?.matmul(&gc)?)?;
-            let dp = gc.matmul(&vt)?;
-            let rowsum = (&gc * &oc)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&rowsum)?)? * self.scale)?;
-            dq.push(ds.matmul(&k)?);
-            dk = (dk + ds.t()?.matmul(&qc)?)?;
-        }
-        Ok((Some(Tensor::cat(&dq, 1)?), Some(dk), Some(dv)))
+        let dev = q.device();
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => {
+                let (a, bb, c, dd, ee) = (
+                    qf.to_vec1::<f32>()?,
+                    kf.to_vec1()?,
+                    vf.to_vec1()?,
+                    of.to_vec1()?,
+                    gf.to_vec1()?,
+                );
+                let (x, y, z) = self.grads((&a, &bb, &c, &dd, &ee), dims);
+                (
+                    Tensor::from_vec(x, (b, n, d), dev)?,
+                    Tensor::from_vec(y, (b, m, d), dev)?,
+                    Tensor::from_vec(z, (b, m, e), dev)?,
+                )
+            }
+            DType::F64 => {
+                let (a, bb, c, dd, ee) = (
+                    qf.to_vec1::<f64>()?,
+                    kf.to_vec1()?,
+                    vf.to_vec1()?,
+                    of.to_vec1()?,
+                    gf.to_vec1()?,
+                );
+                let (x, y, z) = self.grads((&a, &bb, &c, &dd, &ee), dims);
+                (
+                    Tensor::from_vec(x, (b, n, d), dev)?,
+                    Tensor::from_vec(y, (b, m, d), dev)?,
+                    Tensor::from_vec(z, (b, m, e), dev)?,
+                )
+            }
+            other => candle_core::bail!("atomtune-attention backward: unsupported dtype {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
