@@ -25,6 +25,7 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    models::pin_thread_count();
     let a: Vec<String> = std::env::args()
         .skip(1)
         .filter(|s| s != "--bench")
