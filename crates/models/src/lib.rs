@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod conv;
 mod error;
 mod hub;
 pub mod layers;

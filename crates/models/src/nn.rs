@@ -79,10 +79,13 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.layers.weight(&self.name, &self.weight)?;
         let dt = compute_dtype(x.dtype(), x.device());
-        let y = x
-            .to_dtype(dt)?
-            .conv2d(&w.to_dtype(dt)?, self.padding, self.stride, 1, 1)?
-            .to_dtype(x.dtype())?;
+        let y = crate::conv::conv2d(
+            &x.to_dtype(dt)?,
+            &w.to_dtype(dt)?,
+            self.stride,
+            self.padding,
+        )?
+        .to_dtype(x.dtype())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
             None => y,
