@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    models::pin_thread_count();
+    models::tune_process();
     let cli = cli::Cli::parse();
     match commands::run(cli) {
         Ok(code) => code,

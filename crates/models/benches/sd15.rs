@@ -66,7 +66,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> models::Result<()> {
-    models::pin_thread_count();
+    models::tune_process();
     let a = parse();
     let dev = Device::Cpu;
     let t0 = Instant::now();

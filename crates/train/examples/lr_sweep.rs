@@ -13,7 +13,7 @@ use models::{LoadOptions, StableDiffusion, Targets};
 use train::{AdamWConfig, LrSchedule, TrainConfig, Trainer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    models::pin_thread_count();
+    models::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args
         .first()

@@ -25,7 +25,7 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    models::pin_thread_count();
+    models::tune_process();
     let a: Vec<String> = std::env::args()
         .skip(1)
         .filter(|s| s != "--bench")
