@@ -123,15 +123,21 @@ fn main() -> models::Result<()> {
         }
         if step > 0 {
             times.push(t1.elapsed().as_secs_f64());
+        } else {
+            // scripts/profile.sh attaches perf at this line: after the model build and the
+            // warm-up step, whose page faults would drown the steady state
+            eprintln!("warmed up");
         }
     }
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}}}",
+        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}}}",
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
-        median(times),
+        median(times.clone()),
         a.steps,
+        each.join(", "),
         peak_rss_gb(),
         candle_core::utils::get_num_threads()
     );

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Where the time of an SD 1.5 step goes, by kind of work, from a perf profile of the sd15 bench.
+# Needs `perf` (Debian: apt-get install linux-perf). perf attaches after the model build and the
+# warm-up step (whose first-touch page faults would drown the rest) and samples STEPS steps.
+#
+#   scripts/profile.sh [MODE] [LATENT] [STEPS]   (defaults: train 64 2; MODE forward runs batch 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-train}
+L=${2:-64}
+STEPS=${3:-2}
+cargo bench -q -p atomtune-models --bench sd15 --no-run 2>/dev/null
+BIN=$(ls -t target/release/deps/sd15-* | grep -v '\.d$' | head -1)
+ARGS=(--mode "$MODE" --latent "$L" --steps "$STEPS")
+[ "$MODE" = forward ] && ARGS+=(--batch 2)
+[ "$MODE" = train ] && ARGS+=(--method atoms)
+DATA=$(mktemp /tmp/atomtune-perf.XXXXXX)
+LOG=$(mktemp /tmp/atomtune-bench.XXXXXX)
+"$BIN" "${ARGS[@]}" >"$LOG.out" 2>"$LOG" &
+PID=$!
+until grep -q "warmed up" "$LOG" 2>/dev/null; do
+  kill -0 "$PID" 2>/dev/null || { cat "$LOG"; exit 1; }
+  sleep 0.2
+done
+perf record -q -F 99 -p "$PID" -o "$DATA" >/dev/null 2>&1 || true
+wait "$PID" || true
+echo "run: $(cat "$LOG.out")"
+perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3 -c '
+import re, sys
+buckets = [
+    ("gemm (convs, linears, attention products)", r"gemm"),
+    ("attention softmax (ours)", r"models::attention"),
+    ("im2col (ours)", r"models::conv"),
+    ("filter transform W\x27 (ours)", r"atoms::"),
+    ("memory copies and fills", r"__mem(move|set|cpy)|copy_strided|copy2d"),
+    ("kernel: page faults, scheduling", r"^\[k\]"),
+    ("candle elementwise and reductions (norms, activations, adds)", r"candle_core"),
+    ("random weights (model build)", r"rand_chacha|rand::"),
+]
+tot = {}
+for line in sys.stdin:
+    m = re.match(r"\s+([0-9.]+)%\s+(\[[.k]\])\s+(.*)", line)
+    if not m:
+        continue
+    pct, kind, sym = float(m.group(1)), m.group(2), m.group(3)
+    key = "other (threads, libm, ...)"
+    for name, pat in buckets:
+        if re.search(pat, kind + " " + sym if pat.startswith("^") else sym):
+            key = name
+            break
+    tot[key] = tot.get(key, 0) + pct
+print("| kind of work | share of samples |")
+print("|---|---|")
+for k, v in sorted(tot.items(), key=lambda x: -x[1]):
+    print(f"| {k} | {v:.1f}% |")
+'
+rm -f "$DATA" "$LOG" "$LOG.out"
