@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use models::{Layers, Targets, Unet, UnetConfig, Weights};
 
 fn unet(name: &str, dtype: DType) -> Option<Unet> {
-    let fx = testutil::shared_path(&format!("fixtures/{name}"))?;
+    let fx = testutil::fixture(name, &["unet"])?;
     let cfg = UnetConfig::read(&fx.join("unet/config.json")).unwrap();
     let w = Weights::from_files(
         &[fx.join("unet/diffusion_pytorch_model.safetensors")],

@@ -10,7 +10,7 @@ use models::{Layers, Unet, UnetConfig, Weights};
 const FIXTURES: [&str; 2] = ["tiny-sd-2block", "tiny-sd15-shape"];
 
 fn fixture(name: &str) -> Option<PathBuf> {
-    testutil::shared_path(&format!("fixtures/{name}"))
+    testutil::fixture(name, &["unet", "reference.safetensors"])
 }
 
 fn reference(dir: &std::path::Path) -> HashMap<String, Tensor> {

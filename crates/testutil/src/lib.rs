@@ -2,6 +2,8 @@
 //!
 //! - [`shared_path`]: the one way tests find `../shared` (fixtures, datasets), with a clear
 //!   message when it is absent;
+//! - [`fixture`]: a fixture folder that has the parts a test needs (shared, else the copy
+//!   under `tests/data/fixtures`);
 //! - [`data_path`]: small files committed under `tests/data/`;
 //! - [`unet_convs`]: the convolution weights of a diffusers `UNet2DConditionModel` with SD 1.x
 //!   block structure, listed from its config the way diffusers builds them.
@@ -35,6 +37,31 @@ pub fn shared_path(rel: &str) -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
+    missing(&p)
+}
+
+/// The folder of fixture `name` holding every path in `needs` (relative to it): the shared one
+/// if it has them all, else the partial copy under `tests/data/fixtures/<name>` if that has them
+/// all (the project carries tiny-sd-2block's UNet and reference outputs so a fresh clone tests
+/// the UNet). Otherwise skips or fails as [`shared_path`] does.
+pub fn fixture(name: &str, needs: &[&str]) -> Option<PathBuf> {
+    let rel = format!("fixtures/{name}");
+    let shared = shared_dir().join(&rel);
+    let copy = data_path(&rel);
+    for root in [&shared, &copy] {
+        if needs.iter().all(|n| root.join(n).exists()) && root.exists() {
+            return Some(root.clone());
+        }
+    }
+    let lacking = needs
+        .iter()
+        .find(|n| !shared.join(n).exists())
+        .map(|n| shared.join(n))
+        .unwrap_or(shared);
+    missing(&lacking)
+}
+
+fn missing(p: &Path) -> Option<PathBuf> {
     let msg = format!(
         "{} not found: this test needs the shared fixtures (set ATOMTUNE_SHARED to the folder holding fixtures/)",
         p.display()
