@@ -198,6 +198,20 @@ impl Layers {
             .unwrap_or_default()
     }
 
+    /// The transform `T` with which conv `name` can run as `conv(x, Wr T)` without building
+    /// `W'` ([`crate::conv::conv2d_transformed`]): when exactly one adapter is attached, it
+    /// offers one ([`atoms::Adapter::filter_transform`]) and no weight is baked.
+    pub(crate) fn filter_transform(&self, name: &str) -> Result<Option<Tensor>> {
+        let inner = self.inner.read().expect("lock");
+        if inner.baked.contains_key(name) {
+            return Ok(None);
+        }
+        match inner.adapters.get(name).map(Vec::as_slice) {
+            Some([a]) => Ok(a.adapter.filter_transform(a.scale)?),
+            _ => Ok(None),
+        }
+    }
+
     /// The weight `name` uses now: `base` with its adapters applied.
     pub(crate) fn weight(&self, name: &str, base: &Tensor) -> Result<Tensor> {
         if let Some(w) = self.inner.read().expect("lock").baked.get(name) {

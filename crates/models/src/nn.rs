@@ -77,14 +77,27 @@ impl Conv2d {
     /// # Shapes
     /// `[b, cin, h, w] -> [b, cout, h', w']`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.layers.weight(&self.name, &self.weight)?;
         let dt = compute_dtype(x.dtype(), x.device());
-        let y = crate::conv::conv2d(
-            &x.to_dtype(dt)?,
-            &w.to_dtype(dt)?,
-            self.stride,
-            self.padding,
-        )?
+        let xc = x.to_dtype(dt)?;
+        // An atoms adapter's W' = Wr T runs as a conv with the base weight and T, in f32 or f64
+        // (T = I + a small update would lose the update in a half-precision dtype).
+        let transform = match dt {
+            DType::F32 | DType::F64 => self.layers.filter_transform(&self.name)?,
+            _ => None,
+        };
+        let y = match transform {
+            Some(t) => crate::conv::conv2d_transformed(
+                &xc,
+                &self.weight.to_dtype(dt)?,
+                &t.to_dtype(dt)?,
+                self.stride,
+                self.padding,
+            )?,
+            None => {
+                let w = self.layers.weight(&self.name, &self.weight)?;
+                crate::conv::conv2d(&xc, &w.to_dtype(dt)?, self.stride, self.padding)?
+            }
+        }
         .to_dtype(x.dtype())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,

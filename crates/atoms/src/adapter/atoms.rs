@@ -145,21 +145,24 @@ impl Adapter for AtomsAdapter {
     }
 
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
-        if scale == 0.0 {
-            return Ok(base.clone());
-        }
-        match &self.coefficients {
+        match self.filter_transform(scale)? {
             // W' = Wr (I + scale D0^T dD): one [N, d] x [d, d] product, exact at dD = 0.
-            Coefficients::Projection => {
+            Some(t) => {
                 check_base(&self.layout, base)?;
-                let dtype = self.atoms.dtype();
-                let eye = Tensor::eye(self.layout.filter_dim(), dtype, base.device())?;
-                let t = (eye + self.filter_update(scale)?)?;
-                let w = transform_filters(&base.to_dtype(dtype)?, &t, &self.layout)?;
+                let w = transform_filters(&base.to_dtype(t.dtype())?, &t, &self.layout)?;
                 Ok(w.to_dtype(base.dtype())?)
             }
-            Coefficients::Explicit(_) => base_plus_delta(self, base, scale),
+            None => base_plus_delta(self, base, scale),
         }
+    }
+
+    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+        if scale == 0.0 || !matches!(self.coefficients, Coefficients::Projection) {
+            return Ok(None);
+        }
+        let d = self.layout.filter_dim();
+        let eye = Tensor::eye(d, self.atoms.dtype(), self.atoms.device())?;
+        Ok(Some((eye + self.filter_update(scale)?)?))
     }
 
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {

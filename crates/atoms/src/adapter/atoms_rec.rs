@@ -145,24 +145,27 @@ impl Adapter for AtomsRecAdapter {
     }
 
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
-        if scale == 0.0 {
-            return Ok(base.clone());
-        }
-        match &self.coefficients {
+        match self.filter_transform(scale)? {
             // W'[., i] = W[., i] (I + scale D0^T dD[i]): exact at D1 = 0.
-            Coefficients::Projection => {
+            Some(t) => {
                 check_base(&self.layout, base)?;
-                let dtype = self.atoms.dtype();
-                let eye = Tensor::eye(self.layout.filter_dim(), dtype, base.device())?;
-                let t = self.filter_updates(scale)?.broadcast_add(&eye)?;
-                let wg = self.layout.to_grouped(&base.to_dtype(dtype)?)?;
+                let wg = self.layout.to_grouped(&base.to_dtype(t.dtype())?)?;
                 Ok(self
                     .layout
                     .from_grouped(&wg.matmul(&t)?)?
                     .to_dtype(base.dtype())?)
             }
-            Coefficients::Explicit(_) => base_plus_delta(self, base, scale),
+            None => base_plus_delta(self, base, scale),
         }
+    }
+
+    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+        if scale == 0.0 || !matches!(self.coefficients, Coefficients::Projection) {
+            return Ok(None);
+        }
+        let d = self.layout.filter_dim();
+        let eye = Tensor::eye(d, self.atoms.dtype(), self.atoms.device())?;
+        Ok(Some(self.filter_updates(scale)?.broadcast_add(&eye)?))
     }
 
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {

@@ -208,6 +208,16 @@ pub trait Adapter {
         base_plus_delta(self, base, scale)
     }
 
+    /// The transform `T` for which `W' = Wr T` at `scale` (`[d, d]` for the whole layer, or
+    /// `[g, d, d]` with one per input group), when this adapter's effective weight has that form:
+    /// atoms and atoms-rec with projection (SVD) coefficients. `None` otherwise, and at
+    /// `scale = 0`. A convolution can then apply `T` to its input columns and never build `W'`
+    /// (DESIGN.md 1.1: "a `d x d` transform of each layer's spatial filters").
+    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+        let _ = scale;
+        Ok(None)
+    }
+
     /// The tensors a delta file stores for this layer, by suffix (see [`Method::suffixes`]).
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>>;
 }
@@ -285,6 +295,9 @@ impl Adapter for LayerAdapter {
     }
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
         self.inner().effective_weight(base, scale)
+    }
+    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+        self.inner().filter_transform(scale)
     }
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {
         self.inner().tensors()

@@ -20,6 +20,9 @@ use rayon::prelude::*;
 
 use crate::Result;
 
+mod transformed;
+pub use transformed::conv2d_transformed;
+
 /// `x [b, c, h, w]` convolved with `w [o, c, kh, kw]` at `stride` and `padding` (dilation 1,
 /// one group).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -58,108 +61,14 @@ struct Geo {
 }
 
 impl Geo {
-    fn k(&self) -> usize {
-        self.c * self.kh * self.kw
-    }
-
-    fn npix(&self) -> usize {
-        self.ho * self.wo
-    }
-
-    /// A 1x1 stride-1 unpadded conv reads the input as its own im2col matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
-    }
-}
-
-/// `cols [c kh kw, ho wo]` of one image `x [c, h, w]`, rows in parallel.
-fn im2col<T: Float>(x: &[T], g: &Geo, cols: &mut [T]) {
-    let (npix, kk) = (g.npix(), g.kh * g.kw);
-    cols.par_chunks_mut(npix)
-        .enumerate()
-        .for_each(|(row, out)| {
-            let (c, i, j) = (row / kk, (row % kk) / g.kw, row % g.kw);
-            let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-            for oy in 0..g.ho {
-                let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
-                let iy = (oy * g.s + i) as isize - g.p as isize;
-                if iy < 0 || iy >= g.h as isize {
-                    dst.iter_mut().for_each(|v| *v = T::zero());
-                    continue;
-                }
-                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                for (ox, v) in dst.iter_mut().enumerate() {
-                    let ix = (ox * g.s + j) as isize - g.p as isize;
-                    *v = if ix < 0 || ix >= g.w as isize {
-                        T::zero()
-                    } else {
-                        src[ix as usize]
-                    };
-                }
-            }
-        });
-}
-
-fn parallelism() -> gemm::Parallelism {
-    let n = rayon::current_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-/// `dst [m, n] (+)= a [m, k] @ b`, with `b` `[k, n]` or, when `b_t`, `[n, k]` read transposed.
-///
-/// # Safety
-/// The slices must hold the matrices.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Float>(
-    dst: &mut [T],
-    a: &[T],
-    b: &[T],
-    m: usize,
-    n: usize,
-    k: usize,
-    b_t: bool,
-    accumulate: bool,
-) {
-    let (b_cs, b_rs) = if b_t {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        accumulate,
-        a.as_ptr(),
-        1,
-        k as isize,
-        b.as_ptr(),
-        b_cs,
-        b_rs,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        parallelism(),
-    )
-}
-
-impl Conv {
-    fn geo(&self, xs: &[usize], ws: &[usize]) -> candle_core::Result<Geo> {
+    /// The geometry of `x` (`xs` = `[b, c, h, w]`) convolved with `w` (`ws` = `[o, c, kh, kw]`).
+    fn new(xs: &[usize], ws: &[usize], stride: usize, padding: usize) -> candle_core::Result<Geo> {
         let (&[_, c, h, w], &[o, c2, kh, kw]) = (xs, ws) else {
             candle_core::bail!(
                 "conv2d expects [b, c, h, w] and [o, c, kh, kw], got {xs:?} and {ws:?}"
             );
         };
-        let (s, p) = (self.stride, self.padding);
+        let (s, p) = (stride, padding);
         if c != c2 || h + 2 * p < kh || w + 2 * p < kw || s == 0 {
             candle_core::bail!(
                 "conv2d: input {xs:?} does not fit kernel {ws:?} at stride {s} padding {p}"
@@ -177,6 +86,114 @@ impl Conv {
             ho: (h + 2 * p - kh) / s + 1,
             wo: (w + 2 * p - kw) / s + 1,
         })
+    }
+
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn npix(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1 stride-1 unpadded conv reads the input as its own im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+}
+
+/// `cols [c kh kw, ho wo]` of one image `x [c, h, w]`, rows in parallel.
+fn im2col<T: Float>(x: &[T], g: &Geo, cols: &mut [T]) {
+    cols.par_chunks_mut(g.npix())
+        .enumerate()
+        .for_each(|(row, out)| im2col_row(x, g, row, out));
+}
+
+/// Row `row` = `(c, i, j)` of the im2col matrix of one image `x [c, h, w]`: input channel `c`
+/// read at kernel offset `(i, j)` for every output pixel, zero where that falls in the padding.
+fn im2col_row<T: Float>(x: &[T], g: &Geo, row: usize, out: &mut [T]) {
+    let kk = g.kh * g.kw;
+    let (c, i, j) = (row / kk, (row % kk) / g.kw, row % g.kw);
+    let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+    for oy in 0..g.ho {
+        let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
+        let iy = (oy * g.s + i) as isize - g.p as isize;
+        if iy < 0 || iy >= g.h as isize {
+            dst.iter_mut().for_each(|v| *v = T::zero());
+            continue;
+        }
+        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        for (ox, v) in dst.iter_mut().enumerate() {
+            let ix = (ox * g.s + j) as isize - g.p as isize;
+            *v = if ix < 0 || ix >= g.w as isize {
+                T::zero()
+            } else {
+                src[ix as usize]
+            };
+        }
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    let n = rayon::current_num_threads();
+    if n > 1 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst [m, n] (+)= a @ b`, with `a` `[m, k]` or, when `a_t`, `[k, m]` read transposed, and `b`
+/// `[k, n]` or, when `b_t`, `[n, k]` read transposed.
+///
+/// # Safety
+/// The slices must hold the matrices.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<T: Float>(
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
+    (m, n, k): (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    let (a_cs, a_rs) = if a_t {
+        (m as isize, 1)
+    } else {
+        (1, k as isize)
+    };
+    let (b_cs, b_rs) = if b_t {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a.as_ptr(),
+        a_cs,
+        a_rs,
+        b.as_ptr(),
+        b_cs,
+        b_rs,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism(),
+    )
+}
+
+impl Conv {
+    fn geo(&self, xs: &[usize], ws: &[usize]) -> candle_core::Result<Geo> {
+        Geo::new(xs, ws, self.stride, self.padding)
     }
 
     fn forward<T: Float>(x: &[T], w: &[T], b: usize, g: &Geo) -> Vec<T> {
@@ -201,9 +218,8 @@ impl Conv {
                     &mut y[bi * g.o * npix..(bi + 1) * g.o * npix],
                     w,
                     cb,
-                    g.o,
-                    npix,
-                    k,
+                    (g.o, npix, k),
+                    false,
                     false,
                     false,
                 )
@@ -235,9 +251,8 @@ impl Conv {
                     &mut dw,
                     &dy[bi * g.o * npix..(bi + 1) * g.o * npix],
                     cb,
-                    g.o,
-                    k,
-                    npix,
+                    (g.o, k, npix),
+                    false,
                     true,
                     bi > 0,
                 )
