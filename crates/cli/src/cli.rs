@@ -330,6 +330,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
 
+    /// Keep only each UNet block's inputs during the forward and run the block again in the
+    /// backward: peak memory drops to about the weights plus one block's activations, for
+    /// one more forward per step (CPU only for now).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Optimizer steps.
     #[arg(long, default_value_t = 400)]
     pub max_steps: usize,

@@ -4,7 +4,12 @@
 //! ```text
 //! cargo bench -p atomtune-models --bench sd15 -- --mode forward --latent 32 --steps 3
 //! cargo bench -p atomtune-models --bench sd15 -- --mode train --method atoms --latent 32 --steps 3
+//! cargo bench -p atomtune-models --bench sd15 -- --mode input-grad --latent 32 --steps 3
 //! ```
+//!
+//! `input-grad` is a training step without adapters: the loss is differentiated with respect to
+//! the noisy latent, so the backward runs through every layer as in training but no adapter
+//! does any work. `train` minus `input-grad` is what the adapters cost in a step.
 //!
 //! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step),
 //! the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
@@ -21,6 +26,8 @@ struct Args {
     latent: usize,
     steps: usize,
     batch: usize,
+    checkpointing: bool,
+    dtype: DType,
 }
 
 fn parse() -> Args {
@@ -30,6 +37,8 @@ fn parse() -> Args {
         latent: 32,
         steps: 3,
         batch: 1,
+        checkpointing: false,
+        dtype: DType::F32,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -41,6 +50,18 @@ fn parse() -> Args {
             "--latent" => a.latent = val.parse().expect("--latent N"),
             "--steps" => a.steps = val.parse().expect("--steps N"),
             "--batch" => a.batch = val.parse().expect("--batch N"),
+            "--dtype" => {
+                a.dtype = match val.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    _ => panic!("--dtype f32|bf16"),
+                }
+            }
+            "--checkpointing" => {
+                a.checkpointing = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -52,9 +73,14 @@ fn parse() -> Args {
 }
 
 fn peak_rss_gb() -> f64 {
+    status_gb("VmHWM:")
+}
+
+/// A `/proc/self/status` memory line in GB.
+fn status_gb(key: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
@@ -75,15 +101,16 @@ fn main() -> models::Result<()> {
         Preset::Sd15.unet_config(),
     )?;
     let unet = Unet::new(
-        &Weights::random(0, DType::F32, &dev).pp("unet"),
+        &Weights::random(0, a.dtype, &dev).pp("unet"),
         &cfg,
         &Layers::new("sd15-random"),
     )?;
+    unet.layers().set_checkpointing(a.checkpointing);
     let build = t0.elapsed().as_secs_f64();
     let (b, l) = (a.batch, a.latent);
-    let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?;
-    let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?;
-    let ctx = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?.to_dtype(a.dtype)?;
+    let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?.to_dtype(a.dtype)?;
+    let ctx = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(a.dtype)?;
     let t = Tensor::new(&[500u32], &dev)?;
 
     let mut vars = Vec::new();
@@ -105,13 +132,39 @@ fn main() -> models::Result<()> {
         adapt_s = t1.elapsed().as_secs_f64();
     }
     let mut times = Vec::new();
+    if !["train", "input-grad", "forward"].contains(&a.mode.as_str()) {
+        panic!("--mode: forward, train or input-grad");
+    }
+    let mem = std::env::var_os("SD15_BENCH_MEM").is_some();
     for step in 0..=a.steps {
+        if mem {
+            eprintln!(
+                "step {step}: peak {:.2} GB, now {:.2} GB",
+                peak_rss_gb(),
+                status_gb("VmRSS:")
+            );
+        }
         let t1 = Instant::now();
-        if a.mode == "train" {
+        if a.mode == "input-grad" {
+            let xt = candle_core::Var::from_tensor(
+                &((&x * 0.5f64.sqrt())? + (&noise * 0.5f64.sqrt())?)?,
+            )?;
+            let pred = unet.forward(&xt, &t, &ctx)?;
+            let loss = (pred - &noise)?.sqr()?.mean_all()?;
+            let grads = loss.backward()?;
+            assert!(grads.get(&xt).is_some());
+        } else if a.mode == "train" {
             // x_t at alpha_bar = 0.5 stands in for the scheduler's noising; its cost is nil.
             let xt = ((&x * 0.5f64.sqrt())? + (&noise * 0.5f64.sqrt())?)?;
             let pred = unet.forward(&xt, &t, &ctx)?;
             let loss = (pred - &noise)?.sqr()?.mean_all()?;
+            if mem {
+                eprintln!(
+                    "after forward: peak {:.2} GB, now {:.2} GB",
+                    peak_rss_gb(),
+                    status_gb("VmRSS:")
+                );
+            }
             let grads = loss.backward()?;
             for v in &vars {
                 if let Some(g) = grads.get(v) {
@@ -132,14 +185,16 @@ fn main() -> models::Result<()> {
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}}}",
+        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": {}}}",
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
         median(times.clone()),
         a.steps,
         each.join(", "),
         peak_rss_gb(),
-        candle_core::utils::get_num_threads()
+        candle_core::utils::get_num_threads(),
+        a.dtype,
+        a.checkpointing
     );
     Ok(())
 }

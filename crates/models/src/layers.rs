@@ -45,6 +45,8 @@ struct Inner {
     adapters: BTreeMap<String, Vec<Attached>>,
     /// Effective weights computed once by [`Layers::bake`], used until adapters change.
     baked: BTreeMap<String, Tensor>,
+    /// Whether the model's blocks run checkpointed ([`Layers::set_checkpointing`]).
+    checkpointing: bool,
 }
 
 /// The adaptable layers of one model, shared by the model's modules.
@@ -186,6 +188,31 @@ impl Layers {
             .flatten()
             .flat_map(|a| a.adapter.vars())
             .collect()
+    }
+
+    /// The trainable parameters of the adapters on layers whose names start with `prefix.`.
+    pub(crate) fn vars_under(&self, prefix: &str) -> Vec<candle_core::Var> {
+        let inner = self.inner.read().expect("lock");
+        let dotted = format!("{prefix}.");
+        inner
+            .adapters
+            .range(dotted.clone()..)
+            .take_while(|(name, _)| name.starts_with(&dotted))
+            .flat_map(|(_, v)| v.iter().flat_map(|a| a.adapter.vars()))
+            .collect()
+    }
+
+    /// Gradient checkpointing for training: when on, every resnet and transformer block keeps
+    /// only its inputs for the backward and runs its forward again there ([`crate::checkpoint`]).
+    /// Peak memory drops to about the weights plus one block's activations; a step costs one
+    /// more forward. Off by default. CPU only: elsewhere blocks run as usual.
+    pub fn set_checkpointing(&self, on: bool) {
+        self.inner.write().expect("lock").checkpointing = on;
+    }
+
+    /// Whether blocks run checkpointed.
+    pub fn checkpointing(&self) -> bool {
+        self.inner.read().expect("lock").checkpointing
     }
 
     /// The attached adapters of `name`, with their scales.

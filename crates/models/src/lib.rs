@@ -16,12 +16,14 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod conv;
 mod error;
 mod hub;
 pub mod layers;
+pub mod linear;
 pub mod nn;
 pub mod pipeline;
 pub mod presets;

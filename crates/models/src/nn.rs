@@ -23,7 +23,7 @@ pub(crate) fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType
 /// `x @ w^T` for `x [..., din]` and `w [dout, din]`, in [`compute_dtype`], returned in `x`'s dtype.
 pub(crate) fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
-    let y = x.to_dtype(dt)?.broadcast_matmul(&w.to_dtype(dt)?.t()?)?;
+    let y = crate::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
     Ok(y.to_dtype(x.dtype())?)
 }
 

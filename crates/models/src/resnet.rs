@@ -17,6 +17,8 @@ pub struct ResnetBlock {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    name: String,
+    layers: Layers,
 }
 
 /// Shape options of a [`ResnetBlock`].
@@ -69,12 +71,31 @@ impl ResnetBlock {
                 None
             },
             output_scale_factor: o.output_scale_factor,
+            name: w.prefix().to_string(),
+            layers: layers.clone(),
         })
     }
 
     /// # Shapes
     /// `x [b, cin, h, w]`, `temb [b, t]` -> `[b, cout, h, w]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        if !self.layers.checkpointing() {
+            return self.forward_plain(x, temb);
+        }
+        let block = self.clone();
+        let has_temb = temb.is_some();
+        let f: crate::checkpoint::BlockFn = std::sync::Arc::new(move |x: &Tensor, t: &Tensor| {
+            block.forward_plain(x, has_temb.then_some(t))
+        });
+        let aux = match temb {
+            Some(t) => t.clone(),
+            None => Tensor::zeros(1, x.dtype(), x.device())?,
+        };
+        let params = self.layers.vars_under(&self.name);
+        crate::checkpoint::checkpoint(f, x, &aux, params)
+    }
+
+    fn forward_plain(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?;

@@ -7,9 +7,10 @@
 //!
 //! - forward: `cols = im2col(x)` (`[c kh kw, ho wo]`, skipped for 1x1 stride-1 convs), then
 //!   `y = W cols`;
-//! - input gradient, when the input is tracked: for stride 1 it is the forward op itself on the
-//!   output gradient, with the kernel transposed and flipped and padding `k - 1 - p`; strided
-//!   convs (the UNet's three downsamplers) use candle's `conv_transpose2d`;
+//! - input gradient, when the input is tracked: `dx = col2im(W^T dy)`, one gemm that reads the
+//!   kernel transposed in place (an earlier version convolved `dy` with a transposed, flipped
+//!   copy of the kernel: two weight-sized copies per conv per step) and a scatter back onto
+//!   the input planes, for any stride and padding;
 //! - kernel gradient, when the kernel is tracked (adapted layers): `dW = dy cols^T`.
 //!
 //! The CPU runs f32 and f64 this way; other devices and dtypes use candle's conv2d, which is
@@ -41,7 +42,8 @@ struct Conv {
     padding: usize,
 }
 
-trait Float: num_traits::Float + Send + Sync + 'static {}
+/// The element types the CPU kernels run in (f32, f64).
+pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {}
 impl Float for f32 {}
 impl Float for f64 {}
 
@@ -134,6 +136,42 @@ fn im2col_row<T: Float>(x: &[T], g: &Geo, row: usize, out: &mut [T]) {
     }
 }
 
+/// Adds the column block `dcols [d, npix]` of one input channel back onto its `plane [h, w]`
+/// (the adjoint of im2col for that channel).
+fn col2im_channel<T: Float>(dcols: &[T], g: &Geo, plane: &mut [T]) {
+    let npix = g.npix();
+    for (r, row) in dcols.chunks_exact(npix).enumerate() {
+        let (i, j) = (r / g.kw, r % g.kw);
+        // Output columns whose input column ox s + j - p lies inside [0, w).
+        let ox0 = g.p.saturating_sub(j).div_ceil(g.s);
+        let ox1 = ((g.w + g.p).saturating_sub(j)).div_ceil(g.s).min(g.wo);
+        if ox0 >= ox1 {
+            continue;
+        }
+        for oy in 0..g.ho {
+            let iy = (oy * g.s + i) as isize - g.p as isize;
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let src = &row[oy * g.wo..(oy + 1) * g.wo];
+            let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+            let ix0 = ox0 * g.s + j - g.p;
+            if g.s == 1 {
+                let n = ox1 - ox0;
+                dst[ix0..ix0 + n]
+                    .iter_mut()
+                    .zip(&src[ox0..ox1])
+                    .for_each(|(d, &s)| *d = *d + s);
+            } else {
+                for (n, &s) in src[ox0..ox1].iter().enumerate() {
+                    let v = &mut dst[ix0 + n * g.s];
+                    *v = *v + s;
+                }
+            }
+        }
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
     let n = rayon::current_num_threads();
     if n > 1 {
@@ -149,7 +187,7 @@ fn parallelism() -> gemm::Parallelism {
 /// # Safety
 /// The slices must hold the matrices.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Float>(
+pub(crate) unsafe fn gemm<T: Float>(
     dst: &mut [T],
     a: &[T],
     b: &[T],
@@ -262,7 +300,7 @@ impl Conv {
     }
 }
 
-fn slices<'a, T: candle_core::WithDType>(
+pub(crate) fn slices<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {
@@ -313,31 +351,11 @@ impl CustomOp2 for Conv {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geo(x.dims(), w.dims())?;
         let dy = dy.detach().contiguous()?;
-        let dx = if !x.track_op() {
-            None
-        } else if self.stride == 1 && g.kh == g.kw && self.padding < g.kh {
-            // dx = dy convolved with W^T, flipped, at padding k - 1 - p
-            let wt = w
-                .detach()
-                .transpose(0, 1)?
-                .contiguous()?
-                .flip(&[2, 3])?
-                .contiguous()?;
-            Some(dy.apply_op2_no_bwd(
-                &wt,
-                &Conv {
-                    stride: 1,
-                    padding: g.kh - 1 - self.padding,
-                },
-            )?)
+        let dx = if x.track_op() {
+            let op = InputGrad { geo: g };
+            Some(w.detach().apply_op2_no_bwd(&dy, &op)?.reshape(x.dims())?)
         } else {
-            // conv_transpose2d takes one output padding for both sides: use the larger and crop
-            // the other side back to the input (the extra row lies outside the input).
-            let op_h = g.h - ((g.ho - 1) * g.s + g.kh - 2 * g.p);
-            let op_w = g.w - ((g.wo - 1) * g.s + g.kw - 2 * g.p);
-            let dx =
-                dy.conv_transpose2d(&w.detach(), self.padding, op_h.max(op_w), self.stride, 1)?;
-            Some(dx.narrow(2, 0, g.h)?.narrow(3, 0, g.w)?)
+            None
         };
         let dw = if w.track_op() {
             let op = KernelGrad {
@@ -349,6 +367,73 @@ impl CustomOp2 for Conv {
             None
         };
         Ok((dx, dw))
+    }
+}
+
+/// The input gradient `dx = col2im(W^T dy)` as an op on `(w, dy)`, so it reads both in place:
+/// one gemm with the kernel read transposed (no flipped copy of the weight) and a scatter of the
+/// column gradient back onto the input planes, for any stride and padding.
+struct InputGrad {
+    geo: Geo,
+}
+
+impl Conv {
+    fn input_grad<T: Float>(w: &[T], dy: &[T], b: usize, g: &Geo) -> Vec<T> {
+        let (npix, k, plane) = (g.npix(), g.k(), g.h * g.w);
+        let mut dx = vec![T::zero(); b * g.c * plane];
+        let mut dcols = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); k * npix]
+        };
+        for (bi, dxb) in dx.chunks_exact_mut(g.c * plane).enumerate() {
+            let dyb = &dy[bi * g.o * npix..(bi + 1) * g.o * npix];
+            if g.is_pointwise() {
+                // SAFETY: dxb is [c, npix], w [o, c] read transposed, dyb [o, npix].
+                unsafe { gemm(dxb, w, dyb, (k, npix, g.o), true, false, false) };
+                continue;
+            }
+            // SAFETY: dcols is [k, npix], w [o, k] read transposed, dyb [o, npix].
+            unsafe { gemm(&mut dcols, w, dyb, (k, npix, g.o), true, false, false) };
+            let dk = g.kh * g.kw * npix;
+            dxb.par_chunks_mut(plane)
+                .zip(dcols.par_chunks(dk))
+                .for_each(|(p, dc)| col2im_channel(dc, g, p));
+        }
+        dx
+    }
+}
+
+impl candle_core::CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "atomtune-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = l2.dims()[0];
+        let dx = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(Conv::input_grad(
+                slices::<f32>(s1, l1)?,
+                slices::<f32>(s2, l2)?,
+                b,
+                &self.geo,
+            )),
+            DType::F64 => CpuStorage::F64(Conv::input_grad(
+                slices::<f64>(s1, l1)?,
+                slices::<f64>(s2, l2)?,
+                b,
+                &self.geo,
+            )),
+            d => candle_core::bail!("atomtune-conv2d backward: unsupported dtype {d:?}"),
+        };
+        let g = &self.geo;
+        Ok((dx, Shape::from((b, g.c, g.h, g.w))))
     }
 }
 

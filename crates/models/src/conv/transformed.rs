@@ -21,7 +21,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{conv2d, gemm, im2col_row, slices, Float, Geo, KernelGrad};
+use super::{col2im_channel, conv2d, gemm, im2col_row, slices, Float, Geo, KernelGrad};
 use crate::{Error, Result};
 
 /// `x [b, c, h, w]` convolved (at `stride` and `padding`) with `W' = Wr T`, where `Wr` is
@@ -116,42 +116,6 @@ fn channel_cols<T: Float>(x: &[T], g: &Geo, c: usize, raw: &mut [T]) {
     let (d, npix) = (g.kh * g.kw, g.npix());
     for (r, row) in raw.chunks_exact_mut(npix).enumerate() {
         im2col_row(x, g, c * d + r, row);
-    }
-}
-
-/// Adds the column block `dcols [d, npix]` of one input channel back onto its `plane [h, w]`
-/// (the adjoint of [`channel_cols`]).
-fn col2im_channel<T: Float>(dcols: &[T], g: &Geo, plane: &mut [T]) {
-    let npix = g.npix();
-    for (r, row) in dcols.chunks_exact(npix).enumerate() {
-        let (i, j) = (r / g.kw, r % g.kw);
-        // Output columns whose input column ox s + j - p lies inside [0, w).
-        let ox0 = g.p.saturating_sub(j).div_ceil(g.s);
-        let ox1 = ((g.w + g.p).saturating_sub(j)).div_ceil(g.s).min(g.wo);
-        if ox0 >= ox1 {
-            continue;
-        }
-        for oy in 0..g.ho {
-            let iy = (oy * g.s + i) as isize - g.p as isize;
-            if iy < 0 || iy >= g.h as isize {
-                continue;
-            }
-            let src = &row[oy * g.wo..(oy + 1) * g.wo];
-            let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-            let ix0 = ox0 * g.s + j - g.p;
-            if g.s == 1 {
-                let n = ox1 - ox0;
-                dst[ix0..ix0 + n]
-                    .iter_mut()
-                    .zip(&src[ox0..ox1])
-                    .for_each(|(d, &s)| *d = *d + s);
-            } else {
-                for (n, &s) in src[ox0..ox1].iter().enumerate() {
-                    let v = &mut dst[ix0 + n * g.s];
-                    *v = *v + s;
-                }
-            }
-        }
     }
 }
 

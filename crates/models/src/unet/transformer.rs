@@ -153,6 +153,8 @@ pub struct Transformer2D {
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
+    name: String,
+    layers: Layers,
 }
 
 /// Shape options of a [`Transformer2D`].
@@ -201,12 +203,25 @@ impl Transformer2D {
                 })
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
+            name: w.prefix().to_string(),
+            layers: layers.clone(),
         })
     }
 
     /// # Shapes
     /// `x [b, c, h, w]`, `context [b, m, context_dim]` -> `[b, c, h, w]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if !self.layers.checkpointing() {
+            return self.forward_plain(x, context);
+        }
+        let block = self.clone();
+        let f: crate::checkpoint::BlockFn =
+            std::sync::Arc::new(move |x: &Tensor, c: &Tensor| block.forward_plain(x, c));
+        let params = self.layers.vars_under(&self.name);
+        crate::checkpoint::checkpoint(f, x, context, params)
+    }
+
+    fn forward_plain(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let y = self.norm.forward(x)?;
         let to_seq =
