@@ -254,3 +254,45 @@ fn a_corrupt_image_is_named_or_skipped() {
     ));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no images found"));
 }
+
+/// `--gradient-checkpointing` trains the same run: the same losses step by step (to float
+/// rounding; the recomputed blocks sum some gradients in another order).
+#[test]
+fn gradient_checkpointing_trains_the_same_run() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 2).is_none() {
+        return;
+    }
+    let losses = |name: &str, extra: &[&str]| -> Vec<f64> {
+        let out = tmp.path().join(name);
+        let mut args = train_args(
+            fx.to_str().unwrap(),
+            images.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "4",
+        );
+        args.extend_from_slice(extra);
+        let o = atomtune(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["loss"].as_f64().expect("a loss on every line")
+            })
+            .collect()
+    };
+    let plain = losses("plain", &[]);
+    let ckpt = losses("ckpt", &["--gradient-checkpointing"]);
+    assert_eq!(plain.len(), 4);
+    assert_eq!(
+        plain[0], ckpt[0],
+        "the first step's loss is the same forward"
+    );
+    for (a, b) in plain.iter().zip(&ckpt) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{plain:?} vs {ckpt:?}");
+    }
+}
