@@ -21,6 +21,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 mod error;
+pub mod group_norm;
 mod hub;
 pub mod layers;
 pub mod linear;

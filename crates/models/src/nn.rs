@@ -4,7 +4,7 @@
 //! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients stop silently);
 //! nothing here uses them.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::layers::{LayerKind, Layers};
 use crate::weights::Weights;
@@ -145,23 +145,41 @@ impl Linear {
     }
 }
 
-/// Group normalisation over `[b, c, ...]` (candle-nn's, composed from differentiable ops).
+/// Group normalisation over `[b, c, ...]`, one op with its own backward on the CPU
+/// ([`crate::group_norm`]).
 #[derive(Debug, Clone)]
-pub struct GroupNorm(candle_nn::GroupNorm);
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
 
 impl GroupNorm {
     /// Loads `weight` and `bias` `[channels]`.
     pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        let weight = w.get(channels, "weight")?;
-        let bias = w.get(channels, "bias")?;
-        Ok(GroupNorm(candle_nn::GroupNorm::new(
-            weight, bias, channels, groups, eps,
-        )?))
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::Error::Input(format!(
+                "{}: {channels} channels do not split into {groups} groups",
+                w.prefix()
+            )));
+        }
+        Ok(GroupNorm {
+            weight: w.get(channels, "weight")?,
+            bias: w.get(channels, "bias")?,
+            groups,
+            eps,
+        })
     }
 
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x)?)
+        crate::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
+
+    /// `silu(norm(x))`, in the same op.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
     }
 }
 

@@ -365,7 +365,7 @@ impl Vae {
             }
         }
         h = e.mid.forward(&h)?;
-        h = e.conv_out.forward(&e.norm_out.forward(&h)?.silu()?)?;
+        h = e.conv_out.forward(&e.norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -392,6 +392,6 @@ impl Vae {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        d.conv_out.forward(&d.norm_out.forward(&h)?.silu()?)
+        d.conv_out.forward(&d.norm_out.forward_silu(&h)?)
     }
 }

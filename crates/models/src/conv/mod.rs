@@ -117,21 +117,26 @@ fn im2col_row<T: Float>(x: &[T], g: &Geo, row: usize, out: &mut [T]) {
     let kk = g.kh * g.kw;
     let (c, i, j) = (row / kk, (row % kk) / g.kw, row % g.kw);
     let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+    // Output columns whose input column ox s + j - p lies inside [0, w).
+    let ox0 = g.p.saturating_sub(j).div_ceil(g.s).min(g.wo);
+    let ox1 = (g.w + g.p).saturating_sub(j).div_ceil(g.s).clamp(ox0, g.wo);
     for oy in 0..g.ho {
         let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
         let iy = (oy * g.s + i) as isize - g.p as isize;
-        if iy < 0 || iy >= g.h as isize {
-            dst.iter_mut().for_each(|v| *v = T::zero());
+        if iy < 0 || iy >= g.h as isize || ox0 == ox1 {
+            dst.fill(T::zero());
             continue;
         }
         let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-        for (ox, v) in dst.iter_mut().enumerate() {
-            let ix = (ox * g.s + j) as isize - g.p as isize;
-            *v = if ix < 0 || ix >= g.w as isize {
-                T::zero()
-            } else {
-                src[ix as usize]
-            };
+        dst[..ox0].fill(T::zero());
+        dst[ox1..].fill(T::zero());
+        let ix0 = ox0 * g.s + j - g.p;
+        if g.s == 1 {
+            dst[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
+        } else {
+            for (n, v) in dst[ox0..ox1].iter_mut().enumerate() {
+                *v = src[ix0 + n * g.s];
+            }
         }
     }
 }

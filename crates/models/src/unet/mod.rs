@@ -225,7 +225,7 @@ impl Unet {
             };
             h = block.forward(&h, &mine, &temb, context, up_size)?;
         }
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -1,0 +1,400 @@
+//! Group normalisation, optionally followed by SiLU, as one op with its own backward.
+//!
+//! Composed from candle ops (as candle-nn's `GroupNorm`), a group norm is about ten passes over
+//! the feature map forward, each keeping its result for the backward, and as many again
+//! backward; the UNet's resnets follow each norm with a SiLU, two more. Here the forward is
+//! two passes (statistics, then normalise, scale, shift and activate) and keeps only its input;
+//! the backward recomputes the statistics and computes
+//!
+//! `dz = dy silu'(z)`, `dxhat = dz gamma`,
+//! `dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` over each group,
+//!
+//! and `dgamma = sum dz xhat`, `dbeta = sum dz` only when those are tracked. Statistics are
+//! accumulated in f64. Other devices and dtypes use the composed form, which is also the
+//! reference the tests hold this op to.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::conv::{slices, Float};
+use crate::Result;
+
+/// `x [b, c, ...]` normalised over `groups` groups of channels (and everything after the channel
+/// axis), scaled by `gamma [c]`, shifted by `beta [c]`, then passed through SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if groups == 0 || c % groups != 0 {
+        return Err(crate::Error::Input(format!(
+            "group norm: {c} channels do not split into {groups} groups"
+        )));
+    }
+    let fast = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && gamma.dtype() == x.dtype()
+        && beta.dtype() == x.dtype();
+    if !fast {
+        return composed(x, gamma, beta, groups, eps, silu);
+    }
+    let op = GroupNorm { groups, eps, silu };
+    Ok(x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?)
+}
+
+/// The same from candle ops (every device and dtype; statistics in f32 for half precision).
+pub(crate) fn composed(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let norm = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), x.dim(1)?, groups, eps)?;
+    let y = candle_core::Module::forward(&norm, x)?;
+    Ok(if silu { y.silu()? } else { y })
+}
+
+struct GroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+/// `(batch, channels, elements per channel)` of `x [b, c, ...]`.
+fn split_dims(x: &[usize]) -> (usize, usize, usize) {
+    (x[0], x[1], x[2..].iter().product())
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one group's values, accumulated in f64.
+fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|a| a.to_f64().unwrap_or(0.0)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|a| {
+            let d = a.to_f64().unwrap_or(0.0) - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn sigmoid<T: Float>(z: T) -> T {
+    T::one() / (T::one() + (-z).exp())
+}
+
+impl GroupNorm {
+    fn forward<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], dims: &[usize]) -> Vec<T> {
+        let (_, c, hw) = split_dims(dims);
+        let cg = c / self.groups;
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(cg * hw)
+            .zip(x.par_chunks(cg * hw))
+            .enumerate()
+            .for_each(|(bg, (yg, xg))| {
+                let (mean, rstd) = stats(xg, self.eps);
+                let g0 = (bg % self.groups) * cg;
+                for (ch, (yc, xc)) in yg.chunks_exact_mut(hw).zip(xg.chunks_exact(hw)).enumerate() {
+                    // z = (x - mean) rstd gamma + beta = x a + b
+                    let a_f = rstd * gamma[g0 + ch].to_f64().unwrap_or(0.0);
+                    let b = beta[g0 + ch].to_f64().unwrap_or(0.0) - mean * a_f;
+                    let (a, b) = (T::from(a_f).unwrap(), T::from(b).unwrap());
+                    if self.silu {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            let z = v * a + b;
+                            *o = z * sigmoid(z);
+                        }
+                    } else {
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            *o = v * a + b;
+                        }
+                    }
+                }
+            });
+        y
+    }
+
+    /// `dx`, and the per-channel sums `sum dz xhat` and `sum dz` (for `dgamma`, `dbeta`),
+    /// packed as `[dx, dgamma, dbeta]`.
+    fn backward<T: Float>(
+        &self,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        dy: &[T],
+        dims: &[usize],
+    ) -> Vec<T> {
+        let (b, c, hw) = split_dims(dims);
+        let cg = c / self.groups;
+        let mut out = vec![T::zero(); x.len() + 2 * c];
+        let (dx, _) = out.split_at_mut(x.len());
+        // Per (batch, group): the channel sums, for dgamma and dbeta.
+        let sums: Vec<Vec<(f64, f64)>> = dx
+            .par_chunks_mut(cg * hw)
+            .zip(x.par_chunks(cg * hw).zip(dy.par_chunks(cg * hw)))
+            .enumerate()
+            .map(|(bg, (dxg, (xg, dyg)))| {
+                let (mean, rstd) = stats(xg, self.eps);
+                let g0 = (bg % self.groups) * cg;
+                let (tm, tr) = (T::from(mean).unwrap(), T::from(rstd).unwrap());
+                let mut chan = Vec::with_capacity(cg);
+                // Pass 1: dz into dx (as scratch), the group sums of dxhat and dxhat xhat.
+                let (mut s1, mut s2) = (0f64, 0f64);
+                for ch in 0..cg {
+                    let (gm, bt) = (gamma[g0 + ch], beta[g0 + ch]);
+                    let r = ch * hw..(ch + 1) * hw;
+                    let (mut sg, mut sb) = (T::zero(), T::zero());
+                    for ((d, &v), &g) in dxg[r.clone()].iter_mut().zip(&xg[r.clone()]).zip(&dyg[r])
+                    {
+                        let xh = (v - tm) * tr;
+                        let dz = if self.silu {
+                            let z = xh * gm + bt;
+                            let s = sigmoid(z);
+                            g * (s + z * s * (T::one() - s))
+                        } else {
+                            g
+                        };
+                        *d = dz;
+                        sg = sg + dz * xh;
+                        sb = sb + dz;
+                    }
+                    let (sg, sb) = (sg.to_f64().unwrap_or(0.0), sb.to_f64().unwrap_or(0.0));
+                    let gmf = gm.to_f64().unwrap_or(0.0);
+                    s1 += sb * gmf;
+                    s2 += sg * gmf;
+                    chan.push((sg, sb));
+                }
+                let n = (cg * hw) as f64;
+                let (m1, m2) = (T::from(s1 / n).unwrap(), T::from(s2 / n).unwrap());
+                // Pass 2: dx = rstd (dz gamma - mean(dxhat) - xhat mean(dxhat xhat)).
+                for ch in 0..cg {
+                    let gm = gamma[g0 + ch];
+                    let r = ch * hw..(ch + 1) * hw;
+                    for (d, &v) in dxg[r.clone()].iter_mut().zip(&xg[r]) {
+                        let xh = (v - tm) * tr;
+                        *d = tr * (*d * gm - m1 - xh * m2);
+                    }
+                }
+                chan
+            })
+            .collect();
+        // Channel sums over the batch, in batch order (the same bits on any thread count).
+        let tail = &mut out[x.len()..];
+        for bi in 0..b {
+            for g in 0..self.groups {
+                for (ch, &(sg, sb)) in sums[bi * self.groups + g].iter().enumerate() {
+                    let k = g * cg + ch;
+                    tail[k] = tail[k] + T::from(sg).unwrap();
+                    tail[c + k] = tail[c + k] + T::from(sb).unwrap();
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "atomtune-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward(
+                slices::<f32>(s1, l1)?,
+                slices::<f32>(s2, l2)?,
+                slices::<f32>(s3, l3)?,
+                l1.dims(),
+            )),
+            DType::F64 => CpuStorage::F64(self.forward(
+                slices::<f64>(s1, l1)?,
+                slices::<f64>(s2, l2)?,
+                slices::<f64>(s3, l3)?,
+                l1.dims(),
+            )),
+            d => candle_core::bail!("atomtune-group-norm: unsupported dtype {d:?}"),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !(x.track_op() || gamma.track_op() || beta.track_op()) {
+            return Ok((None, None, None));
+        }
+        let op = GroupNormGrad {
+            norm: GroupNorm {
+                groups: self.groups,
+                eps: self.eps,
+                silu: self.silu,
+            },
+            dims: x.dims().to_vec(),
+            gamma: gamma.detach(),
+            beta: beta.detach(),
+        };
+        let packed = x
+            .detach()
+            .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
+        let (n, c) = (x.elem_count(), x.dim(1)?);
+        let dx = x
+            .track_op()
+            .then(|| packed.narrow(0, 0, n)?.reshape(x.dims()))
+            .transpose()?;
+        let dg = gamma
+            .track_op()
+            .then(|| packed.narrow(0, n, c)?.reshape(gamma.dims()))
+            .transpose()?;
+        let db = beta
+            .track_op()
+            .then(|| packed.narrow(0, n + c, c)?.reshape(beta.dims()))
+            .transpose()?;
+        Ok((dx, dg, db))
+    }
+}
+
+/// The backward as an op on `(x, dy)`; `gamma` and `beta` are small and copied out.
+struct GroupNormGrad {
+    norm: GroupNorm,
+    dims: Vec<usize>,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl candle_core::CustomOp2 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "atomtune-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.norm.backward(
+                slices::<f32>(s1, l1)?,
+                &self.gamma.to_vec1::<f32>()?,
+                &self.beta.to_vec1::<f32>()?,
+                slices::<f32>(s2, l2)?,
+                &self.dims,
+            )),
+            DType::F64 => CpuStorage::F64(self.norm.backward(
+                slices::<f64>(s1, l1)?,
+                &self.gamma.to_vec1::<f64>()?,
+                &self.beta.to_vec1::<f64>()?,
+                slices::<f64>(s2, l2)?,
+                &self.dims,
+            )),
+            d => candle_core::bail!("atomtune-group-norm backward: unsupported dtype {d:?}"),
+        };
+        let len = l1.shape().elem_count() + 2 * self.dims[1];
+        Ok((out, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let m = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        m(&(a - b).unwrap()) / m(b).max(1e-30)
+    }
+
+    /// Forward and every gradient equal the composed candle ops, with and without SiLU.
+    #[test]
+    fn the_op_equals_the_composed_norm() {
+        for dtype in [DType::F32, DType::F64] {
+            for silu in [false, true] {
+                for (shape, groups) in [
+                    (vec![2, 6, 5, 4], 3),
+                    (vec![1, 8, 7], 2),
+                    (vec![1, 4, 3, 3], 4),
+                ] {
+                    let r = |s: &[usize], mean: f32| {
+                        Var::from_tensor(
+                            &Tensor::randn(mean, 1.0, s, &Device::Cpu)
+                                .unwrap()
+                                .to_dtype(dtype)
+                                .unwrap(),
+                        )
+                        .unwrap()
+                    };
+                    let c = shape[1];
+                    let (x, g, b) = (r(&shape, 0.5), r(&[c], 1.0), r(&[c], 0.0));
+                    let fast = group_norm(&x, &g, &b, groups, 1e-5, silu).unwrap();
+                    let slow = composed(&x, &g, &b, groups, 1e-5, silu).unwrap();
+                    let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
+                    let case = (dtype, silu, &shape);
+                    assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
+                    let m = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
+                        let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                        assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frozen gamma and beta (every norm of a model being tuned) get no gradient.
+    #[test]
+    fn frozen_scale_and_shift_get_no_gradient() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &Device::Cpu).unwrap())
+            .unwrap();
+        let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let y = group_norm(&x, &g, &b, 2, 1e-6, true).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&g).is_none());
+    }
+
+    #[test]
+    fn channels_that_do_not_split_into_groups_are_an_error() {
+        let x = Tensor::zeros((1, 5, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let g = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
+        assert!(group_norm(&x, &g, &g, 2, 1e-6, false).is_err());
+    }
+}
