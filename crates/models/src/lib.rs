@@ -23,6 +23,7 @@ pub mod conv;
 mod error;
 pub mod group_norm;
 mod hub;
+pub mod layer_norm;
 pub mod layers;
 pub mod linear;
 pub mod nn;

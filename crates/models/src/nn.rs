@@ -183,8 +183,8 @@ impl GroupNorm {
     }
 }
 
-/// Layer normalisation over the last dimension, composed from differentiable ops (statistics in
-/// f32 for half-precision inputs).
+/// Layer normalisation over the last dimension: one op with its own backward on the CPU
+/// ([`crate::layer_norm`]), differentiable candle ops elsewhere.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -204,12 +204,7 @@ impl LayerNorm {
 
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm_slow(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?)
+        crate::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -1,0 +1,312 @@
+//! Layer normalisation over the last axis as one op with its own backward.
+//!
+//! Composed from candle ops (`layer_norm_slow`, which unlike candle's fused `layer_norm` has a
+//! backward), it is nine passes over the tokens forward, each kept for the backward; the UNet's
+//! transformer blocks run three per block. Here the forward is one pass per row (statistics in
+//! f64, then normalise, scale and shift) and keeps only its input; the backward recomputes the
+//! row statistics and computes
+//!
+//! `dxhat = dy gamma`, `dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` per row,
+//!
+//! and `dgamma = sum dy xhat`, `dbeta = sum dy` only when those are tracked (summed over fixed
+//! blocks of rows in order: the same bits on any thread count). Other devices and dtypes use
+//! the composed form, also the reference the tests hold this op to.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::conv::{slices, Float};
+use crate::Result;
+
+/// Rows per task in the backward's parameter-gradient sums.
+const ROWS: usize = 64;
+
+/// `x [..., c]` normalised over its last axis, scaled by `gamma [c]` and shifted by `beta [c]`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && gamma.dtype() == x.dtype()
+        && beta.dtype() == x.dtype();
+    if !fast {
+        return composed(x, gamma, beta, eps);
+    }
+    Ok(x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })?)
+}
+
+/// The same from candle ops that have a backward.
+pub(crate) fn composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::layer_norm_slow(x, gamma, beta, eps as f32)?)
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row, in f64.
+fn stats<T: Float>(v: &[T], eps: f64) -> (T, T) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|a| a.to_f64().unwrap_or(0.0)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|a| (a.to_f64().unwrap_or(0.0) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (
+        T::from(mean).unwrap_or(T::zero()),
+        T::from(1.0 / (var + eps).sqrt()).unwrap_or(T::zero()),
+    )
+}
+
+impl LayerNorm {
+    fn forward<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+        let c = gamma.len();
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .for_each(|(yr, xr)| {
+                let (mean, rstd) = stats(xr, self.eps);
+                for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                    *o = (v - mean) * rstd * g + b;
+                }
+            });
+        y
+    }
+
+    /// `[dx, dgamma, dbeta]` packed; the parameter sums only when `sums`.
+    fn backward<T: Float>(&self, x: &[T], gamma: &[T], dy: &[T], sums: bool) -> Vec<T> {
+        let c = gamma.len();
+        let mut out = vec![T::zero(); x.len() + 2 * c];
+        let (dx, tail) = out.split_at_mut(x.len());
+        let partials: Vec<Vec<T>> = dx
+            .par_chunks_mut(c * ROWS)
+            .zip(x.par_chunks(c * ROWS).zip(dy.par_chunks(c * ROWS)))
+            .map(|(dxb, (xb, dyb))| {
+                let mut part = if sums {
+                    vec![T::zero(); 2 * c]
+                } else {
+                    Vec::new()
+                };
+                for (dxr, (xr, dyr)) in dxb
+                    .chunks_exact_mut(c)
+                    .zip(xb.chunks_exact(c).zip(dyb.chunks_exact(c)))
+                {
+                    let (mean, rstd) = stats(xr, self.eps);
+                    let (mut s1, mut s2) = (T::zero(), T::zero());
+                    for ((&v, &d), &g) in xr.iter().zip(dyr).zip(gamma) {
+                        let xh = (v - mean) * rstd;
+                        s1 = s1 + d * g;
+                        s2 = s2 + d * g * xh;
+                    }
+                    let n = T::from(c).unwrap_or(T::one());
+                    let (m1, m2) = (s1 / n, s2 / n);
+                    for (((o, &v), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(gamma) {
+                        let xh = (v - mean) * rstd;
+                        *o = rstd * (d * g - m1 - xh * m2);
+                    }
+                    if sums {
+                        let (pg, pb) = part.split_at_mut(c);
+                        for (j, (&v, &d)) in xr.iter().zip(dyr).enumerate() {
+                            pg[j] = pg[j] + d * (v - mean) * rstd;
+                            pb[j] = pb[j] + d;
+                        }
+                    }
+                }
+                part
+            })
+            .collect();
+        if sums {
+            for p in &partials {
+                tail.iter_mut().zip(p).for_each(|(a, &b)| *a = *a + b);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "atomtune-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = l2.shape().elem_count();
+        if l1.dims().last() != Some(&c) || l3.shape().elem_count() != c {
+            candle_core::bail!(
+                "layer norm: input {:?} does not fit scale {:?} and shift {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let y = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.forward(
+                slices::<f32>(s1, l1)?,
+                slices::<f32>(s2, l2)?,
+                slices::<f32>(s3, l3)?,
+            )),
+            DType::F64 => CpuStorage::F64(self.forward(
+                slices::<f64>(s1, l1)?,
+                slices::<f64>(s2, l2)?,
+                slices::<f64>(s3, l3)?,
+            )),
+            d => candle_core::bail!("atomtune-layer-norm: unsupported dtype {d:?}"),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !(x.track_op() || gamma.track_op() || beta.track_op()) {
+            return Ok((None, None, None));
+        }
+        let op = LayerNormGrad {
+            eps: self.eps,
+            gamma: gamma.detach(),
+            sums: gamma.track_op() || beta.track_op(),
+        };
+        let packed = x
+            .detach()
+            .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let dx = x
+            .track_op()
+            .then(|| packed.narrow(0, 0, n)?.reshape(x.dims()))
+            .transpose()?;
+        let dg = gamma
+            .track_op()
+            .then(|| packed.narrow(0, n, c)?.reshape(gamma.dims()))
+            .transpose()?;
+        let db = beta
+            .track_op()
+            .then(|| packed.narrow(0, n + c, c)?.reshape(beta.dims()))
+            .transpose()?;
+        Ok((dx, dg, db))
+    }
+}
+
+/// The backward as an op on `(x, dy)`; `gamma` is small and copied out.
+struct LayerNormGrad {
+    eps: f64,
+    gamma: Tensor,
+    sums: bool,
+}
+
+impl candle_core::CustomOp2 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "atomtune-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let norm = LayerNorm { eps: self.eps };
+        let g = self.gamma.flatten_all()?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(norm.backward(
+                slices::<f32>(s1, l1)?,
+                &g.to_vec1::<f32>()?,
+                slices::<f32>(s2, l2)?,
+                self.sums,
+            )),
+            DType::F64 => CpuStorage::F64(norm.backward(
+                slices::<f64>(s1, l1)?,
+                &g.to_vec1::<f64>()?,
+                slices::<f64>(s2, l2)?,
+                self.sums,
+            )),
+            d => candle_core::bail!("atomtune-layer-norm backward: unsupported dtype {d:?}"),
+        };
+        let len = l1.shape().elem_count() + 2 * self.gamma.elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let m = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        m(&(a - b).unwrap()) / m(b).max(1e-30)
+    }
+
+    /// Forward and every gradient equal the composed candle ops (more rows than one task takes).
+    #[test]
+    fn the_op_equals_the_composed_norm() {
+        for dtype in [DType::F32, DType::F64] {
+            for shape in [vec![2, 70, 12], vec![5, 8], vec![1, 1, 3, 16]] {
+                let r = |s: &[usize], mean: f32| {
+                    Var::from_tensor(
+                        &Tensor::randn(mean, 1.0, s, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                let c = *shape.last().unwrap();
+                let (x, g, b) = (r(&shape, 0.5), r(&[c], 1.0), r(&[c], 0.0));
+                let fast = layer_norm(&x, &g, &b, 1e-5).unwrap();
+                let slow = composed(&x, &g, &b, 1e-5).unwrap();
+                let tol = if dtype == DType::F32 { 2e-5 } else { 1e-6 };
+                assert!(max_rel(&fast, &slow) < tol, "{dtype:?} {shape:?} forward");
+                let m = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
+                    let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                    assert!(e < tol * 10.0, "{dtype:?} {shape:?} d{name}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_scale_and_shift_get_no_gradient() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap()).unwrap();
+        let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let grads = layer_norm(&x, &g, &b, 1e-5)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&g).is_none());
+    }
+}
