@@ -21,6 +21,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 mod error;
+pub mod geglu;
 pub mod group_norm;
 mod hub;
 pub mod layer_norm;

@@ -1,7 +1,7 @@
 //! `Transformer2DModel` (continuous input) with `BasicTransformerBlock`s: self-attention,
 //! cross-attention to the text, GEGLU feed-forward.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::layers::Layers;
 use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
@@ -92,11 +92,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hg = self.proj.forward(x)?;
-        let half = hg.dim(D::Minus1)? / 2;
-        let h = hg.narrow(D::Minus1, 0, half)?;
-        let gate = hg.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(h * gate.gelu_erf()?)?)
+        self.out
+            .forward(&crate::geglu::geglu(&self.proj.forward(x)?)?)
     }
 }
 
