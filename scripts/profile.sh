@@ -30,7 +30,9 @@ import re, sys
 buckets = [
     ("gemm (convs, linears, attention products)", r"gemm"),
     ("attention softmax (ours)", r"models::attention"),
-    ("im2col (ours)", r"models::conv"),
+    ("conv columns: im2col, transform, col2im (ours)", r"models::conv"),
+    ("group norm, layer norm, GEGLU (ours)", r"models::(group_norm|layer_norm|geglu)"),
+    ("gradient checkpointing copies (ours)", r"models::checkpoint"),
     ("filter transform W\x27 (ours)", r"atoms::"),
     ("memory copies and fills", r"__mem(move|set|cpy)|copy_strided|copy2d"),
     ("kernel: page faults, scheduling", r"^\[k\]"),
@@ -49,6 +51,10 @@ for line in sys.stdin:
             key = name
             break
     tot[key] = tot.get(key, 0) + pct
+    if key.startswith("other") and pct >= 0.3:
+        print(f"  other: {pct:5.1f}% {sym[:110]}", file=sys.stderr)
+if "--top" in sys.argv:
+    print("top symbols of other:", file=sys.stderr)
 print("| kind of work | share of samples |")
 print("|---|---|")
 for k, v in sorted(tot.items(), key=lambda x: -x[1]):

@@ -5,7 +5,15 @@
 //! cargo bench -p atomtune-atoms --bench effective_weight -- [--latent 64] [--method atoms] [--runs 3]
 //! ```
 //!
+//! A training step no longer builds `W'`: each adapted conv runs as `conv(x, W, T)` with the
+//! `d x d` transform `T = I + D0^T dD` applied to its input columns (`models::conv`), so what
+//! the step builds is `T`, reported first below. `W'` itself is built when a delta is merged
+//! or baked for sampling, and by adapters without a transform (lasso atoms, LoRA, full).
+//! The SD 1.5 bench measures the whole adapter's share of a step
+//! (`--mode train` against `--mode input-grad`, `scripts/bench-adapter-cost.sh`).
+//!
 //! Prints, as medians over `--runs`:
+//! - `build T`: the transforms `T` of all layers (what each training step builds, atoms only);
 //! - `build`: `W' = W + dW` for all layers (what each training step's forward does first);
 //! - `dL/dT`: the backward's arithmetic alone (`Wr^T dL/dW'` for every layer, atoms only);
 //! - `build+backward`: the build plus the backward pass from `dL/dW'` to the adapter parameters
@@ -159,9 +167,17 @@ fn main() -> candle_core::Result<()> {
         .map(|w| Tensor::randn(0f32, 1.0, w.dims(), &dev))
         .collect::<candle_core::Result<_>>()?;
 
-    let (mut build, mut build_bwd, mut bwd_only, mut conv) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut build, mut build_bwd, mut bwd_only, mut conv, mut build_t) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.runs {
+        let t = Instant::now();
+        let ts: Vec<Option<Tensor>> = adapters
+            .iter()
+            .map(|a| a.filter_transform(1.0).expect("T"))
+            .collect();
+        build_t.push(t.elapsed().as_secs_f64());
+        drop(ts);
+
         let t = Instant::now();
         let built: Vec<Tensor> = adapters
             .iter()
@@ -209,6 +225,10 @@ fn main() -> candle_core::Result<()> {
         median(build_bwd),
         median(bwd_only),
         median(conv),
+    );
+    println!(
+        "build T             {:8.3} s  (what a training step builds)",
+        median(build_t)
     );
     println!("build W'            {b:8.3} s");
     println!("dL/dT from dL/dW'   {bo:8.3} s  (the backward's arithmetic)");

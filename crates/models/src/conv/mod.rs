@@ -196,11 +196,52 @@ pub(crate) unsafe fn gemm<T: Float>(
     dst: &mut [T],
     a: &[T],
     b: &[T],
+    mnk: (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    gemm_on(parallelism(), dst, a, b, mnk, a_t, b_t, accumulate)
+}
+
+/// [`gemm`] on one thread: for small products inside tasks that already run in parallel.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_serial<T: Float>(
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
+    mnk: (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    gemm_on(
+        gemm::Parallelism::None,
+        dst,
+        a,
+        b,
+        mnk,
+        a_t,
+        b_t,
+        accumulate,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_on<T: Float>(
+    par: gemm::Parallelism,
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
     (m, n, k): (usize, usize, usize),
     a_t: bool,
     b_t: bool,
     accumulate: bool,
 ) {
+    debug_assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let (a_cs, a_rs) = if a_t {
         (m as isize, 1)
     } else {
@@ -230,7 +271,7 @@ pub(crate) unsafe fn gemm<T: Float>(
         false,
         false,
         false,
-        parallelism(),
+        par,
     )
 }
 

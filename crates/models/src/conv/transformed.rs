@@ -21,7 +21,9 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{col2im_channel, conv2d, gemm, im2col_row, slices, Float, Geo, KernelGrad};
+use super::{
+    col2im_channel, conv2d, gemm, gemm_serial, im2col_row, slices, Conv, Float, Geo, KernelGrad,
+};
 use crate::{Error, Result};
 
 /// `x [b, c, h, w]` convolved (at `stride` and `padding`) with `W' = Wr T`, where `Wr` is
@@ -81,34 +83,32 @@ struct TransformedConv {
 }
 
 /// `dst[j] = sum_k T(j, k) src[k]` for the `d` rows of `npix` numbers of one column block, with
-/// `T(j, k) = t[j d + k]`, or `t[k d + j]` when `transposed`.
+/// `T(j, k) = t[j d + k]`, or `t[k d + j]` when `transposed`: one small gemm.
 fn mix<T: Float>(t: &[T], src: &[T], dst: &mut [T], d: usize, transposed: bool) {
     let npix = src.len() / d;
-    for (j, row) in dst.chunks_exact_mut(npix).enumerate() {
-        row.iter_mut().for_each(|v| *v = T::zero());
-        for (k, s) in src.chunks_exact(npix).enumerate() {
-            let a = if transposed {
-                t[k * d + j]
-            } else {
-                t[j * d + k]
-            };
-            row.iter_mut().zip(s).for_each(|(r, &s)| *r = *r + a * s);
-        }
-    }
+    // SAFETY: t is [d, d], src and dst [d, npix].
+    unsafe { gemm_serial(dst, t, src, (d, npix, d), transposed, false, false) };
 }
 
-/// `sum a_i b_i` with eight independent partial sums (so that it vectorises).
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = acc[l] + x[l] * y[l];
-        }
-    }
-    let tail = ra.iter().zip(rb).fold(T::zero(), |s, (&x, &y)| s + x * y);
-    acc.iter().fold(tail, |s, &v| s + v)
+/// `W' = Wr T` (one `T`, or `T[c]` for the filters reading channel `c`), `[o, c d]`.
+fn transform_weight<T: Float>(w: &[T], t: &[T], g: &Geo) -> Vec<T> {
+    let d = g.kh * g.kw;
+    let grouped = t.len() > d * d;
+    let mut out = vec![T::zero(); w.len()];
+    out.par_chunks_mut(g.c * d)
+        .zip(w.par_chunks(g.c * d))
+        .for_each(|(dst, src)| {
+            if grouped {
+                for (c, (dr, sr)) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)).enumerate() {
+                    // SAFETY: sr is [1, d], T[c] is [d, d], dr [1, d].
+                    unsafe { gemm_serial(dr, sr, &t[c * d * d..], (1, d, d), false, false, false) };
+                }
+            } else {
+                // SAFETY: src is [c, d], t [d, d], dst [c, d].
+                unsafe { gemm_serial(dst, src, t, (g.c, d, d), false, false, false) };
+            }
+        });
+    out
 }
 
 /// The `d` raw im2col rows of input channel `c` of one image, into `raw [d, npix]`.
@@ -123,6 +123,11 @@ impl TransformedConv {
     fn forward<T: Float>(x: &[T], w: &[T], t: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
         let grouped = t.len() > d * d;
+        if g.o < npix {
+            // Fewer numbers in the kernel than in the columns: transform the kernel (a
+            // temporary, not kept for the backward) and run the plain conv.
+            return Conv::forward(x, &transform_weight(w, t, g), b, g);
+        }
         let mut y = vec![T::zero(); b * g.o * npix];
         let mut cols = vec![T::zero(); k * npix];
         for (bi, yb) in y.chunks_exact_mut(g.o * npix).enumerate() {
@@ -174,12 +179,10 @@ impl TransformedConv {
                 let dc = &dcp[c * d * npix..(c + 1) * d * npix];
                 let mut raw = vec![T::zero(); d * npix];
                 channel_cols(xb, g, c, &mut raw);
+                // dT_c = dcols'_c cols_c^T: [d, npix] x [npix, d].
                 let mut part = vec![T::zero(); dd];
-                for (j, dr) in dc.chunks_exact(npix).enumerate() {
-                    for (kk, xr) in raw.chunks_exact(npix).enumerate() {
-                        part[j * d + kk] = dot(dr, xr);
-                    }
-                }
+                // SAFETY: dc and raw are [d, npix], part [d, d].
+                unsafe { gemm_serial(&mut part, dc, &raw, (d, d, npix), false, true, false) };
                 if let Some(p) = dx_plane {
                     mix(tc, dc, &mut raw, d, true); // raw now holds dcols = T^T dcols'
                     col2im_channel(&raw, g, p);
@@ -378,8 +381,9 @@ mod tests {
             .unwrap()
     }
 
-    /// Forward and every gradient equal the composed form, `conv2d(x, Wr T)` through candle's
-    /// conv, for 3x3 and 1x1 kernels, strides 1 and 2, uneven inputs, one `T` or one per channel.
+    /// Forward and every gradient equal the composed form, `conv2d(x, Wr T)`, for 3x3 and 1x1
+    /// kernels, strides 1 and 2, uneven inputs, one `T` or one per channel, and both forward
+    /// paths (kernel transformed when it is the smaller, columns otherwise).
     #[test]
     fn the_op_equals_the_conv_of_the_transformed_kernel() {
         // (b, c, h, w, o, k, stride, padding, grouped)
@@ -391,6 +395,11 @@ mod tests {
             (1, 3, 6, 6, 2, 3, 1, 0, true),
             (2, 4, 7, 5, 3, 3, 1, 1, true),
             (1, 4, 6, 6, 5, 1, 1, 0, true),
+            // More output channels than output pixels: the column-transform path.
+            (1, 3, 3, 3, 12, 3, 1, 1, false),
+            (2, 3, 4, 3, 16, 3, 1, 1, true),
+            (1, 4, 2, 2, 6, 1, 1, 0, true),
+            (1, 3, 5, 5, 12, 3, 2, 1, false),
         ];
         for (b, c, h, w, o, k, s, p, grouped) in cases {
             for dtype in [DType::F32, DType::F64] {
