@@ -27,3 +27,4 @@ ours --mode train --method lora --latent "$L" --steps "$STEPS"
 peer peer_train.py --model sd15-random --mode lora-attn --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json
 # The memory lever: atoms with every resnet and transformer block checkpointed.
 ours --mode train --method atoms --latent "$L" --steps "$STEPS" --checkpointing
+peer peer_train.py --model sd15-random --mode atoms --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json --grad-ckpt
