@@ -18,7 +18,8 @@ use clap::Parser;
 fn main() -> ExitCode {
     models::tune_process();
     let cli = cli::Cli::parse();
-    match commands::run(cli) {
+    // The model runs on one of the compute threads (models::on_compute_thread says why).
+    match models::on_compute_thread(move || commands::run(cli)) {
         Ok(code) => code,
         Err(err) => {
             // A closed pipe (`atomtune inspect ... | head`) is not a failure.

@@ -93,6 +93,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> models::Result<()> {
     models::tune_process();
+    models::on_compute_thread(run)
+}
+
+fn run() -> models::Result<()> {
     let a = parse();
     let dev = Device::Cpu;
     let t0 = Instant::now();

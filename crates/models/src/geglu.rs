@@ -13,7 +13,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::conv::slices;
+use crate::conv::{slices, task_len};
 use crate::Result;
 
 /// `x [..., 2n]` -> `x[..., :n] * gelu(x[..., n:])`, `[..., n]` (diffusers' `GEGLU`, exact GELU).
@@ -78,6 +78,7 @@ fn forward<T: Elem>(x: &[T], n: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len() / 2];
     y.par_chunks_mut(n)
         .zip(x.par_chunks(2 * n))
+        .with_min_len(task_len(2 * n))
         .for_each(|(yr, xr)| {
             let (h, g) = xr.split_at(n);
             for ((o, &a), &b) in yr.iter_mut().zip(h).zip(g) {
@@ -91,6 +92,7 @@ fn backward<T: Elem>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(2 * n)
         .zip(x.par_chunks(2 * n).zip(dy.par_chunks(n)))
+        .with_min_len(task_len(4 * n))
         .for_each(|(dr, (xr, dyr))| {
             let (h, g) = xr.split_at(n);
             let (dh, dg) = dr.split_at_mut(n);

@@ -16,7 +16,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::{slices, Float};
+use crate::conv::{slices, task_len, Float};
 use crate::Result;
 
 /// `x [b, c, ...]` normalised over `groups` groups of channels (and everything after the channel
@@ -98,6 +98,7 @@ impl GroupNorm {
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(cg * hw)
             .zip(x.par_chunks(cg * hw))
+            .with_min_len(task_len(cg * hw))
             .enumerate()
             .for_each(|(bg, (yg, xg))| {
                 let (mean, rstd) = stats(xg, self.eps);
@@ -140,6 +141,7 @@ impl GroupNorm {
         let sums: Vec<Vec<(f64, f64)>> = dx
             .par_chunks_mut(cg * hw)
             .zip(x.par_chunks(cg * hw).zip(dy.par_chunks(cg * hw)))
+            .with_min_len(task_len(cg * hw))
             .enumerate()
             .map(|(bg, (dxg, (xg, dyg)))| {
                 let (mean, rstd) = stats(xg, self.eps);

@@ -15,7 +15,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::{slices, Float};
+use crate::conv::{slices, task_len, Float};
 use crate::Result;
 
 /// Rows per task in the backward's parameter-gradient sums.
@@ -64,6 +64,7 @@ impl LayerNorm {
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(c)
             .zip(x.par_chunks(c))
+            .with_min_len(task_len(c))
             .for_each(|(yr, xr)| {
                 let (mean, rstd) = stats(xr, self.eps);
                 for (((o, &v), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
@@ -81,6 +82,7 @@ impl LayerNorm {
         let partials: Vec<Vec<T>> = dx
             .par_chunks_mut(c * ROWS)
             .zip(x.par_chunks(c * ROWS).zip(dy.par_chunks(c * ROWS)))
+            .with_min_len(task_len(c * ROWS))
             .map(|(dxb, (xb, dyb))| {
                 let mut part = if sums {
                     vec![T::zero(); 2 * c]

@@ -43,7 +43,7 @@ pub use error::{Error, Result};
 pub use layers::{LayerKind, Layers, Targets};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
-pub use process::tune_process;
+pub use process::{on_compute_thread, tune_process};
 pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};

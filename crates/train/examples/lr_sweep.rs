@@ -14,6 +14,11 @@ use train::{AdamWConfig, LrSchedule, TrainConfig, Trainer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     models::tune_process();
+    models::on_compute_thread(|| run().map_err(|e| e.to_string()))?;
+    Ok(())
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args
         .first()

@@ -26,6 +26,11 @@ fn peak_rss_gb() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     models::tune_process();
+    models::on_compute_thread(|| run().map_err(|e| e.to_string()))?;
+    Ok(())
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args()
         .skip(1)
         .filter(|s| s != "--bench")

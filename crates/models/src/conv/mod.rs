@@ -107,6 +107,7 @@ impl Geo {
 /// `cols [c kh kw, ho wo]` of one image `x [c, h, w]`, rows in parallel.
 fn im2col<T: Float>(x: &[T], g: &Geo, cols: &mut [T]) {
     cols.par_chunks_mut(g.npix())
+        .with_min_len(task_len(g.npix()))
         .enumerate()
         .for_each(|(row, out)| im2col_row(x, g, row, out));
 }
@@ -177,10 +178,18 @@ fn col2im_channel<T: Float>(dcols: &[T], g: &Geo, plane: &mut [T]) {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    let n = rayon::current_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
+/// How many items of `item` numbers each a parallel task takes, so that a task holds at least
+/// 16K numbers: below that, waking threads costs more than the work (the tiny models' steps
+/// spent a third of their time in thread hand-offs).
+pub(crate) fn task_len(item: usize) -> usize {
+    ((1 << 14) / item.max(1)).max(1)
+}
+
+/// Threads for a gemm of `m x n x k` multiply-adds: one below 256K of them.
+fn parallelism((m, n, k): (usize, usize, usize)) -> gemm::Parallelism {
+    let n_threads = rayon::current_num_threads();
+    if n_threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(n_threads)
     } else {
         gemm::Parallelism::None
     }
@@ -201,7 +210,7 @@ pub(crate) unsafe fn gemm<T: Float>(
     b_t: bool,
     accumulate: bool,
 ) {
-    gemm_on(parallelism(), dst, a, b, mnk, a_t, b_t, accumulate)
+    gemm_on(parallelism(mnk), dst, a, b, mnk, a_t, b_t, accumulate)
 }
 
 /// [`gemm`] on one thread: for small products inside tasks that already run in parallel.
@@ -444,6 +453,7 @@ impl Conv {
             let dk = g.kh * g.kw * npix;
             dxb.par_chunks_mut(plane)
                 .zip(dcols.par_chunks(dk))
+                .with_min_len(task_len(dk))
                 .for_each(|(p, dc)| col2im_channel(dc, g, p));
         }
         dx

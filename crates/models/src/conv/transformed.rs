@@ -22,7 +22,8 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout,
 use rayon::prelude::*;
 
 use super::{
-    col2im_channel, conv2d, gemm, gemm_serial, im2col_row, slices, Conv, Float, Geo, KernelGrad,
+    col2im_channel, conv2d, gemm, gemm_serial, im2col_row, slices, task_len, Conv, Float, Geo,
+    KernelGrad,
 };
 use crate::{Error, Result};
 
@@ -97,6 +98,7 @@ fn transform_weight<T: Float>(w: &[T], t: &[T], g: &Geo) -> Vec<T> {
     let mut out = vec![T::zero(); w.len()];
     out.par_chunks_mut(g.c * d)
         .zip(w.par_chunks(g.c * d))
+        .with_min_len(task_len(g.c * d * d))
         .for_each(|(dst, src)| {
             if grouped {
                 for (c, (dr, sr)) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)).enumerate() {
@@ -133,6 +135,7 @@ impl TransformedConv {
         for (bi, yb) in y.chunks_exact_mut(g.o * npix).enumerate() {
             let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
             cols.par_chunks_mut(d * npix)
+                .with_min_len(task_len(d * d * npix))
                 .enumerate()
                 .for_each(|(c, dst)| {
                     let tc = if grouped {
@@ -192,11 +195,16 @@ impl TransformedConv {
             let parts: Vec<Vec<T>> = if want_dx {
                 dx[bi * g.c * plane..(bi + 1) * g.c * plane]
                     .par_chunks_mut(plane)
+                    .with_min_len(task_len(d * d * npix))
                     .enumerate()
                     .map(|(c, p)| channel(c, Some(p)))
                     .collect()
             } else {
-                (0..g.c).into_par_iter().map(|c| channel(c, None)).collect()
+                (0..g.c)
+                    .into_par_iter()
+                    .with_min_len(task_len(d * d * npix))
+                    .map(|c| channel(c, None))
+                    .collect()
             };
             // Summed in channel order: the same bits on any number of threads.
             for (c, part) in parts.iter().enumerate() {
