@@ -173,7 +173,10 @@ fn main() -> candle_core::Result<()> {
         let t = Instant::now();
         let ts: Vec<Option<Tensor>> = adapters
             .iter()
-            .map(|a| a.filter_transform(1.0).expect("T"))
+            .map(|a| {
+                let ft = a.filter_transform(1.0).expect("T");
+                ft.map(|f| f.matrix().expect("T"))
+            })
             .collect();
         build_t.push(t.elapsed().as_secs_f64());
         drop(ts);

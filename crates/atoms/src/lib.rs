@@ -21,7 +21,7 @@ pub mod dictionary;
 mod error;
 pub mod layout;
 
-pub use adapter::{Adapter, AdapterConfig, LayerAdapter, Method};
+pub use adapter::{Adapter, AdapterConfig, FilterTransform, LayerAdapter, Method};
 pub use dictionary::{Dictionary, DictionaryKind, LassoOptions};
 pub use error::{Error, Result};
 pub use layout::{Block, Layout};

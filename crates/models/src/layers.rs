@@ -228,7 +228,7 @@ impl Layers {
     /// The transform `T` with which conv `name` can run as `conv(x, Wr T)` without building
     /// `W'` ([`crate::conv::conv2d_transformed`]): when exactly one adapter is attached, it
     /// offers one ([`atoms::Adapter::filter_transform`]) and no weight is baked.
-    pub(crate) fn filter_transform(&self, name: &str) -> Result<Option<Tensor>> {
+    pub(crate) fn filter_transform(&self, name: &str) -> Result<Option<atoms::FilterTransform>> {
         let inner = self.inner.read().expect("lock");
         if inner.baked.contains_key(name) {
             return Ok(None);

@@ -86,10 +86,23 @@ impl Conv2d {
             _ => None,
         };
         let y = match transform {
-            Some(t) => crate::conv::conv2d_transformed(
+            Some(atoms::FilterTransform::Matrix(t)) => crate::conv::conv2d_transformed(
                 &xc,
                 &self.weight.to_dtype(dt)?,
                 &t.to_dtype(dt)?,
+                self.stride,
+                self.padding,
+            )?,
+            Some(atoms::FilterTransform::Atoms {
+                atoms,
+                delta,
+                scale,
+            }) => crate::conv::conv2d_atoms(
+                &xc,
+                &self.weight.to_dtype(dt)?,
+                &atoms.to_dtype(dt)?,
+                &delta.to_dtype(dt)?,
+                scale,
                 self.stride,
                 self.padding,
             )?,

@@ -3,7 +3,7 @@
 use candle_core::{Tensor, Var};
 
 use super::transform::transform_filters;
-use super::{base_plus_delta, check_base, param_dtype, scaled, Adapter, Method};
+use super::{base_plus_delta, check_base, param_dtype, scaled, Adapter, FilterTransform, Method};
 use crate::{Dictionary, DictionaryKind, Layout, Result};
 
 /// How an atoms adapter gets its frozen coefficients `alpha [N, m]`.
@@ -147,7 +147,8 @@ impl Adapter for AtomsAdapter {
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
         match self.filter_transform(scale)? {
             // W' = Wr (I + scale D0^T dD): one [N, d] x [d, d] product, exact at dD = 0.
-            Some(t) => {
+            Some(ft) => {
+                let t = ft.matrix()?;
                 check_base(&self.layout, base)?;
                 let w = transform_filters(&base.to_dtype(t.dtype())?, &t, &self.layout)?;
                 Ok(w.to_dtype(base.dtype())?)
@@ -156,13 +157,15 @@ impl Adapter for AtomsAdapter {
         }
     }
 
-    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+    fn filter_transform(&self, scale: f64) -> Result<Option<FilterTransform>> {
         if scale == 0.0 || !matches!(self.coefficients, Coefficients::Projection) {
             return Ok(None);
         }
-        let d = self.layout.filter_dim();
-        let eye = Tensor::eye(d, self.atoms.dtype(), self.atoms.device())?;
-        Ok(Some((eye + self.filter_update(scale)?)?))
+        Ok(Some(FilterTransform::Atoms {
+            atoms: self.atoms.clone(),
+            delta: self.delta.as_tensor().clone(),
+            scale,
+        }))
     }
 
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {

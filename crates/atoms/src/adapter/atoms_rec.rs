@@ -8,7 +8,8 @@ use candle_core::{Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    base_plus_delta, check_base, param_dtype, scaled, uniform_var, Adapter, Coefficients, Method,
+    base_plus_delta, check_base, param_dtype, scaled, uniform_var, Adapter, Coefficients,
+    FilterTransform, Method,
 };
 use crate::{Dictionary, DictionaryKind, Error, Layout, Result};
 
@@ -147,7 +148,8 @@ impl Adapter for AtomsRecAdapter {
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
         match self.filter_transform(scale)? {
             // W'[., i] = W[., i] (I + scale D0^T dD[i]): exact at D1 = 0.
-            Some(t) => {
+            Some(ft) => {
+                let t = ft.matrix()?;
                 check_base(&self.layout, base)?;
                 let wg = self.layout.to_grouped(&base.to_dtype(t.dtype())?)?;
                 Ok(self
@@ -159,13 +161,15 @@ impl Adapter for AtomsRecAdapter {
         }
     }
 
-    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+    fn filter_transform(&self, scale: f64) -> Result<Option<FilterTransform>> {
         if scale == 0.0 || !matches!(self.coefficients, Coefficients::Projection) {
             return Ok(None);
         }
         let d = self.layout.filter_dim();
         let eye = Tensor::eye(d, self.atoms.dtype(), self.atoms.device())?;
-        Ok(Some(self.filter_updates(scale)?.broadcast_add(&eye)?))
+        Ok(Some(FilterTransform::Matrix(
+            self.filter_updates(scale)?.broadcast_add(&eye)?,
+        )))
     }
 
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {

@@ -208,18 +208,52 @@ pub trait Adapter {
         base_plus_delta(self, base, scale)
     }
 
-    /// The transform `T` for which `W' = Wr T` at `scale` (`[d, d]` for the whole layer, or
-    /// `[g, d, d]` with one per input group), when this adapter's effective weight has that form:
-    /// atoms and atoms-rec with projection (SVD) coefficients. `None` otherwise, and at
-    /// `scale = 0`. A convolution can then apply `T` to its input columns and never build `W'`
-    /// (DESIGN.md 1.1: "a `d x d` transform of each layer's spatial filters").
-    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+    /// The transform for which `W' = Wr T` at `scale`, when this adapter's effective weight has
+    /// that form: atoms and atoms-rec with projection (SVD) coefficients. `None` otherwise, and
+    /// at `scale = 0`. A convolution can then apply `T` to its input columns (or to its kernel,
+    /// as a temporary) and never keep `W'` (DESIGN.md 1.1: "a `d x d` transform of each layer's
+    /// spatial filters").
+    fn filter_transform(&self, scale: f64) -> Result<Option<FilterTransform>> {
         let _ = scale;
         Ok(None)
     }
 
     /// The tensors a delta file stores for this layer, by suffix (see [`Method::suffixes`]).
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>>;
+}
+
+/// A transform `T` with `W' = Wr T` ([`Adapter::filter_transform`]).
+#[derive(Debug, Clone)]
+pub enum FilterTransform {
+    /// `T` itself: `[d, d]`, or `[g, d, d]` with one per input group.
+    Matrix(Tensor),
+    /// `T = I + scale D0^T dD` from the atoms adapter's frozen atoms `D0 [m, d]` and its tuned
+    /// `dD [m, d]`: a conv can form `T` inside its own op, with no graph node per layer.
+    Atoms {
+        /// `D0 [m, d]`, frozen.
+        atoms: Tensor,
+        /// `dD [m, d]`, the trainable variable.
+        delta: Tensor,
+        /// The adapter's scale.
+        scale: f64,
+    },
+}
+
+impl FilterTransform {
+    /// `T` as a tensor, from candle ops (differentiable in `dD`).
+    pub fn matrix(&self) -> Result<Tensor> {
+        match self {
+            FilterTransform::Matrix(t) => Ok(t.clone()),
+            FilterTransform::Atoms {
+                atoms,
+                delta,
+                scale,
+            } => {
+                let eye = Tensor::eye(atoms.dim(1)?, atoms.dtype(), atoms.device())?;
+                Ok((eye + scaled(atoms.t()?.matmul(delta)?, *scale)?)?)
+            }
+        }
+    }
 }
 
 /// One layer's adapter, of any method.
@@ -296,7 +330,7 @@ impl Adapter for LayerAdapter {
     fn effective_weight(&self, base: &Tensor, scale: f64) -> Result<Tensor> {
         self.inner().effective_weight(base, scale)
     }
-    fn filter_transform(&self, scale: f64) -> Result<Option<Tensor>> {
+    fn filter_transform(&self, scale: f64) -> Result<Option<FilterTransform>> {
         self.inner().filter_transform(scale)
     }
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>> {

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::Result;
 
 mod transformed;
-pub use transformed::conv2d_transformed;
+pub use transformed::{conv2d_atoms, conv2d_transformed};
 
 /// `x [b, c, h, w]` convolved with `w [o, c, kh, kw]` at `stride` and `padding` (dilation 1,
 /// one group).

@@ -56,7 +56,11 @@ pub fn conv2d_transformed(
         )));
     }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        let op = TransformedConv { stride, padding };
+        let op = TransformedConv {
+            stride,
+            padding,
+            atoms: None,
+        };
         return Ok(x
             .contiguous()?
             .apply_op3(&w.contiguous()?, &t.contiguous()?, op)?);
@@ -81,6 +85,76 @@ fn transform_kernel(w: &Tensor, t: &Tensor, (o, c, d): (usize, usize, usize)) ->
 struct TransformedConv {
     stride: usize,
     padding: usize,
+    /// When set, the third input is an atoms adapter's `dD [m, d]` and `T = I + scale D0^T dD`
+    /// is formed here from these frozen atoms `D0 [m, d]`.
+    atoms: Option<(Tensor, f64)>,
+}
+
+/// `x` convolved with the kernel `W' = Wr (I + scale D0^T dD)` of an atoms adapter, given its
+/// frozen atoms `D0 [m, d]` and its tuned `dD [m, d]` (`d = kh kw`): [`conv2d_transformed`]
+/// with `T` formed inside the op, so an adapted conv adds no graph node of its own; the gradient
+/// reaches `dD` as `scale D0 dL/dT`.
+pub fn conv2d_atoms(
+    x: &Tensor,
+    w: &Tensor,
+    atoms: &Tensor,
+    delta: &Tensor,
+    scale: f64,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let d: usize = w.dims().iter().skip(2).product();
+    let (m, d0) = atoms.dims2()?;
+    if d0 != d || delta.dims() != atoms.dims() || atoms.dtype() != w.dtype() {
+        return Err(Error::Input(format!(
+            "atoms {:?} and update {:?} do not fit kernel {:?} ({:?})",
+            atoms.dims(),
+            delta.dims(),
+            w.dims(),
+            w.dtype()
+        )));
+    }
+    let fast = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+        && delta.dtype() == w.dtype()
+        && m > 0;
+    if !fast {
+        let t = atoms_transform(&atoms.detach(), delta, scale)?;
+        return conv2d_transformed(x, w, &t, stride, padding);
+    }
+    let op = TransformedConv {
+        stride,
+        padding,
+        atoms: Some((atoms.detach(), scale)),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &delta.contiguous()?, op)?)
+}
+
+/// `I + scale D0^T dD` from candle ops.
+fn atoms_transform(atoms: &Tensor, delta: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let eye = Tensor::eye(atoms.dim(1)?, atoms.dtype(), atoms.device())?;
+    let upd = atoms.t()?.matmul(delta)?;
+    eye + if scale == 1.0 { upd } else { (upd * scale)? }
+}
+
+/// `T = I + scale D0^T dD` as numbers, `[d, d]`.
+fn build_t<T: Float>(d0: &[T], dd: &[T], d: usize, scale: f64) -> Vec<T> {
+    let m = d0.len() / d;
+    let s = T::from(scale).unwrap_or(T::one());
+    let mut t = vec![T::zero(); d * d];
+    for j in 0..d {
+        for k in 0..d {
+            let mut acc = T::zero();
+            for l in 0..m {
+                acc = acc + d0[l * d + j] * dd[l * d + k];
+            }
+            let eye = if j == k { T::one() } else { T::zero() };
+            t[j * d + k] = eye + if scale == 1.0 { acc } else { s * acc };
+        }
+    }
+    t
 }
 
 /// `dst[j] = sum_k T(j, k) src[k]` for the `d` rows of `npix` numbers of one column block, with
@@ -236,21 +310,36 @@ impl CustomOp3 for TransformedConv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geo::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let b = l1.dims()[0];
+        let d = g.kh * g.kw;
         let y = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::forward(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                slices::<f32>(s3, l3)?,
-                b,
-                &g,
-            )),
-            DType::F64 => CpuStorage::F64(Self::forward(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                slices::<f64>(s3, l3)?,
-                b,
-                &g,
-            )),
+            DType::F32 => {
+                let third = slices::<f32>(s3, l3)?;
+                let t = match &self.atoms {
+                    Some((d0, s)) => build_t(&d0.flatten_all()?.to_vec1::<f32>()?, third, d, *s),
+                    None => third.to_vec(),
+                };
+                CpuStorage::F32(Self::forward(
+                    slices::<f32>(s1, l1)?,
+                    slices::<f32>(s2, l2)?,
+                    &t,
+                    b,
+                    &g,
+                ))
+            }
+            DType::F64 => {
+                let third = slices::<f64>(s3, l3)?;
+                let t = match &self.atoms {
+                    Some((d0, s)) => build_t(&d0.flatten_all()?.to_vec1::<f64>()?, third, d, *s),
+                    None => third.to_vec(),
+                };
+                CpuStorage::F64(Self::forward(
+                    slices::<f64>(s1, l1)?,
+                    slices::<f64>(s2, l2)?,
+                    &t,
+                    b,
+                    &g,
+                ))
+            }
             d => candle_core::bail!("atomtune-conv2d-transformed: unsupported dtype {d:?}"),
         };
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
@@ -267,6 +356,12 @@ impl CustomOp3 for TransformedConv {
         let g = Geo::new(x.dims(), w.dims(), self.stride, self.padding)?;
         let dy = dy.detach().contiguous()?;
         let (want_dx, want_dt) = (x.track_op(), t.track_op());
+        // The third input is T itself, or dD from which T is formed.
+        let third = t;
+        let t = &match &self.atoms {
+            Some((d0, s)) => atoms_transform(d0, &third.detach(), *s)?,
+            None => third.detach(),
+        };
         let (mut dx, mut dt) = (None, None);
         if want_dx || want_dt {
             let op = TransformedConvGrad {
@@ -280,7 +375,12 @@ impl CustomOp3 for TransformedConv {
                 dx = Some(packed.narrow(0, 0, nx)?.reshape(x.dims())?);
             }
             if want_dt {
-                dt = Some(packed.narrow(0, nx, t.elem_count())?.reshape(t.dims())?);
+                let d_t = packed.narrow(0, nx, t.elem_count())?.reshape(t.dims())?;
+                dt = Some(match &self.atoms {
+                    // T = I + s D0^T dD: dL/d(dD) = s D0 dL/dT.
+                    Some((d0, s)) => (d0.matmul(&d_t)? * *s)?,
+                    None => d_t,
+                });
             }
         }
         // A tracked base kernel (not how adapters use this op, but correct): with W' = Wr T,
@@ -431,6 +531,44 @@ mod tests {
                 for (name, v) in [("x", &x), ("w", &kern), ("t", &t)] {
                     let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                     assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The atoms form (`T` built inside the op from `D0` and `dD`) equals the op given
+    /// `T = I + scale D0^T dD` from candle ops: forward, `dL/dx` and `dL/d(dD)`, on both forward
+    /// paths, at scales 1 and 0.5, with fewer atoms than the filter size too.
+    #[test]
+    fn the_atoms_form_equals_the_transform_it_stands_for() {
+        // (b, c, h, w, o, k, stride, padding, m)
+        let cases = [
+            (2, 3, 7, 6, 4, 3, 1, 1, 9),
+            (1, 3, 3, 3, 12, 3, 1, 1, 9),
+            (1, 4, 5, 5, 3, 3, 2, 1, 5),
+            (1, 4, 4, 4, 6, 1, 1, 0, 1),
+        ];
+        for (b, c, h, w, o, k, s, p, m) in cases {
+            for dtype in [DType::F32, DType::F64] {
+                for scale in [1.0, 0.5] {
+                    let d = k * k;
+                    let x = Var::from_tensor(&randn(&[b, c, h, w], dtype)).unwrap();
+                    let kern = randn(&[o, c, k, k], dtype);
+                    let d0 = randn(&[m, d], dtype);
+                    let dd = Var::from_tensor(&randn(&[m, d], dtype)).unwrap();
+                    let fast = conv2d_atoms(&x, &kern, &d0, &dd, scale, s, p).unwrap();
+                    let t = atoms_transform(&d0, &dd, scale).unwrap();
+                    let slow = conv2d_transformed(&x, &kern, &t, s, p).unwrap();
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                    let case = (b, c, h, w, o, k, s, p, m, dtype, scale);
+                    assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
+                    let mm = randn(slow.dims(), dtype);
+                    let gf = (fast * &mm).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gs = (slow * &mm).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (name, v) in [("x", &x), ("dD", &dd)] {
+                        let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
+                        assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
+                    }
                 }
             }
         }
