@@ -13,6 +13,9 @@
 //!
 //! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step),
 //! the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
+//! `--checkpointing` turns on gradient checkpointing, `--dtype bf16` stores the weights in bf16;
+//! with `SD15_BENCH_MEM=1` the peak and current RSS go to stderr before each step and after each
+//! forward.
 
 use std::time::Instant;
 

@@ -165,6 +165,7 @@ impl candle_core::CustomOp2 for GegluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs;
     use candle_core::{Device, Var};
 
     #[test]
@@ -179,20 +180,7 @@ mod tests {
             let fast = geglu(&x).unwrap();
             let slow = composed(&x).unwrap();
             assert_eq!(fast.dims(), &[2, 3, 5]);
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
+            let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-10 };
             assert!(diff(&fast, &slow) < tol, "{dtype:?} forward");
             let m = Tensor::randn(0f32, 1.0, (2, 3, 5), &Device::Cpu)

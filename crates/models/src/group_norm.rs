@@ -321,23 +321,8 @@ impl candle_core::CustomOp2 for GroupNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_rel;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let m = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        m(&(a - b).unwrap()) / m(b).max(1e-30)
-    }
 
     /// Forward and every gradient equal the composed candle ops, with and without SiLU.
     #[test]

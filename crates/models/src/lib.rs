@@ -32,6 +32,8 @@ pub mod pipeline;
 pub mod presets;
 mod process;
 pub mod resnet;
+#[cfg(test)]
+mod test_support;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

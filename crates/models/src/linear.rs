@@ -103,20 +103,8 @@ impl CustomOp2 for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs;
     use candle_core::{Device, Var};
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn the_op_equals_candles_matmul_forward_and_backward() {

@@ -44,6 +44,29 @@ fn attach(unet: &Unet, layer: &str, cfg: &AdapterConfig, seed: u64) -> Vec<Var> 
     vars
 }
 
+/// `atoms` on every conv and rank-2 LoRA on every attention projection, with non-zero
+/// parameters; their variables, layers in order.
+fn attach_atoms_and_lora(unet: &Unet) -> Vec<Var> {
+    let layers = unet.layers();
+    let mut vars = Vec::new();
+    for (i, l) in layers.select(Targets::Conv).iter().enumerate() {
+        vars.extend(attach(
+            unet,
+            l,
+            &AdapterConfig::new(Method::Atoms),
+            i as u64,
+        ));
+    }
+    let lora = AdapterConfig {
+        rank: 2,
+        ..AdapterConfig::new(Method::Lora)
+    };
+    for (i, l) in layers.select(Targets::Attn).iter().enumerate() {
+        vars.extend(attach(unet, l, &lora, 1000 + i as u64));
+    }
+    vars
+}
+
 /// Inputs of a fixed, made-up training example.
 fn inputs(dtype: DType, b: usize) -> (Tensor, Tensor, Tensor, Tensor) {
     let x = seeded(&[b, 4, 16, 16], 1, 1.0, dtype);
@@ -58,23 +81,7 @@ fn every_adapter_parameter_gets_a_gradient() {
     let Some(unet) = unet("tiny-sd15-shape", DType::F32) else {
         return;
     };
-    let layers = unet.layers();
-    let mut vars = Vec::new();
-    for (i, l) in layers.select(Targets::Conv).iter().enumerate() {
-        vars.extend(attach(
-            &unet,
-            l,
-            &AdapterConfig::new(Method::Atoms),
-            i as u64,
-        ));
-    }
-    let lora = AdapterConfig {
-        rank: 2,
-        ..AdapterConfig::new(Method::Lora)
-    };
-    for (i, l) in layers.select(Targets::Attn).iter().enumerate() {
-        vars.extend(attach(&unet, l, &lora, 1000 + i as u64));
-    }
+    let vars = attach_atoms_and_lora(&unet);
     // 97 convs (SD 1.5 has 98: one conv_shortcut is not needed at these widths), 128 projections.
     assert_eq!(vars.len(), 97 + 2 * 128);
     let (x, t, ctx, r) = inputs(DType::F32, 2);
@@ -171,22 +178,7 @@ fn checkpointed_blocks_give_the_same_gradients() {
         return;
     };
     let layers = unet.layers();
-    let mut vars = Vec::new();
-    for (i, l) in layers.select(Targets::Conv).iter().enumerate() {
-        vars.extend(attach(
-            &unet,
-            l,
-            &AdapterConfig::new(Method::Atoms),
-            i as u64,
-        ));
-    }
-    let lora = AdapterConfig {
-        rank: 2,
-        ..AdapterConfig::new(Method::Lora)
-    };
-    for (i, l) in layers.select(Targets::Attn).iter().enumerate() {
-        vars.extend(attach(&unet, l, &lora, 1000 + i as u64));
-    }
+    let vars = attach_atoms_and_lora(&unet);
     let cfg_ctx = unet.config().cross_attention_dim;
     let x = seeded(&[2, 4, 16, 16], 1, 1.0, DType::F32);
     let t = Tensor::new(&[321u32], &Device::Cpu).unwrap();

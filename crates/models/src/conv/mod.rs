@@ -535,30 +535,8 @@ impl candle_core::CustomOp2 for KernelGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_rel as rel;
     use candle_core::{Device, Var};
-
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        d / s.max(1e-30)
-    }
 
     #[test]
     fn the_op_equals_candles_conv_forward_and_backward() {

@@ -468,26 +468,8 @@ impl CustomOp3 for TransformedConvGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{max_rel, randn};
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        let d = d.max(0).unwrap().to_dtype(DType::F64).unwrap();
-        let s = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        d.to_scalar::<f64>().unwrap()
-            / s.to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-                .max(1e-30)
-    }
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
 
     /// Forward and every gradient equal the composed form, `conv2d(x, Wr T)`, for 3x3 and 1x1
     /// kernels, strides 1 and 2, uneven inputs, one `T` or one per channel, and both forward
