@@ -13,6 +13,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::conv::float_op;
 use crate::conv::{slices, task_len};
 use crate::Result;
 
@@ -113,11 +114,10 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = l.dims().last().copied().unwrap_or(0) / 2;
-        let y = match s.dtype() {
-            DType::F32 => CpuStorage::F32(forward(slices::<f32>(s, l)?, n)),
-            DType::F64 => CpuStorage::F64(forward(slices::<f64>(s, l)?, n)),
-            d => candle_core::bail!("atomtune-geglu: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s.dtype(), "atomtune-geglu", |F| forward(
+            slices::<F>(s, l)?,
+            n
+        ));
         let mut shape = l.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;

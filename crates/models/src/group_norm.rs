@@ -16,6 +16,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::conv::float_op;
 use crate::conv::{slices, task_len, Float};
 use crate::Result;
 
@@ -217,21 +218,12 @@ impl CustomOp3 for GroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.forward(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                slices::<f32>(s3, l3)?,
-                l1.dims(),
-            )),
-            DType::F64 => CpuStorage::F64(self.forward(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                slices::<f64>(s3, l3)?,
-                l1.dims(),
-            )),
-            d => candle_core::bail!("atomtune-group-norm: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s1.dtype(), "atomtune-group-norm", |F| self.forward(
+            slices::<F>(s1, l1)?,
+            slices::<F>(s2, l2)?,
+            slices::<F>(s3, l3)?,
+            l1.dims(),
+        ));
         Ok((y, l1.shape().clone()))
     }
 
@@ -259,21 +251,28 @@ impl CustomOp3 for GroupNorm {
         let packed = x
             .detach()
             .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
-        let (n, c) = (x.elem_count(), x.dim(1)?);
-        let dx = x
-            .track_op()
-            .then(|| packed.narrow(0, 0, n)?.reshape(x.dims()))
-            .transpose()?;
-        let dg = gamma
-            .track_op()
-            .then(|| packed.narrow(0, n, c)?.reshape(gamma.dims()))
-            .transpose()?;
-        let db = beta
-            .track_op()
-            .then(|| packed.narrow(0, n + c, c)?.reshape(beta.dims()))
-            .transpose()?;
-        Ok((dx, dg, db))
+        unpack(&packed, x, gamma, beta)
     }
+}
+
+/// The gradients of `x`, `gamma` and `beta` (each only when tracked) from the backward kernels'
+/// packed output `[dx, dgamma, dbeta]` (group norm and layer norm).
+pub(crate) type NormGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Splits `[dx, dgamma, dbeta]` into the gradients of the tracked inputs.
+pub(crate) fn unpack(
+    packed: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> candle_core::Result<NormGrads> {
+    let (n, c) = (x.elem_count(), gamma.elem_count());
+    let part = |t: &Tensor, start: usize, len: usize| -> candle_core::Result<Option<Tensor>> {
+        t.track_op()
+            .then(|| packed.narrow(0, start, len)?.reshape(t.dims()))
+            .transpose()
+    };
+    Ok((part(x, 0, n)?, part(gamma, n, c)?, part(beta, n + c, c)?))
 }
 
 /// The backward as an op on `(x, dy)`; `gamma` and `beta` are small and copied out.
@@ -296,23 +295,15 @@ impl candle_core::CustomOp2 for GroupNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.norm.backward(
-                slices::<f32>(s1, l1)?,
-                &self.gamma.to_vec1::<f32>()?,
-                &self.beta.to_vec1::<f32>()?,
-                slices::<f32>(s2, l2)?,
+        let out = float_op!(s1.dtype(), "atomtune-group-norm backward", |F| self
+            .norm
+            .backward(
+                slices::<F>(s1, l1)?,
+                &self.gamma.to_vec1::<F>()?,
+                &self.beta.to_vec1::<F>()?,
+                slices::<F>(s2, l2)?,
                 &self.dims,
-            )),
-            DType::F64 => CpuStorage::F64(self.norm.backward(
-                slices::<f64>(s1, l1)?,
-                &self.gamma.to_vec1::<f64>()?,
-                &self.beta.to_vec1::<f64>()?,
-                slices::<f64>(s2, l2)?,
-                &self.dims,
-            )),
-            d => candle_core::bail!("atomtune-group-norm backward: unsupported dtype {d:?}"),
-        };
+            ));
         let len = l1.shape().elem_count() + 2 * self.dims[1];
         Ok((out, Shape::from(len)))
     }

@@ -15,6 +15,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::conv::float_op;
 use crate::conv::{slices, task_len, Float};
 use crate::Result;
 
@@ -149,19 +150,11 @@ impl CustomOp3 for LayerNorm {
                 l3.dims()
             );
         }
-        let y = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.forward(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                slices::<f32>(s3, l3)?,
-            )),
-            DType::F64 => CpuStorage::F64(self.forward(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                slices::<f64>(s3, l3)?,
-            )),
-            d => candle_core::bail!("atomtune-layer-norm: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s1.dtype(), "atomtune-layer-norm", |F| self.forward(
+            slices::<F>(s1, l1)?,
+            slices::<F>(s2, l2)?,
+            slices::<F>(s3, l3)?,
+        ));
         Ok((y, l1.shape().clone()))
     }
 
@@ -184,20 +177,7 @@ impl CustomOp3 for LayerNorm {
         let packed = x
             .detach()
             .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
-        let (n, c) = (x.elem_count(), gamma.elem_count());
-        let dx = x
-            .track_op()
-            .then(|| packed.narrow(0, 0, n)?.reshape(x.dims()))
-            .transpose()?;
-        let dg = gamma
-            .track_op()
-            .then(|| packed.narrow(0, n, c)?.reshape(gamma.dims()))
-            .transpose()?;
-        let db = beta
-            .track_op()
-            .then(|| packed.narrow(0, n + c, c)?.reshape(beta.dims()))
-            .transpose()?;
-        Ok((dx, dg, db))
+        crate::group_norm::unpack(&packed, x, gamma, beta)
     }
 }
 
@@ -222,21 +202,13 @@ impl candle_core::CustomOp2 for LayerNormGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let norm = LayerNorm { eps: self.eps };
         let g = self.gamma.flatten_all()?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(norm.backward(
-                slices::<f32>(s1, l1)?,
-                &g.to_vec1::<f32>()?,
-                slices::<f32>(s2, l2)?,
+        let out = float_op!(s1.dtype(), "atomtune-layer-norm backward", |F| norm
+            .backward(
+                slices::<F>(s1, l1)?,
+                &g.to_vec1::<F>()?,
+                slices::<F>(s2, l2)?,
                 self.sums,
-            )),
-            DType::F64 => CpuStorage::F64(norm.backward(
-                slices::<f64>(s1, l1)?,
-                &g.to_vec1::<f64>()?,
-                slices::<f64>(s2, l2)?,
-                self.sums,
-            )),
-            d => candle_core::bail!("atomtune-layer-norm backward: unsupported dtype {d:?}"),
-        };
+            ));
         let len = l1.shape().elem_count() + 2 * self.gamma.elem_count();
         Ok((out, Shape::from(len)))
     }

@@ -12,6 +12,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
+use crate::conv::float_op;
 use crate::Result;
 
 /// `x [..., din] @ w^T` for `w [dout, din]`: `[..., dout]`.
@@ -59,19 +60,11 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let mkn = dims(l1.dims(), l2.dims())?;
-        let y = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(forward(
-                crate::conv::slices::<f32>(s1, l1)?,
-                crate::conv::slices::<f32>(s2, l2)?,
-                mkn,
-            )),
-            DType::F64 => CpuStorage::F64(forward(
-                crate::conv::slices::<f64>(s1, l1)?,
-                crate::conv::slices::<f64>(s2, l2)?,
-                mkn,
-            )),
-            d => candle_core::bail!("atomtune-linear: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s1.dtype(), "atomtune-linear", |F| forward(
+            crate::conv::slices::<F>(s1, l1)?,
+            crate::conv::slices::<F>(s2, l2)?,
+            mkn,
+        ));
         let mut shape = l1.dims().to_vec();
         *shape.last_mut().expect("rank checked") = mkn.2;
         Ok((y, Shape::from(shape)))

@@ -21,6 +21,25 @@ use rayon::prelude::*;
 
 use crate::Result;
 
+/// `CpuStorage::F32(body)` or `CpuStorage::F64(body)` by `dtype`, with `$t` naming the element
+/// type inside `body`; any other dtype is an error naming the op.
+macro_rules! float_op {
+    ($dtype:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            DType::F64 => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            d => candle_core::bail!("{}: unsupported dtype {d:?}", $name),
+        }
+    };
+}
+pub(crate) use float_op;
+
 mod transformed;
 pub use transformed::{conv2d_atoms, conv2d_transformed};
 
@@ -379,21 +398,12 @@ impl CustomOp2 for Conv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims(), l2.dims())?;
         let b = l1.dims()[0];
-        let y = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::forward(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                b,
-                &g,
-            )),
-            DType::F64 => CpuStorage::F64(Self::forward(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                b,
-                &g,
-            )),
-            d => candle_core::bail!("atomtune-conv2d: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s1.dtype(), "atomtune-conv2d", |F| Self::forward(
+            slices::<F>(s1, l1)?,
+            slices::<F>(s2, l2)?,
+            b,
+            &g,
+        ));
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
 
@@ -473,21 +483,11 @@ impl candle_core::CustomOp2 for InputGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = l2.dims()[0];
-        let dx = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Conv::input_grad(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                b,
-                &self.geo,
-            )),
-            DType::F64 => CpuStorage::F64(Conv::input_grad(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                b,
-                &self.geo,
-            )),
-            d => candle_core::bail!("atomtune-conv2d backward: unsupported dtype {d:?}"),
-        };
+        let dx = float_op!(
+            s1.dtype(),
+            "atomtune-conv2d backward",
+            |F| Conv::input_grad(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo,)
+        );
         let g = &self.geo;
         Ok((dx, Shape::from((b, g.c, g.h, g.w))))
     }
@@ -513,21 +513,9 @@ impl candle_core::CustomOp2 for KernelGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = l1.dims()[0];
-        let dw = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Conv::kernel_grad(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                b,
-                &self.geo,
-            )),
-            DType::F64 => CpuStorage::F64(Conv::kernel_grad(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                b,
-                &self.geo,
-            )),
-            d => candle_core::bail!("atomtune-conv2d backward: unsupported dtype {d:?}"),
-        };
+        let dw = float_op!(s1.dtype(), "atomtune-conv2d backward", |F| {
+            Conv::kernel_grad(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)
+        });
         Ok((dw, Shape::from(self.kernel.clone())))
     }
 }
