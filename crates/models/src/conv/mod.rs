@@ -311,32 +311,20 @@ impl Conv {
     fn forward<T: Float>(x: &[T], w: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
         let mut y = vec![T::zero(); b * g.o * npix];
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); k * npix]
-        };
-        for bi in 0..b {
-            let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
-            let cb: &[T] = if g.is_pointwise() {
-                xb
-            } else {
-                im2col(xb, g, &mut cols);
-                &cols
-            };
+        each_image_cols(x, b, g, |bi, cols| {
             // SAFETY: y_b is [o, npix], w is [o, k], cols [k, npix].
             unsafe {
                 gemm(
                     &mut y[bi * g.o * npix..(bi + 1) * g.o * npix],
                     w,
-                    cb,
+                    cols,
                     (g.o, npix, k),
                     false,
                     false,
                     false,
                 )
             };
-        }
+        });
         y
     }
 
@@ -344,33 +332,39 @@ impl Conv {
     fn kernel_grad<T: Float>(x: &[T], dy: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
         let mut dw = vec![T::zero(); g.o * k];
-        let mut cols = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); k * npix]
-        };
-        for bi in 0..b {
-            let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
-            let cb: &[T] = if g.is_pointwise() {
-                xb
-            } else {
-                im2col(xb, g, &mut cols);
-                &cols
-            };
+        each_image_cols(x, b, g, |bi, cols| {
             // SAFETY: dy_b is [o, npix]; cols [k, npix] read transposed as [npix, k].
             unsafe {
                 gemm(
                     &mut dw,
                     &dy[bi * g.o * npix..(bi + 1) * g.o * npix],
-                    cb,
+                    cols,
                     (g.o, k, npix),
                     false,
                     true,
                     bi > 0,
                 )
             };
-        }
+        });
         dw
+    }
+}
+
+/// Calls `f(b, cols_b)` for each of the `b` images of `x`, with `cols_b [c kh kw, ho wo]` its
+/// im2col matrix (the image itself for a pointwise conv), built in one reused buffer.
+fn each_image_cols<T: Float>(x: &[T], b: usize, g: &Geo, mut f: impl FnMut(usize, &[T])) {
+    let mut cols = if g.is_pointwise() {
+        Vec::new()
+    } else {
+        vec![T::zero(); g.k() * g.npix()]
+    };
+    for (bi, xb) in x.chunks_exact(g.c * g.h * g.w).take(b).enumerate() {
+        if g.is_pointwise() {
+            f(bi, xb);
+        } else {
+            im2col(xb, g, &mut cols);
+            f(bi, &cols);
+        }
     }
 }
 

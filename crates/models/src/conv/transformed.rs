@@ -104,8 +104,12 @@ pub fn conv2d_atoms(
     padding: usize,
 ) -> Result<Tensor> {
     let d: usize = w.dims().iter().skip(2).product();
-    let (m, d0) = atoms.dims2()?;
-    if d0 != d || delta.dims() != atoms.dims() || atoms.dtype() != w.dtype() {
+    let (_, d0) = atoms.dims2()?;
+    if d0 != d
+        || delta.dims() != atoms.dims()
+        || atoms.dtype() != w.dtype()
+        || delta.dtype() != w.dtype()
+    {
         return Err(Error::Input(format!(
             "atoms {:?} and update {:?} do not fit kernel {:?} ({:?})",
             atoms.dims(),
@@ -116,11 +120,14 @@ pub fn conv2d_atoms(
     }
     let fast = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == w.dtype()
-        && delta.dtype() == w.dtype()
-        && m > 0;
+        && x.dtype() == w.dtype();
     if !fast {
-        let t = atoms_transform(&atoms.detach(), delta, scale)?;
+        let t = atoms::FilterTransform::Atoms {
+            atoms: atoms.detach(),
+            delta: delta.clone(),
+            scale,
+        }
+        .matrix()?;
         return conv2d_transformed(x, w, &t, stride, padding);
     }
     let op = TransformedConv {
@@ -132,14 +139,8 @@ pub fn conv2d_atoms(
         .apply_op3(&w.contiguous()?, &delta.contiguous()?, op)?)
 }
 
-/// `I + scale D0^T dD` from candle ops.
-fn atoms_transform(atoms: &Tensor, delta: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let eye = Tensor::eye(atoms.dim(1)?, atoms.dtype(), atoms.device())?;
-    let upd = atoms.t()?.matmul(delta)?;
-    eye + if scale == 1.0 { upd } else { (upd * scale)? }
-}
-
-/// `T = I + scale D0^T dD` as numbers, `[d, d]`.
+/// `T = I + scale D0^T dD` as numbers, `[d, d]`, from `D0` and `dD` (`[m, d]` each): the one
+/// place the op forms `T`, forward and backward.
 fn build_t<T: Float>(d0: &[T], dd: &[T], d: usize, scale: f64) -> Vec<T> {
     let m = d0.len() / d;
     let s = T::from(scale).unwrap_or(T::one());
@@ -196,6 +197,18 @@ fn channel_cols<T: Float>(x: &[T], g: &Geo, c: usize, raw: &mut [T]) {
 }
 
 impl TransformedConv {
+    /// `T` from the op's third input: `T` itself, or `dD` for an atoms adapter.
+    fn transform<T: Float + candle_core::WithDType>(
+        &self,
+        third: &[T],
+        d: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        Ok(match &self.atoms {
+            Some((d0, s)) => build_t(&d0.flatten_all()?.to_vec1::<T>()?, third, d, *s),
+            None => third.to_vec(),
+        })
+    }
+
     fn forward<T: Float>(x: &[T], w: &[T], t: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
         let grouped = t.len() > d * d;
@@ -310,38 +323,10 @@ impl CustomOp3 for TransformedConv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geo::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let b = l1.dims()[0];
-        let d = g.kh * g.kw;
-        let y = match s1.dtype() {
-            DType::F32 => {
-                let third = slices::<f32>(s3, l3)?;
-                let t = match &self.atoms {
-                    Some((d0, s)) => build_t(&d0.flatten_all()?.to_vec1::<f32>()?, third, d, *s),
-                    None => third.to_vec(),
-                };
-                CpuStorage::F32(Self::forward(
-                    slices::<f32>(s1, l1)?,
-                    slices::<f32>(s2, l2)?,
-                    &t,
-                    b,
-                    &g,
-                ))
-            }
-            DType::F64 => {
-                let third = slices::<f64>(s3, l3)?;
-                let t = match &self.atoms {
-                    Some((d0, s)) => build_t(&d0.flatten_all()?.to_vec1::<f64>()?, third, d, *s),
-                    None => third.to_vec(),
-                };
-                CpuStorage::F64(Self::forward(
-                    slices::<f64>(s1, l1)?,
-                    slices::<f64>(s2, l2)?,
-                    &t,
-                    b,
-                    &g,
-                ))
-            }
-            d => candle_core::bail!("atomtune-conv2d-transformed: unsupported dtype {d:?}"),
-        };
+        let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
+            let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
+            Self::forward(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, &t, b, &g)
+        });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
 
@@ -359,7 +344,13 @@ impl CustomOp3 for TransformedConv {
         // The third input is T itself, or dD from which T is formed.
         let third = t;
         let t = &match &self.atoms {
-            Some((d0, s)) => atoms_transform(d0, &third.detach(), *s)?,
+            Some((d0, s)) => atoms::FilterTransform::Atoms {
+                atoms: d0.clone(),
+                delta: third.detach(),
+                scale: *s,
+            }
+            .matrix()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             None => third.detach(),
         };
         let (mut dx, mut dt) = (None, None);
@@ -433,34 +424,23 @@ impl CustomOp3 for TransformedConvGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = l1.dims()[0];
         let t = self.t.flatten_all()?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(TransformedConv::backward(
-                slices::<f32>(s1, l1)?,
-                slices::<f32>(s2, l2)?,
-                &t.to_vec1::<f32>()?,
-                slices::<f32>(s3, l3)?,
+        let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {
+            TransformedConv::backward(
+                slices::<F>(s1, l1)?,
+                slices::<F>(s2, l2)?,
+                &t.to_vec1::<F>()?,
+                slices::<F>(s3, l3)?,
                 b,
                 &self.geo,
                 self.want_dx,
-            )),
-            DType::F64 => CpuStorage::F64(TransformedConv::backward(
-                slices::<f64>(s1, l1)?,
-                slices::<f64>(s2, l2)?,
-                &t.to_vec1::<f64>()?,
-                slices::<f64>(s3, l3)?,
-                b,
-                &self.geo,
-                self.want_dx,
-            )),
-            d => {
-                candle_core::bail!("atomtune-conv2d-transformed backward: unsupported dtype {d:?}")
-            }
+            )
+        });
+        let nx = if self.want_dx {
+            l1.shape().elem_count()
+        } else {
+            0
         };
-        let len = match &out {
-            CpuStorage::F32(v) => v.len(),
-            CpuStorage::F64(v) => v.len(),
-            _ => unreachable!("dtype checked above"),
-        };
+        let len = nx + t.elem_count();
         Ok((out, Shape::from(len)))
     }
 }
@@ -539,7 +519,13 @@ mod tests {
                     let d0 = randn(&[m, d], dtype);
                     let dd = Var::from_tensor(&randn(&[m, d], dtype)).unwrap();
                     let fast = conv2d_atoms(&x, &kern, &d0, &dd, scale, s, p).unwrap();
-                    let t = atoms_transform(&d0, &dd, scale).unwrap();
+                    let t = atoms::FilterTransform::Atoms {
+                        atoms: d0.clone(),
+                        delta: dd.as_tensor().clone(),
+                        scale,
+                    }
+                    .matrix()
+                    .unwrap();
                     let slow = conv2d_transformed(&x, &kern, &t, s, p).unwrap();
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     let case = (b, c, h, w, o, k, s, p, m, dtype, scale);
