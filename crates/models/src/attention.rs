@@ -28,23 +28,48 @@ use crate::Result;
 /// Bytes of scores a task holds at once (forward and backward: twice that).
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// `softmax(scale q k^T) v` from plain candle ops: every device, and the reference.
+/// `softmax(scale q k^T) v` per head, from plain candle ops: every device, and the reference.
 ///
 /// # Shapes
-/// `q [b, n, d]`, `k [b, m, d]`, `v [b, m, e]` -> `[b, n, e]`.
-pub fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    Ok(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v)?)
+/// Heads side by side: `q [b, n, heads * d]`, `k [b, m, heads * d]`, `v [b, m, heads * e]`
+/// -> `[b, n, heads * e]`.
+pub fn attention_slow(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        Ok(x.reshape((b, n, heads, c / heads))?
+            .transpose(1, 2)?
+            .reshape((b * heads, n, c / heads))?)
+    };
+    let scores = (split(q)?.matmul(&split(k)?.t()?)? * scale)?;
+    let o = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&split(v)?)?;
+    let (bh, n, e) = o.dims3()?;
+    Ok(o.reshape((bh / heads, heads, n, e))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, n, heads * e))?)
 }
 
-/// The same as [`attention_slow`], chunked, with a recomputing backward on the CPU (f32, f64).
-pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// The same as [`attention_slow`], chunked, with a recomputing backward on the CPU (f32, f64);
+/// it reads and writes each head in place, with no copies to split or merge heads.
+pub fn attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
     if !fused || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        return attention_slow(q, k, v, scale);
+        return attention_slow(q, k, v, heads, scale);
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = FusedAttention {
+        heads,
         scale,
         log_sum_exp: Mutex::new(None),
     };
@@ -52,9 +77,11 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 }
 
 struct FusedAttention {
+    heads: usize,
     scale: f64,
-    /// Each query row's log-sum-exp of its scaled scores, `[b * n]`, left by the forward for the
-    /// backward (the op lives in the graph node it made, so one forward pairs with its backward).
+    /// Each query row's log-sum-exp of its scaled scores, `[b, heads, n]`, left by the forward
+    /// for the backward (the op lives in the graph node it made, so one forward pairs with its
+    /// backward).
     log_sum_exp: Mutex<Option<Vec<f64>>>,
 }
 
@@ -227,21 +254,30 @@ unsafe fn exp_rows_shifted_f32_avx2(x: &mut [f32], m: usize, shift: &[f32]) {
     exp_rows_shifted_f32(x, m, shift)
 }
 
-/// A row-major matrix view for [`gemm`]: `data`, and whether to read it transposed.
+/// A matrix view for [`gemm`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
+/// (heads sit side by side in a row, so a head's rows are strided), read transposed or not.
 #[derive(Clone, Copy)]
 struct Mat<'a, T> {
     data: &'a [T],
     rows: usize,
     cols: usize,
+    rs: usize,
     transposed: bool,
 }
 
 impl<'a, T> Mat<'a, T> {
+    /// A dense `rows x cols` matrix.
     fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// `rows x cols` with rows `rs` apart.
+    fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
         Mat {
             data,
             rows,
             cols,
+            rs,
             transposed: false,
         }
     }
@@ -256,27 +292,64 @@ impl<'a, T> Mat<'a, T> {
     /// `(rows, cols, column stride, row stride)` as seen.
     fn view(&self) -> (usize, usize, isize, isize) {
         if self.transposed {
-            (self.cols, self.rows, self.cols as isize, 1)
+            (self.cols, self.rows, self.rs as isize, 1)
         } else {
-            (self.rows, self.cols, 1, self.cols as isize)
+            (self.rows, self.cols, 1, self.rs as isize)
+        }
+    }
+
+    /// Whether every element lies within `data`.
+    fn fits(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + self.cols <= self.data.len()
+    }
+
+    /// Rows `s..s + c`.
+    fn rows(self, s: usize, c: usize) -> Self {
+        Mat::strided(&self.data[s * self.rs..], c, self.cols, self.rs)
+    }
+
+    /// Row `i`.
+    fn row(&self, i: usize) -> &'a [T] {
+        &self.data[i * self.rs..i * self.rs + self.cols]
+    }
+}
+
+/// Where [`gemm`] writes: `ptr`, rows `rs` apart.
+#[derive(Clone, Copy)]
+struct Dst<T> {
+    ptr: *mut T,
+    rs: usize,
+}
+
+impl<T> Dst<T> {
+    fn dense(x: &mut [T]) -> Self {
+        Dst {
+            ptr: x.as_mut_ptr(),
+            rs: 0,
         }
     }
 }
 
-/// `dst [m, n] (+)= scale a @ b`, single-threaded (callers parallelise over heads).
-fn gemm<T: Float>(dst: &mut [T], a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
+/// `dst [m, n] (+)= scale a @ b`, single-threaded (callers parallelise over heads). A dense
+/// destination (`rs` 0) has rows `n` apart.
+///
+/// # Safety
+/// `dst` must be valid for writes of `m` rows of `n` numbers, `rs` apart, that no other thread
+/// reads or writes meanwhile.
+unsafe fn gemm<T: Float>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
     let (m, k, a_cs, a_rs) = a.view();
     let (k2, n, b_cs, b_rs) = b.view();
-    assert!(k == k2 && dst.len() >= m * n && a.data.len() >= m * k && b.data.len() >= k * n);
-    // SAFETY: the assert above checks every matrix lies within its slice.
+    assert!(k == k2 && a.fits() && b.fits());
+    let rs = if dst.rs == 0 { n } else { dst.rs };
+    // SAFETY: the assert checks the inputs lie within their slices, the caller the output.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.ptr,
             1,
-            n as isize,
+            rs as isize,
             accumulate,
             a.data.as_ptr(),
             a_cs,
@@ -299,118 +372,179 @@ fn chunk_rows<T>(n: usize, m: usize) -> usize {
     (CHUNK_BYTES / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1))
 }
 
-impl FusedAttention {
-    /// Forward: `out [b, n, e]` and each query row's log-sum-exp `[b * n]`, one task per
-    /// (batch row, chunk of queries).
-    fn run<T: Float>(
+/// The problem: batch `b`, `h` heads, `n` queries, `m` keys, head sizes `d` (queries and keys)
+/// and `e` (values). Every tensor keeps its heads side by side: `q [b, n, h d]`, `k [b, m, h d]`,
+/// `v [b, m, h e]`, `out [b, n, h e]`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    h: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    e: usize,
+}
+
+impl Dims {
+    /// Head `hi` of batch row `bi` of a `[b, rows, h w]` tensor: `rows x w`, strided.
+    fn head<'a, T>(
         &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        (b, n, m, d, e): (usize, usize, usize, usize, usize),
-    ) -> (Vec<T>, Vec<f64>) {
-        let mut out = vec![T::zero(); b * n * e];
-        let mut lse = vec![0f64; b * n];
+        x: &'a [T],
+        (bi, hi): (usize, usize),
+        rows: usize,
+        w: usize,
+    ) -> Mat<'a, T> {
+        let rs = self.h * w;
+        let start = bi * rows * rs + hi * w;
+        Mat::strided(&x[start..(bi + 1) * rows * rs], rows, w, rs)
+    }
+
+    /// The offset of row `row`, head `hi`, batch row `bi` of a `[b, rows, h w]` tensor.
+    fn at(&self, (bi, hi): (usize, usize), rows: usize, row: usize, w: usize) -> usize {
+        (bi * rows + row) * self.h * w + hi * w
+    }
+}
+
+impl FusedAttention {
+    /// Forward: `out` and each query row's log-sum-exp `[b, h, n]`, one task per (batch row,
+    /// head, chunk of queries).
+    fn run<T: Float>(&self, q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>, Vec<f64>) {
+        let Dims { b, h, n, m, d, e } = dm;
+        let mut out = vec![T::zero(); b * n * h * e];
+        let mut lse = vec![0f64; b * h * n];
         let chunk = chunk_rows::<T>(n, m);
         let scale = T::from_f64(self.scale);
-        let tasks: Vec<(usize, usize)> = (0..b)
-            .flat_map(|bi| (0..n).step_by(chunk).map(move |s| (bi, s)))
+        let tasks: Vec<(usize, usize, usize)> = (0..b)
+            .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
+            .flat_map(|(bi, hi)| (0..n).step_by(chunk).map(move |s| (bi, hi, s)))
             .collect();
         let (out_ptr, lse_ptr) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
-        tasks.par_iter().for_each(|&(bi, s)| {
+        tasks.par_iter().for_each(|&(bi, hi, s)| {
             let c = chunk.min(n - s);
             let mut p = vec![T::zero(); c * m];
             let (mut max, mut sum) = (vec![T::zero(); c], vec![T::zero(); c]);
-            let qc = Mat::new(&q[(bi * n + s) * d..(bi * n + s + c) * d], c, d);
-            let kb = Mat::new(&k[bi * m * d..(bi + 1) * m * d], m, d);
-            let vb = Mat::new(&v[bi * m * e..(bi + 1) * m * e], m, e);
-            gemm(&mut p, qc, kb.t(), scale, false);
+            let qc = dm.head(q, (bi, hi), n, d).rows(s, c);
+            let (kh, vh) = (dm.head(k, (bi, hi), m, d), dm.head(v, (bi, hi), m, e));
+            // SAFETY: `p` is this task's own `c x m` buffer.
+            unsafe { gemm(Dst::dense(&mut p), qc, kh.t(), scale, false) };
             T::exp_rows(&mut p, m, &mut max, &mut sum);
-            // SAFETY: each task writes its own rows [(bi * n + s) .. + c) of both outputs.
-            let (dst, lse) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(out_ptr.get().add((bi * n + s) * e), c * e),
-                    std::slice::from_raw_parts_mut(lse_ptr.get().add(bi * n + s), c),
-                )
+            let dst = Dst {
+                // SAFETY: in bounds: row s of head hi of batch row bi.
+                ptr: unsafe { out_ptr.get().add(dm.at((bi, hi), n, s, e)) },
+                rs: h * e,
             };
-            gemm(dst, Mat::new(&p, c, m), vb, T::one(), false);
-            for (i, row) in dst.chunks_exact_mut(e).enumerate() {
+            // SAFETY: each task writes its own rows s..s + c of its own head's columns.
+            unsafe { gemm(dst, Mat::new(&p, c, m), vh, T::one(), false) };
+            for i in 0..c {
                 let inv = T::one() / sum[i];
-                row.iter_mut().for_each(|x| *x = *x * inv);
-                lse[i] = (max[i] + sum[i].ln()).to_f64().unwrap_or(f64::NAN);
+                // SAFETY: as above; row i of this task's block, and its own log-sum-exp slot.
+                unsafe {
+                    let row = std::slice::from_raw_parts_mut(dst.ptr.add(i * dst.rs), e);
+                    row.iter_mut().for_each(|x| *x = *x * inv);
+                    *lse_ptr.get().add((bi * h + hi) * n + s + i) =
+                        (max[i] + sum[i].ln()).to_f64().unwrap_or(f64::NAN);
+                }
             }
         });
         (out, lse)
     }
 
-    /// Backward: `(dq, dk, dv)`, one task per batch row (it owns that row's `dk`, `dv`), query
-    /// chunks in turn; the probabilities are recomputed from the forward's log-sum-exp `lse`.
+    /// Backward: `(dq, dk, dv)` in the inputs' layouts, one task per (batch row, head), which
+    /// owns that head's columns of `dq`, `dk`, `dv`; query chunks in turn. The probabilities are
+    /// recomputed from the forward's log-sum-exp `lse`.
     #[allow(clippy::type_complexity)]
     fn grads<T: Float>(
         &self,
         (q, k, v, o, g): (&[T], &[T], &[T], &[T], &[T]),
         lse: &[f64],
-        (b, n, m, d, e): (usize, usize, usize, usize, usize),
+        dm: Dims,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Dims { b, h, n, m, d, e } = dm;
         let (mut dq, mut dk, mut dv) = (
-            vec![T::zero(); b * n * d],
-            vec![T::zero(); b * m * d],
-            vec![T::zero(); b * m * e],
+            vec![T::zero(); b * n * h * d],
+            vec![T::zero(); b * m * h * d],
+            vec![T::zero(); b * m * h * e],
         );
         let chunk = chunk_rows::<T>(n, m);
         let scale = T::from_f64(self.scale);
         let lse: Vec<T> = lse.iter().map(|&x| T::from_f64(x)).collect();
-        dq.par_chunks_mut(n * d)
-            .zip(dk.par_chunks_mut(m * d))
-            .zip(dv.par_chunks_mut(m * e))
-            .enumerate()
-            .for_each(|(bi, ((dqb, dkb), dvb))| {
-                let kb = Mat::new(&k[bi * m * d..(bi + 1) * m * d], m, d);
-                let vb = Mat::new(&v[bi * m * e..(bi + 1) * m * e], m, e);
-                let mut p = vec![T::zero(); chunk * m];
-                let mut ds = vec![T::zero(); chunk * m];
-                for s in (0..n).step_by(chunk) {
-                    let c = chunk.min(n - s);
-                    let rows = |w: usize| (bi * n + s) * w..(bi * n + s + c) * w;
-                    let qc = Mat::new(&q[rows(d)], c, d);
-                    let gc = Mat::new(&g[rows(e)], c, e);
-                    let oc = &o[rows(e)];
-                    let (p, ds) = (&mut p[..c * m], &mut ds[..c * m]);
-                    gemm(p, qc, kb.t(), scale, false);
-                    T::exp_rows_shifted(p, m, &lse[rows(1)]);
+        let ptrs = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
+        let heads: Vec<(usize, usize)> = (0..b)
+            .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
+            .collect();
+        heads.par_iter().for_each(|&bh| {
+            let (dq, dk, dv) = (ptrs.0.get(), ptrs.1.get(), ptrs.2.get());
+            let (kh, vh) = (dm.head(k, bh, m, d), dm.head(v, bh, m, e));
+            let (qh, gh, oh) = (
+                dm.head(q, bh, n, d),
+                dm.head(g, bh, n, e),
+                dm.head(o, bh, n, e),
+            );
+            // SAFETY (every write below): this task alone writes head bh's columns.
+            let (dkh, dvh) = unsafe {
+                (
+                    Dst {
+                        ptr: dk.add(dm.at(bh, m, 0, d)),
+                        rs: h * d,
+                    },
+                    Dst {
+                        ptr: dv.add(dm.at(bh, m, 0, e)),
+                        rs: h * e,
+                    },
+                )
+            };
+            let mut p = vec![T::zero(); chunk * m];
+            let mut ds = vec![T::zero(); chunk * m];
+            let row_lse = &lse[(bh.0 * h + bh.1) * n..(bh.0 * h + bh.1 + 1) * n];
+            for s in (0..n).step_by(chunk) {
+                let c = chunk.min(n - s);
+                let (qc, gc, oc) = (qh.rows(s, c), gh.rows(s, c), oh.rows(s, c));
+                let (p, ds) = (&mut p[..c * m], &mut ds[..c * m]);
+                unsafe {
+                    gemm(Dst::dense(p), qc, kh.t(), scale, false);
+                    T::exp_rows_shifted(p, m, &row_lse[s..s + c]);
                     // dV += P^T G
-                    gemm(dvb, Mat::new(p, c, m).t(), gc, T::one(), true);
+                    gemm(dvh, Mat::new(p, c, m).t(), gc, T::one(), true);
                     // dP = G V^T, then dS = scale P (dP - rowsum(G O))
-                    gemm(ds, gc, vb.t(), T::one(), false);
-                    for i in 0..c {
-                        let mut rowsum = T::zero();
-                        for j in 0..e {
-                            rowsum = rowsum + gc.data[i * e + j] * oc[i * e + j];
-                        }
-                        for j in 0..m {
-                            let x = i * m + j;
-                            ds[x] = scale * p[x] * (ds[x] - rowsum);
-                        }
-                    }
-                    // dQ = dS K; dK += dS^T Q
-                    let dqc = &mut dqb[s * d..(s + c) * d];
-                    gemm(dqc, Mat::new(ds, c, m), kb, T::one(), false);
-                    gemm(dkb, Mat::new(ds, c, m).t(), qc, T::one(), true);
+                    gemm(Dst::dense(ds), gc, vh.t(), T::one(), false);
                 }
-            });
+                for i in 0..c {
+                    let rowsum = gc
+                        .row(i)
+                        .iter()
+                        .zip(oc.row(i))
+                        .fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+                    let (pr, dr) = (&p[i * m..(i + 1) * m], &mut ds[i * m..(i + 1) * m]);
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = scale * pv * (*x - rowsum);
+                    }
+                }
+                unsafe {
+                    // dQ = dS K; dK += dS^T Q
+                    let dqc = Dst {
+                        ptr: dq.add(dm.at(bh, n, s, d)),
+                        rs: h * d,
+                    };
+                    gemm(dqc, Mat::new(ds, c, m), kh, T::one(), false);
+                    gemm(dkh, Mat::new(ds, c, m).t(), qc, T::one(), true);
+                }
+            }
+        });
         (dq, dk, dv)
     }
-}
 
-impl FusedAttention {
     /// [`CustomOp3::bwd`] on flat CPU tensors `(q, k, v, out, grad)` of dtype `T`.
     #[allow(clippy::type_complexity)]
     fn backward<T: Float + candle_core::WithDType>(
         &self,
         (q, k, v, o, g): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
-        dims: (usize, usize, usize, usize, usize),
+        dm: Dims,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (b, n, m, d, e) = dims;
+        let Dims { b, h, n, m, d, e } = dm;
         let (q, k, v, o, g) = (
             q.to_vec1::<T>()?,
             k.to_vec1::<T>()?,
@@ -424,18 +558,38 @@ impl FusedAttention {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         // Only a backward without its forward lacks the statistics: recompute them.
-        let lse = kept.unwrap_or_else(|| self.run(&q, &k, &v, dims).1);
-        let (dq, dk, dv) = self.grads((&q, &k, &v, &o, &g), &lse, dims);
+        let lse = kept.unwrap_or_else(|| self.run(&q, &k, &v, dm).1);
+        let (dq, dk, dv) = self.grads((&q, &k, &v, &o, &g), &lse, dm);
         let dev = &candle_core::Device::Cpu;
         Ok((
-            Tensor::from_vec(dq, (b, n, d), dev)?,
-            Tensor::from_vec(dk, (b, m, d), dev)?,
-            Tensor::from_vec(dv, (b, m, e), dev)?,
+            Tensor::from_vec(dq, (b, n, h * d), dev)?,
+            Tensor::from_vec(dk, (b, m, h * d), dev)?,
+            Tensor::from_vec(dv, (b, m, h * e), dev)?,
         ))
+    }
+
+    /// The problem `q`, `k`, `v` of these shapes pose, or why they do not fit together.
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Dims> {
+        let h = self.heads;
+        let fits = q.len() == 3 && k.len() == 3 && v.len() == 3 && h > 0;
+        if !fits || k[0] != q[0] || v[0] != q[0] || k[1] != v[1] || k[2] != q[2] {
+            candle_core::bail!("atomtune-attention: shapes q {q:?} k {k:?} v {v:?} do not fit")
+        }
+        if q[2] % h != 0 || v[2] % h != 0 {
+            candle_core::bail!("atomtune-attention: widths q {q:?} v {v:?} are not {h} heads")
+        }
+        Ok(Dims {
+            b: q[0],
+            h,
+            n: q[1],
+            m: k[1],
+            d: q[2] / h,
+            e: v[2] / h,
+        })
     }
 }
 
-/// A raw pointer that tasks writing disjoint rows may share.
+/// A raw pointer that tasks writing disjoint parts may share.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
@@ -467,31 +621,20 @@ impl CustomOp3 for FusedAttention {
         ) else {
             candle_core::bail!("atomtune-attention needs contiguous inputs");
         };
-        let (b, n, d) = l1.shape().dims3()?;
-        let (b2, m, d2) = l2.shape().dims3()?;
-        let (b3, m3, e) = l3.shape().dims3()?;
-        if b2 != b || b3 != b || d2 != d || m3 != m {
-            candle_core::bail!(
-                "atomtune-attention: shapes q {:?} k {:?} v {:?} do not fit",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let dims = (b, n, m, d, e);
+        let dm = self.dims(l1.dims(), l2.dims(), l3.dims())?;
         let (out, lse) = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dims);
+                let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dm);
                 (CpuStorage::F32(o), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dims);
+                let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dm);
                 (CpuStorage::F64(o), lse)
             }
             _ => candle_core::bail!("atomtune-attention: unsupported dtype {:?}", s1.dtype()),
         };
         *self.log_sum_exp.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-        Ok((out, Shape::from((b, n, e))))
+        Ok((out, Shape::from((dm.b, dm.n, dm.h * dm.e))))
     }
 
     fn bwd(
@@ -502,9 +645,7 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, n, d) = q.dims3()?;
-        let (m, e) = (k.dim(1)?, v.dim(2)?);
-        let dims = (b, n, m, d, e);
+        let dm = self.dims(q.dims(), k.dims(), v.dims())?;
         // The inputs are small next to the scores: copy them out of candle's storage.
         let flat = |t: &Tensor| t.detach().contiguous()?.flatten_all();
         let (qf, kf, vf, of, gf) = (
@@ -516,8 +657,8 @@ impl CustomOp3 for FusedAttention {
         );
         let flats = (&qf, &kf, &vf, &of, &gf);
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.backward::<f32>(flats, dims)?,
-            DType::F64 => self.backward::<f64>(flats, dims)?,
+            DType::F32 => self.backward::<f32>(flats, dm)?,
+            DType::F64 => self.backward::<f64>(flats, dm)?,
             other => candle_core::bail!("atomtune-attention backward: unsupported dtype {other:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -544,46 +685,62 @@ mod tests {
         assert!(exp_f32(-1000.0) < 1e-37);
     }
 
+    fn randn(shape: (usize, usize, usize), dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_reference_attends_each_head_on_its_own() {
+        let (b, h, n, m, d, e) = (2, 3, 9, 7, 4, 5);
+        let (q, k, v) = (
+            randn((b, n, h * d), DType::F64),
+            randn((b, m, h * d), DType::F64),
+            randn((b, m, h * e), DType::F64),
+        );
+        let all = attention_slow(&q, &k, &v, h, 0.4).unwrap();
+        for hi in 0..h {
+            let one = attention_slow(
+                &q.narrow(2, hi * d, d).unwrap(),
+                &k.narrow(2, hi * d, d).unwrap(),
+                &v.narrow(2, hi * e, e).unwrap(),
+                1,
+                0.4,
+            )
+            .unwrap();
+            assert!(rel(&all.narrow(2, hi * e, e).unwrap(), &one) < 1e-14);
+        }
+    }
+
     #[test]
     fn the_fused_op_equals_the_composed_form_forward_and_backward() {
         // shapes of self-attention (long) and cross-attention (77 keys), and a ragged chunking;
-        // the usual scale and a large one (rows near one-hot, exponents far below zero)
+        // one head and several; the usual scale and a large one (rows near one-hot, exponents
+        // far below zero)
         let cases = [
-            (3, 300, 300, 4, 4, 0.5),
-            (2, 1000, 77, 8, 8, 0.35),
-            (1, 7, 5, 3, 2, 0.58),
+            (3, 1, 300, 300, 4, 4, 0.5),
+            (2, 2, 1000, 77, 8, 8, 0.35),
+            (1, 3, 7, 5, 3, 2, 0.58),
+            (2, 4, 300, 300, 4, 4, 12.0),
         ];
-        let peaky = [(2, 300, 300, 4, 4, 12.0)];
-        for (b, n, m, d, e, scale) in cases.into_iter().chain(peaky) {
+        for (b, h, n, m, d, e, scale) in cases {
             for dtype in [DType::F32, DType::F64] {
-                let r = |shape: (usize, usize, usize)| {
-                    Var::from_tensor(
-                        &Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap(),
-                    )
-                    .unwrap()
-                };
-                let (q, k, v) = (r((b, n, d)), r((b, m, d)), r((b, m, e)));
-                let w = Tensor::randn(0f32, 1.0, (b, n, e), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let fast = attention_fused(&q, &k, &v, scale).unwrap();
-                let slow = attention_slow(&q, &k, &v, scale).unwrap();
+                let r = |shape| Var::from_tensor(&randn(shape, dtype)).unwrap();
+                let (q, k, v) = (r((b, n, h * d)), r((b, m, h * d)), r((b, m, h * e)));
+                let w = randn((b, n, h * e), dtype);
+                let fast = attention_fused(&q, &k, &v, h, scale).unwrap();
+                let slow = attention_slow(&q, &k, &v, h, scale).unwrap();
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-                assert!(
-                    rel(&fast, &slow) < tol,
-                    "{dtype:?} {:?}: forward {}",
-                    (b, n, m),
-                    rel(&fast, &slow)
-                );
+                let case = (b, h, n, m);
+                let err = rel(&fast, &slow);
+                assert!(err < tol, "{dtype:?} {case:?}: forward {err}");
                 let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
                 let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
                 for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                    let e = rel(gf.get(x).unwrap(), gs.get(x).unwrap());
-                    assert!(e < tol * 20.0, "{dtype:?} {:?}: d{name} {e}", (b, n, m));
+                    let err = rel(gf.get(x).unwrap(), gs.get(x).unwrap());
+                    assert!(err < tol * 20.0, "{dtype:?} {case:?}: d{name} {err}");
                 }
             }
         }
@@ -591,30 +748,33 @@ mod tests {
 
     #[test]
     fn a_backward_without_its_forward_recomputes_the_log_sum_exp() {
-        let dims @ (b, n, m, d, e) = (2, 50, 40, 4, 3);
-        let t = |len: usize, shape: (usize, usize, usize)| {
-            Tensor::randn(0f64, 1.0, len, &Device::Cpu)
-                .unwrap()
-                .reshape(shape)
-                .unwrap()
+        let dm = Dims {
+            b: 2,
+            h: 2,
+            n: 50,
+            m: 40,
+            d: 4,
+            e: 3,
         };
+        let Dims { b, h, n, m, d, e } = dm;
         let (q, k, v, g) = (
-            t(b * n * d, (b, n, d)),
-            t(b * m * d, (b, m, d)),
-            t(b * m * e, (b, m, e)),
-            t(b * n * e, (b, n, e)),
+            randn((b, n, h * d), DType::F64),
+            randn((b, m, h * d), DType::F64),
+            randn((b, m, h * e), DType::F64),
+            randn((b, n, h * e), DType::F64),
         );
         let op = |lse| FusedAttention {
+            heads: h,
             scale: 0.7,
             log_sum_exp: Mutex::new(lse),
         };
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let (out, lse) = op(None).run(&flat(&q), &flat(&k), &flat(&v), dims);
-        let out = Tensor::from_vec(out, (b, n, e), &Device::Cpu).unwrap();
+        let (out, lse) = op(None).run(&flat(&q), &flat(&k), &flat(&v), dm);
+        let out = Tensor::from_vec(out, (b, n, h * e), &Device::Cpu).unwrap();
         let fl = |x: &Tensor| x.flatten_all().unwrap();
         let args = (&fl(&q), &fl(&k), &fl(&v), &fl(&out), &fl(&g));
-        let kept = op(Some(lse)).backward::<f64>(args, dims).unwrap();
-        let fresh = op(None).backward::<f64>(args, dims).unwrap();
+        let kept = op(Some(lse)).backward::<f64>(args, dm).unwrap();
+        let fresh = op(None).backward::<f64>(args, dm).unwrap();
         for (x, y) in [
             (&kept.0, &fresh.0),
             (&kept.1, &fresh.1),
@@ -623,8 +783,8 @@ mod tests {
             assert_eq!(flat(x), flat(y));
         }
         // and a wrong statistic would show: the kept one is used
-        let off = op(Some(vec![1.0; b * n]))
-            .backward::<f64>(args, dims)
+        let off = op(Some(vec![1.0; b * h * n]))
+            .backward::<f64>(args, dm)
             .unwrap();
         assert_ne!(flat(&off.2), flat(&fresh.2));
     }

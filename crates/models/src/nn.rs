@@ -226,8 +226,16 @@ impl LayerNorm {
 /// chunked op with a recomputing backward ([`crate::attention`]).
 ///
 /// # Shapes
-/// `q [b, n, d]`, `k [b, m, d]`, `v [b, m, dv]` -> `[b, n, dv]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Result<Tensor> {
+/// Heads side by side: `q [b, n, heads * d]`, `k [b, m, heads * d]`, `v [b, m, heads * dv]`
+/// -> `[b, n, heads * dv]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
     let dtype = v.dtype();
     let dt = if upcast || matches!(dtype, DType::F16 | DType::BF16) {
         DType::F32
@@ -238,6 +246,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -
         &q.to_dtype(dt)?,
         &k.to_dtype(dt)?,
         &v.to_dtype(dt)?,
+        heads,
         scale,
     )?;
     Ok(o.to_dtype(dtype)?)

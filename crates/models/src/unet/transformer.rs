@@ -43,34 +43,18 @@ impl Attention {
         })
     }
 
-    /// `[b, n, c]` -> `[b * heads, n, c / heads]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, c / self.heads))?)
-    }
-
     /// # Shapes
     /// `x [b, n, dim]`, `context [b, m, context_dim]` (self-attention when `None`) -> `[b, n, dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
         let o = attention(
-            &q.contiguous()?,
-            &k.contiguous()?,
-            &v.contiguous()?,
+            &self.to_q.forward(x)?,
+            &self.to_k.forward(ctx)?,
+            &self.to_v.forward(ctx)?,
+            self.heads,
             self.scale,
             self.upcast,
         )?;
-        let (bh, n, dh) = o.dims3()?;
-        let b = bh / self.heads;
-        let o = o
-            .reshape((b, self.heads, n, dh))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * dh))?;
         self.to_out.forward(&o)
     }
 }
