@@ -21,6 +21,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 mod error;
+mod fastmath;
 pub mod geglu;
 pub mod group_norm;
 mod hub;
