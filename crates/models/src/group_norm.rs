@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::conv::float_op;
 use crate::conv::{slices, task_len, Float};
+use crate::fastmath::simd_dispatch;
 use crate::Result;
 
 /// `x [b, c, ...]` normalised over `groups` groups of channels (and everything after the channel
@@ -73,27 +74,153 @@ fn split_dims(x: &[usize]) -> (usize, usize, usize) {
     (x[0], x[1], x[2..].iter().product())
 }
 
-/// Mean and `1 / sqrt(var + eps)` of one group's values, accumulated in f64.
+/// Partial sums per lane: loops over `LANES` independent accumulators vectorise, where one
+/// running sum (a chain of dependent adds) cannot.
+const LANES: usize = 16;
+
+/// The per-channel loops of the op for one element type: f64 as written, f32 compiled for the
+/// CPU's vector units ([`simd_dispatch!`]).
+trait Rows: Float {
+    /// Mean and `1 / sqrt(var + eps)` of one group's values, accumulated in f64.
+    fn stats(v: &[Self], eps: f64) -> (f64, f64);
+    /// `y = z` or `silu(z)`, `z = x a + b`.
+    fn normalize(y: &mut [Self], x: &[Self], a: Self, b: Self, silu: bool);
+    /// Writes `dz` (`dy silu'(z)` or `dy`) into `dz` and returns `(sum dz xhat, sum dz)`, where
+    /// `xhat = (x - mean) rstd` and `z = xhat gamma + beta`, `k = (mean, rstd, gamma, beta)`.
+    fn grad_z(dz: &mut [Self], x: &[Self], dy: &[Self], k: [Self; 4], silu: bool) -> (Self, Self);
+    /// `dx = rstd (dz gamma - m1 - xhat m2)` in place of `dz`, `k = (mean, rstd, gamma, m1, m2)`.
+    fn grad_x(dx: &mut [Self], x: &[Self], k: [Self; 5]);
+}
+
+impl Rows for f64 {
+    fn stats(v: &[f64], eps: f64) -> (f64, f64) {
+        stats(v, eps)
+    }
+    fn normalize(y: &mut [f64], x: &[f64], a: f64, b: f64, silu: bool) {
+        normalize(y, x, a, b, silu)
+    }
+    fn grad_z(dz: &mut [f64], x: &[f64], dy: &[f64], k: [f64; 4], silu: bool) -> (f64, f64) {
+        grad_z(dz, x, dy, k, silu)
+    }
+    fn grad_x(dx: &mut [f64], x: &[f64], k: [f64; 5]) {
+        grad_x(dx, x, k)
+    }
+}
+
+impl Rows for f32 {
+    fn stats(v: &[f32], eps: f64) -> (f64, f64) {
+        stats_f32(v, eps)
+    }
+    fn normalize(y: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
+        normalize_f32(y, x, a, b, silu)
+    }
+    fn grad_z(dz: &mut [f32], x: &[f32], dy: &[f32], k: [f32; 4], silu: bool) -> (f32, f32) {
+        grad_z_f32(dz, x, dy, k, silu)
+    }
+    fn grad_x(dx: &mut [f32], x: &[f32], k: [f32; 5]) {
+        grad_x_f32(dx, x, k)
+    }
+}
+
+simd_dispatch! {
+    fn stats_f32(v: &[f32], eps: f64) -> (f64, f64) = stats::<f32>;
+}
+simd_dispatch! {
+    fn normalize_f32(y: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) = normalize::<f32>;
+}
+simd_dispatch! {
+    fn grad_z_f32(dz: &mut [f32], x: &[f32], dy: &[f32], k: [f32; 4], silu: bool) -> (f32, f32)
+        = grad_z::<f32>;
+}
+simd_dispatch! {
+    fn grad_x_f32(dx: &mut [f32], x: &[f32], k: [f32; 5]) = grad_x::<f32>;
+}
+
+/// The sum of `f(v)` over `v` in f64, in [`LANES`] partial sums.
+#[inline(always)]
+fn lane_sum<T: Float>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let to = |x: T| x.to_f64().unwrap_or(0.0);
+    let mut lanes = [0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(to(x));
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(to(x))).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+#[inline(always)]
 fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
     let n = v.len() as f64;
-    let mean = v.iter().map(|a| a.to_f64().unwrap_or(0.0)).sum::<f64>() / n;
-    let var = v
-        .iter()
-        .map(|a| {
-            let d = a.to_f64().unwrap_or(0.0) - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = lane_sum(v, |x| x) / n;
+    let var = lane_sum(v, |x| (x - mean) * (x - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn sigmoid<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+#[inline(always)]
+fn normalize<T: Float>(y: &mut [T], x: &[T], a: T, b: T, silu: bool) {
+    if silu {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let z = v * a + b;
+            *o = z * z.sigmoid();
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * a + b;
+        }
+    }
+}
+
+#[inline(always)]
+fn grad_z<T: Float>(dz: &mut [T], x: &[T], dy: &[T], k: [T; 4], silu: bool) -> (T, T) {
+    let [mean, rstd, gamma, beta] = k;
+    let (mut sg, mut sb) = ([T::zero(); LANES], [T::zero(); LANES]);
+    let n = dz.len().min(x.len()).min(dy.len());
+    let (dz, x, dy) = (&mut dz[..n], &x[..n], &dy[..n]);
+    let one = |d: &mut T, v: T, g: T| {
+        let xh = (v - mean) * rstd;
+        *d = if silu {
+            let z = xh * gamma + beta;
+            let s = z.sigmoid();
+            g * (s + z * s * (T::one() - s))
+        } else {
+            g
+        };
+        (*d * xh, *d)
+    };
+    let mut dzc = dz.chunks_exact_mut(LANES);
+    let (mut xc, mut gc) = (x.chunks_exact(LANES), dy.chunks_exact(LANES));
+    for ((d, v), g) in (&mut dzc).zip(&mut xc).zip(&mut gc) {
+        for l in 0..LANES {
+            let (a, b) = one(&mut d[l], v[l], g[l]);
+            sg[l] = sg[l] + a;
+            sb[l] = sb[l] + b;
+        }
+    }
+    let (mut tg, mut tb) = (T::zero(), T::zero());
+    let rest = dzc.into_remainder().iter_mut();
+    for ((d, &v), &g) in rest.zip(xc.remainder()).zip(gc.remainder()) {
+        let (a, b) = one(d, v, g);
+        tg = tg + a;
+        tb = tb + b;
+    }
+    let add = |acc: T, &x: &T| acc + x;
+    (sg.iter().fold(tg, add), sb.iter().fold(tb, add))
+}
+
+#[inline(always)]
+fn grad_x<T: Float>(dx: &mut [T], x: &[T], k: [T; 5]) {
+    let [mean, rstd, gamma, m1, m2] = k;
+    for (d, &v) in dx.iter_mut().zip(x) {
+        let xh = (v - mean) * rstd;
+        *d = rstd * (*d * gamma - m1 - xh * m2);
+    }
 }
 
 impl GroupNorm {
-    fn forward<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], dims: &[usize]) -> Vec<T> {
+    fn forward<T: Rows>(&self, x: &[T], gamma: &[T], beta: &[T], dims: &[usize]) -> Vec<T> {
         let (_, c, hw) = split_dims(dims);
         let cg = c / self.groups;
         let mut y = vec![T::zero(); x.len()];
@@ -102,23 +229,14 @@ impl GroupNorm {
             .with_min_len(task_len(cg * hw))
             .enumerate()
             .for_each(|(bg, (yg, xg))| {
-                let (mean, rstd) = stats(xg, self.eps);
+                let (mean, rstd) = T::stats(xg, self.eps);
                 let g0 = (bg % self.groups) * cg;
                 for (ch, (yc, xc)) in yg.chunks_exact_mut(hw).zip(xg.chunks_exact(hw)).enumerate() {
                     // z = (x - mean) rstd gamma + beta = x a + b
                     let a_f = rstd * gamma[g0 + ch].to_f64().unwrap_or(0.0);
                     let b = beta[g0 + ch].to_f64().unwrap_or(0.0) - mean * a_f;
                     let (a, b) = (T::from(a_f).unwrap(), T::from(b).unwrap());
-                    if self.silu {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            let z = v * a + b;
-                            *o = z * sigmoid(z);
-                        }
-                    } else {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            *o = v * a + b;
-                        }
-                    }
+                    T::normalize(yc, xc, a, b, self.silu);
                 }
             });
         y
@@ -126,7 +244,7 @@ impl GroupNorm {
 
     /// `dx`, and the per-channel sums `sum dz xhat` and `sum dz` (for `dgamma`, `dbeta`),
     /// packed as `[dx, dgamma, dbeta]`.
-    fn backward<T: Float>(
+    fn backward<T: Rows>(
         &self,
         x: &[T],
         gamma: &[T],
@@ -145,7 +263,7 @@ impl GroupNorm {
             .with_min_len(task_len(cg * hw))
             .enumerate()
             .map(|(bg, (dxg, (xg, dyg)))| {
-                let (mean, rstd) = stats(xg, self.eps);
+                let (mean, rstd) = T::stats(xg, self.eps);
                 let g0 = (bg % self.groups) * cg;
                 let (tm, tr) = (T::from(mean).unwrap(), T::from(rstd).unwrap());
                 let mut chan = Vec::with_capacity(cg);
@@ -154,21 +272,9 @@ impl GroupNorm {
                 for ch in 0..cg {
                     let (gm, bt) = (gamma[g0 + ch], beta[g0 + ch]);
                     let r = ch * hw..(ch + 1) * hw;
-                    let (mut sg, mut sb) = (T::zero(), T::zero());
-                    for ((d, &v), &g) in dxg[r.clone()].iter_mut().zip(&xg[r.clone()]).zip(&dyg[r])
-                    {
-                        let xh = (v - tm) * tr;
-                        let dz = if self.silu {
-                            let z = xh * gm + bt;
-                            let s = sigmoid(z);
-                            g * (s + z * s * (T::one() - s))
-                        } else {
-                            g
-                        };
-                        *d = dz;
-                        sg = sg + dz * xh;
-                        sb = sb + dz;
-                    }
+                    let k = [tm, tr, gm, bt];
+                    let (sg, sb) =
+                        T::grad_z(&mut dxg[r.clone()], &xg[r.clone()], &dyg[r], k, self.silu);
                     let (sg, sb) = (sg.to_f64().unwrap_or(0.0), sb.to_f64().unwrap_or(0.0));
                     let gmf = gm.to_f64().unwrap_or(0.0);
                     s1 += sb * gmf;
@@ -179,12 +285,12 @@ impl GroupNorm {
                 let (m1, m2) = (T::from(s1 / n).unwrap(), T::from(s2 / n).unwrap());
                 // Pass 2: dx = rstd (dz gamma - mean(dxhat) - xhat mean(dxhat xhat)).
                 for ch in 0..cg {
-                    let gm = gamma[g0 + ch];
                     let r = ch * hw..(ch + 1) * hw;
-                    for (d, &v) in dxg[r.clone()].iter_mut().zip(&xg[r]) {
-                        let xh = (v - tm) * tr;
-                        *d = tr * (*d * gm - m1 - xh * m2);
-                    }
+                    T::grad_x(
+                        &mut dxg[r.clone()],
+                        &xg[r],
+                        [tm, tr, gamma[g0 + ch], m1, m2],
+                    );
                 }
                 chan
             })

@@ -62,8 +62,19 @@ struct Conv {
 }
 
 /// The element types the CPU kernels run in (f32, f64).
-pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {}
-impl Float for f32 {}
+pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
+    /// `1 / (1 + e^-x)`.
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        Self::one() / (Self::one() + (-self).exp())
+    }
+}
+impl Float for f32 {
+    #[inline(always)]
+    fn sigmoid(self) -> f32 {
+        crate::fastmath::sigmoid(self)
+    }
+}
 impl Float for f64 {}
 
 /// Geometry of one conv.
