@@ -26,8 +26,12 @@ use rayon::prelude::*;
 use crate::fastmath::{exp_neg, simd_dispatch};
 use crate::Result;
 
-/// Bytes of scores a task holds at once (forward and backward: twice that).
-const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of scores a task holds at once (forward and backward: twice that). Larger chunks mean
+/// fewer gemm calls, each packing the keys and values again, and deeper `P^T G`, `dS^T Q`
+/// products: at SD 1.5's 4096 positions, 8 heads of 40, a forward and backward took
+/// 0.60/0.40/0.32/0.27/0.26/0.26/0.27 s with chunks of 128K/256K/512K/1M/2M/4M/8M bytes (a
+/// 2-core AMD EPYC with 1 MB of L2 per core).
+const CHUNK_BYTES: usize = 2 << 20;
 
 /// `softmax(scale q k^T) v` per head, from plain candle ops: every device, and the reference.
 ///
