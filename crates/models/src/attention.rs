@@ -642,7 +642,7 @@ mod tests {
 
     #[test]
     fn the_fused_op_equals_the_composed_form_forward_and_backward() {
-        // shapes of self-attention (long) and cross-attention (77 keys), and a ragged chunking;
+        // shapes of self-attention (long) and cross-attention (77 keys);
         // one head and several; the usual scale and a large one (rows near one-hot, exponents
         // far below zero)
         let cases = [
@@ -650,7 +650,15 @@ mod tests {
             (2, 2, 1000, 77, 8, 8, 0.35),
             (1, 3, 7, 5, 3, 2, 0.58),
             (2, 4, 300, 300, 4, 4, 12.0),
+            // several chunks of query rows, the last one short (CHUNK_BYTES / (300 x 4 or 8))
+            (1, 2, 2000, 300, 2, 2, 0.5),
         ];
+        for rows in [chunk_rows::<f32>(2000, 300), chunk_rows::<f64>(2000, 300)] {
+            assert!(
+                rows < 2000 && 2000 % rows != 0,
+                "the last case must chunk raggedly"
+            );
+        }
         for (b, h, n, m, d, e, scale) in cases {
             for dtype in [DType::F32, DType::F64] {
                 let r = |shape| Var::from_tensor(&randn(shape, dtype)).unwrap();
