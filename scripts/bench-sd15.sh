@@ -17,6 +17,9 @@ cargo bench -q -p atomtune-models --bench sd15 --no-run 2>/dev/null
 ours() { cargo bench -q -p atomtune-models --bench sd15 -- "$@" 2>/dev/null | tail -1; }
 peer() { "$PEER_PY" "$PEER_DIR/$1" "${@:2}" 2>/dev/null | tail -1 | sed 's/^/{"peer": true, "row": /; s/$/}/'; }
 
+# Forward, batch 1 (the peer side is our scripts/peer-forward.py on the peer's UNet config).
+ours --mode forward --batch 1 --latent "$L" --steps "$STEPS"
+PEER_DIR="$PEER_DIR" "$PEER_PY" scripts/peer-forward.py --latent "$L" --steps "$STEPS" 2>/dev/null | tail -1
 # Forward, batch 2 (one classifier-free-guidance step of sampling).
 ours --mode forward --batch 2 --latent "$L" --steps "$STEPS"
 peer peer_sample.py --model sd15-random --latent "$L" --steps "$STEPS" --threads 2 --json

@@ -12,7 +12,8 @@
 //! does any work. `train` minus `input-grad` is what the adapters cost in a step.
 //!
 //! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step),
-//! the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
+//! for `train` also per phase (forward to the loss, backward, update: `median_phase_s`, as the
+//! PyTorch peer reports them), the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
 //! `--checkpointing` turns on gradient checkpointing, `--dtype bf16` stores the weights in bf16;
 //! with `SD15_BENCH_MEM=1` the peak and current RSS go to stderr before each step and after each
 //! forward.
@@ -139,6 +140,8 @@ fn run() -> models::Result<()> {
         adapt_s = t1.elapsed().as_secs_f64();
     }
     let mut times = Vec::new();
+    // per training step: forward (to the loss), backward, update
+    let mut phases: [Vec<f64>; 3] = Default::default();
     if !["train", "input-grad", "forward"].contains(&a.mode.as_str()) {
         panic!("--mode: forward, train or input-grad");
     }
@@ -165,6 +168,7 @@ fn run() -> models::Result<()> {
             let xt = ((&x * 0.5f64.sqrt())? + (&noise * 0.5f64.sqrt())?)?;
             let pred = unet.forward(&xt, &t, &ctx)?;
             let loss = (pred - &noise)?.sqr()?.mean_all()?;
+            let t_fwd = t1.elapsed().as_secs_f64();
             if mem {
                 eprintln!(
                     "after forward: peak {:.2} GB, now {:.2} GB",
@@ -172,10 +176,21 @@ fn run() -> models::Result<()> {
                     status_gb("VmRSS:")
                 );
             }
+            let t2 = Instant::now();
             let grads = loss.backward()?;
+            let t_bwd = t2.elapsed().as_secs_f64();
+            let t3 = Instant::now();
             for v in &vars {
                 if let Some(g) = grads.get(v) {
                     v.set(&(v.as_tensor() - (g * 1e-4)?)?)?;
+                }
+            }
+            if step > 0 {
+                for (p, t) in phases
+                    .iter_mut()
+                    .zip([t_fwd, t_bwd, t3.elapsed().as_secs_f64()])
+                {
+                    p.push(t);
                 }
             }
         } else {
@@ -190,9 +205,18 @@ fn run() -> models::Result<()> {
         }
     }
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let phase = match &phases {
+        [f, b, o] if !f.is_empty() => format!(
+            ", \"median_phase_s\": {{\"fwd\": {:.3}, \"bwd\": {:.3}, \"opt\": {:.4}}}",
+            median(f.clone()),
+            median(b.clone()),
+            median(o.clone())
+        ),
+        _ => String::new(),
+    };
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": {}}}",
+        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": {}{phase}}}",
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
         median(times.clone()),
@@ -201,7 +225,7 @@ fn run() -> models::Result<()> {
         peak_rss_gb(),
         candle_core::utils::get_num_threads(),
         a.dtype,
-        a.checkpointing
+        a.checkpointing,
     );
     Ok(())
 }
