@@ -3,8 +3,12 @@
 //! compiles such a loop for AVX-512 and AVX2 and picks one at run time (the crate itself is built
 //! for baseline x86-64).
 //!
+//! Also partial sums in lanes ([`lane_sum`]), for the norms' statistics.
+//!
 //! Accuracy is that of f32 itself or close to it (each function says), enough for activations
 //! and softmax weights; f64 work keeps std's functions.
+
+use crate::conv::Float;
 
 /// `e^x` for `x <= 0`: Cody-Waite range reduction to `r` in `[-ln2/2, ln2/2]`, Cephes' degree-6
 /// polynomial for `e^r`, and `2^n` through the exponent bits. Relative error about 1e-7, like
@@ -75,6 +79,34 @@ pub(crate) fn normal_cdf(x: f32) -> f32 {
 pub(crate) fn normal_pdf(x: f32) -> f32 {
     const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
     FRAC_1_SQRT_2PI * exp_neg(-0.5 * x * x)
+}
+
+/// Partial sums per lane: loops over `LANES` independent accumulators vectorise, where one
+/// running sum (a chain of dependent adds) cannot.
+pub(crate) const LANES: usize = 16;
+
+/// The sum of `f(v)` over `v` in f64, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum<T: Float>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let to = |x: T| x.to_f64().unwrap_or(0.0);
+    let mut lanes = [0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(to(x));
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(to(x))).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Mean and `1 / sqrt(var + eps)` of `v`, accumulated in f64 ([`lane_sum`]).
+#[inline(always)]
+pub(crate) fn mean_rstd<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = lane_sum(v, |x| x) / n;
+    let var = lane_sum(v, |x| (x - mean) * (x - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// Defines `fn $name(args) -> ret` that runs `$body` (an `#[inline(always)]` function of the

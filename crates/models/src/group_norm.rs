@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::conv::float_op;
 use crate::conv::{slices, task_len, Float};
-use crate::fastmath::simd_dispatch;
+use crate::fastmath::{mean_rstd, simd_dispatch, LANES};
 use crate::Result;
 
 /// `x [b, c, ...]` normalised over `groups` groups of channels (and everything after the channel
@@ -74,10 +74,6 @@ fn split_dims(x: &[usize]) -> (usize, usize, usize) {
     (x[0], x[1], x[2..].iter().product())
 }
 
-/// Partial sums per lane: loops over `LANES` independent accumulators vectorise, where one
-/// running sum (a chain of dependent adds) cannot.
-const LANES: usize = 16;
-
 /// The per-channel loops of the op for one element type: f64 as written, f32 compiled for the
 /// CPU's vector units ([`simd_dispatch!`]).
 trait Rows: Float {
@@ -94,7 +90,7 @@ trait Rows: Float {
 
 impl Rows for f64 {
     fn stats(v: &[f64], eps: f64) -> (f64, f64) {
-        stats(v, eps)
+        mean_rstd(v, eps)
     }
     fn normalize(y: &mut [f64], x: &[f64], a: f64, b: f64, silu: bool) {
         normalize(y, x, a, b, silu)
@@ -123,7 +119,7 @@ impl Rows for f32 {
 }
 
 simd_dispatch! {
-    fn stats_f32(v: &[f32], eps: f64) -> (f64, f64) = stats::<f32>;
+    fn stats_f32(v: &[f32], eps: f64) -> (f64, f64) = mean_rstd::<f32>;
 }
 simd_dispatch! {
     fn normalize_f32(y: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) = normalize::<f32>;
@@ -134,29 +130,6 @@ simd_dispatch! {
 }
 simd_dispatch! {
     fn grad_x_f32(dx: &mut [f32], x: &[f32], k: [f32; 5]) = grad_x::<f32>;
-}
-
-/// The sum of `f(v)` over `v` in f64, in [`LANES`] partial sums.
-#[inline(always)]
-fn lane_sum<T: Float>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let to = |x: T| x.to_f64().unwrap_or(0.0);
-    let mut lanes = [0f64; LANES];
-    let mut chunks = v.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += f(to(x));
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| f(to(x))).sum();
-    lanes.iter().sum::<f64>() + tail
-}
-
-#[inline(always)]
-fn stats<T: Float>(v: &[T], eps: f64) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = lane_sum(v, |x| x) / n;
-    let var = lane_sum(v, |x| (x - mean) * (x - mean)) / n;
-    (mean, 1.0 / (var + eps).sqrt())
 }
 
 #[inline(always)]
