@@ -28,6 +28,8 @@ ours --mode train --method atoms --latent "$L" --steps "$STEPS"
 peer peer_train.py --model sd15-random --mode atoms --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json
 ours --mode train --method lora --latent "$L" --steps "$STEPS"
 peer peer_train.py --model sd15-random --mode lora-attn --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json
-# The memory lever: atoms with every resnet and transformer block checkpointed.
+# The memory lever: atoms with the selected blocks checkpointed (`--gradient-checkpointing`),
+# then every resnet and transformer block (`--gradient-checkpointing=all`).
+ours --mode train --method atoms --latent "$L" --steps "$STEPS" --checkpointing-selective
 ours --mode train --method atoms --latent "$L" --steps "$STEPS" --checkpointing
 peer peer_train.py --model sd15-random --mode atoms --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json --grad-ckpt

@@ -255,8 +255,9 @@ fn a_corrupt_image_is_named_or_skipped() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no images found"));
 }
 
-/// `--gradient-checkpointing` trains the same run: the same losses step by step (to float
-/// rounding; the recomputed blocks sum some gradients in another order).
+/// `--gradient-checkpointing` (selective) and `--gradient-checkpointing=all` train the same run:
+/// the same losses step by step (to float rounding; the recomputed blocks sum some gradients in
+/// another order); an unknown mode is refused with the ones there are.
 #[test]
 fn gradient_checkpointing_trains_the_same_run() {
     let Some(fx) = fixture() else { return };
@@ -286,13 +287,36 @@ fn gradient_checkpointing_trains_the_same_run() {
             .collect()
     };
     let plain = losses("plain", &[]);
-    let ckpt = losses("ckpt", &["--gradient-checkpointing"]);
     assert_eq!(plain.len(), 4);
-    assert_eq!(
-        plain[0], ckpt[0],
-        "the first step's loss is the same forward"
-    );
-    for (a, b) in plain.iter().zip(&ckpt) {
-        assert!((a - b).abs() <= 1e-4 * a.abs(), "{plain:?} vs {ckpt:?}");
+    // the flag alone is the selective mode
+    for (name, flag) in [
+        ("selective", "--gradient-checkpointing"),
+        ("all", "--gradient-checkpointing=all"),
+    ] {
+        let ckpt = losses(name, &[flag]);
+        assert_eq!(
+            plain[0], ckpt[0],
+            "{flag}: the first step's loss is the same forward"
+        );
+        for (a, b) in plain.iter().zip(&ckpt) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "{flag}: {plain:?} vs {ckpt:?}"
+            );
+        }
     }
+    let out = tmp.path().join("bad");
+    let mut args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "1",
+    );
+    args.push("--gradient-checkpointing=most");
+    let o = atomtune(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("selective") && err.contains("all"),
+        "{err}"
+    );
 }

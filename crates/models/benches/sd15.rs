@@ -14,7 +14,8 @@
 //! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step),
 //! for `train` also per phase (forward to the loss, backward, update: `median_phase_s`, as the
 //! PyTorch peer reports them), the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
-//! `--checkpointing` turns on gradient checkpointing, `--dtype bf16` stores the weights in bf16;
+//! `--checkpointing` checkpoints every block, `--checkpointing-selective` the selected ones
+//! ([`models::Checkpointing`]), `--dtype bf16` stores the weights in bf16;
 //! with `SD15_BENCH_MEM=1` the peak and current RSS go to stderr before each step and after each
 //! forward.
 
@@ -22,7 +23,7 @@ use std::time::Instant;
 
 use atoms::{AdapterConfig, LayerAdapter, Method};
 use candle_core::{DType, Device, Tensor};
-use models::{Layers, Preset, Targets, Unet, UnetConfig, Weights};
+use models::{Checkpointing, Layers, Preset, Targets, Unet, UnetConfig, Weights};
 
 struct Args {
     mode: String,
@@ -30,7 +31,7 @@ struct Args {
     latent: usize,
     steps: usize,
     batch: usize,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
     dtype: DType,
 }
 
@@ -41,7 +42,7 @@ fn parse() -> Args {
         latent: 32,
         steps: 3,
         batch: 1,
-        checkpointing: false,
+        checkpointing: Checkpointing::Off,
         dtype: DType::F32,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
@@ -62,7 +63,12 @@ fn parse() -> Args {
                 }
             }
             "--checkpointing" => {
-                a.checkpointing = true;
+                a.checkpointing = Checkpointing::All;
+                i += 1;
+                continue;
+            }
+            "--checkpointing-selective" => {
+                a.checkpointing = Checkpointing::Selective;
                 i += 1;
                 continue;
             }
@@ -216,7 +222,7 @@ fn run() -> models::Result<()> {
     };
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": {}{phase}}}",
+        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}}}",
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
         median(times.clone()),

@@ -45,8 +45,35 @@ struct Inner {
     adapters: BTreeMap<String, Vec<Attached>>,
     /// Effective weights computed once by [`Layers::bake`], used until adapters change.
     baked: BTreeMap<String, Tensor>,
-    /// Whether the model's blocks run checkpointed ([`Layers::set_checkpointing`]).
-    checkpointing: bool,
+    /// Which of the model's blocks run checkpointed ([`Layers::set_checkpointing`]).
+    checkpointing: Checkpointing,
+}
+
+/// Which UNet blocks gradient checkpointing covers ([`Layers::set_checkpointing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every block keeps its activations for the backward.
+    #[default]
+    Off,
+    /// The blocks whose activations are largest for the work of recomputing them: every resnet
+    /// and transformer of the first (full-resolution) level, and the transformers of the second.
+    /// SD 1.5 at latent 64: 4.7 GB instead of 6.7, for a step about 20% longer (BENCHMARKS.md).
+    Selective,
+    /// Every resnet and transformer block: the least memory (4.1 GB for SD 1.5 at latent 64),
+    /// for one more forward per step (about 40% longer).
+    All,
+}
+
+impl Checkpointing {
+    /// Whether a block runs checkpointed under this mode; `selected` says whether
+    /// [`Checkpointing::Selective`] covers it.
+    pub fn covers(self, selected: bool) -> bool {
+        match self {
+            Checkpointing::Off => false,
+            Checkpointing::Selective => selected,
+            Checkpointing::All => true,
+        }
+    }
 }
 
 /// The adaptable layers of one model, shared by the model's modules.
@@ -202,16 +229,15 @@ impl Layers {
             .collect()
     }
 
-    /// Gradient checkpointing for training: when on, every resnet and transformer block keeps
+    /// Gradient checkpointing for training: a checkpointed resnet or transformer block keeps
     /// only its inputs for the backward and runs its forward again there ([`crate::checkpoint`]).
-    /// Peak memory drops to about the weights plus one block's activations; a step costs one
-    /// more forward. Off by default. CPU only: elsewhere blocks run as usual.
-    pub fn set_checkpointing(&self, on: bool) {
-        self.inner.write().expect("lock").checkpointing = on;
+    /// [`Checkpointing::Off`] by default. CPU only: elsewhere blocks run as usual.
+    pub fn set_checkpointing(&self, mode: Checkpointing) {
+        self.inner.write().expect("lock").checkpointing = mode;
     }
 
-    /// Whether blocks run checkpointed.
-    pub fn checkpointing(&self) -> bool {
+    /// Which blocks run checkpointed.
+    pub fn checkpointing(&self) -> Checkpointing {
         self.inner.read().expect("lock").checkpointing
     }
 

@@ -43,7 +43,7 @@ pub mod weights;
 pub use clip::{ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
-pub use layers::{LayerKind, Layers, Targets};
+pub use layers::{Checkpointing, LayerKind, Layers, Targets};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
 pub use process::{on_compute_thread, tune_process};

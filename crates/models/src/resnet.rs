@@ -17,6 +17,7 @@ pub struct ResnetBlock {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    selective_checkpoint: bool,
     name: String,
     layers: Layers,
 }
@@ -36,6 +37,8 @@ pub struct ResnetOpts {
     pub eps: f64,
     /// The output is divided by this.
     pub output_scale_factor: f64,
+    /// Whether [`crate::Checkpointing::Selective`] checkpoints this block.
+    pub selective_checkpoint: bool,
 }
 
 impl ResnetBlock {
@@ -71,6 +74,7 @@ impl ResnetBlock {
                 None
             },
             output_scale_factor: o.output_scale_factor,
+            selective_checkpoint: o.selective_checkpoint,
             name: w.prefix().to_string(),
             layers: layers.clone(),
         })
@@ -79,7 +83,11 @@ impl ResnetBlock {
     /// # Shapes
     /// `x [b, cin, h, w]`, `temb [b, t]` -> `[b, cout, h, w]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        if !self.layers.checkpointing() {
+        if !self
+            .layers
+            .checkpointing()
+            .covers(self.selective_checkpoint)
+        {
             return self.forward_plain(x, temb);
         }
         let block = self.clone();

@@ -127,6 +127,7 @@ fn resnet(cin: usize, cout: usize, groups: usize) -> ResnetOpts {
         groups,
         eps: EPS,
         output_scale_factor: 1.0,
+        selective_checkpoint: false,
     }
 }
 

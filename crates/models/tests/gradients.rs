@@ -2,7 +2,7 @@
 
 use atoms::{Adapter, AdapterConfig, LayerAdapter, Method};
 use candle_core::{DType, Device, Tensor, Var};
-use models::{Layers, Targets, Unet, UnetConfig, Weights};
+use models::{Checkpointing, Layers, Targets, Unet, UnetConfig, Weights};
 
 fn unet(name: &str, dtype: DType) -> Option<Unet> {
     let fx = testutil::fixture(name, &["unet"])?;
@@ -169,9 +169,10 @@ fn adapter_gradients_through_the_unet_equal_central_differences_in_f64() {
     }
 }
 
-/// With every resnet and transformer checkpointed, the loss is the plain one bit for bit and every
-/// adapter gradient equals the plain backward's to float rounding (the blocks are recomputed
-/// with the same kernels; a tensor used by several blocks sums its gradients in another order).
+/// With the selected blocks or every resnet and transformer checkpointed, the loss is the plain
+/// one bit for bit and every adapter gradient equals the plain backward's to float rounding (the
+/// blocks are recomputed with the same kernels; a tensor used by several blocks sums its
+/// gradients in another order).
 #[test]
 fn checkpointed_blocks_give_the_same_gradients() {
     let Some(unet) = unet("tiny-sd-2block", DType::F32) else {
@@ -184,8 +185,8 @@ fn checkpointed_blocks_give_the_same_gradients() {
     let t = Tensor::new(&[321u32], &Device::Cpu).unwrap();
     let ctx = seeded(&[2, 77, cfg_ctx], 2, 1.0, DType::F32);
     let r = seeded(&[2, 4, 16, 16], 3, 1.0, DType::F32);
-    let run = |on: bool| {
-        layers.set_checkpointing(on);
+    let run = |mode: Checkpointing| {
+        layers.set_checkpointing(mode);
         let loss = (unet.forward(&x, &t, &ctx).unwrap() * &r)
             .unwrap()
             .sum_all()
@@ -200,17 +201,19 @@ fn checkpointed_blocks_give_the_same_gradients() {
             .collect();
         (loss.to_scalar::<f32>().unwrap(), gs)
     };
-    let (plain_loss, plain) = run(false);
-    let (ckpt_loss, ckpt) = run(true);
-    layers.set_checkpointing(false);
-    assert_eq!(plain_loss, ckpt_loss);
+    let (plain_loss, plain) = run(Checkpointing::Off);
     assert!(vars.len() > 10);
-    for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
-        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            scale > 0.0 && err <= 1e-5 * scale,
-            "parameter {i}: {err} of {scale}"
-        );
+    for mode in [Checkpointing::Selective, Checkpointing::All] {
+        let (ckpt_loss, ckpt) = run(mode);
+        assert_eq!(plain_loss, ckpt_loss, "{mode:?}");
+        for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                scale > 0.0 && err <= 1e-5 * scale,
+                "{mode:?} parameter {i}: {err} of {scale}"
+            );
+        }
     }
+    layers.set_checkpointing(Checkpointing::Off);
 }

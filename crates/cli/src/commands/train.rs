@@ -71,11 +71,11 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     };
     let sd = StableDiffusion::load(&a.model.model, &opts)
         .with_context(|| format!("loading --model {}", a.model.model))?;
-    if a.gradient_checkpointing {
+    if let Some(mode) = a.gradient_checkpointing {
         if !sd.unet.device().is_cpu() {
             bail!("--gradient-checkpointing runs on the CPU only for now; leave it out on a GPU");
         }
-        sd.unet.layers().set_checkpointing(true);
+        sd.unet.layers().set_checkpointing(mode.into());
     }
     let resolution = a
         .resolution

@@ -20,6 +20,10 @@ pub(super) struct BlockOpts {
     pub depth: usize,
     pub linear_projection: bool,
     pub upcast_attention: bool,
+    /// The widest resnet and transformer that [`crate::Checkpointing::Selective`] checkpoints:
+    /// the first level's channels for resnets, the second level's for transformers (where a
+    /// block's activations are largest for the work of recomputing it).
+    pub selective_widths: (usize, usize),
 }
 
 impl BlockOpts {
@@ -31,6 +35,7 @@ impl BlockOpts {
             groups: self.groups,
             eps: self.eps,
             output_scale_factor: scale,
+            selective_checkpoint: cout <= self.selective_widths.0,
         }
     }
 
@@ -43,6 +48,7 @@ impl BlockOpts {
             groups: self.groups,
             linear_projection: self.linear_projection,
             upcast_attention: self.upcast_attention,
+            selective_checkpoint: channels <= self.selective_widths.1,
         }
     }
 }
@@ -286,5 +292,34 @@ impl UpBlock {
             h = conv.forward(&up)?;
         }
         Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Selective checkpointing covers the first level's resnets and the first two levels'
+    /// transformers (SD 1.5's widths), and nothing wider.
+    #[test]
+    fn selective_checkpointing_picks_the_wide_activation_blocks() {
+        let o = BlockOpts {
+            temb: 1280,
+            groups: 32,
+            eps: 1e-5,
+            context_dim: 768,
+            depth: 1,
+            linear_projection: false,
+            upcast_attention: false,
+            selective_widths: (320, 640),
+        };
+        // resnets by output width: level 0 down and up (inputs of up to 960 channels)
+        assert!(o.resnet(320, 320, 1.0).selective_checkpoint);
+        assert!(o.resnet(960, 320, 1.0).selective_checkpoint);
+        assert!(!o.resnet(320, 640, 1.0).selective_checkpoint);
+        assert!(!o.resnet(1280, 1280, 1.0).selective_checkpoint);
+        assert!(o.transformer(320, 8).selective_checkpoint);
+        assert!(o.transformer(640, 8).selective_checkpoint);
+        assert!(!o.transformer(1280, 8).selective_checkpoint);
     }
 }

@@ -47,6 +47,7 @@ impl Unet {
             depth: c.transformer_layers_per_block,
             linear_projection: c.use_linear_projection,
             upcast_attention: c.upcast_attention,
+            selective_widths: (ch[0], ch[1.min(n - 1)]),
         };
         let conv_in = Conv2d::new(
             &w.pp("conv_in"),

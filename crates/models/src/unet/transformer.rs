@@ -134,6 +134,7 @@ pub struct Transformer2D {
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
+    selective_checkpoint: bool,
     name: String,
     layers: Layers,
 }
@@ -155,6 +156,8 @@ pub struct TransformerOpts {
     pub linear_projection: bool,
     /// Attention scores in f32.
     pub upcast_attention: bool,
+    /// Whether [`crate::Checkpointing::Selective`] checkpoints this block.
+    pub selective_checkpoint: bool,
 }
 
 impl Transformer2D {
@@ -184,6 +187,7 @@ impl Transformer2D {
                 })
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
+            selective_checkpoint: o.selective_checkpoint,
             name: w.prefix().to_string(),
             layers: layers.clone(),
         })
@@ -192,7 +196,11 @@ impl Transformer2D {
     /// # Shapes
     /// `x [b, c, h, w]`, `context [b, m, context_dim]` -> `[b, c, h, w]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        if !self.layers.checkpointing() {
+        if !self
+            .layers
+            .checkpointing()
+            .covers(self.selective_checkpoint)
+        {
             return self.forward_plain(x, context);
         }
         let block = self.clone();
