@@ -23,6 +23,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::conv::Float;
 use crate::fastmath::{exp_neg, simd_dispatch};
 use crate::Result;
 
@@ -90,9 +91,8 @@ struct FusedAttention {
     log_sum_exp: Mutex<Option<Vec<f64>>>,
 }
 
-trait Float: num_traits::Float + num_traits::Zero + num_traits::One + Send + Sync + 'static {
-    fn from_f64(x: f64) -> Self;
-
+/// The softmax rows of the op for one element type: f64 with std's `exp`, f32 vectorised.
+trait Rows: Float {
     /// On each row of `m` numbers: `x <- e^(x - max)`, and the row's `max` and `sum` of those.
     fn exp_rows(x: &mut [Self], m: usize, max: &mut [Self], sum: &mut [Self]);
 
@@ -101,11 +101,7 @@ trait Float: num_traits::Float + num_traits::Zero + num_traits::One + Send + Syn
     fn exp_rows_shifted(x: &mut [Self], m: usize, shift: &[Self]);
 }
 
-impl Float for f32 {
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-
+impl Rows for f32 {
     fn exp_rows(x: &mut [f32], m: usize, max: &mut [f32], sum: &mut [f32]) {
         exp_rows_f32(x, m, max, sum)
     }
@@ -115,11 +111,7 @@ impl Float for f32 {
     }
 }
 
-impl Float for f64 {
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-
+impl Rows for f64 {
     fn exp_rows(x: &mut [f64], m: usize, max: &mut [f64], sum: &mut [f64]) {
         for ((row, mx), sm) in x.chunks_exact_mut(m).zip(max).zip(sum) {
             *mx = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
@@ -144,12 +136,12 @@ impl Float for f64 {
 const LANES: usize = 16;
 
 simd_dispatch! {
-    /// [`Float::exp_rows`] for f32.
+    /// [`Rows::exp_rows`] for f32.
     fn exp_rows_f32(x: &mut [f32], m: usize, max: &mut [f32], sum: &mut [f32]) = exp_rows_body;
 }
 
 simd_dispatch! {
-    /// [`Float::exp_rows_shifted`] for f32.
+    /// [`Rows::exp_rows_shifted`] for f32.
     fn exp_rows_shifted_f32(x: &mut [f32], m: usize, shift: &[f32]) = exp_rows_shifted_body;
 }
 
@@ -276,7 +268,7 @@ impl<T> Dst<T> {
 /// # Safety
 /// `dst` must be valid for writes of `m` rows of `n` numbers, `rs` apart, that no other thread
 /// reads or writes meanwhile.
-unsafe fn gemm<T: Float>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
+unsafe fn gemm<T: Rows>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
     let (m, k, a_cs, a_rs) = a.view();
     let (k2, n, b_cs, b_rs) = b.view();
     assert!(k == k2 && a.fits() && b.fits());
@@ -348,7 +340,7 @@ impl Dims {
 impl FusedAttention {
     /// Forward: `out` and each query row's log-sum-exp `[b, h, n]`, one task per (batch row,
     /// head, chunk of queries).
-    fn run<T: Float>(&self, q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>, Vec<f64>) {
+    fn run<T: Rows>(&self, q: &[T], k: &[T], v: &[T], dm: Dims) -> (Vec<T>, Vec<f64>) {
         let Dims { b, h, n, m, d, e } = dm;
         let mut out = vec![T::zero(); b * n * h * e];
         let mut lse = vec![0f64; b * h * n];
@@ -393,7 +385,7 @@ impl FusedAttention {
     /// owns that head's columns of `dq`, `dk`, `dv`; query chunks in turn. The probabilities are
     /// recomputed from the forward's log-sum-exp `lse`.
     #[allow(clippy::type_complexity)]
-    fn grads<T: Float>(
+    fn grads<T: Rows>(
         &self,
         (q, k, v, o, g): (&[T], &[T], &[T], &[T], &[T]),
         lse: &[f64],
@@ -479,7 +471,7 @@ impl FusedAttention {
 
     /// [`CustomOp3::bwd`] on flat CPU tensors `(q, k, v, out, grad)` of dtype `T`.
     #[allow(clippy::type_complexity)]
-    fn backward<T: Float + candle_core::WithDType>(
+    fn backward<T: Rows + candle_core::WithDType>(
         &self,
         (q, k, v, o, g): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
         dm: Dims,

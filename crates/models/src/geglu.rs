@@ -188,15 +188,11 @@ impl candle_core::CustomOp2 for GegluGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = l1.dims().last().copied().unwrap_or(0) / 2;
-        let dx = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(backward(slices::<f32>(s1, l1)?, slices::<f32>(s2, l2)?, n))
-            }
-            DType::F64 => {
-                CpuStorage::F64(backward(slices::<f64>(s1, l1)?, slices::<f64>(s2, l2)?, n))
-            }
-            d => candle_core::bail!("atomtune-geglu backward: unsupported dtype {d:?}"),
-        };
+        let dx = float_op!(s1.dtype(), "atomtune-geglu backward", |F| backward(
+            slices::<F>(s1, l1)?,
+            slices::<F>(s2, l2)?,
+            n
+        ));
         Ok((dx, l1.shape().clone()))
     }
 }

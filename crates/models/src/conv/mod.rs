@@ -63,6 +63,12 @@ struct Conv {
 
 /// The element types the CPU kernels run in (f32, f64).
 pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
+    /// `x` in this type (rounded for f32).
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        <Self as num_traits::NumCast>::from(x).unwrap_or_else(Self::nan)
+    }
+
     /// `1 / (1 + e^-x)`.
     #[inline(always)]
     fn sigmoid(self) -> Self {
