@@ -600,23 +600,16 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_rel as rel;
+    use crate::test_support::{max_rel as rel, randn, weighted_grads};
     use candle_core::{Device, Var};
-
-    fn randn(shape: (usize, usize, usize), dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
 
     #[test]
     fn the_reference_attends_each_head_on_its_own() {
         let (b, h, n, m, d, e) = (2, 3, 9, 7, 4, 5);
         let (q, k, v) = (
-            randn((b, n, h * d), DType::F64),
-            randn((b, m, h * d), DType::F64),
-            randn((b, m, h * e), DType::F64),
+            randn(&[b, n, h * d], DType::F64),
+            randn(&[b, m, h * d], DType::F64),
+            randn(&[b, m, h * e], DType::F64),
         );
         let all = attention_slow(&q, &k, &v, h, 0.4).unwrap();
         for hi in 0..h {
@@ -653,17 +646,15 @@ mod tests {
         }
         for (b, h, n, m, d, e, scale) in cases {
             for dtype in [DType::F32, DType::F64] {
-                let r = |shape| Var::from_tensor(&randn(shape, dtype)).unwrap();
-                let (q, k, v) = (r((b, n, h * d)), r((b, m, h * d)), r((b, m, h * e)));
-                let w = randn((b, n, h * e), dtype);
+                let r = |shape: &[usize]| Var::from_tensor(&randn(shape, dtype)).unwrap();
+                let (q, k, v) = (r(&[b, n, h * d]), r(&[b, m, h * d]), r(&[b, m, h * e]));
                 let fast = attention_fused(&q, &k, &v, h, scale).unwrap();
                 let slow = attention_slow(&q, &k, &v, h, scale).unwrap();
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                 let case = (b, h, n, m);
                 let err = rel(&fast, &slow);
                 assert!(err < tol, "{dtype:?} {case:?}: forward {err}");
-                let gf = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let gs = (slow * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gs) = weighted_grads(&fast, &slow);
                 for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
                     let err = rel(gf.get(x).unwrap(), gs.get(x).unwrap());
                     assert!(err < tol * 20.0, "{dtype:?} {case:?}: d{name} {err}");
@@ -684,10 +675,10 @@ mod tests {
         };
         let Dims { b, h, n, m, d, e } = dm;
         let (q, k, v, g) = (
-            randn((b, n, h * d), DType::F64),
-            randn((b, m, h * d), DType::F64),
-            randn((b, m, h * e), DType::F64),
-            randn((b, n, h * e), DType::F64),
+            randn(&[b, n, h * d], DType::F64),
+            randn(&[b, m, h * d], DType::F64),
+            randn(&[b, m, h * e], DType::F64),
+            randn(&[b, n, h * e], DType::F64),
         );
         let op = |lse| FusedAttention {
             heads: h,

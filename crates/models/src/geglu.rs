@@ -200,7 +200,7 @@ impl candle_core::CustomOp2 for GegluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_abs;
+    use crate::test_support::{max_abs, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -218,12 +218,7 @@ mod tests {
             let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-10 };
             assert!(diff(&fast, &slow) < tol, "{dtype:?} forward");
-            let m = Tensor::randn(0f32, 1.0, (2, 3, 5), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gf, gs) = weighted_grads(&fast, &slow);
             // candle's own GELU derivative is good to ~1e-6 in f64; finite differences below
             // hold ours to 1e-8.
             let e = diff(gf.get(&x).unwrap(), gs.get(&x).unwrap());

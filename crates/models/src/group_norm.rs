@@ -391,7 +391,7 @@ impl candle_core::CustomOp2 for GroupNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_rel;
+    use crate::test_support::{max_rel, weighted_grads};
     use candle_core::{Device, Var};
 
     /// Forward and every gradient equal the composed candle ops, with and without SiLU.
@@ -420,12 +420,7 @@ mod tests {
                     let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
                     let case = (dtype, silu, &shape);
                     assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                    let m = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap();
-                    let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                    let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                    let (gf, gs) = weighted_grads(&fast, &slow);
                     for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
                         let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                         assert!(e < tol * 10.0, "{case:?} d{name}: {e}");

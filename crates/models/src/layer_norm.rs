@@ -278,7 +278,7 @@ impl candle_core::CustomOp2 for LayerNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_rel;
+    use crate::test_support::{max_rel, weighted_grads};
     use candle_core::{Device, Var};
 
     /// Forward and every gradient equal the composed candle ops (more rows than one task takes).
@@ -307,12 +307,7 @@ mod tests {
                 let slow = composed(&x, &g, &b, 1e-5).unwrap();
                 let tol = if dtype == DType::F32 { 2e-5 } else { 1e-6 };
                 assert!(max_rel(&fast, &slow) < tol, "{dtype:?} {shape:?} forward");
-                let m = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gs) = weighted_grads(&fast, &slow);
                 for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
                     let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                     assert!(e < tol * 10.0, "{dtype:?} {shape:?} d{name}: {e}");

@@ -96,7 +96,7 @@ impl CustomOp2 for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_abs;
+    use crate::test_support::{max_abs, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -119,12 +119,7 @@ mod tests {
                 assert_eq!(fast.dims(), slow.dims());
                 let scale = max_abs(&slow);
                 assert!(max_abs(&(&fast - &slow).unwrap()) < tol * scale);
-                let m = Tensor::randn(0f32, 1.0, slow.dims(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gs) = weighted_grads(&fast, &slow);
                 for (name, v) in [("x", &x), ("w", &w)] {
                     let (a, b) = (gf.get(v).unwrap(), gs.get(v).unwrap());
                     let e = max_abs(&(a - b).unwrap()) / max_abs(b);

@@ -1,5 +1,6 @@
 //! Helpers for this crate's unit tests of custom ops against their composed forms.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 /// The largest absolute entry of `t`, in f64.
@@ -22,4 +23,18 @@ pub(crate) fn randn(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(dtype))
         .expect("random numbers")
+}
+
+/// The gradients of `sum(fast * m)` and of `sum(slow * m)` for one random `m` of their shape and
+/// dtype: a backward that weighs every output differently, to compare an op's gradients with
+/// those of its reference form.
+pub(crate) fn weighted_grads(fast: &Tensor, slow: &Tensor) -> (GradStore, GradStore) {
+    let m = randn(fast.dims(), fast.dtype());
+    let grads = |y: &Tensor| {
+        (y * &m)
+            .and_then(|p| p.sum_all())
+            .and_then(|l| l.backward())
+            .expect("a backward")
+    };
+    (grads(fast), grads(slow))
 }

@@ -534,7 +534,7 @@ impl candle_core::CustomOp2 for KernelGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::max_rel as rel;
+    use crate::test_support::{max_rel as rel, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -570,12 +570,7 @@ mod tests {
                     (b, c, h, w, o, k, s, p),
                     rel(&fast, &slow)
                 );
-                let m = Tensor::randn(0f32, 1.0, slow.dims(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gs) = weighted_grads(&fast, &slow);
                 for (name, v) in [("x", &x), ("w", &kern)] {
                     let e = rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                     assert!(e < tol * 10.0, "{:?} d{name} {e}", (b, c, h, w, o, k, s, p));

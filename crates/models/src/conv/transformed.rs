@@ -448,7 +448,7 @@ impl CustomOp3 for TransformedConvGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{max_rel, randn};
+    use crate::test_support::{max_rel, randn, weighted_grads};
     use candle_core::{Device, Var};
 
     /// Forward and every gradient equal the composed form, `conv2d(x, Wr T)`, for 3x3 and 1x1
@@ -487,9 +487,7 @@ mod tests {
                 let case = (b, c, h, w, o, k, s, p, grouped, dtype);
                 assert_eq!(fast.dims(), slow.dims(), "{case:?}");
                 assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                let m = randn(slow.dims(), dtype);
-                let gf = (fast * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                let gs = (slow * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gf, gs) = weighted_grads(&fast, &slow);
                 for (name, v) in [("x", &x), ("w", &kern), ("t", &t)] {
                     let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                     assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
@@ -530,9 +528,7 @@ mod tests {
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     let case = (b, c, h, w, o, k, s, p, m, dtype, scale);
                     assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                    let mm = randn(slow.dims(), dtype);
-                    let gf = (fast * &mm).unwrap().sum_all().unwrap().backward().unwrap();
-                    let gs = (slow * &mm).unwrap().sum_all().unwrap().backward().unwrap();
+                    let (gf, gs) = weighted_grads(&fast, &slow);
                     for (name, v) in [("x", &x), ("dD", &dd)] {
                         let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
                         assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
