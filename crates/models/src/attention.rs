@@ -30,8 +30,9 @@ use crate::Result;
 /// Bytes of scores a task holds at once (forward and backward: twice that). Larger chunks mean
 /// fewer gemm calls, each packing the keys and values again, and deeper `P^T G`, `dS^T Q`
 /// products: at SD 1.5's 4096 positions, 8 heads of 40, a forward and backward took
-/// 0.60/0.40/0.32/0.27/0.26/0.26/0.27 s with chunks of 128K/256K/512K/1M/2M/4M/8M bytes (a
-/// 2-core AMD EPYC with 1 MB of L2 per core).
+/// 0.62/0.51/0.32/0.28/0.28/0.27/0.27 s with chunks of 128K/256K/512K/1M/2M/4M/8M bytes (a
+/// 2-core AMD EPYC with 1 MB of L2 per core; `cargo bench -p atomtune-models --bench attention`).
+/// Past 1 MB the gain is a few percent; 2 MB keeps each task's buffers small.
 const CHUNK_BYTES: usize = 2 << 20;
 
 /// `softmax(scale q k^T) v` per head, from plain candle ops: every device, and the reference.
@@ -69,6 +70,19 @@ pub fn attention_fused(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_chunked(q, k, v, heads, scale, CHUNK_BYTES)
+}
+
+/// [`attention_fused`] with score chunks of about `chunk_bytes` per task (the `attention` bench
+/// compares sizes; the default is `CHUNK_BYTES`, 2 MB).
+pub fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
     let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
     if !fused || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         return attention_slow(q, k, v, heads, scale);
@@ -77,6 +91,7 @@ pub fn attention_fused(
     let op = FusedAttention {
         heads,
         scale,
+        chunk_bytes,
         log_sum_exp: Mutex::new(None),
     };
     Ok(q.apply_op3(&k, &v, op)?)
@@ -85,6 +100,8 @@ pub fn attention_fused(
 struct FusedAttention {
     heads: usize,
     scale: f64,
+    /// Bytes of scores a task holds at once.
+    chunk_bytes: usize,
     /// Each query row's log-sum-exp of its scaled scores, `[b, heads, n]`, left by the forward
     /// for the backward (the op lives in the graph node it made, so one forward pairs with its
     /// backward).
@@ -299,9 +316,9 @@ unsafe fn gemm<T: Rows>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, acc
     }
 }
 
-/// Query rows per chunk so a chunk's `rows x m` scores take about `CHUNK_BYTES`.
-fn chunk_rows<T>(n: usize, m: usize) -> usize {
-    (CHUNK_BYTES / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1))
+/// Query rows per chunk so a chunk's `rows x m` scores take about `chunk_bytes`.
+fn chunk_rows<T>(n: usize, m: usize, chunk_bytes: usize) -> usize {
+    (chunk_bytes / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1))
 }
 
 /// The problem: batch `b`, `h` heads, `n` queries, `m` keys, head sizes `d` (queries and keys)
@@ -344,7 +361,7 @@ impl FusedAttention {
         let Dims { b, h, n, m, d, e } = dm;
         let mut out = vec![T::zero(); b * n * h * e];
         let mut lse = vec![0f64; b * h * n];
-        let chunk = chunk_rows::<T>(n, m);
+        let chunk = chunk_rows::<T>(n, m, self.chunk_bytes);
         let scale = T::from_f64(self.scale);
         let tasks: Vec<(usize, usize, usize)> = (0..b)
             .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
@@ -397,7 +414,7 @@ impl FusedAttention {
             vec![T::zero(); b * m * h * d],
             vec![T::zero(); b * m * h * e],
         );
-        let chunk = chunk_rows::<T>(n, m);
+        let chunk = chunk_rows::<T>(n, m, self.chunk_bytes);
         let scale = T::from_f64(self.scale);
         let lse: Vec<T> = lse.iter().map(|&x| T::from_f64(x)).collect();
         let ptrs = (
@@ -638,7 +655,10 @@ mod tests {
             // several chunks of query rows, the last one short (CHUNK_BYTES / (300 x 4 or 8))
             (1, 2, 2000, 300, 2, 2, 0.5),
         ];
-        for rows in [chunk_rows::<f32>(2000, 300), chunk_rows::<f64>(2000, 300)] {
+        for rows in [
+            chunk_rows::<f32>(2000, 300, CHUNK_BYTES),
+            chunk_rows::<f64>(2000, 300, CHUNK_BYTES),
+        ] {
             assert!(
                 rows < 2000 && 2000 % rows != 0,
                 "the last case must chunk raggedly"
@@ -683,6 +703,7 @@ mod tests {
         let op = |lse| FusedAttention {
             heads: h,
             scale: 0.7,
+            chunk_bytes: CHUNK_BYTES,
             log_sum_exp: Mutex::new(lse),
         };
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
