@@ -17,7 +17,8 @@
 //!   of its own (`candle-bp-*`), whose idle threads spin 25,000 `pause`s before they sleep: on
 //!   two cores that spinning takes a core from the gemm workers after every elementwise op, 5%
 //!   of an SD 1.5 training step's samples (perf). With a spin limit of 200 the latent-64 atoms
-//!   step went from 6.64 to 6.26 s (`sd15 --mode train --latent 64`, this 2-core machine).
+//!   step went from 6.64 to 6.26 s (`sd15 --mode train --latent 64`, this 2-core machine;
+//!   `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` in the environment restores candle's default).
 //! - **The model on a pool thread** ([`on_compute_thread`]), so that there are as many busy
 //!   threads as cores.
 
