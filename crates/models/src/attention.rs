@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::conv::Float;
 use crate::fastmath::{exp_neg, simd_dispatch};
+use crate::matmul::{self, Dst, Mat};
 use crate::Result;
 
 /// Bytes of scores a task holds at once (forward and backward: twice that). Larger chunks mean
@@ -203,117 +204,13 @@ fn exp_rows_shifted_body(x: &mut [f32], m: usize, shift: &[f32]) {
     }
 }
 
-/// A matrix view for [`gemm`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
-/// (heads sit side by side in a row, so a head's rows are strided), read transposed or not.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    transposed: bool,
-}
-
-impl<'a, T> Mat<'a, T> {
-    /// A dense `rows x cols` matrix.
-    fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Self::strided(data, rows, cols, cols)
-    }
-
-    /// `rows x cols` with rows `rs` apart.
-    fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs,
-            transposed: false,
-        }
-    }
-
-    fn t(self) -> Self {
-        Mat {
-            transposed: !self.transposed,
-            ..self
-        }
-    }
-
-    /// `(rows, cols, column stride, row stride)` as seen.
-    fn view(&self) -> (usize, usize, isize, isize) {
-        if self.transposed {
-            (self.cols, self.rows, self.rs as isize, 1)
-        } else {
-            (self.rows, self.cols, 1, self.rs as isize)
-        }
-    }
-
-    /// Whether every element lies within `data`.
-    fn fits(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + self.cols <= self.data.len()
-    }
-
-    /// Rows `s..s + c`.
-    fn rows(self, s: usize, c: usize) -> Self {
-        Mat::strided(&self.data[s * self.rs..], c, self.cols, self.rs)
-    }
-
-    /// Row `i`.
-    fn row(&self, i: usize) -> &'a [T] {
-        &self.data[i * self.rs..i * self.rs + self.cols]
-    }
-}
-
-/// Where [`gemm`] writes: `ptr`, rows `rs` apart.
-#[derive(Clone, Copy)]
-struct Dst<T> {
-    ptr: *mut T,
-    rs: usize,
-}
-
-impl<T> Dst<T> {
-    fn dense(x: &mut [T]) -> Self {
-        Dst {
-            ptr: x.as_mut_ptr(),
-            rs: 0,
-        }
-    }
-}
-
-/// `dst [m, n] (+)= scale a @ b`, single-threaded (callers parallelise over heads). A dense
-/// destination (`rs` 0) has rows `n` apart.
+/// [`matmul::gemm`] on the calling thread: the op parallelises over heads and chunks itself.
 ///
 /// # Safety
-/// `dst` must be valid for writes of `m` rows of `n` numbers, `rs` apart, that no other thread
-/// reads or writes meanwhile.
-unsafe fn gemm<T: Rows>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
-    let (m, k, a_cs, a_rs) = a.view();
-    let (k2, n, b_cs, b_rs) = b.view();
-    assert!(k == k2 && a.fits() && b.fits());
-    let rs = if dst.rs == 0 { n } else { dst.rs };
-    // SAFETY: the assert checks the inputs lie within their slices, the caller the output.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr,
-            1,
-            rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            T::one(),
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+/// As [`matmul::gemm`].
+unsafe fn gemm<T: Float>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, accumulate: bool) {
+    // SAFETY: the caller's promise.
+    unsafe { matmul::gemm(gemm::Parallelism::None, dst, a, b, scale, accumulate) }
 }
 
 /// Query rows per chunk so a chunk's `rows x m` scores take about `chunk_bytes`.

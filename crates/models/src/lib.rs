@@ -28,6 +28,7 @@ mod hub;
 pub mod layer_norm;
 pub mod layers;
 pub mod linear;
+mod matmul;
 pub mod nn;
 pub mod pipeline;
 pub mod presets;

@@ -19,6 +19,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::matmul::{self, Dst, Mat};
 use crate::Result;
 
 /// `CpuStorage::F32(body)` or `CpuStorage::F64(body)` by `dtype`, with `$t` naming the element
@@ -286,38 +287,19 @@ unsafe fn gemm_on<T: Float>(
     b_t: bool,
     accumulate: bool,
 ) {
-    debug_assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let (a_cs, a_rs) = if a_t {
-        (m as isize, 1)
+    debug_assert!(dst.len() >= m * n);
+    let a = if a_t {
+        Mat::new(a, k, m).t()
     } else {
-        (1, k as isize)
+        Mat::new(a, m, k)
     };
-    let (b_cs, b_rs) = if b_t {
-        (k as isize, 1)
+    let b = if b_t {
+        Mat::new(b, n, k).t()
     } else {
-        (1, n as isize)
+        Mat::new(b, k, n)
     };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        accumulate,
-        a.as_ptr(),
-        a_cs,
-        a_rs,
-        b.as_ptr(),
-        b_cs,
-        b_rs,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        par,
-    )
+    // SAFETY: `dst` holds the `m x n` product (the caller's promise).
+    unsafe { matmul::gemm(par, Dst::dense(dst), a, b, T::one(), accumulate) }
 }
 
 impl Conv {
