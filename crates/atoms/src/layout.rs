@@ -13,7 +13,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -225,9 +225,18 @@ impl Layout {
 
     /// The filter matrix `[N, d]` as row-major `f64` on the host, for the dictionary solvers.
     pub fn filters_f64(&self, w: &Tensor) -> Result<Vec<f64>> {
-        let f = self.to_filters(&w.to_dtype(DType::F64)?)?;
-        Ok(f.flatten_all()?.to_vec1::<f64>()?)
+        self.check(w)?;
+        host_f64(&self.to_filters(w)?)
     }
+}
+
+/// The numbers of `t`, row-major, as `f64` on the host: copied to the host first and widened
+/// there, because Metal has no f64.
+pub fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
 }
 
 impl fmt::Display for Layout {

@@ -12,11 +12,13 @@
 //! The recomputation sees the same parameter values and the same deterministic kernels, so a
 //! block's gradients are those of the plain backward bit for bit; in a whole UNet a tensor that
 //! feeds several blocks may sum its gradients in another order (float rounding, which the
-//! tests bound).
+//! tests bound). The block's output enters the graph through [`ops::handoff`], so this works on
+//! every device.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
+use candle_core::{Tensor, Var};
+use ops::handoff::{self, Backward};
 
 use crate::Result;
 
@@ -26,10 +28,11 @@ pub(crate) type BlockFn = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send 
 
 /// `f(x, aux)`, checkpointed: nothing inside `f` stays alive for the backward. `params` are the
 /// trainable variables `f` uses (their gradients come back through this op). Runs `f` plainly
-/// when nothing needs a gradient, and off the CPU (the op has only a CPU forward).
+/// when nothing needs a gradient. Every device: the output enters the graph through
+/// [`ops::handoff`].
 pub(crate) fn checkpoint(f: BlockFn, x: &Tensor, aux: &Tensor, params: Vec<Var>) -> Result<Tensor> {
     let tracked = x.track_op() || aux.track_op() || !params.is_empty();
-    if !tracked || !x.device().is_cpu() {
+    if !tracked {
         return f(x, aux);
     }
     let y = f(&x.detach(), &aux.detach())?.detach();
@@ -42,14 +45,17 @@ pub(crate) fn checkpoint(f: BlockFn, x: &Tensor, aux: &Tensor, params: Vec<Var>)
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&flat, 0)?
     };
-    let op = Checkpoint { f, y, params };
-    Ok(x.apply_op3(aux, &packed, op)?)
+    Ok(handoff::attach(
+        y,
+        &[x, aux, &packed],
+        Checkpoint { f, params },
+    )?)
 }
 
+/// The backward of a checkpointed block: its forward again, with a graph, differentiated
+/// against the incoming gradient.
 struct Checkpoint {
     f: BlockFn,
-    /// The block's output, computed without a graph; the op's forward hands it over.
-    y: Tensor,
     params: Vec<Var>,
 }
 
@@ -57,39 +63,20 @@ fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("checkpointed block: {e}"))
 }
 
-impl CustomOp3 for Checkpoint {
+impl Backward for Checkpoint {
     fn name(&self) -> &'static str {
         "atomtune-checkpoint"
     }
 
-    fn cpu_fwd(
+    fn backward(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let flat = self.y.flatten_all()?;
-        let storage = match self.y.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-            d => candle_core::bail!("atomtune-checkpoint: unsupported dtype {d:?}"),
-        };
-        Ok((storage, self.y.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        aux: &Tensor,
-        packed: &Tensor,
+        inputs: &[&Tensor],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let &[x, aux, packed] = inputs else {
+            candle_core::bail!("atomtune-checkpoint: three inputs expected");
+        };
         let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
             if t.track_op() {
                 let v = Var::from_tensor(&t.detach())?;
@@ -124,14 +111,14 @@ impl CustomOp3 for Checkpoint {
         } else {
             None
         };
-        Ok((grad_of(&xv)?, grad_of(&av)?, dp))
+        Ok(vec![grad_of(&xv)?, grad_of(&av)?, dp])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// A small block with a parameter, a nonlinearity and both inputs.
     fn block(w: Var) -> BlockFn {
@@ -148,6 +135,12 @@ mod tests {
 
     #[test]
     fn checkpointed_gradients_equal_the_plain_ones_bit_for_bit() {
+        for kernels in ops::Kernels::ALL {
+            kernels.scope(gradients_equal_the_plain_ones);
+        }
+    }
+
+    fn gradients_equal_the_plain_ones() {
         let dev = Device::Cpu;
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 5), &dev).unwrap()).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap()).unwrap();

@@ -231,7 +231,7 @@ impl Layers {
 
     /// Gradient checkpointing for training: a checkpointed resnet or transformer block keeps
     /// only its inputs for the backward and runs its forward again there ([`crate::checkpoint`]).
-    /// [`Checkpointing::Off`] by default. CPU only: elsewhere blocks run as usual.
+    /// [`Checkpointing::Off`] by default. Every device.
     pub fn set_checkpointing(&self, mode: Checkpointing) {
         self.inner.write().expect("lock").checkpointing = mode;
     }
@@ -252,7 +252,7 @@ impl Layers {
     }
 
     /// The transform `T` with which conv `name` can run as `conv(x, Wr T)` without building
-    /// `W'` ([`crate::conv::conv2d_transformed`]): when exactly one adapter is attached, it
+    /// `W'` ([`ops::conv::conv2d_transformed`]): when exactly one adapter is attached, it
     /// offers one ([`atoms::Adapter::filter_transform`]) and no weight is baked.
     pub(crate) fn filter_transform(&self, name: &str) -> Result<Option<atoms::FilterTransform>> {
         let inner = self.inner.read().expect("lock");

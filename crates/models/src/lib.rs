@@ -13,29 +13,22 @@
 //!   ([`presets`]);
 //! - [`weights`]: memory-mapped safetensors or seeded random weights, with errors that name the
 //!   key and file.
+//!
+//! The kernels the models run on (attention, convs, linears, norms, GEGLU; fused on the CPU,
+//! portable on every device) are the `ops` crate's; this crate holds the architecture and the
+//! loading.
 #![deny(missing_docs)]
 
-pub mod attention;
 mod checkpoint;
 pub mod clip;
 pub mod config;
-pub mod conv;
 mod error;
-mod fastmath;
-pub mod geglu;
-pub mod group_norm;
 mod hub;
-pub mod layer_norm;
 pub mod layers;
-pub mod linear;
-mod matmul;
 pub mod nn;
 pub mod pipeline;
 pub mod presets;
-mod process;
 pub mod resnet;
-#[cfg(test)]
-mod test_support;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -45,9 +38,9 @@ pub use clip::{ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{Checkpointing, LayerKind, Layers, Targets};
+pub use ops::{on_compute_thread, tune_process, Kernels};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
-pub use process::{on_compute_thread, tune_process};
 pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::Unet;
 pub use vae::{LatentDist, Vae};

@@ -1,10 +1,13 @@
 //! Building blocks, all differentiable: convs and linears that take their weight from the adapter
-//! hook, normalisations and attention built from ops that have a backward.
+//! hook, normalisations and attention, each on its op from `ops` (fused CPU kernels, or the
+//! portable form on every device).
 //!
 //! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients stop silently);
-//! nothing here uses them.
+//! nothing here uses them outside a forward whose backward `ops` supplies.
 
 use candle_core::{DType, Tensor};
+use ops::conv::ConvConfig;
+use ops::group_norm::GroupNormConfig;
 
 use crate::layers::{LayerKind, Layers};
 use crate::weights::Weights;
@@ -23,8 +26,52 @@ pub(crate) fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType
 /// `x @ w^T` for `x [..., din]` and `w [dout, din]`, in [`compute_dtype`], returned in `x`'s dtype.
 pub(crate) fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
-    let y = crate::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
+    let y = ops::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
     Ok(y.to_dtype(x.dtype())?)
+}
+
+/// The shape of a conv layer: channels, a square kernel, stride, padding and bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dSpec {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride and padding.
+    pub conv: ConvConfig,
+    /// Whether the layer has a bias.
+    pub bias: bool,
+}
+
+impl Conv2dSpec {
+    /// A `kernel x kernel` conv from `cin` to `cout` channels with a bias, stride 1 and the
+    /// padding that keeps the size (`kernel / 2`).
+    pub fn new(cin: usize, cout: usize, kernel: usize) -> Self {
+        Conv2dSpec {
+            cin,
+            cout,
+            kernel,
+            conv: ConvConfig {
+                stride: 1,
+                padding: kernel / 2,
+            },
+            bias: true,
+        }
+    }
+
+    /// The same with stride `stride`.
+    pub fn stride(mut self, stride: usize) -> Self {
+        self.conv.stride = stride;
+        self
+    }
+
+    /// The same with padding `padding`.
+    pub fn padding(mut self, padding: usize) -> Self {
+        self.conv.padding = padding;
+        self
+    }
 }
 
 /// A 2-d convolution whose weight passes through the adapter hook.
@@ -33,28 +80,18 @@ pub struct Conv2d {
     name: String,
     weight: Tensor,
     bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
+    conv: ConvConfig,
     layers: Layers,
 }
 
 impl Conv2d {
-    /// Loads `weight` `[cout, cin, k, k]` (and `bias` `[cout]` if `bias`) at `w`'s prefix, which is
-    /// also the layer's name in `layers`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        w: &Weights,
-        layers: &Layers,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = w.get((cout, cin, k, k), "weight")?;
-        let bias = if bias {
-            Some(w.get(cout, "bias")?)
+    /// Loads `weight` `[cout, cin, k, k]` (and `bias` `[cout]` if the spec has one) at `w`'s
+    /// prefix, which is also the layer's name in `layers`.
+    pub fn new(w: &Weights, layers: &Layers, spec: Conv2dSpec) -> Result<Self> {
+        let k = spec.kernel;
+        let weight = w.get((spec.cout, spec.cin, k, k), "weight")?;
+        let bias = if spec.bias {
+            Some(w.get(spec.cout, "bias")?)
         } else {
             None
         };
@@ -63,8 +100,7 @@ impl Conv2d {
             name: w.prefix().to_string(),
             weight,
             bias,
-            stride,
-            padding,
+            conv: spec.conv,
             layers: layers.clone(),
         })
     }
@@ -79,36 +115,15 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = compute_dtype(x.dtype(), x.device());
         let xc = x.to_dtype(dt)?;
-        // An atoms adapter's W' = Wr T runs as a conv with the base weight and T, in f32 or f64
-        // (T = I + a small update would lose the update in a half-precision dtype).
-        let transform = match dt {
-            DType::F32 | DType::F64 => self.layers.filter_transform(&self.name)?,
-            _ => None,
-        };
-        let y = match transform {
-            Some(atoms::FilterTransform::Matrix(t)) => crate::conv::conv2d_transformed(
-                &xc,
-                &self.weight.to_dtype(dt)?,
-                &t.to_dtype(dt)?,
-                self.stride,
-                self.padding,
-            )?,
-            Some(atoms::FilterTransform::Atoms {
-                atoms,
-                delta,
-                scale,
-            }) => crate::conv::conv2d_atoms(
-                &xc,
-                &self.weight.to_dtype(dt)?,
-                &atoms.to_dtype(dt)?,
-                &delta.to_dtype(dt)?,
-                scale,
-                self.stride,
-                self.padding,
-            )?,
+        let w = self.weight.to_dtype(dt)?;
+        // An adapter's W' = Wr T runs as a conv with the base weight and T; T stays in the
+        // adapter's dtype (f32 for a half-precision model: T = I + a small update would lose the
+        // update in f16), and the op rounds W' to the model's dtype only where it must.
+        let y = match self.layers.filter_transform(&self.name)? {
+            Some(t) => ops::conv::conv2d_transformed(&xc, &w, &t, self.conv)?,
             None => {
                 let w = self.layers.weight(&self.name, &self.weight)?;
-                crate::conv::conv2d(&xc, &w.to_dtype(dt)?, self.stride, self.padding)?
+                ops::conv::conv2d(&xc, &w.to_dtype(dt)?, self.conv)?
             }
         }
         .to_dtype(x.dtype())?;
@@ -158,8 +173,7 @@ impl Linear {
     }
 }
 
-/// Group normalisation over `[b, c, ...]`, one op with its own backward on the CPU
-/// ([`crate::group_norm`]).
+/// Group normalisation over `[b, c, ...]`, one op with its own backward ([`ops::group_norm`]).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -187,17 +201,31 @@ impl GroupNorm {
 
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+        self.run(x, false)
     }
 
     /// `silu(norm(x))`, in the same op.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        crate::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let cfg = GroupNormConfig {
+            groups: self.groups,
+            eps: self.eps,
+            silu,
+        };
+        Ok(ops::group_norm::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            cfg,
+        )?)
     }
 }
 
-/// Layer normalisation over the last dimension: one op with its own backward on the CPU
-/// ([`crate::layer_norm`]), differentiable candle ops elsewhere.
+/// Layer normalisation over the last dimension: one op with its own backward
+/// ([`ops::layer_norm`]).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -217,13 +245,18 @@ impl LayerNorm {
 
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::layer_norm::layer_norm(x, &self.weight, &self.bias, self.eps)
+        Ok(ops::layer_norm::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
 /// Softmax attention `softmax(q k^T * scale) v`, differentiable; computed in f32 when `upcast`
-/// or when inputs are half precision, and returned in `v`'s dtype. On the CPU it runs as one
-/// chunked op with a recomputing backward ([`crate::attention`]).
+/// or when inputs are half precision, and returned in `v`'s dtype. One chunked op with a
+/// recomputing backward ([`ops::attention`]).
 ///
 /// # Shapes
 /// Heads side by side: `q [b, n, heads * d]`, `k [b, m, heads * d]`, `v [b, m, heads * dv]`
@@ -242,7 +275,7 @@ pub fn attention(
     } else {
         dtype
     };
-    let o = crate::attention::attention_fused(
+    let o = ops::attention::attention(
         &q.to_dtype(dt)?,
         &k.to_dtype(dt)?,
         &v.to_dtype(dt)?,

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::layers::Layers;
-use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::nn::{Conv2d, Conv2dSpec, GroupNorm, Linear};
 use crate::weights::Weights;
 use crate::Result;
 
@@ -46,7 +46,7 @@ impl ResnetBlock {
     pub fn new(w: &Weights, layers: &Layers, o: ResnetOpts) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: GroupNorm::new(&w.pp("norm1"), o.groups, o.cin, o.eps)?,
-            conv1: Conv2d::new(&w.pp("conv1"), layers, o.cin, o.cout, 3, 1, 1, true)?,
+            conv1: Conv2d::new(&w.pp("conv1"), layers, Conv2dSpec::new(o.cin, o.cout, 3))?,
             time_emb_proj: match o.temb {
                 Some(t) => Some(Linear::new(
                     &w.pp("time_emb_proj"),
@@ -58,17 +58,12 @@ impl ResnetBlock {
                 None => None,
             },
             norm2: GroupNorm::new(&w.pp("norm2"), o.groups, o.cout, o.eps)?,
-            conv2: Conv2d::new(&w.pp("conv2"), layers, o.cout, o.cout, 3, 1, 1, true)?,
+            conv2: Conv2d::new(&w.pp("conv2"), layers, Conv2dSpec::new(o.cout, o.cout, 3))?,
             conv_shortcut: if o.cin != o.cout {
                 Some(Conv2d::new(
                     &w.pp("conv_shortcut"),
                     layers,
-                    o.cin,
-                    o.cout,
-                    1,
-                    1,
-                    0,
-                    true,
+                    Conv2dSpec::new(o.cin, o.cout, 1),
                 )?)
             } else {
                 None

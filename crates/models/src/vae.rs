@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use crate::config::VaeConfig;
 use crate::layers::Layers;
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::{Conv2d, Conv2dSpec, GroupNorm};
 use crate::resnet::{ResnetBlock, ResnetOpts};
 use crate::weights::Weights;
 use crate::Result;
@@ -204,12 +204,7 @@ impl Vae {
                 Some(Conv2d::new(
                     &b.pp("downsamplers.0.conv"),
                     &layers,
-                    ch[i],
-                    ch[i],
-                    3,
-                    2,
-                    0,
-                    true,
+                    Conv2dSpec::new(ch[i], ch[i], 3).stride(2).padding(0),
                 )?)
             } else {
                 None
@@ -220,12 +215,7 @@ impl Vae {
             conv_in: Conv2d::new(
                 &e.pp("conv_in"),
                 &layers,
-                c.in_channels,
-                ch[0],
-                3,
-                1,
-                1,
-                true,
+                Conv2dSpec::new(c.in_channels, ch[0], 3),
             )?,
             blocks,
             mid: MidBlock::new(
@@ -239,12 +229,7 @@ impl Vae {
             conv_out: Conv2d::new(
                 &e.pp("conv_out"),
                 &layers,
-                ch[n - 1],
-                2 * lat,
-                3,
-                1,
-                1,
-                true,
+                Conv2dSpec::new(ch[n - 1], 2 * lat, 3),
             )?,
         };
 
@@ -267,12 +252,7 @@ impl Vae {
                 Some(Conv2d::new(
                     &b.pp("upsamplers.0.conv"),
                     &layers,
-                    out,
-                    out,
-                    3,
-                    1,
-                    1,
-                    true,
+                    Conv2dSpec::new(out, out, 3),
                 )?)
             } else {
                 None
@@ -281,7 +261,11 @@ impl Vae {
             prev = out;
         }
         let decoder = Decoder {
-            conv_in: Conv2d::new(&d.pp("conv_in"), &layers, lat, ch[n - 1], 3, 1, 1, true)?,
+            conv_in: Conv2d::new(
+                &d.pp("conv_in"),
+                &layers,
+                Conv2dSpec::new(lat, ch[n - 1], 3),
+            )?,
             mid: MidBlock::new(
                 &d.pp("mid_block"),
                 &layers,
@@ -294,12 +278,7 @@ impl Vae {
             conv_out: Conv2d::new(
                 &d.pp("conv_out"),
                 &layers,
-                ch[0],
-                c.out_channels,
-                3,
-                1,
-                1,
-                true,
+                Conv2dSpec::new(ch[0], c.out_channels, 3),
             )?,
         };
         Ok(Vae {
@@ -307,12 +286,7 @@ impl Vae {
                 Some(Conv2d::new(
                     &w.pp("quant_conv"),
                     &layers,
-                    2 * lat,
-                    2 * lat,
-                    1,
-                    1,
-                    0,
-                    true,
+                    Conv2dSpec::new(2 * lat, 2 * lat, 1),
                 )?)
             } else {
                 None
@@ -321,12 +295,7 @@ impl Vae {
                 Some(Conv2d::new(
                     &w.pp("post_quant_conv"),
                     &layers,
-                    lat,
-                    lat,
-                    1,
-                    1,
-                    0,
-                    true,
+                    Conv2dSpec::new(lat, lat, 1),
                 )?)
             } else {
                 None

@@ -2,7 +2,7 @@
 
 use atoms::{Adapter, AdapterConfig, LayerAdapter, Method};
 use candle_core::{DType, Device, Tensor, Var};
-use models::{Checkpointing, Layers, Targets, Unet, UnetConfig, Weights};
+use models::{Checkpointing, Kernels, Layers, Targets, Unet, UnetConfig, Weights};
 
 fn unet(name: &str, dtype: DType) -> Option<Unet> {
     let fx = testutil::fixture(name, &["unet"])?;
@@ -78,6 +78,12 @@ fn inputs(dtype: DType, b: usize) -> (Tensor, Tensor, Tensor, Tensor) {
 
 #[test]
 fn every_adapter_parameter_gets_a_gradient() {
+    for kernels in Kernels::ALL {
+        kernels.scope(every_parameter_gets_a_gradient);
+    }
+}
+
+fn every_parameter_gets_a_gradient() {
     let Some(unet) = unet("tiny-sd15-shape", DType::F32) else {
         return;
     };
@@ -90,10 +96,11 @@ fn every_adapter_parameter_gets_a_gradient() {
         .sum_all()
         .unwrap();
     let grads = loss.backward().unwrap();
+    let kernels = Kernels::current().unwrap();
     for (i, v) in vars.iter().enumerate() {
         let g = grads
             .get(v)
-            .unwrap_or_else(|| panic!("parameter {i}: no gradient"));
+            .unwrap_or_else(|| panic!("{kernels}: parameter {i}: no gradient"));
         let m = g
             .abs()
             .unwrap()
@@ -101,12 +108,18 @@ fn every_adapter_parameter_gets_a_gradient() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(m > 0.0, "parameter {i}: zero gradient");
+        assert!(m > 0.0, "{kernels}: parameter {i}: zero gradient");
     }
 }
 
 #[test]
 fn adapter_gradients_through_the_unet_equal_central_differences_in_f64() {
+    for kernels in Kernels::ALL {
+        kernels.scope(gradients_equal_central_differences);
+    }
+}
+
+fn gradients_equal_central_differences() {
     let Some(unet) = unet("tiny-sd-2block", DType::F64) else {
         return;
     };
@@ -164,7 +177,8 @@ fn adapter_gradients_through_the_unet_equal_central_differences_in_f64() {
         let rel = (err / norm).sqrt();
         assert!(
             norm > 0.0 && rel < 1e-6,
-            "parameter {k}: relative error {rel}"
+            "{}: parameter {k}: relative error {rel}",
+            Kernels::current().unwrap()
         );
     }
 }
@@ -172,9 +186,15 @@ fn adapter_gradients_through_the_unet_equal_central_differences_in_f64() {
 /// With the selected blocks or every resnet and transformer checkpointed, the loss is the plain
 /// one bit for bit and every adapter gradient equals the plain backward's to float rounding (the
 /// blocks are recomputed with the same kernels; a tensor used by several blocks sums its
-/// gradients in another order).
+/// gradients in another order); with each kernel choice.
 #[test]
 fn checkpointed_blocks_give_the_same_gradients() {
+    for kernels in Kernels::ALL {
+        kernels.scope(checkpointed_gradients_equal_plain_ones);
+    }
+}
+
+fn checkpointed_gradients_equal_plain_ones() {
     let Some(unet) = unet("tiny-sd-2block", DType::F32) else {
         return;
     };
@@ -211,7 +231,8 @@ fn checkpointed_blocks_give_the_same_gradients() {
             let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(
                 scale > 0.0 && err <= 1e-5 * scale,
-                "{mode:?} parameter {i}: {err} of {scale}"
+                "{} {mode:?} parameter {i}: {err} of {scale}",
+                Kernels::current().unwrap()
             );
         }
     }

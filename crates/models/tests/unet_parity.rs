@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use models::{Layers, Unet, UnetConfig, Weights};
+use models::{Kernels, Layers, Unet, UnetConfig, Weights};
 
 const FIXTURES: [&str; 2] = ["tiny-sd-2block", "tiny-sd15-shape"];
 
@@ -68,8 +68,16 @@ fn time_embedding_matches_diffusers() {
     }
 }
 
+/// With each kernel choice: the fused CPU kernels and the portable code a GPU runs.
 #[test]
 fn unet_output_matches_diffusers_at_batch_1_and_2() {
+    for kernels in Kernels::ALL {
+        kernels.scope(unet_output_matches_diffusers);
+    }
+}
+
+fn unet_output_matches_diffusers() {
+    let kernels = Kernels::current().unwrap();
     for name in FIXTURES {
         let Some(dir) = fixture(name) else { return };
         let r = reference(&dir);
@@ -82,8 +90,8 @@ fn unet_output_matches_diffusers_at_batch_1_and_2() {
             )
             .unwrap();
         let e = rel_err(&out, &r["unet.out"]);
-        eprintln!("{name}: unet batch 1 relative error {e:.2e}");
-        assert!(e < 1e-4, "{name} batch 1: relative error {e}");
+        eprintln!("{name} ({kernels}): unet batch 1 relative error {e:.2e}");
+        assert!(e < 1e-4, "{name} ({kernels}) batch 1: relative error {e}");
         let out = unet
             .forward(
                 &r["unet.b2.sample"],
@@ -92,15 +100,23 @@ fn unet_output_matches_diffusers_at_batch_1_and_2() {
             )
             .unwrap();
         let e = rel_err(&out, &r["unet.b2.out"]);
-        assert!(e < 1e-4, "{name} batch 2: relative error {e}");
+        assert!(e < 1e-4, "{name} ({kernels}) batch 2: relative error {e}");
     }
 }
 
 /// The training step of the fixture: epsilon-MSE at t=321 and the gradients of 7 weights,
-/// through `full` adapters on those layers (the gradient of `dW` is the gradient of `W`).
+/// through `full` adapters on those layers (the gradient of `dW` is the gradient of `W`), with
+/// each kernel choice.
 #[test]
 fn training_loss_and_gradients_match_diffusers() {
+    for kernels in Kernels::ALL {
+        kernels.scope(training_loss_and_gradients_match);
+    }
+}
+
+fn training_loss_and_gradients_match() {
     use atoms::{AdapterConfig, LayerAdapter, Method};
+    let kernels = Kernels::current().unwrap();
     for name in FIXTURES {
         let Some(dir) = fixture(name) else { return };
         let r = reference(&dir);
@@ -139,14 +155,20 @@ fn training_loss_and_gradients_match_diffusers() {
             .unwrap();
         let l = loss.to_scalar::<f32>().unwrap();
         let want = r["train.loss"].to_vec1::<f32>().unwrap()[0];
-        assert!((l - want).abs() / want < 1e-5, "{name}: loss {l} vs {want}");
+        assert!(
+            (l - want).abs() / want < 1e-5,
+            "{name} ({kernels}): loss {l} vs {want}"
+        );
         let grads = loss.backward().unwrap();
         for ((layer, g_ref), v) in grads_ref.iter().zip(&vars) {
             let g = grads
                 .get(v)
                 .unwrap_or_else(|| panic!("{name}: no gradient reached {layer}"));
             let e = rel_err(g, g_ref);
-            assert!(e < 1e-3, "{name} {layer}: gradient relative error {e}");
+            assert!(
+                e < 1e-3,
+                "{name} ({kernels}) {layer}: gradient relative error {e}"
+            );
         }
         layers.detach_all();
     }

@@ -155,11 +155,13 @@ pub fn collect_grads(vars: &[Var], grads: &GradStore) -> Vec<Option<Tensor>> {
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads.iter().flatten() {
+        // Each tensor's sum of squares on its device in f32 (Metal has no f64), the total on
+        // the host in f64.
         sum += g
-            .to_dtype(DType::F64)?
+            .to_dtype(DType::F32)?
             .sqr()?
             .sum_all()?
-            .to_scalar::<f64>()?;
+            .to_scalar::<f32>()? as f64;
     }
     Ok(sum.sqrt())
 }

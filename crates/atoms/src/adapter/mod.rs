@@ -222,39 +222,9 @@ pub trait Adapter {
     fn tensors(&self) -> Result<Vec<(&'static str, Tensor)>>;
 }
 
-/// A transform `T` with `W' = Wr T` ([`Adapter::filter_transform`]).
-#[derive(Debug, Clone)]
-pub enum FilterTransform {
-    /// `T` itself: `[d, d]`, or `[g, d, d]` with one per input group.
-    Matrix(Tensor),
-    /// `T = I + scale D0^T dD` from the atoms adapter's frozen atoms `D0 [m, d]` and its tuned
-    /// `dD [m, d]`: a conv can form `T` inside its own op, with no graph node per layer.
-    Atoms {
-        /// `D0 [m, d]`, frozen.
-        atoms: Tensor,
-        /// `dD [m, d]`, the trainable variable.
-        delta: Tensor,
-        /// The adapter's scale.
-        scale: f64,
-    },
-}
-
-impl FilterTransform {
-    /// `T` as a tensor, from candle ops (differentiable in `dD`).
-    pub fn matrix(&self) -> Result<Tensor> {
-        match self {
-            FilterTransform::Matrix(t) => Ok(t.clone()),
-            FilterTransform::Atoms {
-                atoms,
-                delta,
-                scale,
-            } => {
-                let eye = Tensor::eye(atoms.dim(1)?, atoms.dtype(), atoms.device())?;
-                Ok((eye + scaled(atoms.t()?.matmul(delta)?, *scale)?)?)
-            }
-        }
-    }
-}
+/// A transform `T` with `W' = Wr T` ([`Adapter::filter_transform`]); the type the convolutions
+/// of `ops` take.
+pub use ops::conv::FilterTransform;
 
 /// One layer's adapter, of any method.
 #[derive(Debug)]
@@ -362,7 +332,10 @@ fn uniform_var(
 ) -> Result<Var> {
     let n: usize = shape.iter().product();
     let vals: Vec<f64> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
-    let t = Tensor::from_vec(vals, shape, device)?.to_dtype(dtype)?;
+    // Converted on the host: Metal has no f64.
+    let t = Tensor::from_vec(vals, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
     Ok(Var::from_tensor(&t)?)
 }
 

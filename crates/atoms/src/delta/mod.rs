@@ -214,10 +214,7 @@ impl Delta {
         let dictionary = || -> Result<Dictionary> {
             let atoms = t("atoms");
             let (m, d) = atoms.dims2()?;
-            let v = atoms
-                .to_dtype(DType::F64)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
+            let v = crate::layout::host_f64(atoms)?;
             Dictionary::from_atoms(v, m, d, config.dictionary)
         };
         Ok(match config.method {

@@ -196,7 +196,12 @@ impl Dictionary {
 
     /// The atoms as a tensor `[m, d]`.
     pub fn atoms_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.atoms, (self.m, self.d), device)?.to_dtype(dtype)?)
+        // Converted on the host: Metal has no f64.
+        Ok(
+            Tensor::from_slice(&self.atoms, (self.m, self.d), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?,
+        )
     }
 
     /// The coefficients `alpha [N, m]` of the filter matrix `filters [N, d]`, row-major: the

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::transformer::{Transformer2D, TransformerOpts};
 use crate::layers::Layers;
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, Conv2dSpec};
 use crate::resnet::{ResnetBlock, ResnetOpts};
 use crate::weights::Weights;
 use crate::Result;
@@ -115,12 +115,7 @@ impl DownBlock {
                 conv: Conv2d::new(
                     &w.pp("downsamplers.0.conv"),
                     layers,
-                    cout,
-                    cout,
-                    3,
-                    2,
-                    p,
-                    true,
+                    Conv2dSpec::new(cout, cout, 3).stride(2).padding(p),
                 )?,
                 pad_right_bottom: p == 0,
             }),
@@ -238,12 +233,7 @@ impl UpBlock {
             Some(Conv2d::new(
                 &w.pp("upsamplers.0.conv"),
                 layers,
-                ch.out,
-                ch.out,
-                3,
-                1,
-                1,
-                true,
+                Conv2dSpec::new(ch.out, ch.out, 3),
             )?)
         } else {
             None

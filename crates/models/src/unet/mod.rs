@@ -11,7 +11,7 @@ pub use transformer::{Attention, Transformer2D, TransformerOpts};
 
 use crate::config::{DownBlock as DownType, UnetConfig, UpBlock as UpType};
 use crate::layers::Layers;
-use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::nn::{Conv2d, Conv2dSpec, GroupNorm, Linear};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use blocks::{BlockOpts, DownBlock, MidBlock, UpBlock, UpChannels};
@@ -52,12 +52,7 @@ impl Unet {
         let conv_in = Conv2d::new(
             &w.pp("conv_in"),
             layers,
-            c.in_channels,
-            ch[0],
-            c.conv_in_kernel,
-            1,
-            c.conv_in_kernel / 2,
-            true,
+            Conv2dSpec::new(c.in_channels, ch[0], c.conv_in_kernel),
         )?;
         let time_1 = Linear::new(&w.pp("time_embedding.linear_1"), layers, ch[0], temb, true)?;
         let time_2 = Linear::new(&w.pp("time_embedding.linear_2"), layers, temb, temb, true)?;
@@ -116,12 +111,7 @@ impl Unet {
             conv_out: Conv2d::new(
                 &w.pp("conv_out"),
                 layers,
-                ch[0],
-                c.out_channels,
-                c.conv_out_kernel,
-                1,
-                c.conv_out_kernel / 2,
-                true,
+                Conv2dSpec::new(ch[0], c.out_channels, c.conv_out_kernel),
             )?,
             layers: layers.clone(),
         })

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::layers::Layers;
-use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{attention, Conv2d, Conv2dSpec, GroupNorm, LayerNorm, Linear};
 use crate::weights::Weights;
 use crate::Result;
 
@@ -77,7 +77,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out
-            .forward(&crate::geglu::geglu(&self.proj.forward(x)?)?)
+            .forward(&ops::geglu::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -168,7 +168,7 @@ impl Transformer2D {
             Ok(if o.linear_projection {
                 Proj::Linear(Linear::new(&w.pp(name), layers, c, c, true)?)
             } else {
-                Proj::Conv(Conv2d::new(&w.pp(name), layers, c, c, 1, 1, 0, true)?)
+                Proj::Conv(Conv2d::new(&w.pp(name), layers, Conv2dSpec::new(c, c, 1))?)
             })
         };
         Ok(Transformer2D {

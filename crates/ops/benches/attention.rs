@@ -2,7 +2,7 @@
 //! forward and backward seconds for each score-chunk size, the numbers behind `CHUNK_BYTES`.
 //!
 //! ```text
-//! cargo bench -p atomtune-models --bench attention -- [--positions N] [--runs N]
+//! cargo bench -p atomtune-ops --bench attention -- [--positions N] [--runs N]
 //! ```
 //!
 //! One JSON line per chunk size: median forward and backward seconds over `--runs` (default 5).
@@ -16,7 +16,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run() -> models::Result<()> {
+fn run() -> ops::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str, default: usize| {
         args.iter()
@@ -33,7 +33,7 @@ fn run() -> models::Result<()> {
         let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
         for _ in 0..=runs {
             let t = Instant::now();
-            let o = models::attention::attention_chunked(&q, &k, &v, heads, scale, kib << 10)?;
+            let o = ops::attention::attention_chunked(&q, &k, &v, heads, scale, kib << 10)?;
             let loss = (o * &w)?.sum_all()?;
             fwd.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
@@ -50,7 +50,7 @@ fn run() -> models::Result<()> {
     Ok(())
 }
 
-fn main() -> models::Result<()> {
-    models::tune_process();
-    models::on_compute_thread(run)
+fn main() -> ops::Result<()> {
+    ops::tune_process();
+    ops::on_compute_thread(run)
 }

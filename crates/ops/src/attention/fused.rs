@@ -1,105 +1,54 @@
-//! Softmax attention as one op that never holds a whole score matrix: queries are processed in
-//! row chunks (`S = scale Q_c K^T`, softmax, `P V`) and the backward pass recomputes each chunk's
+//! The fused CPU attention: one op that never holds a whole score matrix. Queries are
+//! processed in row chunks (`S = scale Q_c K^T`, softmax, `P V`), one task per (batch row, head,
+//! chunk), reading and writing each head in place; the backward recomputes each chunk's
 //! probabilities instead of keeping them (the idea of FlashAttention, Dao et al. 2022,
 //! arXiv 2205.14135, without its GPU tiling).
 //!
-//! At 64x64 latents the first UNet blocks attend over 4096 positions: the composed form keeps
-//! every `heads x 4096 x 4096` score matrix and its softmax intermediates for backward, 18 GB
-//! for the tiny fixture. This op's memory is a chunk per thread forward and a chunk of the batch
-//! backward, plus one number per query row: the row's log-sum-exp `l = max + ln(sum e^(s - max))`,
-//! which the forward keeps so that the backward forms `P = e^(S - l)` in one pass over the
-//! scores. The forward normalises the `P V` rows (`e` numbers each), not the scores (`m`).
-//! The CPU forward runs on gemm; other devices use the composed form ([`attention_slow`]),
-//! which is also the reference the tests hold this op to.
-//!
-//! Backward, per chunk of query rows, with `P = softmax(scale Q K^T)`, `O = P V` and output
-//! gradient `G`: `dV += P^T G`, `dP = G V^T`, `dS = scale P * (dP - rowsum(G * O))`,
-//! `dQ = dS K`, `dK += dS^T Q`.
+//! Its memory is a chunk per thread forward and a chunk of the batch backward, plus one number
+//! per query row: the row's log-sum-exp `l = max + ln(sum e^(s - max))`, which the forward keeps
+//! so that the backward forms `P = e^(S - l)` in one pass over the scores. The forward
+//! normalises the `P V` rows (`e` numbers each), not the scores (`m`). f32 rows use the
+//! vectorised exp of [`crate::cpu::fastmath`].
 
 use std::sync::Mutex;
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::Float;
-use crate::fastmath::{exp_neg, simd_dispatch};
-use crate::matmul::{self, Dst, Mat};
+use super::Dims;
+use crate::cpu::fastmath::{exp_neg, simd_dispatch};
+use crate::cpu::matmul::{self, Dst, Mat};
+use crate::cpu::{Float, SendPtr};
 use crate::Result;
 
 /// Bytes of scores a task holds at once (forward and backward: twice that). Larger chunks mean
 /// fewer gemm calls, each packing the keys and values again, and deeper `P^T G`, `dS^T Q`
 /// products: at SD 1.5's 4096 positions, 8 heads of 40, a forward and backward took
 /// 0.62/0.51/0.32/0.28/0.28/0.27/0.27 s with chunks of 128K/256K/512K/1M/2M/4M/8M bytes (a
-/// 2-core AMD EPYC with 1 MB of L2 per core; `cargo bench -p atomtune-models --bench attention`).
+/// 2-core AMD EPYC with 1 MB of L2 per core; `cargo bench -p atomtune-ops --bench attention`).
 /// Past 1 MB the gain is a few percent; 2 MB keeps each task's buffers small.
-const CHUNK_BYTES: usize = 2 << 20;
+pub(super) const CHUNK_BYTES: usize = 2 << 20;
 
-/// `softmax(scale q k^T) v` per head, from plain candle ops: every device, and the reference.
-///
-/// # Shapes
-/// Heads side by side: `q [b, n, heads * d]`, `k [b, m, heads * d]`, `v [b, m, heads * e]`
-/// -> `[b, n, heads * e]`.
-pub fn attention_slow(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-) -> Result<Tensor> {
-    let split = |x: &Tensor| -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, heads, c / heads))?
-            .transpose(1, 2)?
-            .reshape((b * heads, n, c / heads))?)
-    };
-    let scores = (split(q)?.matmul(&split(k)?.t()?)? * scale)?;
-    let o = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&split(v)?)?;
-    let (bh, n, e) = o.dims3()?;
-    Ok(o.reshape((bh / heads, heads, n, e))?
-        .transpose(1, 2)?
-        .reshape((bh / heads, n, heads * e))?)
-}
-
-/// The same as [`attention_slow`], chunked, with a recomputing backward on the CPU (f32, f64);
-/// it reads and writes each head in place, with no copies to split or merge heads.
-pub fn attention_fused(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-) -> Result<Tensor> {
-    attention_chunked(q, k, v, heads, scale, CHUNK_BYTES)
-}
-
-/// [`attention_fused`] with score chunks of about `chunk_bytes` per task (the `attention` bench
-/// compares sizes; the default is `CHUNK_BYTES`, 2 MB).
-pub fn attention_chunked(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
+/// The fused op on contiguous f32 or f64 inputs of checked shapes `dm`, with score chunks of
+/// about `chunk_bytes` per task.
+pub(super) fn attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dm: Dims,
     scale: f64,
     chunk_bytes: usize,
 ) -> Result<Tensor> {
-    let fused = q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64);
-    if !fused || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        return attention_slow(q, k, v, heads, scale);
-    }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = FusedAttention {
-        heads,
+        dm,
         scale,
         chunk_bytes,
         log_sum_exp: Mutex::new(None),
     };
-    Ok(q.apply_op3(&k, &v, op)?)
+    q.apply_op3(&k, &v, op)
 }
 
 struct FusedAttention {
-    heads: usize,
+    dm: Dims,
     scale: f64,
     /// Bytes of scores a task holds at once.
     chunk_bytes: usize,
@@ -214,21 +163,8 @@ unsafe fn gemm<T: Float>(dst: Dst<T>, a: Mat<'_, T>, b: Mat<'_, T>, scale: T, ac
 }
 
 /// Query rows per chunk so a chunk's `rows x m` scores take about `chunk_bytes`.
-fn chunk_rows<T>(n: usize, m: usize, chunk_bytes: usize) -> usize {
+pub(super) fn chunk_rows<T>(n: usize, m: usize, chunk_bytes: usize) -> usize {
     (chunk_bytes / (std::mem::size_of::<T>() * m.max(1))).clamp(1, n.max(1))
-}
-
-/// The problem: batch `b`, `h` heads, `n` queries, `m` keys, head sizes `d` (queries and keys)
-/// and `e` (values). Every tensor keeps its heads side by side: `q [b, n, h d]`, `k [b, m, h d]`,
-/// `v [b, m, h e]`, `out [b, n, h e]`.
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    b: usize,
-    h: usize,
-    n: usize,
-    m: usize,
-    d: usize,
-    e: usize,
 }
 
 impl Dims {
@@ -413,37 +349,6 @@ impl FusedAttention {
             Tensor::from_vec(dv, (b, m, h * e), dev)?,
         ))
     }
-
-    /// The problem `q`, `k`, `v` of these shapes pose, or why they do not fit together.
-    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<Dims> {
-        let h = self.heads;
-        let fits = q.len() == 3 && k.len() == 3 && v.len() == 3 && h > 0;
-        if !fits || k[0] != q[0] || v[0] != q[0] || k[1] != v[1] || k[2] != q[2] {
-            candle_core::bail!("atomtune-attention: shapes q {q:?} k {k:?} v {v:?} do not fit")
-        }
-        if q[2] % h != 0 || v[2] % h != 0 {
-            candle_core::bail!("atomtune-attention: widths q {q:?} v {v:?} are not {h} heads")
-        }
-        Ok(Dims {
-            b: q[0],
-            h,
-            n: q[1],
-            m: k[1],
-            d: q[2] / h,
-            e: v[2] / h,
-        })
-    }
-}
-
-/// A raw pointer that tasks writing disjoint parts may share.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -467,7 +372,7 @@ impl CustomOp3 for FusedAttention {
         ) else {
             candle_core::bail!("atomtune-attention needs contiguous inputs");
         };
-        let dm = self.dims(l1.dims(), l2.dims(), l3.dims())?;
+        let dm = self.dm;
         let (out, lse) = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dm);
@@ -491,7 +396,7 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dm = self.dims(q.dims(), k.dims(), v.dims())?;
+        let dm = self.dm;
         // The inputs are small next to the scores: copy them out of candle's storage.
         let flat = |t: &Tensor| t.detach().contiguous()?.flatten_all();
         let (qf, kf, vf, of, gf) = (
@@ -514,71 +419,8 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{max_rel as rel, randn, weighted_grads};
-    use candle_core::{Device, Var};
-
-    #[test]
-    fn the_reference_attends_each_head_on_its_own() {
-        let (b, h, n, m, d, e) = (2, 3, 9, 7, 4, 5);
-        let (q, k, v) = (
-            randn(&[b, n, h * d], DType::F64),
-            randn(&[b, m, h * d], DType::F64),
-            randn(&[b, m, h * e], DType::F64),
-        );
-        let all = attention_slow(&q, &k, &v, h, 0.4).unwrap();
-        for hi in 0..h {
-            let one = attention_slow(
-                &q.narrow(2, hi * d, d).unwrap(),
-                &k.narrow(2, hi * d, d).unwrap(),
-                &v.narrow(2, hi * e, e).unwrap(),
-                1,
-                0.4,
-            )
-            .unwrap();
-            assert!(rel(&all.narrow(2, hi * e, e).unwrap(), &one) < 1e-14);
-        }
-    }
-
-    #[test]
-    fn the_fused_op_equals_the_composed_form_forward_and_backward() {
-        // shapes of self-attention (long) and cross-attention (77 keys);
-        // one head and several; the usual scale and a large one (rows near one-hot, exponents
-        // far below zero)
-        let cases = [
-            (3, 1, 300, 300, 4, 4, 0.5),
-            (2, 2, 1000, 77, 8, 8, 0.35),
-            (1, 3, 7, 5, 3, 2, 0.58),
-            (2, 4, 300, 300, 4, 4, 12.0),
-            // several chunks of query rows, the last one short (CHUNK_BYTES / (300 x 4 or 8))
-            (1, 2, 2000, 300, 2, 2, 0.5),
-        ];
-        for rows in [
-            chunk_rows::<f32>(2000, 300, CHUNK_BYTES),
-            chunk_rows::<f64>(2000, 300, CHUNK_BYTES),
-        ] {
-            assert!(
-                rows < 2000 && 2000 % rows != 0,
-                "the last case must chunk raggedly"
-            );
-        }
-        for (b, h, n, m, d, e, scale) in cases {
-            for dtype in [DType::F32, DType::F64] {
-                let r = |shape: &[usize]| Var::from_tensor(&randn(shape, dtype)).unwrap();
-                let (q, k, v) = (r(&[b, n, h * d]), r(&[b, m, h * d]), r(&[b, m, h * e]));
-                let fast = attention_fused(&q, &k, &v, h, scale).unwrap();
-                let slow = attention_slow(&q, &k, &v, h, scale).unwrap();
-                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-                let case = (b, h, n, m);
-                let err = rel(&fast, &slow);
-                assert!(err < tol, "{dtype:?} {case:?}: forward {err}");
-                let (gf, gs) = weighted_grads(&fast, &slow);
-                for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                    let err = rel(gf.get(x).unwrap(), gs.get(x).unwrap());
-                    assert!(err < tol * 20.0, "{dtype:?} {case:?}: d{name} {err}");
-                }
-            }
-        }
-    }
+    use crate::test_support::randn;
+    use candle_core::Device;
 
     #[test]
     fn a_backward_without_its_forward_recomputes_the_log_sum_exp() {
@@ -598,7 +440,7 @@ mod tests {
             randn(&[b, n, h * e], DType::F64),
         );
         let op = |lse| FusedAttention {
-            heads: h,
+            dm,
             scale: 0.7,
             chunk_bytes: CHUNK_BYTES,
             log_sum_exp: Mutex::new(lse),

@@ -8,7 +8,7 @@
 //! Accuracy is that of f32 itself or close to it (each function says), enough for activations
 //! and softmax weights; f64 work keeps std's functions.
 
-use crate::conv::Float;
+use super::Float;
 
 /// `e^x` for `x <= 0`: Cody-Waite range reduction to `r` in `[-ln2/2, ln2/2]`, Cephes' degree-6
 /// polynomial for `e^r`, and `2^n` through the exponent bits. Relative error about 1e-7, like

@@ -1,12 +1,13 @@
-//! A convolution with the kernel `W' = Wr T` of an atoms adapter (DESIGN.md 1.1), computed
-//! without ever building `W'`.
+//! The fused CPU convolution with the kernel `W' = Wr T` of an atoms adapter, computed without
+//! ever building `W'`.
 //!
 //! Each output is `y[o, p] = sum_{c, j} W[o, c, j] sum_k T[j, k] cols[c, k, p]`: the `d x d`
 //! transform `T` moves from the `o c` filters onto the `c` column blocks of the input's im2col
 //! matrix. So:
 //!
 //! - forward: `cols'_c = T cols_c` for every input channel while the columns are formed, then
-//!   the frozen weight's one gemm `y = W cols'`;
+//!   the frozen weight's one gemm `y = W cols'` (or, when the kernel holds fewer numbers than
+//!   the columns, the plain conv with `W'` formed as a temporary);
 //! - backward: `dcols' = W^T dy` (one gemm, the size of the forward), from which come both
 //!   `dL/dT = sum_c dcols'_c cols_c^T` and, when the input is tracked,
 //!   `dx = col2im(T^T dcols')`.
@@ -15,128 +16,41 @@
 //! of `W'` alive for the backward, whose kernel gradient `dL/dW' = dy cols^T` was a second
 //! gemm the size of the forward; here the transform costs `d / o` of the gemm (under 3% for
 //! SD 1.5) and nothing the size of a weight is made. `T` may also be `[c, d, d]`, one per input
-//! channel (atoms-rec). Other devices and dtypes use the composed form `conv2d(x, Wr T)`, which
-//! is also the reference the tests hold this op to.
+//! channel (atoms-rec).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{
-    col2im_channel, conv2d, gemm, gemm_serial, im2col_row, slices, task_len, Conv, Float, Geo,
-    KernelGrad,
-};
-use crate::{Error, Result};
+use super::fused::{col2im_channel, im2col_row, Conv, Geo, KernelGrad};
+use super::{ConvConfig, FilterTransform};
+use crate::cpu::matmul::{dense, dense_serial};
+use crate::cpu::{float_op, slices, task_len, Float};
+use crate::Result;
 
-/// `x [b, c, h, w]` convolved (at `stride` and `padding`) with `W' = Wr T`, where `Wr` is
-/// `w [o, c, kh, kw]` seen as `o c` filters of `d = kh kw` numbers and `t` is `[d, d]` (every
-/// filter) or `[c, d, d]` (the filters reading input channel `c`). Gradients reach `x`, `w` and
-/// `t`, each only when tracked.
-pub fn conv2d_transformed(
+/// The fused op on contiguous inputs of one dtype (f32 or f64): `third` is `T` itself, or, with
+/// `atoms = Some((D0, scale))`, the tuned `dD` from which `T = I + scale D0^T dD` is formed
+/// inside the op (so an adapted conv adds no graph node of its own).
+pub(super) fn conv2d_transformed(
     x: &Tensor,
     w: &Tensor,
-    t: &Tensor,
-    stride: usize,
-    padding: usize,
+    third: &Tensor,
+    atoms: Option<(Tensor, f64)>,
+    cfg: ConvConfig,
 ) -> Result<Tensor> {
-    let (o, c, d) = match w.dims() {
-        &[o, c, kh, kw] => (o, c, kh * kw),
-        s => return Err(Error::Input(format!("conv kernel must be 4-d, got {s:?}"))),
+    let atoms = match atoms {
+        Some((d0, s)) => Some((d0.detach().to_dtype(x.dtype())?, s)),
+        None => None,
     };
-    let grouped = t.rank() == 3;
-    let want: &[usize] = if grouped { &[c, d, d] } else { &[d, d] };
-    if t.dims() != want || t.dtype() != w.dtype() || x.dtype() != w.dtype() {
-        return Err(Error::Input(format!(
-            "filter transform {:?} ({:?}) does not fit kernel {:?} ({:?}) and input ({:?}): \
-             expected {want:?} in one dtype",
-            t.dims(),
-            t.dtype(),
-            w.dims(),
-            w.dtype(),
-            x.dtype()
-        )));
-    }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        let op = TransformedConv {
-            stride,
-            padding,
-            atoms: None,
-        };
-        return Ok(x
-            .contiguous()?
-            .apply_op3(&w.contiguous()?, &t.contiguous()?, op)?);
-    }
-    let wt = transform_kernel(w, t, (o, c, d))?;
-    conv2d(x, &wt, stride, padding)
-}
-
-/// `Wr T` (or `Wr[., c] T[c]`) shaped like `w`, from candle ops.
-fn transform_kernel(w: &Tensor, t: &Tensor, (o, c, d): (usize, usize, usize)) -> Result<Tensor> {
-    let wt = if t.rank() == 3 {
-        w.reshape((o, c, d))?
-            .transpose(0, 1)?
-            .matmul(t)?
-            .transpose(0, 1)?
-    } else {
-        w.reshape((o * c, d))?.matmul(t)?
-    };
-    Ok(wt.reshape(w.dims())?)
+    let op = TransformedConv { cfg, atoms };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &third.contiguous()?, op)
 }
 
 struct TransformedConv {
-    stride: usize,
-    padding: usize,
+    cfg: ConvConfig,
     /// When set, the third input is an atoms adapter's `dD [m, d]` and `T = I + scale D0^T dD`
     /// is formed here from these frozen atoms `D0 [m, d]`.
     atoms: Option<(Tensor, f64)>,
-}
-
-/// `x` convolved with the kernel `W' = Wr (I + scale D0^T dD)` of an atoms adapter, given its
-/// frozen atoms `D0 [m, d]` and its tuned `dD [m, d]` (`d = kh kw`): [`conv2d_transformed`]
-/// with `T` formed inside the op, so an adapted conv adds no graph node of its own; the gradient
-/// reaches `dD` as `scale D0 dL/dT`.
-pub fn conv2d_atoms(
-    x: &Tensor,
-    w: &Tensor,
-    atoms: &Tensor,
-    delta: &Tensor,
-    scale: f64,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    let d: usize = w.dims().iter().skip(2).product();
-    let (_, d0) = atoms.dims2()?;
-    if d0 != d
-        || delta.dims() != atoms.dims()
-        || atoms.dtype() != w.dtype()
-        || delta.dtype() != w.dtype()
-    {
-        return Err(Error::Input(format!(
-            "atoms {:?} and update {:?} do not fit kernel {:?} ({:?})",
-            atoms.dims(),
-            delta.dims(),
-            w.dims(),
-            w.dtype()
-        )));
-    }
-    let fast = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == w.dtype();
-    if !fast {
-        let t = atoms::FilterTransform::Atoms {
-            atoms: atoms.detach(),
-            delta: delta.clone(),
-            scale,
-        }
-        .matrix()?;
-        return conv2d_transformed(x, w, &t, stride, padding);
-    }
-    let op = TransformedConv {
-        stride,
-        padding,
-        atoms: Some((atoms.detach(), scale)),
-    };
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &delta.contiguous()?, op)?)
 }
 
 /// `T = I + scale D0^T dD` as numbers, `[d, d]`, from `D0` and `dD` (`[m, d]` each): the one
@@ -163,7 +77,7 @@ fn build_t<T: Float>(d0: &[T], dd: &[T], d: usize, scale: f64) -> Vec<T> {
 fn mix<T: Float>(t: &[T], src: &[T], dst: &mut [T], d: usize, transposed: bool) {
     let npix = src.len() / d;
     // SAFETY: t is [d, d], src and dst [d, npix].
-    unsafe { gemm_serial(dst, t, src, (d, npix, d), transposed, false, false) };
+    unsafe { dense_serial(dst, t, src, (d, npix, d), transposed, false, false) };
 }
 
 /// `W' = Wr T` (one `T`, or `T[c]` for the filters reading channel `c`), `[o, c d]`.
@@ -178,11 +92,13 @@ fn transform_weight<T: Float>(w: &[T], t: &[T], g: &Geo) -> Vec<T> {
             if grouped {
                 for (c, (dr, sr)) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)).enumerate() {
                     // SAFETY: sr is [1, d], T[c] is [d, d], dr [1, d].
-                    unsafe { gemm_serial(dr, sr, &t[c * d * d..], (1, d, d), false, false, false) };
+                    unsafe {
+                        dense_serial(dr, sr, &t[c * d * d..], (1, d, d), false, false, false)
+                    };
                 }
             } else {
                 // SAFETY: src is [c, d], t [d, d], dst [c, d].
-                unsafe { gemm_serial(dst, src, t, (g.c, d, d), false, false, false) };
+                unsafe { dense_serial(dst, src, t, (g.c, d, d), false, false, false) };
             }
         });
     out
@@ -235,7 +151,7 @@ impl TransformedConv {
                     mix(tc, &raw, dst, d, false);
                 });
             // SAFETY: yb is [o, npix], w is [o, k], cols [k, npix].
-            unsafe { gemm(yb, w, &cols, (g.o, npix, k), false, false, false) };
+            unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, false) };
         }
         y
     }
@@ -262,7 +178,7 @@ impl TransformedConv {
             let dyb = &dy[bi * g.o * npix..(bi + 1) * g.o * npix];
             // dcols' = W^T dy: W is [o, k], read transposed.
             // SAFETY: dcp is [k, npix], w [o, k], dyb [o, npix].
-            unsafe { gemm(&mut dcp, w, dyb, (k, npix, g.o), true, false, false) };
+            unsafe { dense(&mut dcp, w, dyb, (k, npix, g.o), true, false, false) };
             // One task per input channel: its share of dT and, when wanted, its plane of dx.
             let channel = |c: usize, dx_plane: Option<&mut [T]>| -> Vec<T> {
                 let tc = if grouped { &t[c * dd..(c + 1) * dd] } else { t };
@@ -272,7 +188,7 @@ impl TransformedConv {
                 // dT_c = dcols'_c cols_c^T: [d, npix] x [npix, d].
                 let mut part = vec![T::zero(); dd];
                 // SAFETY: dc and raw are [d, npix], part [d, d].
-                unsafe { gemm_serial(&mut part, dc, &raw, (d, d, npix), false, true, false) };
+                unsafe { dense_serial(&mut part, dc, &raw, (d, d, npix), false, true, false) };
                 if let Some(p) = dx_plane {
                     mix(tc, dc, &mut raw, d, true); // raw now holds dcols = T^T dcols'
                     col2im_channel(&raw, g, p);
@@ -321,7 +237,7 @@ impl CustomOp3 for TransformedConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let g = Geo::new(l1.dims(), l2.dims(), self.cfg)?;
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
@@ -338,19 +254,18 @@ impl CustomOp3 for TransformedConv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = Geo::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let g = Geo::new(x.dims(), w.dims(), self.cfg)?;
         let dy = dy.detach().contiguous()?;
         let (want_dx, want_dt) = (x.track_op(), t.track_op());
         // The third input is T itself, or dD from which T is formed.
         let third = t;
         let t = &match &self.atoms {
-            Some((d0, s)) => atoms::FilterTransform::Atoms {
+            Some((d0, s)) => FilterTransform::Atoms {
                 atoms: d0.clone(),
                 delta: third.detach(),
                 scale: *s,
             }
-            .matrix()
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            .matrix()?,
             None => third.detach(),
         };
         let (mut dx, mut dt) = (None, None);
@@ -442,133 +357,5 @@ impl CustomOp3 for TransformedConvGrad {
         };
         let len = nx + t.elem_count();
         Ok((out, Shape::from(len)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_support::{max_rel, randn, weighted_grads};
-    use candle_core::{Device, Var};
-
-    /// Forward and every gradient equal the composed form, `conv2d(x, Wr T)`, for 3x3 and 1x1
-    /// kernels, strides 1 and 2, uneven inputs, one `T` or one per channel, and both forward
-    /// paths (kernel transformed when it is the smaller, columns otherwise).
-    #[test]
-    fn the_op_equals_the_conv_of_the_transformed_kernel() {
-        // (b, c, h, w, o, k, stride, padding, grouped)
-        let cases = [
-            (2, 5, 9, 7, 6, 3, 1, 1, false),
-            (1, 4, 8, 8, 3, 1, 1, 0, false),
-            (2, 3, 9, 9, 4, 3, 2, 1, false),
-            (1, 3, 8, 7, 2, 3, 2, 1, false),
-            (1, 3, 6, 6, 2, 3, 1, 0, true),
-            (2, 4, 7, 5, 3, 3, 1, 1, true),
-            (1, 4, 6, 6, 5, 1, 1, 0, true),
-            // More output channels than output pixels: the column-transform path.
-            (1, 3, 3, 3, 12, 3, 1, 1, false),
-            (2, 3, 4, 3, 16, 3, 1, 1, true),
-            (1, 4, 2, 2, 6, 1, 1, 0, true),
-            (1, 3, 5, 5, 12, 3, 2, 1, false),
-        ];
-        for (b, c, h, w, o, k, s, p, grouped) in cases {
-            for dtype in [DType::F32, DType::F64] {
-                let d = k * k;
-                let tshape = if grouped { vec![c, d, d] } else { vec![d, d] };
-                let x = Var::from_tensor(&randn(&[b, c, h, w], dtype)).unwrap();
-                let kern = Var::from_tensor(&randn(&[o, c, k, k], dtype)).unwrap();
-                let t = Var::from_tensor(&randn(&tshape, dtype)).unwrap();
-                let fast = conv2d_transformed(&x, &kern, &t, s, p).unwrap();
-                // The reference: our plain conv op (itself held to candle's conv, and able to
-                // take strided convs of uneven inputs) on the kernel built by candle ops.
-                let wt = transform_kernel(&kern, &t, (o, c, d)).unwrap();
-                let slow = conv2d(&x, &wt, s, p).unwrap();
-                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-                let case = (b, c, h, w, o, k, s, p, grouped, dtype);
-                assert_eq!(fast.dims(), slow.dims(), "{case:?}");
-                assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                let (gf, gs) = weighted_grads(&fast, &slow);
-                for (name, v) in [("x", &x), ("w", &kern), ("t", &t)] {
-                    let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
-                    assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
-                }
-            }
-        }
-    }
-
-    /// The atoms form (`T` built inside the op from `D0` and `dD`) equals the op given
-    /// `T = I + scale D0^T dD` from candle ops: forward, `dL/dx` and `dL/d(dD)`, on both forward
-    /// paths, at scales 1 and 0.5, with fewer atoms than the filter size too.
-    #[test]
-    fn the_atoms_form_equals_the_transform_it_stands_for() {
-        // (b, c, h, w, o, k, stride, padding, m)
-        let cases = [
-            (2, 3, 7, 6, 4, 3, 1, 1, 9),
-            (1, 3, 3, 3, 12, 3, 1, 1, 9),
-            (1, 4, 5, 5, 3, 3, 2, 1, 5),
-            (1, 4, 4, 4, 6, 1, 1, 0, 1),
-        ];
-        for (b, c, h, w, o, k, s, p, m) in cases {
-            for dtype in [DType::F32, DType::F64] {
-                for scale in [1.0, 0.5] {
-                    let d = k * k;
-                    let x = Var::from_tensor(&randn(&[b, c, h, w], dtype)).unwrap();
-                    let kern = randn(&[o, c, k, k], dtype);
-                    let d0 = randn(&[m, d], dtype);
-                    let dd = Var::from_tensor(&randn(&[m, d], dtype)).unwrap();
-                    let fast = conv2d_atoms(&x, &kern, &d0, &dd, scale, s, p).unwrap();
-                    let t = atoms::FilterTransform::Atoms {
-                        atoms: d0.clone(),
-                        delta: dd.as_tensor().clone(),
-                        scale,
-                    }
-                    .matrix()
-                    .unwrap();
-                    let slow = conv2d_transformed(&x, &kern, &t, s, p).unwrap();
-                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-                    let case = (b, c, h, w, o, k, s, p, m, dtype, scale);
-                    assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                    let (gf, gs) = weighted_grads(&fast, &slow);
-                    for (name, v) in [("x", &x), ("dD", &dd)] {
-                        let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
-                        assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Only what is tracked gets a gradient: an adapter's `T` without the frozen kernel, and no
-    /// input gradient for the first conv's (untracked) input.
-    #[test]
-    fn only_tracked_inputs_get_gradients() {
-        let x = randn(&[1, 2, 5, 5], DType::F32);
-        let kern = randn(&[3, 2, 3, 3], DType::F32);
-        let t = Var::from_tensor(&Tensor::eye(9, DType::F32, &Device::Cpu).unwrap()).unwrap();
-        let y = conv2d_transformed(&x, &kern, &t, 1, 1).unwrap();
-        let g = y.sum_all().unwrap().backward().unwrap();
-        assert!(g.get(&t).is_some());
-        assert!(g.get(&x).is_none());
-        assert!(g.get(&kern).is_none());
-    }
-
-    /// With `T = I` the op is the plain conv.
-    #[test]
-    fn the_identity_transform_is_the_plain_conv() {
-        let x = randn(&[2, 3, 6, 6], DType::F64);
-        let kern = randn(&[4, 3, 3, 3], DType::F64);
-        let t = Tensor::eye(9, DType::F64, &Device::Cpu).unwrap();
-        let a = conv2d_transformed(&x, &kern, &t, 1, 1).unwrap();
-        let b = conv2d(&x, &kern, 1, 1).unwrap();
-        assert!(max_rel(&a, &b) < 1e-14);
-    }
-
-    /// Wrong shapes are errors, not panics.
-    #[test]
-    fn a_transform_of_the_wrong_size_is_an_error() {
-        let x = randn(&[1, 3, 6, 6], DType::F32);
-        let kern = randn(&[4, 3, 3, 3], DType::F32);
-        let t = Tensor::eye(4, DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d_transformed(&x, &kern, &t, 1, 1).is_err());
     }
 }

@@ -1,44 +1,21 @@
-//! Layer normalisation over the last axis as one op with its own backward.
-//!
-//! Composed from candle ops (`layer_norm_slow`, which unlike candle's fused `layer_norm` has a
-//! backward), it is nine passes over the tokens forward, each kept for the backward; the UNet's
-//! transformer blocks run three per block. Here the forward is one pass per row (statistics in
-//! f64, then normalise, scale and shift) and keeps only its input; the backward recomputes the
-//! row statistics and computes
-//!
-//! `dxhat = dy gamma`, `dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` per row,
-//!
-//! and `dgamma = sum dy xhat`, `dbeta = sum dy` only when those are tracked (summed over fixed
-//! blocks of rows in order: the same bits on any thread count). Other devices and dtypes use
-//! the composed form, also the reference the tests hold this op to.
+//! The fused CPU layer norm: one pass per row forward (statistics in f64, then normalise, scale
+//! and shift), keeping only its input; the backward recomputes the row statistics, and sums the
+//! parameter gradients over fixed blocks of rows in order (the same bits on any thread count).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::float_op;
-use crate::conv::{slices, task_len, Float};
-use crate::fastmath::{mean_rstd, simd_dispatch, LANES};
+use crate::cpu::fastmath::{mean_rstd, simd_dispatch, LANES};
+use crate::cpu::{float_op, slices, task_len, unpack_norm_grads, Float};
 use crate::Result;
 
 /// Rows per task in the backward's parameter-gradient sums.
 const ROWS: usize = 64;
 
-/// `x [..., c]` normalised over its last axis, scaled by `gamma [c]` and shifted by `beta [c]`.
-pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let fast = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && gamma.dtype() == x.dtype()
-        && beta.dtype() == x.dtype();
-    if !fast {
-        return composed(x, gamma, beta, eps);
-    }
-    Ok(x.contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })?)
-}
-
-/// The same from candle ops that have a backward.
-pub(crate) fn composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(candle_nn::ops::layer_norm_slow(x, gamma, beta, eps as f32)?)
+/// The fused op on contiguous inputs of one dtype (f32 or f64).
+pub(super) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })
 }
 
 struct LayerNorm {
@@ -238,7 +215,7 @@ impl CustomOp3 for LayerNorm {
         let packed = x
             .detach()
             .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
-        crate::group_norm::unpack(&packed, x, gamma, beta)
+        unpack_norm_grads(&packed, x, gamma, beta)
     }
 }
 
@@ -272,62 +249,5 @@ impl candle_core::CustomOp2 for LayerNormGrad {
             ));
         let len = l1.shape().elem_count() + 2 * self.gamma.elem_count();
         Ok((out, Shape::from(len)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_support::{max_rel, weighted_grads};
-    use candle_core::{Device, Var};
-
-    /// Forward and every gradient equal the composed candle ops (more rows than one task takes).
-    #[test]
-    fn the_op_equals_the_composed_norm() {
-        for dtype in [DType::F32, DType::F64] {
-            // widths below, at and past the 16 lanes of the f32 sums (37 = 2 x 16 + 5)
-            for shape in [
-                vec![2, 70, 12],
-                vec![5, 8],
-                vec![1, 1, 3, 16],
-                vec![3, 5, 37],
-            ] {
-                let r = |s: &[usize], mean: f32| {
-                    Var::from_tensor(
-                        &Tensor::randn(mean, 1.0, s, &Device::Cpu)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap(),
-                    )
-                    .unwrap()
-                };
-                let c = *shape.last().unwrap();
-                let (x, g, b) = (r(&shape, 0.5), r(&[c], 1.0), r(&[c], 0.0));
-                let fast = layer_norm(&x, &g, &b, 1e-5).unwrap();
-                let slow = composed(&x, &g, &b, 1e-5).unwrap();
-                let tol = if dtype == DType::F32 { 2e-5 } else { 1e-6 };
-                assert!(max_rel(&fast, &slow) < tol, "{dtype:?} {shape:?} forward");
-                let (gf, gs) = weighted_grads(&fast, &slow);
-                for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
-                    let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
-                    assert!(e < tol * 10.0, "{dtype:?} {shape:?} d{name}: {e}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn frozen_scale_and_shift_get_no_gradient() {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap()).unwrap();
-        let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
-        let grads = layer_norm(&x, &g, &b, 1e-5)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(grads.get(&x).is_some());
-        assert!(grads.get(&g).is_none());
     }
 }

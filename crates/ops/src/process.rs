@@ -64,12 +64,14 @@ pub fn tune_process() {
 /// thread is one of the pool: it works on each parallel op itself while the other workers help.
 ///
 /// With `ATOMTUNE_MAIN_THREAD` set, `f` runs on the calling thread instead (for comparisons:
-/// a tiny model's step at latent 16 took 0.052 s there against 0.044 s on a worker).
+/// a tiny model's step at latent 16 took 0.052 s there against 0.044 s on a worker). A
+/// [`crate::Kernels::scope`] around the call goes along to the worker.
 pub fn on_compute_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if std::env::var_os("ATOMTUNE_MAIN_THREAD").is_some() {
         return f();
     }
+    let kernels = crate::Kernels::overridden();
     let mut out = None;
-    rayon::scope(|_| out = Some(f()));
+    rayon::scope(|_| out = Some(crate::Kernels::scope_opt(kernels, f)));
     out.expect("the scope ran its body")
 }

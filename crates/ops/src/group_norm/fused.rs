@@ -1,66 +1,30 @@
-//! Group normalisation, optionally followed by SiLU, as one op with its own backward.
-//!
-//! Composed from candle ops (as candle-nn's `GroupNorm`), a group norm is about ten passes over
-//! the feature map forward, each keeping its result for the backward, and as many again
-//! backward; the UNet's resnets follow each norm with a SiLU, two more. Here the forward is
-//! two passes (statistics, then normalise, scale, shift and activate) and keeps only its input;
-//! the backward recomputes the statistics and computes
-//!
-//! `dz = dy silu'(z)`, `dxhat = dz gamma`,
-//! `dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))` over each group,
-//!
-//! and `dgamma = sum dz xhat`, `dbeta = sum dz` only when those are tracked. Statistics are
-//! accumulated in f64. Other devices and dtypes use the composed form, which is also the
-//! reference the tests hold this op to.
+//! The fused CPU group norm (+ SiLU): the forward is two passes (statistics, then normalise,
+//! scale, shift and activate) and keeps only its input; the backward recomputes the statistics.
+//! Statistics are accumulated in f64; f32 loops are vectorised ([`simd_dispatch!`]).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::float_op;
-use crate::conv::{slices, task_len, Float};
-use crate::fastmath::{mean_rstd, simd_dispatch, LANES};
+use super::GroupNormConfig;
+use crate::cpu::fastmath::{mean_rstd, simd_dispatch, LANES};
+use crate::cpu::unpack_norm_grads;
+use crate::cpu::{float_op, slices, task_len, Float};
 use crate::Result;
 
-/// `x [b, c, ...]` normalised over `groups` groups of channels (and everything after the channel
-/// axis), scaled by `gamma [c]`, shifted by `beta [c]`, then passed through SiLU when `silu`.
-pub fn group_norm(
+/// The fused op on contiguous inputs of one dtype (f32 or f64).
+pub(super) fn group_norm(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    groups: usize,
-    eps: f64,
-    silu: bool,
+    norm: GroupNormConfig,
 ) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    if groups == 0 || c % groups != 0 {
-        return Err(crate::Error::Input(format!(
-            "group norm: {c} channels do not split into {groups} groups"
-        )));
-    }
-    let fast = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && gamma.dtype() == x.dtype()
-        && beta.dtype() == x.dtype();
-    if !fast {
-        return composed(x, gamma, beta, groups, eps, silu);
-    }
-    let op = GroupNorm { groups, eps, silu };
-    Ok(x.contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?)
-}
-
-/// The same from candle ops (every device and dtype; statistics in f32 for half precision).
-pub(crate) fn composed(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    groups: usize,
-    eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
-    let norm = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), x.dim(1)?, groups, eps)?;
-    let y = candle_core::Module::forward(&norm, x)?;
-    Ok(if silu { y.silu()? } else { y })
+    let op = GroupNorm {
+        groups: norm.groups,
+        eps: norm.eps,
+        silu: norm.silu,
+    };
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
 }
 
 struct GroupNorm {
@@ -330,28 +294,8 @@ impl CustomOp3 for GroupNorm {
         let packed = x
             .detach()
             .apply_op2_no_bwd(&dy.detach().contiguous()?, &op)?;
-        unpack(&packed, x, gamma, beta)
+        unpack_norm_grads(&packed, x, gamma, beta)
     }
-}
-
-/// The gradients of `x`, `gamma` and `beta` (each only when tracked) from the backward kernels'
-/// packed output `[dx, dgamma, dbeta]` (group norm and layer norm).
-pub(crate) type NormGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
-/// Splits `[dx, dgamma, dbeta]` into the gradients of the tracked inputs.
-pub(crate) fn unpack(
-    packed: &Tensor,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-) -> candle_core::Result<NormGrads> {
-    let (n, c) = (x.elem_count(), gamma.elem_count());
-    let part = |t: &Tensor, start: usize, len: usize| -> candle_core::Result<Option<Tensor>> {
-        t.track_op()
-            .then(|| packed.narrow(0, start, len)?.reshape(t.dims()))
-            .transpose()
-    };
-    Ok((part(x, 0, n)?, part(gamma, n, c)?, part(beta, n + c, c)?))
 }
 
 /// The backward as an op on `(x, dy)`; `gamma` and `beta` are small and copied out.
@@ -385,68 +329,5 @@ impl candle_core::CustomOp2 for GroupNormGrad {
             ));
         let len = l1.shape().elem_count() + 2 * self.dims[1];
         Ok((out, Shape::from(len)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_support::{max_rel, weighted_grads};
-    use candle_core::{Device, Var};
-
-    /// Forward and every gradient equal the composed candle ops, with and without SiLU.
-    #[test]
-    fn the_op_equals_the_composed_norm() {
-        for dtype in [DType::F32, DType::F64] {
-            for silu in [false, true] {
-                for (shape, groups) in [
-                    (vec![2, 6, 5, 4], 3),
-                    (vec![1, 8, 7], 2),
-                    (vec![1, 4, 3, 3], 4),
-                ] {
-                    let r = |s: &[usize], mean: f32| {
-                        Var::from_tensor(
-                            &Tensor::randn(mean, 1.0, s, &Device::Cpu)
-                                .unwrap()
-                                .to_dtype(dtype)
-                                .unwrap(),
-                        )
-                        .unwrap()
-                    };
-                    let c = shape[1];
-                    let (x, g, b) = (r(&shape, 0.5), r(&[c], 1.0), r(&[c], 0.0));
-                    let fast = group_norm(&x, &g, &b, groups, 1e-5, silu).unwrap();
-                    let slow = composed(&x, &g, &b, groups, 1e-5, silu).unwrap();
-                    let tol = if dtype == DType::F32 { 2e-5 } else { 1e-11 };
-                    let case = (dtype, silu, &shape);
-                    assert!(max_rel(&fast, &slow) < tol, "{case:?} forward");
-                    let (gf, gs) = weighted_grads(&fast, &slow);
-                    for (name, v) in [("x", &x), ("gamma", &g), ("beta", &b)] {
-                        let e = max_rel(gf.get(v).unwrap(), gs.get(v).unwrap());
-                        assert!(e < tol * 10.0, "{case:?} d{name}: {e}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Frozen gamma and beta (every norm of a model being tuned) get no gradient.
-    #[test]
-    fn frozen_scale_and_shift_get_no_gradient() {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &Device::Cpu).unwrap())
-            .unwrap();
-        let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
-        let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
-        let y = group_norm(&x, &g, &b, 2, 1e-6, true).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(&x).is_some());
-        assert!(grads.get(&g).is_none());
-    }
-
-    #[test]
-    fn channels_that_do_not_split_into_groups_are_an_error() {
-        let x = Tensor::zeros((1, 5, 2, 2), DType::F32, &Device::Cpu).unwrap();
-        let g = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
-        assert!(group_norm(&x, &g, &g, 2, 1e-6, false).is_err());
     }
 }

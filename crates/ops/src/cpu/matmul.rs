@@ -1,7 +1,8 @@
 //! Matrix products on the `gemm` crate over views of slices: [`Mat`] (dense or with strided
-//! rows, read transposed or not) into a [`Dst`], the one place this crate calls `gemm::gemm`.
+//! rows, read transposed or not) into a [`Dst`], the one place the workspace calls `gemm::gemm`;
+//! [`dense`] and [`dense_serial`] for the common case of dense row-major matrices.
 
-use crate::conv::Float;
+use super::Float;
 
 /// A matrix view for [`gemm`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
 /// (attention's heads sit side by side in a row, so a head's rows are strided), read transposed
@@ -125,4 +126,89 @@ pub(crate) unsafe fn gemm<T: Float>(
             par,
         )
     }
+}
+
+/// Threads for a gemm of `m x n x k` multiply-adds: one below 256K of them.
+fn parallelism((m, n, k): (usize, usize, usize)) -> gemm::Parallelism {
+    let n_threads = rayon::current_num_threads();
+    if n_threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(n_threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst [m, n] (+)= a @ b` for dense row-major matrices, with `a` `[m, k]` or, when `a_t`,
+/// `[k, m]` read transposed, and `b` `[k, n]` or, when `b_t`, `[n, k]` read transposed; large
+/// products use the thread pool.
+///
+/// # Safety
+/// The slices must hold the matrices.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn dense<T: Float>(
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
+    mnk: (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's promise.
+    unsafe { dense_on(parallelism(mnk), dst, a, b, mnk, a_t, b_t, accumulate) }
+}
+
+/// [`dense`] on one thread: for small products inside tasks that already run in parallel.
+///
+/// # Safety
+/// As [`dense`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn dense_serial<T: Float>(
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
+    mnk: (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        dense_on(
+            gemm::Parallelism::None,
+            dst,
+            a,
+            b,
+            mnk,
+            a_t,
+            b_t,
+            accumulate,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense_on<T: Float>(
+    par: gemm::Parallelism,
+    dst: &mut [T],
+    a: &[T],
+    b: &[T],
+    (m, n, k): (usize, usize, usize),
+    a_t: bool,
+    b_t: bool,
+    accumulate: bool,
+) {
+    debug_assert!(dst.len() >= m * n);
+    let a = if a_t {
+        Mat::new(a, k, m).t()
+    } else {
+        Mat::new(a, m, k)
+    };
+    let b = if b_t {
+        Mat::new(b, n, k).t()
+    } else {
+        Mat::new(b, k, n)
+    };
+    // SAFETY: `dst` holds the `m x n` product (the caller's promise).
+    unsafe { gemm(par, Dst::dense(dst), a, b, T::one(), accumulate) }
 }

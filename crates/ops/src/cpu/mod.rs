@@ -1,0 +1,104 @@
+//! What the fused CPU kernels share: their element types ([`Float`], [`float_op!`]), reading
+//! candle's CPU storage ([`slices`]), how finely they split work over threads ([`task_len`]),
+//! the one wrapper around the `gemm` crate ([`matmul`]) and vectorised f32 math ([`fastmath`]).
+
+use candle_core::{CpuStorage, Layout, Tensor};
+
+pub(crate) mod fastmath;
+pub(crate) mod matmul;
+
+/// `CpuStorage::F32(body)` or `CpuStorage::F64(body)` by `dtype`, with `$t` naming the element
+/// type inside `body`; any other dtype is an error naming the op.
+macro_rules! float_op {
+    ($dtype:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                candle_core::CpuStorage::F32($body)
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                candle_core::CpuStorage::F64($body)
+            }
+            d => candle_core::bail!("{}: unsupported dtype {d:?}", $name),
+        }
+    };
+}
+pub(crate) use float_op;
+
+/// The element types the CPU kernels run in (f32, f64).
+pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
+    /// `x` in this type (rounded for f32).
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        <Self as num_traits::NumCast>::from(x).unwrap_or_else(Self::nan)
+    }
+
+    /// `1 / (1 + e^-x)`.
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        Self::one() / (Self::one() + (-self).exp())
+    }
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn sigmoid(self) -> f32 {
+        fastmath::sigmoid(self)
+    }
+}
+
+impl Float for f64 {}
+
+/// The numbers of a contiguous CPU tensor, as the slice its layout covers.
+pub(crate) fn slices<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let Some((a, z)) = l.contiguous_offsets() else {
+        candle_core::bail!("atomtune's CPU kernels need contiguous inputs");
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..z])
+}
+
+/// How many items of `item` numbers each a parallel task takes, so that a task holds at least
+/// 16K numbers: below that, waking threads costs more than the work (the tiny models' steps
+/// spent a third of their time in thread hand-offs).
+pub(crate) fn task_len(item: usize) -> usize {
+    ((1 << 14) / item.max(1)).max(1)
+}
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: users hand each task a disjoint part of the buffer (each use says which).
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer; a method, so closures capture the `Send` wrapper and not its field.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The gradients of `x`, `gamma` and `beta`, each only when tracked.
+pub(crate) type NormGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Splits the norm kernels' packed backward output `[dx, dgamma, dbeta]` (group norm and layer
+/// norm) into the gradients of the tracked inputs.
+pub(crate) fn unpack_norm_grads(
+    packed: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> candle_core::Result<NormGrads> {
+    let (n, c) = (x.elem_count(), gamma.elem_count());
+    let part = |t: &Tensor, start: usize, len: usize| -> candle_core::Result<Option<Tensor>> {
+        t.track_op()
+            .then(|| packed.narrow(0, start, len)?.reshape(t.dims()))
+            .transpose()
+    };
+    Ok((part(x, 0, n)?, part(gamma, n, c)?, part(beta, n + c, c)?))
+}
