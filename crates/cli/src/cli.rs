@@ -68,6 +68,11 @@ pub struct ModelArgs {
     /// Number format of the weights.
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
+
+    /// On CUDA, run f32 matrix products in full f32 instead of on TF32 tensor cores (TF32 keeps
+    /// f32's range with a 10-bit mantissa per product; f32 models and attention use it).
+    #[arg(long)]
+    pub exact_f32: bool,
 }
 
 /// A delta and its weight, `PATH[:WEIGHT]`.

@@ -4,6 +4,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 
+use crate::cli::ModelArgs;
+
 /// Where to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -20,7 +22,8 @@ pub enum DeviceArg {
 /// Number format of the model weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
-    /// f16 on a GPU, f32 on the CPU.
+    /// On a GPU: bf16 where it runs bf16 (NVIDIA Ampere or later, Apple M2 or later), else f16
+    /// (trained with a dynamic loss scale). f32 on the CPU.
     Auto,
     /// 32-bit floats.
     F32,
@@ -66,11 +69,39 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
 pub fn dtype(arg: DTypeArg, device: &Device) -> DType {
     match arg {
         DTypeArg::Auto if device.is_cpu() => DType::F32,
+        DTypeArg::Auto if runs_bf16(device) => DType::BF16,
         DTypeArg::Auto => DType::F16,
         DTypeArg::F32 => DType::F32,
         DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
     }
+}
+
+/// Whether `device` runs bf16 work: a small product, an exponential and a conversion, tried
+/// once. GPUs before NVIDIA Ampere and Apple M2 lack bf16 arithmetic (candle's kernels and
+/// cuBLAS refuse it there), which is what this finds out without a table of models.
+fn runs_bf16(device: &Device) -> bool {
+    let probe = || -> candle_core::Result<f32> {
+        let a = candle_core::Tensor::ones((8, 8), DType::BF16, device)?;
+        a.matmul(&a)?
+            .exp()?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()
+    };
+    probe().is_ok_and(f32::is_finite)
+}
+
+/// The device and dtype `--device`, `--dtype` and `--exact-f32` ask for, the device set up:
+/// on CUDA, f32 matrix products (f32 models, and attention, which runs in f32 for every model)
+/// may use TF32 tensor cores unless `--exact-f32` is given.
+pub fn device_and_dtype(a: &ModelArgs) -> Result<(Device, DType)> {
+    let dev = device(a.device)?;
+    if dev.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(!a.exact_f32);
+    }
+    let dt = dtype(a.dtype, &dev);
+    Ok((dev, dt))
 }
 
 /// A short name of a device for messages.

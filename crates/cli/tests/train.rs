@@ -320,3 +320,107 @@ fn gradient_checkpointing_trains_the_same_run() {
         "{err}"
     );
 }
+
+/// What a delta does to every weight of the fixture's UNet, `W' - W`, in f32, layers in order.
+fn weight_changes(fx: &Path, delta: &Path) -> Vec<f32> {
+    use atoms::{Adapter, BaseWeights};
+    let base = atoms::SafetensorsBase::open(
+        &fx.join("unet/diffusion_pytorch_model.safetensors"),
+        "fixture",
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let d = Delta::read(delta).unwrap();
+    d.adapters(&base)
+        .unwrap()
+        .iter()
+        .flat_map(|(layer, a)| {
+            a.delta_weight(&base.weight(layer).unwrap(), 1.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `ATOMTUNE_KERNELS=portable` makes the CPU run the code a GPU runs; it trains the run the
+/// fused CPU kernels train: the same losses and the same weight changes to f32 rounding, plain
+/// and with either checkpointing mode. Any other value is refused, naming the ones it takes.
+#[test]
+fn portable_kernels_train_the_same_run() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 2).is_none() {
+        return;
+    }
+    let run = |name: &str, kernels: &str, extra: &[&str]| -> (Vec<f64>, Vec<f32>) {
+        let out = tmp.path().join(name);
+        let mut args = train_args(
+            fx.to_str().unwrap(),
+            images.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "3",
+        );
+        // 128 px: at 64 the fixture's lowest level is 1x1, where a group norm of a few numbers
+        // makes the gradients depend on rounding
+        let at = args.iter().position(|a| *a == "--resolution").unwrap();
+        args[at + 1] = "128";
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
+            .args(&args)
+            .env("ATOMTUNE_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        (losses, weight_changes(&fx, &out.join("delta.safetensors")))
+    };
+    let (losses, changes) = run("fused", "fused", &[]);
+    for (name, extra) in [
+        ("portable", &[][..]),
+        ("portable-selective", &["--gradient-checkpointing"][..]),
+        ("portable-all", &["--gradient-checkpointing=all"][..]),
+    ] {
+        let (l, c) = run(name, "portable", extra);
+        for (a, b) in losses.iter().zip(&l) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "{name}: {losses:?} vs {l:?}"
+            );
+        }
+        let (mut d, mut n) = (0f64, 0f64);
+        for (a, b) in changes.iter().zip(&c) {
+            d += ((a - b) as f64).powi(2);
+            n += (*a as f64).powi(2);
+        }
+        let rel = (d / n).sqrt();
+        assert!(
+            n > 0.0 && rel < 1e-3,
+            "{name}: weight changes differ by {rel}"
+        );
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
+        .args(["inspect", "nothing.safetensors"])
+        .env("ATOMTUNE_KERNELS", "gpu")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("ATOMTUNE_KERNELS")
+            && err.contains("fused")
+            && err.contains("portable"),
+        "{err}"
+    );
+}

@@ -418,6 +418,9 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     /// Whether the mid blocks have attention.
     pub mid_block_add_attention: bool,
+    /// Whether the VAE runs in f32 inside a half-precision model (diffusers' default: true; the
+    /// SD VAEs overflow f16 on some images and give NaN).
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -467,6 +470,7 @@ impl VaeConfig {
             use_quant_conv: j.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: j.bool_or("use_post_quant_conv", true)?,
             mid_block_add_attention: j.bool_or("mid_block_add_attention", true)?,
+            force_upcast: j.bool_or("force_upcast", true)?,
         })
     }
 }

@@ -4,7 +4,9 @@
 //! same differentiable blocks as the UNet but needs no adapters. Older checkpoints name the mid
 //! attention `query`/`key`/`value`/`proj_attn` (sometimes as 1x1 conv weights); both namings load.
 
-use candle_core::Tensor;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Tensor};
 
 use crate::config::VaeConfig;
 use crate::layers::Layers;
@@ -174,11 +176,24 @@ pub struct Vae {
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
+    /// Where the weights came from, to build the f32 copy from.
+    weights: Weights,
+    /// The f32 copy a half-precision VAE falls back to when it gives NaN, built on first need.
+    upcast: OnceLock<Box<Vae>>,
 }
 
 impl Vae {
-    /// Builds the VAE of `config` from `w` (keys as in diffusers' `vae/`).
+    /// Builds the VAE of `config` from `w` (keys as in diffusers' `vae/`), in `w`'s dtype, or in
+    /// f32 when that is half precision and the config says `force_upcast`.
     pub fn new(w: &Weights, config: &VaeConfig) -> Result<Self> {
+        let half = matches!(w.dtype(), DType::F16 | DType::BF16);
+        if half && config.force_upcast {
+            return Self::build(&w.with_dtype(DType::F32), config);
+        }
+        Self::build(w, config)
+    }
+
+    fn build(w: &Weights, config: &VaeConfig) -> Result<Self> {
         let c = config;
         let layers = Layers::new("vae");
         let ch = &c.block_out_channels;
@@ -282,6 +297,8 @@ impl Vae {
             )?,
         };
         Ok(Vae {
+            weights: w.clone(),
+            upcast: OnceLock::new(),
             quant_conv: if c.use_quant_conv {
                 Some(Conv2d::new(
                     &w.pp("quant_conv"),
@@ -321,8 +338,41 @@ impl Vae {
         self.config.scaling_factor
     }
 
-    /// Images in [-1, 1], `[b, 3, h, w]` -> the latent distribution `[b, latent, h/f, w/f]`.
+    /// The dtype it computes in.
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype()
+    }
+
+    /// This VAE in f32, built once from the same weights: where a half-precision VAE gave NaN.
+    fn upcast(&self) -> Result<&Vae> {
+        if let Some(v) = self.upcast.get() {
+            return Ok(v);
+        }
+        let v = Vae::build(&self.weights.with_dtype(DType::F32), &self.config)?;
+        Ok(self.upcast.get_or_init(|| Box::new(v)))
+    }
+
+    /// Whether a half-precision VAE's result `t` is not finite, so that the f32 copy must redo
+    /// the work (the SD VAEs overflow f16 on some inputs).
+    fn needs_upcast(&self, t: &Tensor) -> Result<bool> {
+        if !matches!(self.dtype(), DType::F16 | DType::BF16) {
+            return Ok(false);
+        }
+        let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(!sum.is_finite())
+    }
+
+    /// Images in [-1, 1], `[b, 3, h, w]` -> the latent distribution `[b, latent, h/f, w/f]`, in
+    /// the VAE's dtype ([`Vae::dtype`]; f32 where a half-precision one gave NaN).
     pub fn encode(&self, x: &Tensor) -> Result<LatentDist> {
+        let d = self.encode_here(&x.to_dtype(self.dtype())?)?;
+        if self.needs_upcast(&d.mean)? {
+            return self.upcast()?.encode(x);
+        }
+        Ok(d)
+    }
+
+    fn encode_here(&self, x: &Tensor) -> Result<LatentDist> {
         let e = &self.encoder;
         let mut h = e.conv_in.forward(x)?;
         for (resnets, down) in &e.blocks {
@@ -345,8 +395,17 @@ impl Vae {
         Ok(LatentDist { mean, logvar })
     }
 
-    /// Latents (unscaled: divide by [`Vae::scaling_factor`] first) -> images, about [-1, 1].
+    /// Latents (unscaled: divide by [`Vae::scaling_factor`] first) -> images, about [-1, 1], in
+    /// the VAE's dtype (f32 where a half-precision one gave NaN).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let img = self.decode_here(&z.to_dtype(self.dtype())?)?;
+        if self.needs_upcast(&img)? {
+            return self.upcast()?.decode(z);
+        }
+        Ok(img)
+    }
+
+    fn decode_here(&self, z: &Tensor) -> Result<Tensor> {
         let d = &self.decoder;
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?,

@@ -27,10 +27,11 @@ enum Source {
 }
 
 struct Inner {
-    source: Source,
+    /// Shared by the copies [`Weights::with_dtype`] makes, as is `used`.
+    source: Arc<Source>,
     dtype: DType,
     device: Device,
-    used: Mutex<BTreeSet<String>>,
+    used: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// A source of named tensors, at a key prefix.
@@ -38,6 +39,16 @@ struct Inner {
 pub struct Weights {
     inner: Arc<Inner>,
     prefix: String,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("source", &self.label())
+            .field("prefix", &self.prefix)
+            .field("dtype", &self.inner.dtype)
+            .finish()
+    }
 }
 
 impl Weights {
@@ -81,12 +92,26 @@ impl Weights {
     fn new(source: Source, dtype: DType, device: &Device) -> Self {
         Weights {
             inner: Arc::new(Inner {
-                source,
+                source: Arc::new(source),
                 dtype,
                 device: device.clone(),
-                used: Mutex::new(BTreeSet::new()),
+                used: Arc::default(),
             }),
             prefix: String::new(),
+        }
+    }
+
+    /// The same source and prefix, loading tensors as `dtype` (a VAE kept in f32 inside a
+    /// half-precision model). Keys used through either count as used for both.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        Weights {
+            inner: Arc::new(Inner {
+                source: self.inner.source.clone(),
+                dtype,
+                device: self.inner.device.clone(),
+                used: self.inner.used.clone(),
+            }),
+            prefix: self.prefix.clone(),
         }
     }
 
@@ -122,7 +147,7 @@ impl Weights {
     }
 
     fn label(&self) -> String {
-        match &self.inner.source {
+        match &*self.inner.source {
             Source::Files { label, .. } => label.clone(),
             Source::Random { seed } => format!("random weights (seed {seed})"),
         }
@@ -130,7 +155,7 @@ impl Weights {
 
     /// Whether the source has `name` (random sources have everything).
     pub fn contains(&self, name: &str) -> bool {
-        match &self.inner.source {
+        match &*self.inner.source {
             Source::Files { st, .. } => st.get(&self.key(name)).is_ok(),
             Source::Random { .. } => true,
         }
@@ -146,7 +171,7 @@ impl Weights {
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();
         let key = self.key(name);
-        let t = match &self.inner.source {
+        let t = match &*self.inner.source {
             Source::Files { st, .. } => {
                 let view = st.get(&key).map_err(|_| Error::MissingKey {
                     file: self.label(),
@@ -172,7 +197,7 @@ impl Weights {
     /// Errors if the files hold tensors that nothing asked for: a checkpoint of another
     /// architecture or config that happens to have every key we need.
     pub fn check_all_used(&self) -> Result<()> {
-        let Source::Files { st, .. } = &self.inner.source else {
+        let Source::Files { st, .. } = &*self.inner.source else {
             return Ok(());
         };
         let used = self.inner.used.lock().expect("lock");

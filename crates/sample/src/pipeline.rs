@@ -186,7 +186,7 @@ impl<'a> Pipeline<'a> {
     /// The raw VAE decode of unscaled latents, f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let vae = &self.sd.vae;
-        let z = (latents / vae.scaling_factor())?.to_dtype(self.sd.unet.dtype())?;
+        let z = (latents / vae.scaling_factor())?.to_dtype(vae.dtype())?;
         Ok(vae.decode(&z)?.to_dtype(DType::F32)?)
     }
 }

@@ -60,7 +60,9 @@ impl LatentCache {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let device = sd.unet.device().clone();
-        let dtype = sd.unet.dtype();
+        // The VAE's own dtype: f32 when its config says force_upcast (it then computes in f32
+        // inside a half-precision model, and redoes an image in f32 if half precision gave NaN).
+        let dtype = sd.vae.dtype();
         let mut distinct: Vec<String> = Vec::new();
         let mut cached = Vec::new();
         for (i, (img, caption)) in images.iter().zip(captions).enumerate() {

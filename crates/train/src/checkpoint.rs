@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor};
 use sample::RngState;
 use serde::{Deserialize, Serialize};
 
+use crate::loss_scale::LossScaleState;
 use crate::{Error, Result};
 
 /// The loop's state.
@@ -34,6 +35,9 @@ pub struct LoopState {
     pub pos: usize,
     /// [`crate::TrainConfig::fingerprint`] of the run.
     pub fingerprint: String,
+    /// The dynamic loss scale, for f16 models (checkpoints of other runs have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScaleState>,
 }
 
 impl LoopState {

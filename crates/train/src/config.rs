@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use atoms::AdapterConfig;
 use models::Targets;
 
+use crate::loss_scale::LossScaleConfig;
 use crate::lr::LrSchedule;
 use crate::optim::AdamWConfig;
 use crate::{Error, Result};
@@ -89,6 +90,8 @@ pub struct TrainConfig {
     pub validation: Option<ValidationConfig>,
     /// The output folder.
     pub out: PathBuf,
+    /// The dynamic loss scale of f16 models (others train unscaled).
+    pub loss_scale: LossScaleConfig,
 }
 
 impl TrainConfig {

@@ -23,6 +23,7 @@ use crate::cache::LatentCache;
 use crate::checkpoint::{self, LoopState};
 use crate::config::TrainConfig;
 use crate::dataset::{self, ImageOptions};
+use crate::loss_scale::LossScaler;
 use crate::optim::{collect_grads, grad_norm, AdamW};
 use crate::prior::{ensure_class_images, ClassImageOptions};
 use crate::{Error, Result};
@@ -58,10 +59,14 @@ pub struct StepReport {
     pub loss: f64,
     /// The learning rate used.
     pub lr: f64,
-    /// The gradient's global norm before clipping.
+    /// The gradient's global norm before clipping (not finite when the step was skipped).
     pub grad_norm: f64,
     /// Wall-clock seconds of the step.
     pub seconds: f64,
+    /// The loss scale the step ran with (f16 models, [`crate::loss_scale`]).
+    pub loss_scale: Option<f64>,
+    /// Whether the update was skipped: its scaled gradients overflowed f16.
+    pub skipped: bool,
 }
 
 /// A fixed set of (latent, timestep, noise) to measure learning on.
@@ -86,6 +91,8 @@ pub struct Trainer<'a> {
     pos: usize,
     step: usize,
     fingerprints: BTreeMap<String, String>,
+    /// The dynamic loss scale, for f16 models.
+    scaler: Option<LossScaler>,
 }
 
 fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
@@ -207,7 +214,7 @@ impl<'a> Trainer<'a> {
             }
         };
 
-        let (rng, order, pos, step, opt_state) = match resume {
+        let (rng, order, pos, step, opt_state, scale_state) = match resume {
             Some(dir) => {
                 let ck = checkpoint::read(dir)?;
                 if ck.state.fingerprint != cfg.fingerprint() {
@@ -231,6 +238,7 @@ impl<'a> Trainer<'a> {
                     ck.state.pos,
                     ck.state.step,
                     Some(ck.optimizer),
+                    ck.state.loss_scale,
                 )
             }
             None => {
@@ -245,13 +253,17 @@ impl<'a> Trainer<'a> {
                     let base = layers.get(name).expect("selected layers exist").weight;
                     layers.attach(name, LayerAdapter::new(&cfg.adapter, name, &base)?, 1.0)?;
                 }
-                (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None)
+                (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None, None)
             }
         };
         let mut opt = AdamW::new(layers.vars(), cfg.adamw)?;
         if let Some(s) = opt_state {
             opt.load_state(&s)?;
         }
+        let scaler = (sd.unet.dtype() == DType::F16).then(|| match scale_state {
+            Some(s) => LossScaler::from_state(cfg.loss_scale, s),
+            None => LossScaler::new(cfg.loss_scale),
+        });
         let params: usize = opt.vars().iter().map(|v| v.elem_count()).sum();
         events(Event::Info(format!(
             "{} on {} layers ({} trainable parameters)",
@@ -272,6 +284,7 @@ impl<'a> Trainer<'a> {
             pos,
             step,
             fingerprints: BTreeMap::new(),
+            scaler,
         })
     }
 
@@ -363,11 +376,15 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// One optimizer step over `grad_accum` micro-batches.
+    /// One optimizer step over `grad_accum` micro-batches. With an f16 model the loss is scaled
+    /// before the backward and the gradients unscaled before clipping and the update; a step
+    /// whose scaled gradients overflow is skipped ([`crate::loss_scale`]).
     pub fn train_step(&mut self) -> Result<StepReport> {
         let start = Instant::now();
         let vars = self.opt.vars().to_vec();
         let accum = self.cfg.grad_accum;
+        let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
+        let mul = loss_scale.unwrap_or(1.0) / accum as f64;
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for _ in 0..accum {
@@ -382,7 +399,7 @@ impl<'a> Trainer<'a> {
                 });
             }
             loss_sum += l as f64 / accum as f64;
-            let grads = (loss / accum as f64)?.backward()?;
+            let grads = (loss * mul)?.backward()?;
             for (a, g) in acc.iter_mut().zip(collect_grads(&vars, &grads)) {
                 *a = match (a.take(), g) {
                     (Some(x), Some(g)) => Some((x + g)?),
@@ -390,8 +407,13 @@ impl<'a> Trainer<'a> {
                 };
             }
         }
-        let norm = grad_norm(&acc)?;
-        let scale = match self.cfg.max_grad_norm {
+        // The norm of the unscaled gradients (not finite when the scaled ones overflowed).
+        let norm = grad_norm(&acc)? / loss_scale.unwrap_or(1.0);
+        let apply = match &mut self.scaler {
+            Some(s) => s.update(norm.is_finite()),
+            None => true,
+        };
+        let clip = match self.cfg.max_grad_norm {
             Some(max) if norm > max => max / norm,
             _ => 1.0,
         };
@@ -401,7 +423,9 @@ impl<'a> Trainer<'a> {
             self.cfg.lr,
             self.cfg.warmup_steps,
         );
-        self.opt.step(&acc, lr, scale)?;
+        if apply {
+            self.opt.step(&acc, lr, clip / loss_scale.unwrap_or(1.0))?;
+        }
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -410,6 +434,8 @@ impl<'a> Trainer<'a> {
             lr,
             grad_norm: norm,
             seconds: start.elapsed().as_secs_f64(),
+            loss_scale,
+            skipped: !apply,
         })
     }
 
@@ -495,6 +521,7 @@ impl<'a> Trainer<'a> {
             order: self.order.clone(),
             pos: self.pos,
             fingerprint: self.cfg.fingerprint(),
+            loss_scale: self.scaler.as_ref().map(LossScaler::state),
         };
         checkpoint::write(
             &self.cfg.out.join("checkpoints"),
@@ -654,9 +681,13 @@ pub fn run(
     let total = t.cfg.max_steps;
     while t.step < total {
         let r = t.train_step()?;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds,
         });
+        if let Some(scale) = r.loss_scale {
+            line["loss_scale"] = scale.into();
+            line["skipped"] = r.skipped.into();
+        }
         writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
         events(Event::Step(&r));
         let stopping = stop.load(Ordering::SeqCst);

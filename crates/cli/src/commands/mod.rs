@@ -12,6 +12,8 @@ use crate::cli::{Cli, Command};
 
 /// Runs the command the user asked for.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // A wrong ATOMTUNE_KERNELS is refused before any work, with the values it takes.
+    models::Kernels::from_env()?;
     match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Sample(args) => sample::run(&args),

@@ -11,7 +11,7 @@ use sample::pipeline::to_rgb8;
 use sample::{apply_deltas, png_io, Infotext, Pipeline, Request, SchedulerKind};
 
 use crate::cli::SampleArgs;
-use crate::device::{describe, device, dtype};
+use crate::device::{describe, device_and_dtype};
 use crate::progress::Reporter;
 
 /// The prompts of a run: `--prompt`, or the lines of `--prompts` with `{token}` and `{class}`
@@ -137,8 +137,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
     let prompts = prompts(args, deltas.first().map(|(d, _)| d))?;
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
 
-    let dev = device(args.model.device)?;
-    let dt = dtype(args.model.dtype, &dev);
+    let (dev, dt) = device_and_dtype(&args.model)?;
     rep.info(
         None,
         &format!(

@@ -11,7 +11,7 @@ use models::{LoadOptions, StableDiffusion, Targets};
 use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
 
 use crate::cli::TrainArgs;
-use crate::device::{describe, device, dtype};
+use crate::device::{describe, device_and_dtype};
 use crate::format::bytes;
 use crate::progress::Reporter;
 
@@ -56,8 +56,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     if !a.images.is_dir() {
         bail!("--images {}: no such folder", a.images.display());
     }
-    let dev = device(a.model.device)?;
-    let dt = dtype(a.model.dtype, &dev);
+    let (dev, dt) = device_and_dtype(&a.model)?;
     rep.info(
         None,
         &format!("loading {} on {} ({dt:?})", a.model.model, describe(&dev)),
@@ -72,9 +71,6 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     let sd = StableDiffusion::load(&a.model.model, &opts)
         .with_context(|| format!("loading --model {}", a.model.model))?;
     if let Some(mode) = a.gradient_checkpointing {
-        if !sd.unet.device().is_cpu() {
-            bail!("--gradient-checkpointing runs on the CPU only for now; leave it out on a GPU");
-        }
         sd.unet.layers().set_checkpointing(mode.into());
     }
     let resolution = a
@@ -125,6 +121,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             num_images: a.num_validation_images,
         }),
         out: a.out.clone(),
+        loss_scale: Default::default(),
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
         None => None,
