@@ -45,11 +45,17 @@ impl Backward for ConvGrad {
         let dy = dy.detach().to_dtype(x.dtype())?;
         let dx = x
             .track_op()
-            .then(|| input_grad(&dy, &w.detach(), x.dims(), self.cfg))
+            .then(|| {
+                let k = grad_kernel(&channels_first(&w.detach())?, None, w.dims())?;
+                input_grad(&dy, &k, x.dims(), self.cfg)
+            })
             .transpose()?;
         let dw = w
             .track_op()
-            .then(|| kernel_grad(&x.detach(), &dy, w.dims(), self.cfg))
+            .then(|| {
+                let g = kernel_grad(&x.detach(), &dy, w.dims(), self.cfg)?;
+                from_channels_first(&g, w.dims())
+            })
             .transpose()?;
         Ok(vec![dx, dw])
     }
@@ -112,39 +118,34 @@ impl Backward for TransformedGrad {
         let &[x, w, third] = inputs else {
             candle_core::bail!("{}: three inputs expected", self.name());
         };
-        let (xd, wd, td) = (x.detach(), w.detach(), third.detach());
+        let (xd, td) = (x.detach(), third.detach());
         let dy = dy.detach().to_dtype(x.dtype())?;
+        let t = self.transform(&td)?;
+        let ws = w.dims();
+        // W with input channels first, [c, o, d]: the layout both the input gradient's kernel
+        // and dL/dT are formed in (one transposed copy of the weight per backward)
+        let wcf = channels_first(&w.detach())?;
         let dx = if x.track_op() {
-            Some(input_grad(
-                &dy,
-                &self.kernel(&wd, &td)?,
-                x.dims(),
-                self.cfg,
-            )?)
+            let k = grad_kernel(&wcf, Some(&t), ws)?;
+            Some(input_grad(&dy, &k, x.dims(), self.cfg)?)
         } else {
             None
         };
         if !(w.track_op() || third.track_op()) {
             return Ok(vec![dx, None, None]);
         }
-        // dL/dW', in T's dtype
-        let t = self.transform(&td)?;
-        let dwt = kernel_grad(&xd, &dy, w.dims(), self.cfg)?.to_dtype(t.dtype())?;
-        let (o, c, kh, kw) = w.dims4()?;
-        let d = kh * kw;
-        let wr = wd.to_dtype(t.dtype())?;
+        // dL/dW' in the same layout, in T's dtype
+        let dwcf = kernel_grad(&xd, &dy, ws, self.cfg)?.to_dtype(t.dtype())?;
+        let (c, o, d) = dwcf.dims3()?;
+        let wcf = wcf.to_dtype(t.dtype())?;
         let dthird = if third.track_op() {
-            // dL/dT = Wr^T dL/dW' (per input channel when T is)
+            // dL/dT = Wr^T dL/dW', summed over every filter (per input channel when T is)
             let dt = if t.rank() == 3 {
-                let g = |m: &Tensor| m.reshape((o, c, d))?.transpose(0, 1);
-                g(&wr)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .matmul(&g(&dwt)?.contiguous()?)?
+                wcf.transpose(1, 2)?.contiguous()?.matmul(&dwcf)?
             } else {
-                wr.reshape((o * c, d))?
+                wcf.reshape((c * o, d))?
                     .t()?
-                    .matmul(&dwt.reshape((o * c, d))?)?
+                    .matmul(&dwcf.reshape((c * o, d))?)?
             };
             Some(match &self.atoms {
                 // T = I + s D0^T dD: dL/d(dD) = s D0 dL/dT
@@ -158,14 +159,13 @@ impl Backward for TransformedGrad {
         // dL/dWr = dL/dW' T^T.
         let dw = if w.track_op() {
             let dw = if t.rank() == 3 {
-                dwt.reshape((o, c, d))?
-                    .transpose(0, 1)?
-                    .matmul(&t.transpose(1, 2)?)?
-                    .transpose(0, 1)?
+                dwcf.matmul(&t.transpose(1, 2)?.contiguous()?)?
             } else {
-                dwt.reshape((o * c, d))?.matmul(&t.t()?)?
+                dwcf.reshape((c * o, d))?
+                    .matmul(&t.t()?)?
+                    .reshape((c, o, d))?
             };
-            Some(dw.reshape(w.dims())?.to_dtype(w.dtype())?)
+            Some(from_channels_first(&dw.to_dtype(w.dtype())?, ws)?)
         } else {
             None
         };
@@ -178,21 +178,20 @@ fn pointwise(ws: &[usize], cfg: ConvConfig) -> bool {
     ws[2] == 1 && ws[3] == 1 && cfg.stride == 1 && cfg.padding == 0
 }
 
-/// `dL/dx` for `x` of shape `xs` from `dy` and the kernel `w [o, c, kh, kw]`.
-fn input_grad(dy: &Tensor, w: &Tensor, xs: &[usize], cfg: ConvConfig) -> Result<Tensor> {
-    let (o, c, kh, kw) = w.dims4()?;
+/// `dL/dx` for `x` of shape `xs` from `dy` and `wf`, the conv's kernel as [`grad_kernel`] makes
+/// it.
+fn input_grad(dy: &Tensor, wf: &Tensor, xs: &[usize], cfg: ConvConfig) -> Result<Tensor> {
     let (b, _, ho, wo) = dy.dims4()?;
     let (h, wd) = (xs[2], xs[3]);
-    if pointwise(w.dims(), cfg) {
+    let (c, o, kh, kw) = wf.dims4()?;
+    if pointwise(&[o, c, kh, kw], cfg) {
         // dx_b = W^T dy_b
-        return w
-            .reshape((o, c))?
-            .t()?
+        return wf
+            .reshape((c, o))?
             .broadcast_matmul(&dy.reshape((b, o, ho * wo))?)?
             .reshape((b, c, h, wd));
     }
     let (s, p) = (cfg.stride, cfg.padding);
-    let wf = flip_spatial(w)?.transpose(0, 1)?.contiguous()?; // [c, o, kh, kw]
     let dy = if s > 1 { dilate(dy, s)? } else { dy.clone() };
     // The full correlation of the dilated dy with the flipped kernel covers the padded input
     // rows 0 .. (ho - 1) s + kh; rows past that (a stride's remainder) get no gradient.
@@ -209,41 +208,70 @@ fn input_grad(dy: &Tensor, w: &Tensor, xs: &[usize], cfg: ConvConfig) -> Result<
         .narrow(3, p, wd)
 }
 
-/// `dL/dW` of shape `ws` from the input `x` and `dy`.
+/// `dL/dW` for a kernel of shape `ws` = `[o, c, kh, kw]`, from the input `x` and `dy`, with
+/// input channels first: `[c, o, kh kw]`.
 fn kernel_grad(x: &Tensor, dy: &Tensor, ws: &[usize], cfg: ConvConfig) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (_, o, ho, wo) = dy.dims4()?;
     let (kh, kw) = (ws[2], ws[3]);
     if pointwise(ws, cfg) {
-        // dW = sum_b dy_b x_b^T
-        let dw = dy
-            .reshape((b, o, ho * wo))?
-            .matmul(&x.reshape((b, c, h * wd))?.t()?)?
+        // dW^T = sum_b x_b dy_b^T
+        let dw = x
+            .reshape((b, c, h * wd))?
+            .matmul(&dy.reshape((b, o, ho * wo))?.t()?)?
             .sum(0)?;
-        return dw.reshape((o, c, 1, 1));
+        return dw.reshape((c, o, 1));
     }
     // dW[o, c, i, j] = sum_b sum_pixels dy[b, o, p] x_pad[b, c, s p + (i, j)]: a conv of x^T
-    // ([c, b, h, w], channels b) with dy^T ([o, b, ho, wo]) as kernel, dilated by the stride.
+    // ([c, b, h, w], channels b) with dy^T ([o, b, ho, wo]) as kernel, dilated by the stride,
+    // whose output [c, o, ., .] starts with the kernel's taps
     let xt = x.transpose(0, 1)?.contiguous()?;
     let dyt = dy.transpose(0, 1)?.contiguous()?;
-    xt.conv2d(&dyt, cfg.padding, 1, cfg.stride, 1)?
-        .narrow(2, 0, kh)?
-        .narrow(3, 0, kw)?
-        .transpose(0, 1)?
-        .contiguous()
+    let g = xt.conv2d(&dyt, cfg.padding, 1, cfg.stride, 1)?;
+    let g = if g.dim(2)? == kh && g.dim(3)? == kw {
+        g
+    } else {
+        g.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()?
+    };
+    g.reshape((c, o, kh * kw))
 }
 
-/// `w` with its kernel rows and columns in reverse order.
-fn flip_spatial(w: &Tensor) -> Result<Tensor> {
-    let mut w = w.clone();
-    for dim in [2, 3] {
-        let k = w.dim(dim)?;
-        if k > 1 {
-            let rev: Vec<u32> = (0..k as u32).rev().collect();
-            w = w.index_select(&Tensor::new(rev.as_slice(), w.device())?, dim)?;
+/// `w [o, c, kh, kw]` as `[c, o, kh kw]`, contiguous.
+fn channels_first(w: &Tensor) -> Result<Tensor> {
+    let (o, c, kh, kw) = w.dims4()?;
+    w.reshape((o, c, kh * kw))?.transpose(0, 1)?.contiguous()
+}
+
+/// The inverse of [`channels_first`], to the kernel shape `ws`.
+fn from_channels_first(g: &Tensor, ws: &[usize]) -> Result<Tensor> {
+    g.transpose(0, 1)?.contiguous()?.reshape(ws)
+}
+
+/// The kernel whose conv with `dy` gives the input gradient: the conv's kernel (`W`, or
+/// `W' = Wr T`) with input and output channels swapped and its taps in reverse order,
+/// `[c, o, kh, kw]`, in `wcf`'s dtype, from `wcf` = [`channels_first`] of `W` (kernel shape
+/// `ws`). Reversing both kernel axes reverses each filter's taps, and for `W' = Wr T` that is
+/// `Wr` times `T` with its columns reversed: one product (or one gather), never `W'` itself.
+fn grad_kernel(wcf: &Tensor, t: Option<&Tensor>, ws: &[usize]) -> Result<Tensor> {
+    let (c, o, d) = wcf.dims3()?;
+    let rev: Vec<u32> = (0..d as u32).rev().collect();
+    let rev = Tensor::new(rev.as_slice(), wcf.device())?;
+    let k = match t {
+        Some(t) => {
+            // T[c] (or T) with its columns reversed, then per input channel W[:, c] T[c]
+            let tr = t.index_select(&rev, t.rank() - 1)?;
+            let w = wcf.to_dtype(t.dtype())?;
+            let k = if t.rank() == 3 {
+                w.matmul(&tr)?
+            } else {
+                w.reshape((c * o, d))?.matmul(&tr)?
+            };
+            k.to_dtype(wcf.dtype())?
         }
-    }
-    Ok(w)
+        None if d > 1 => wcf.index_select(&rev, 2)?,
+        None => wcf.clone(),
+    };
+    k.reshape((c, o, ws[2], ws[3]))
 }
 
 /// `x [b, c, h, w]` with `s - 1` zeros between neighbouring pixels: `[b, c, (h-1)s+1, (w-1)s+1]`.
