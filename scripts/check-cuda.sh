@@ -27,8 +27,9 @@ CUDA_KIT=$kit . "$shared/cuda/env.sh"
 export LIBRARY_PATH="$CUDA_HOME/lib:$CUDA_HOME/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 target=target/cuda
-cargo build --release --features cuda --target-dir "$target" -p atomtune-cli
-cargo build --release --features cuda --target-dir "$target" -p atomtune-train --example gpu_check
+# one invocation: two would resolve features differently and build candle's kernels twice
+cargo build --release --features cuda --target-dir "$target" \
+  -p atomtune-cli -p atomtune-train --bin atomtune --example gpu_check
 echo "check-cuda: built $target/release/atomtune and $target/release/examples/gpu_check"
 
 if [ "${1:-}" = "--bundle" ]; then

@@ -7,6 +7,11 @@
 //! cargo bench -p atomtune-models --bench sd15 -- --mode input-grad --latent 32 --steps 3
 //! ```
 //!
+//! `graph` runs one forward to the loss and reports what it leaves alive for the backward
+//! (`graph_gb`: every distinct storage of the graph's nodes, the activations the backward
+//! needs) next to the UNet's weights (`weights_gb`); with `ATOMTUNE_KERNELS=portable` and
+//! `--dtype f16`, that is what a GPU keeps.
+//!
 //! `input-grad` is a training step without adapters: the loss is differentiated with respect to
 //! the noisy latent, so the backward runs through every layer as in training but no adapter
 //! does any work. `train` minus `input-grad` is what the adapters cost in a step.
@@ -58,8 +63,9 @@ fn parse() -> Args {
             "--dtype" => {
                 a.dtype = match val.as_str() {
                     "f32" => DType::F32,
+                    "f16" => DType::F16,
                     "bf16" => DType::BF16,
-                    _ => panic!("--dtype f32|bf16"),
+                    _ => panic!("--dtype f32|f16|bf16"),
                 }
             }
             "--checkpointing" => {
@@ -99,6 +105,71 @@ fn status_gb(key: &str) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Bytes of every distinct storage in the graph behind `loss`: what the forward leaves alive for
+/// the backward (activations; the frozen weights and untracked inputs are not graph nodes).
+fn graph_bytes(loss: &Tensor) -> usize {
+    use candle_core::{CpuStorage, Storage};
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for node in loss.sorted_nodes() {
+        let (s, _) = node.storage_and_layout();
+        if !seen.insert(&*s as *const Storage as usize) {
+            continue;
+        }
+        total += match &*s {
+            Storage::Cpu(CpuStorage::F32(v)) => 4 * v.len(),
+            Storage::Cpu(CpuStorage::F16(v)) => 2 * v.len(),
+            Storage::Cpu(CpuStorage::BF16(v)) => 2 * v.len(),
+            Storage::Cpu(CpuStorage::F64(v)) => 8 * v.len(),
+            _ => 0,
+        };
+    }
+    total
+}
+
+/// `--mode graph`: one forward to the training loss, with `atoms` on every conv, and what it
+/// leaves for the backward (`graph_gb`), next to the weights (`weights_gb`).
+fn graph(
+    unet: &Unet,
+    x: &Tensor,
+    noise: &Tensor,
+    t: &Tensor,
+    ctx: &Tensor,
+    a: &Args,
+) -> models::Result<()> {
+    let layers = unet.layers();
+    let mut weights = 0usize;
+    for name in layers.names() {
+        let w = layers.get(&name).expect("registered").weight;
+        weights += w.elem_count() * w.dtype().size_in_bytes();
+    }
+    for name in layers.select(Targets::Conv) {
+        let w = layers.get(&name).expect("registered").weight;
+        layers.attach(
+            &name,
+            LayerAdapter::new(&AdapterConfig::new(a.method), &name, &w)?,
+            1.0,
+        )?;
+    }
+    let t0 = Instant::now();
+    let pred = unet.forward(x, t, ctx)?;
+    let loss = (pred.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
+        .sqr()?
+        .mean_all()?;
+    println!(
+        "{{\"model\": \"sd15-random\", \"mode\": \"graph\", \"latent\": {}, \"batch\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\", \"kernels\": \"{}\", \"graph_gb\": {:.3}, \"weights_gb\": {:.3}, \"forward_s\": {:.1}}}",
+        a.latent,
+        a.batch,
+        a.dtype,
+        a.checkpointing,
+        models::Kernels::current()?,
+        graph_bytes(&loss) as f64 / 1e9,
+        weights as f64 / 1e9,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(())
 }
 
 fn main() -> models::Result<()> {
@@ -148,8 +219,11 @@ fn run() -> models::Result<()> {
     let mut times = Vec::new();
     // per training step: forward (to the loss), backward, update
     let mut phases: [Vec<f64>; 3] = Default::default();
-    if !["train", "input-grad", "forward"].contains(&a.mode.as_str()) {
-        panic!("--mode: forward, train or input-grad");
+    if !["train", "input-grad", "forward", "graph"].contains(&a.mode.as_str()) {
+        panic!("--mode: forward, train, input-grad or graph");
+    }
+    if a.mode == "graph" {
+        return graph(&unet, &x, &noise, &t, &ctx, &a);
     }
     let mem = std::env::var_os("SD15_BENCH_MEM").is_some();
     for step in 0..=a.steps {

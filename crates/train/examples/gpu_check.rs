@@ -13,7 +13,8 @@
 //! `--fixture` is a tiny-sd-2block diffusers folder with its `reference.safetensors` (the
 //! parity part; the sampling part borrows its CLIP tokenizer, as random presets have none).
 //! On the CPU (`--device cpu`, small `--latent` and `--sample-size`) the same program checks
-//! itself. Peak memory: on CUDA the device's used memory (total minus free, sampled every
+//! itself. As `atomtune` does by default, the training and sampling parts let f32 products use
+//! TF32 on CUDA; the parity part runs exact f32. Peak memory: on CUDA the device's used memory (total minus free, sampled every
 //! 2 ms while the part runs, so it includes the context and what candle's allocator keeps),
 //! on the CPU the process's peak RSS.
 
@@ -101,6 +102,9 @@ fn run() -> Res<()> {
     let mut all = serde_json::Map::new();
     all.insert("device".into(), format!("{device:?}").into());
     for part in &a.parts {
+        // As `atomtune` runs by default: TF32 for f32 products on CUDA (attention runs in f32),
+        // but exact f32 where results are held to the CPU's.
+        candle_core::cuda::set_gemm_reduced_precision_f32(part != "parity");
         let value = match part.as_str() {
             "parity" => parity(&a.fixture, &device)?,
             "train" => train_steps(&a, &device)?,

@@ -226,7 +226,10 @@ impl Dictionary {
     pub fn coefficients_tensor(&self, weight: &Tensor, layout: &Layout) -> Result<Tensor> {
         let alpha = self.coefficients(&layout.filters_f64(weight)?)?;
         let n = layout.num_filters();
-        Ok(Tensor::from_vec(alpha, (n, self.m), weight.device())?.to_dtype(weight.dtype())?)
+        // Converted on the host: Metal has no f64.
+        Ok(Tensor::from_vec(alpha, (n, self.m), &Device::Cpu)?
+            .to_dtype(weight.dtype())?
+            .to_device(weight.device())?)
     }
 }
 
