@@ -199,11 +199,11 @@ fn input_grad(dy: &Tensor, wf: &Tensor, xs: &[usize], cfg: ConvConfig) -> Result
     let (extra_h, extra_w) = (h + 2 * p - (lh + kh - 1), wd + 2 * p - (lw + kw - 1));
     if extra_h == 0 && extra_w == 0 && kh == kw && p < kh {
         // the common case, stride 1: padding kh - 1 - p on every side gives exactly x's rows
-        return dy.conv2d(&wf, kh - 1 - p, 1, 1, 1);
+        return dy.conv2d(wf, kh - 1 - p, 1, 1, 1);
     }
     dy.pad_with_zeros(2, kh - 1, kh - 1 + extra_h)?
         .pad_with_zeros(3, kw - 1, kw - 1 + extra_w)?
-        .conv2d(&wf, 0, 1, 1, 1)?
+        .conv2d(wf, 0, 1, 1, 1)?
         .narrow(2, p, h)?
         .narrow(3, p, wd)
 }
