@@ -232,7 +232,8 @@ pub struct UnetConfig {
     pub heads: Vec<usize>,
     /// Linear `proj_in`/`proj_out` (SD 2.x) instead of 1x1 convs.
     pub use_linear_projection: bool,
-    /// Attention scores in f32.
+    /// Attention scores in f32 (SD 2.x at 768). Always so here: attention computes in f32 for
+    /// half-precision models ([`crate::nn::attention`]) and in the model's dtype otherwise.
     pub upcast_attention: bool,
     /// Kernel of `conv_in`.
     pub conv_in_kernel: usize,

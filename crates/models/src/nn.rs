@@ -23,10 +23,12 @@ pub(crate) fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType
     }
 }
 
-/// `x @ w^T` for `x [..., din]` and `w [dout, din]`, in [`compute_dtype`], returned in `x`'s dtype.
-pub(crate) fn linear_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ w^T + bias` for `x [..., din]`, `w [dout, din]` and `bias [dout]`, in
+/// [`compute_dtype`], returned in `x`'s dtype.
+fn linear_fwd(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
-    let y = ops::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?)?;
+    let b = bias.map(|b| b.to_dtype(dt)).transpose()?;
+    let y = ops::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?, b.as_ref())?;
     Ok(y.to_dtype(x.dtype())?)
 }
 
@@ -116,21 +118,18 @@ impl Conv2d {
         let dt = compute_dtype(x.dtype(), x.device());
         let xc = x.to_dtype(dt)?;
         let w = self.weight.to_dtype(dt)?;
+        let b = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
         // An adapter's W' = Wr T runs as a conv with the base weight and T; T stays in the
         // adapter's dtype (f32 for a half-precision model: T = I + a small update would lose the
         // update in f16), and the op rounds W' to the model's dtype only where it must.
         let y = match self.layers.filter_transform(&self.name)? {
-            Some(t) => ops::conv::conv2d_transformed(&xc, &w, &t, self.conv)?,
+            Some(t) => ops::conv::conv2d_transformed(&xc, &w, b.as_ref(), &t, self.conv)?,
             None => {
                 let w = self.layers.weight(&self.name, &self.weight)?;
-                ops::conv::conv2d(&xc, &w.to_dtype(dt)?, self.conv)?
+                ops::conv::conv2d(&xc, &w.to_dtype(dt)?, b.as_ref(), self.conv)?
             }
-        }
-        .to_dtype(x.dtype())?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-            None => y,
-        })
+        };
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 
@@ -165,11 +164,7 @@ impl Linear {
     /// `[..., din] -> [..., dout]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.layers.weight(&self.name, &self.weight)?;
-        let y = linear_fwd(x, &w)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        linear_fwd(x, &w, self.bias.as_ref())
     }
 }
 
@@ -254,33 +249,14 @@ impl LayerNorm {
     }
 }
 
-/// Softmax attention `softmax(q k^T * scale) v`, differentiable; computed in f32 when `upcast`
-/// or when inputs are half precision, and returned in `v`'s dtype. One chunked op with a
-/// recomputing backward ([`ops::attention`]).
+/// Softmax attention `softmax(q k^T * scale) v`, differentiable, returned in `v`'s dtype. One
+/// chunked op with a recomputing backward ([`ops::attention`]), which computes in f32 for
+/// half-precision inputs (so a config's `upcast_attention` always holds) without keeping f32
+/// copies of them for the backward.
 ///
 /// # Shapes
 /// Heads side by side: `q [b, n, heads * d]`, `k [b, m, heads * d]`, `v [b, m, heads * dv]`
 /// -> `[b, n, heads * dv]`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    upcast: bool,
-) -> Result<Tensor> {
-    let dtype = v.dtype();
-    let dt = if upcast || matches!(dtype, DType::F16 | DType::BF16) {
-        DType::F32
-    } else {
-        dtype
-    };
-    let o = ops::attention::attention(
-        &q.to_dtype(dt)?,
-        &k.to_dtype(dt)?,
-        &v.to_dtype(dt)?,
-        heads,
-        scale,
-    )?;
-    Ok(o.to_dtype(dtype)?)
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    Ok(ops::attention::attention(q, k, v, heads, scale)?)
 }

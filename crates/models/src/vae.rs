@@ -81,7 +81,7 @@ impl SpatialAttention {
             self.k.forward(&seq)?,
             self.v.forward(&seq)?,
         );
-        let o = crate::nn::attention(&q, &k, &v, 1, 1.0 / (c as f64).sqrt(), true)?;
+        let o = crate::nn::attention(&q, &k, &v, 1, 1.0 / (c as f64).sqrt())?;
         let o = self
             .out
             .forward(&o)?

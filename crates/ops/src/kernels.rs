@@ -138,6 +138,16 @@ pub(crate) fn fused(inputs: &[&Tensor]) -> Result<bool> {
     Ok(fits && Kernels::current()? == Kernels::Fused)
 }
 
+/// A layer's bias as the ops take it: `(frozen, tracked)`. A frozen bias (every bias of a model
+/// being tuned) is added inside the op, so that the graph keeps the layer's output once; a
+/// tracked one is added afterwards by candle, so that its gradient flows.
+pub(crate) fn split_bias(bias: Option<&Tensor>) -> (Option<&Tensor>, Option<&Tensor>) {
+    match bias {
+        Some(b) if b.track_op() => (None, Some(b)),
+        b => (b, None),
+    }
+}
+
 /// The dtype the portable ops compute statistics and nonlinearities in: f64 for f64 inputs,
 /// f32 for everything else (as autocast does for norms and softmax).
 pub(crate) fn wide(dtype: DType) -> DType {

@@ -19,7 +19,6 @@ pub(super) struct BlockOpts {
     pub context_dim: usize,
     pub depth: usize,
     pub linear_projection: bool,
-    pub upcast_attention: bool,
     /// The widest resnet and transformer that [`crate::Checkpointing::Selective`] checkpoints:
     /// the first level's channels for resnets, the second level's for transformers (where a
     /// block's activations are largest for the work of recomputing it).
@@ -47,7 +46,6 @@ impl BlockOpts {
             depth: self.depth,
             groups: self.groups,
             linear_projection: self.linear_projection,
-            upcast_attention: self.upcast_attention,
             selective_checkpoint: channels <= self.selective_widths.1,
         }
     }
@@ -300,7 +298,6 @@ mod tests {
             context_dim: 768,
             depth: 1,
             linear_projection: false,
-            upcast_attention: false,
             selective_widths: (320, 640),
         };
         // resnets by output width: level 0 down and up (inputs of up to 960 channels)

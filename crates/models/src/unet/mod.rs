@@ -46,7 +46,6 @@ impl Unet {
             context_dim: c.cross_attention_dim,
             depth: c.transformer_layers_per_block,
             linear_projection: c.use_linear_projection,
-            upcast_attention: c.upcast_attention,
             selective_widths: (ch[0], ch[1.min(n - 1)]),
         };
         let conv_in = Conv2d::new(

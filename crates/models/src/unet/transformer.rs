@@ -17,7 +17,6 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
-    upcast: bool,
 }
 
 impl Attention {
@@ -29,7 +28,6 @@ impl Attention {
         context_dim: usize,
         heads: usize,
         head_dim: usize,
-        upcast: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Attention {
@@ -39,7 +37,6 @@ impl Attention {
             to_out: Linear::new(&w.pp("to_out").pp(0), layers, inner, dim, true)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
-            upcast,
         })
     }
 
@@ -53,7 +50,6 @@ impl Attention {
             &self.to_v.forward(ctx)?,
             self.heads,
             self.scale,
-            self.upcast,
         )?;
         self.to_out.forward(&o)
     }
@@ -98,14 +94,13 @@ impl BasicTransformerBlock {
         dim: usize,
         context_dim: usize,
         heads: usize,
-        upcast: bool,
     ) -> Result<Self> {
         let hd = dim / heads;
         Ok(BasicTransformerBlock {
             norm1: LayerNorm::new(&w.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::new(&w.pp("attn1"), layers, dim, dim, heads, hd, upcast)?,
+            attn1: Attention::new(&w.pp("attn1"), layers, dim, dim, heads, hd)?,
             norm2: LayerNorm::new(&w.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::new(&w.pp("attn2"), layers, dim, context_dim, heads, hd, upcast)?,
+            attn2: Attention::new(&w.pp("attn2"), layers, dim, context_dim, heads, hd)?,
             norm3: LayerNorm::new(&w.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(&w.pp("ff"), layers, dim)?,
         })
@@ -154,8 +149,6 @@ pub struct TransformerOpts {
     pub groups: usize,
     /// Linear projections instead of 1x1 convs.
     pub linear_projection: bool,
-    /// Attention scores in f32.
-    pub upcast_attention: bool,
     /// Whether [`crate::Checkpointing::Selective`] checkpoints this block.
     pub selective_checkpoint: bool,
 }
@@ -182,7 +175,6 @@ impl Transformer2D {
                         c,
                         o.context_dim,
                         o.heads,
-                        o.upcast_attention,
                     )
                 })
                 .collect::<Result<_>>()?,

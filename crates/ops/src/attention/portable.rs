@@ -5,9 +5,11 @@
 //! `O_c = (E V) / Z`, and the row's log-sum-exp `l = M + ln Z`, the one number per query row
 //! the op keeps. Backward, per chunk: `P = e^(S - l)` recomputed from the scores,
 //! `dV += P^T G`, `dS = scale P (G V^T - rowsum(G O))`, `dQ_c = dS K`, `dK += dS^T Q_c`.
-//! Scores and softmax are f32 whatever the inputs' dtype (f64 for f64); the products run in the inputs' dtype
-//! (cuBLAS on CUDA). Memory: the inputs with their heads split, and a few score chunks of about
-//! `chunk_bytes` each; never a whole `[b h, n, m]` matrix.
+//! Everything is computed in f32 for half-precision inputs (f64 for f64; the products run on
+//! cuBLAS on CUDA, where f32 GEMMs may use TF32), and the output is returned in the inputs'
+//! dtype: the upcast happens inside the op, so the graph keeps the half-precision inputs only.
+//! Memory: the inputs with their heads split (in f32, for the op's duration), and a few score
+//! chunks of about `chunk_bytes` each; never a whole `[b h, n, m]` matrix.
 
 use candle_core::{Tensor, D};
 
@@ -21,10 +23,12 @@ use crate::Result;
 /// (16 head rows), 128 MB is 512 query rows, big enough to keep a GPU busy.
 pub(super) const CHUNK_BYTES: usize = 128 << 20;
 
-/// `[b, n, h w]` -> `[b h, n, w]`, contiguous.
+/// `[b, n, h w]` -> `[b h, n, w]`, contiguous, in the dtype the op computes in.
 fn split(x: &Tensor, h: usize) -> Result<Tensor> {
     let (b, n, hw) = x.dims3()?;
-    x.reshape((b, n, h, hw / h))?
+    x.detach()
+        .to_dtype(wide(x.dtype()))?
+        .reshape((b, n, h, hw / h))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b * h, n, hw / h))
@@ -45,9 +49,9 @@ pub(super) fn chunk_rows(dm: Dims, chunk_bytes: usize) -> usize {
     (chunk_bytes / row).clamp(1, dm.n.max(1))
 }
 
-/// The scaled scores of query rows `qc [b h, c, d]` against every key, in f32 (f64 for f64).
+/// The scaled scores of query rows `qc [b h, c, d]` against every key.
 fn scores(qc: &Tensor, kh: &Tensor, scale: f64) -> Result<Tensor> {
-    (qc.matmul(&kh.t()?)? * scale)?.to_dtype(wide(qc.dtype()))
+    qc.matmul(&kh.t()?)? * scale
 }
 
 /// The op on inputs of checked shapes `dm`, with score chunks of about `chunk_bytes`.
@@ -57,11 +61,7 @@ pub(super) fn attention(
     scale: f64,
     chunk_bytes: usize,
 ) -> Result<Tensor> {
-    let (qh, kh, vh) = (
-        split(&q.detach(), dm.h)?,
-        split(&k.detach(), dm.h)?,
-        split(&v.detach(), dm.h)?,
-    );
+    let (qh, kh, vh) = (split(q, dm.h)?, split(k, dm.h)?, split(v, dm.h)?);
     let rows = chunk_rows(dm, chunk_bytes);
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for s in (0..dm.n).step_by(rows) {
@@ -71,11 +71,10 @@ pub(super) fn attention(
         let e = sc.broadcast_sub(&max)?.exp()?;
         drop(sc);
         let sum = e.sum_keepdim(D::Minus1)?;
-        let o = e.to_dtype(vh.dtype())?.matmul(&vh)?;
-        outs.push(o.broadcast_div(&sum.to_dtype(vh.dtype())?)?);
+        outs.push(e.matmul(&vh)?.broadcast_div(&sum)?);
         lses.push((max + sum.log()?)?);
     }
-    let out = merge(&Tensor::cat(&outs, 1)?, dm.h)?;
+    let out = merge(&Tensor::cat(&outs, 1)?, dm.h)?.to_dtype(v.dtype())?;
     let grad = AttentionGrad {
         dm,
         scale,
@@ -85,8 +84,8 @@ pub(super) fn attention(
     handoff::attach(out, &[q, k, v], grad)
 }
 
-/// The backward: what the forward left (each query row's log-sum-exp, `[b h, n, 1]` f32) and
-/// how it chunked.
+/// The backward: what the forward left (each query row's log-sum-exp, `[b h, n, 1]`, in the
+/// dtype the op computes in) and how it chunked.
 struct AttentionGrad {
     dm: Dims,
     scale: f64,
@@ -112,17 +111,10 @@ impl Backward for AttentionGrad {
             candle_core::bail!("{}: three inputs expected", self.name());
         };
         let h = self.dm.h;
-        let (qh, kh, vh) = (
-            split(&q.detach(), h)?,
-            split(&k.detach(), h)?,
-            split(&v.detach(), h)?,
-        );
-        let dt = vh.dtype();
-        let gh = split(&dy.detach().to_dtype(dt)?, h)?;
-        // rowsum(G O), per query row, in f32
-        let wd = wide(dt);
-        let rowsum =
-            (gh.to_dtype(wd)? * split(&y.detach(), h)?.to_dtype(wd)?)?.sum_keepdim(D::Minus1)?;
+        let (qh, kh, vh) = (split(q, h)?, split(k, h)?, split(v, h)?);
+        let gh = split(dy, h)?;
+        // rowsum(G O), per query row
+        let rowsum = (&gh * split(y, h)?)?.sum_keepdim(D::Minus1)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
         for s in (0..self.dm.n).step_by(self.rows) {
             let c = self.rows.min(self.dm.n - s);
@@ -130,10 +122,9 @@ impl Backward for AttentionGrad {
             let p = scores(&qc, &kh, self.scale)?
                 .broadcast_sub(&self.log_sum_exp.narrow(1, s, c)?)?
                 .exp()?;
-            dv = accumulate(dv, p.to_dtype(dt)?.t()?.matmul(&gc)?)?;
-            let dp = gc.matmul(&vh.t()?)?.to_dtype(wd)?;
-            let ds =
-                ((dp.broadcast_sub(&rowsum.narrow(1, s, c)?)? * p)? * self.scale)?.to_dtype(dt)?;
+            dv = accumulate(dv, p.t()?.matmul(&gc)?)?;
+            let dp = gc.matmul(&vh.t()?)?;
+            let ds = ((dp.broadcast_sub(&rowsum.narrow(1, s, c)?)? * p)? * self.scale)?;
             dq.push(ds.matmul(&kh)?);
             dk = accumulate(dk, ds.t()?.matmul(&qc)?)?;
         }

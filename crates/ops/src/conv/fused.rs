@@ -18,12 +18,38 @@ use crate::cpu::{float_op, slices, task_len, Float};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64).
-pub(super) fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { cfg })
+pub(super) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: ConvConfig,
+) -> Result<Tensor> {
+    let op = Conv {
+        cfg,
+        bias: bias.map(Tensor::detach),
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// `b` images of `o` channels of `npix` pixels, each channel starting at its frozen bias (or 0):
+/// the output buffer the gemms then accumulate into.
+pub(super) fn output<T: Float>(bias: Option<&[T]>, b: usize, o: usize, npix: usize) -> Vec<T> {
+    match bias {
+        Some(bias) => {
+            let image: Vec<T> = bias
+                .iter()
+                .flat_map(|&v| std::iter::repeat_n(v, npix))
+                .collect();
+            image.repeat(b)
+        }
+        None => vec![T::zero(); b * o * npix],
+    }
 }
 
 pub(super) struct Conv {
     cfg: ConvConfig,
+    /// A frozen bias `[o]`, added in the kernel (the output starts from it).
+    bias: Option<Tensor>,
 }
 
 /// Geometry of one conv.
@@ -162,9 +188,15 @@ impl Conv {
         Geo::new(xs, ws, self.cfg)
     }
 
-    pub(super) fn forward<T: Float>(x: &[T], w: &[T], b: usize, g: &Geo) -> Vec<T> {
+    pub(super) fn forward<T: Float>(
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        b: usize,
+        g: &Geo,
+    ) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
-        let mut y = vec![T::zero(); b * g.o * npix];
+        let mut y = output(bias, b, g.o, npix);
         each_image_cols(x, b, g, |bi, cols| {
             // SAFETY: y_b is [o, npix], w is [o, k], cols [k, npix].
             unsafe {
@@ -175,7 +207,7 @@ impl Conv {
                     (g.o, npix, k),
                     false,
                     false,
-                    false,
+                    bias.is_some(),
                 )
             };
         });
@@ -236,12 +268,16 @@ impl CustomOp2 for Conv {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims(), l2.dims())?;
         let b = l1.dims()[0];
-        let y = float_op!(s1.dtype(), "atomtune-conv2d", |F| Self::forward(
-            slices::<F>(s1, l1)?,
-            slices::<F>(s2, l2)?,
-            b,
-            &g,
-        ));
+        let y = float_op!(s1.dtype(), "atomtune-conv2d", |F| {
+            let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
+            Self::forward(
+                slices::<F>(s1, l1)?,
+                slices::<F>(s2, l2)?,
+                bias.as_deref(),
+                b,
+                &g,
+            )
+        });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
 

@@ -21,7 +21,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{col2im_channel, im2col_row, Conv, Geo, KernelGrad};
+use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
 use super::{ConvConfig, FilterTransform};
 use crate::cpu::matmul::{dense, dense_serial};
 use crate::cpu::{float_op, slices, task_len, Float};
@@ -33,6 +33,7 @@ use crate::Result;
 pub(super) fn conv2d_transformed(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     third: &Tensor,
     atoms: Option<(Tensor, f64)>,
     cfg: ConvConfig,
@@ -41,13 +42,19 @@ pub(super) fn conv2d_transformed(
         Some((d0, s)) => Some((d0.detach().to_dtype(x.dtype())?, s)),
         None => None,
     };
-    let op = TransformedConv { cfg, atoms };
+    let op = TransformedConv {
+        cfg,
+        atoms,
+        bias: bias.map(Tensor::detach),
+    };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &third.contiguous()?, op)
 }
 
 struct TransformedConv {
     cfg: ConvConfig,
+    /// A frozen bias `[o]`, added in the kernel.
+    bias: Option<Tensor>,
     /// When set, the third input is an atoms adapter's `dD [m, d]` and `T = I + scale D0^T dD`
     /// is formed here from these frozen atoms `D0 [m, d]`.
     atoms: Option<(Tensor, f64)>,
@@ -125,15 +132,20 @@ impl TransformedConv {
         })
     }
 
-    fn forward<T: Float>(x: &[T], w: &[T], t: &[T], b: usize, g: &Geo) -> Vec<T> {
+    fn forward<T: Float>(
+        (x, w, t): (&[T], &[T], &[T]),
+        bias: Option<&[T]>,
+        b: usize,
+        g: &Geo,
+    ) -> Vec<T> {
         let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
         let grouped = t.len() > d * d;
         if g.o < npix {
             // Fewer numbers in the kernel than in the columns: transform the kernel (a
             // temporary, not kept for the backward) and run the plain conv.
-            return Conv::forward(x, &transform_weight(w, t, g), b, g);
+            return Conv::forward(x, &transform_weight(w, t, g), bias, b, g);
         }
-        let mut y = vec![T::zero(); b * g.o * npix];
+        let mut y = output(bias, b, g.o, npix);
         let mut cols = vec![T::zero(); k * npix];
         for (bi, yb) in y.chunks_exact_mut(g.o * npix).enumerate() {
             let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
@@ -151,7 +163,7 @@ impl TransformedConv {
                     mix(tc, &raw, dst, d, false);
                 });
             // SAFETY: yb is [o, npix], w is [o, k], cols [k, npix].
-            unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, false) };
+            unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, bias.is_some()) };
         }
         y
     }
@@ -241,7 +253,9 @@ impl CustomOp3 for TransformedConv {
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
-            Self::forward(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, &t, b, &g)
+            let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
+            let (x, w) = (slices::<F>(s1, l1)?, slices::<F>(s2, l2)?);
+            Self::forward((x, w, &t), bias.as_deref(), b, &g)
         });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }

@@ -81,17 +81,28 @@ impl FilterTransform {
     }
 }
 
-/// `x [b, c, h, w]` convolved with `w [o, c, kh, kw]`: `[b, o, ho, wo]`.
-pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<Tensor> {
-    check(x, w, cfg)?;
-    if kernels::fused(&[x, w])? {
-        fused::conv2d(x, w, cfg)
+/// `x [b, c, h, w]` convolved with `w [o, c, kh, kw]`, plus `bias [o]`: `[b, o, ho, wo]`. A
+/// frozen bias is added inside the op (the graph keeps the output once), a tracked one by candle.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvConfig) -> Result<Tensor> {
+    check(x, w, bias, cfg)?;
+    let (frozen, tracked) = kernels::split_bias(bias);
+    let y = if kernels::fused(&[x, w])? {
+        fused::conv2d(x, w, frozen, cfg)?
     } else {
-        portable::conv2d(x, w, cfg)
+        portable::conv2d(x, w, frozen, cfg)?
+    };
+    add_tracked(y, tracked)
+}
+
+/// `y + bias` for a tracked `bias [o]` over `y [b, o, h, w]`.
+fn add_tracked(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
     }
 }
 
-/// `x` convolved with the kernel `W' = Wr T`, where `Wr` is `w [o, c, kh, kw]` seen as `o c`
+/// `x` convolved with the kernel `W' = Wr T`, plus `bias [o]` (as in [`conv2d`]), where `Wr` is `w [o, c, kh, kw]` seen as `o c`
 /// filters of `d = kh kw` numbers and `T` is `[d, d]` (every filter) or `[c, d, d]` (the filters
 /// reading input channel `c`). Gradients reach `x`, `w` and `T` (or `dD`), each only when
 /// tracked. `T` is formed and applied in its own dtype (f32 for the adapters of a half-precision
@@ -100,10 +111,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<Tensor> {
 pub fn conv2d_transformed(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     t: &FilterTransform,
     cfg: ConvConfig,
 ) -> Result<Tensor> {
-    check(x, w, cfg)?;
+    check(x, w, bias, cfg)?;
     let (_, c, kh, kw) = w.dims4()?;
     let d = kh * kw;
     let (third, atoms) = match t {
@@ -137,11 +149,13 @@ pub fn conv2d_transformed(
             (delta, Some((atoms.clone(), *scale)))
         }
     };
-    if kernels::fused(&[x, w, third])? {
-        fused_transformed::conv2d_transformed(x, w, third, atoms, cfg)
+    let (frozen, tracked) = kernels::split_bias(bias);
+    let y = if kernels::fused(&[x, w, third])? {
+        fused_transformed::conv2d_transformed(x, w, frozen, third, atoms, cfg)?
     } else {
-        portable::conv2d_transformed(x, w, third, atoms, cfg)
-    }
+        portable::conv2d_transformed(x, w, frozen, third, atoms, cfg)?
+    };
+    add_tracked(y, tracked)
 }
 
 /// `W' = Wr T` (or `Wr[., c] T[c]`) shaped like `w`, from candle ops, in `t`'s dtype: the
@@ -162,12 +176,17 @@ pub fn transformed_kernel(w: &Tensor, t: &Tensor) -> Result<Tensor> {
 }
 
 /// The plain conv from candle's own conv2d and autograd: the reference.
-pub fn conv2d_slow(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<Tensor> {
-    x.conv2d(w, cfg.padding, cfg.stride, 1, 1)
+pub fn conv2d_slow(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: ConvConfig,
+) -> Result<Tensor> {
+    add_tracked(x.conv2d(w, cfg.padding, cfg.stride, 1, 1)?, bias)
 }
 
 /// Shapes and dtypes a conv can run on, or an error that names them.
-fn check(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<()> {
+fn check(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvConfig) -> Result<()> {
     let (xs, ws) = (x.dims(), w.dims());
     let (&[_, c, h, wd], &[_, c2, kh, kw]) = (xs, ws) else {
         candle_core::bail!("conv2d expects [b, c, h, w] and [o, c, kh, kw], got {xs:?} and {ws:?}");
@@ -176,12 +195,18 @@ fn check(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<()> {
     if c != c2 || h + 2 * p < kh || wd + 2 * p < kw || cfg.stride == 0 {
         candle_core::bail!("conv2d: input {xs:?} does not fit kernel {ws:?} at {cfg:?}");
     }
-    if x.dtype() != w.dtype() {
+    if x.dtype() != w.dtype() || bias.is_some_and(|b| b.dtype() != x.dtype()) {
         candle_core::bail!(
-            "conv2d: input {:?} and kernel {:?} differ in dtype",
+            "conv2d: input {:?}, kernel {:?} and bias {:?} differ in dtype",
             x.dtype(),
-            w.dtype()
+            w.dtype(),
+            bias.map(Tensor::dtype)
         );
+    }
+    if let Some(b) = bias {
+        if b.dims() != [ws[0]] {
+            candle_core::bail!("conv2d: bias {:?} does not fit kernel {ws:?}", b.dims());
+        }
     }
     Ok(())
 }
@@ -215,8 +240,9 @@ mod tests {
                 for dtype in [DType::F32, DType::F64] {
                     let r = |shape: &[usize]| Var::from_tensor(&randn(shape, dtype)).unwrap();
                     let (x, kern) = (r(&[b, c, h, w]), r(&[o, c, k, k]));
-                    let fast = kernels.scope(|| conv2d(&x, &kern, cfg(s, p)).unwrap());
-                    let slow = conv2d_slow(&x, &kern, cfg(s, p)).unwrap();
+                    let bias = randn(&[o], dtype);
+                    let fast = kernels.scope(|| conv2d(&x, &kern, Some(&bias), cfg(s, p)).unwrap());
+                    let slow = conv2d_slow(&x, &kern, Some(&bias), cfg(s, p)).unwrap();
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     let case = (kernels, (b, c, h, w, o, k, s, p));
                     assert_eq!(fast.dims(), slow.dims());
@@ -242,7 +268,7 @@ mod tests {
             let w = randn(&[3, 2, 3, 3], DType::F32);
             let m = randn(&[1, 3, 4, 4], DType::F32);
             let dx = kernels.scope(|| {
-                let y = conv2d(&x, &w, cfg(2, 1)).unwrap();
+                let y = conv2d(&x, &w, None, cfg(2, 1)).unwrap();
                 let g = (y * &m).unwrap().sum_all().unwrap().backward().unwrap();
                 g.get(&x).unwrap().clone()
             });
@@ -260,7 +286,7 @@ mod tests {
             let x = Var::from_tensor(&randn(&[1, 2, 5, 5], DType::F32)).unwrap();
             let frozen = randn(&[3, 2, 3, 3], DType::F32);
             let g = kernels.scope(|| {
-                let y = conv2d(&x, &frozen, cfg(1, 1)).unwrap();
+                let y = conv2d(&x, &frozen, None, cfg(1, 1)).unwrap();
                 y.sum_all().unwrap().backward().unwrap()
             });
             assert!(g.get(&x).is_some());
@@ -298,13 +324,15 @@ mod tests {
                     let kern = Var::from_tensor(&randn(&[o, c, k, k], dtype)).unwrap();
                     let t = Var::from_tensor(&randn(&tshape, dtype)).unwrap();
                     let ft = FilterTransform::Matrix(t.as_tensor().clone());
-                    let fast =
-                        kernels.scope(|| conv2d_transformed(&x, &kern, &ft, cfg(s, p)).unwrap());
+                    let bias = randn(&[o], dtype);
+                    let fast = kernels.scope(|| {
+                        conv2d_transformed(&x, &kern, Some(&bias), &ft, cfg(s, p)).unwrap()
+                    });
                     // The reference: the plain conv (held to candle's by the first test, and
                     // able to take strided convs of uneven inputs) of the kernel built by candle
                     // ops.
                     let wt = transformed_kernel(&kern, &t).unwrap();
-                    let slow = kernels.scope(|| conv2d(&x, &wt, cfg(s, p)).unwrap());
+                    let slow = kernels.scope(|| conv2d(&x, &wt, Some(&bias), cfg(s, p)).unwrap());
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     let case = (kernels, b, c, h, w, o, k, s, p, grouped, dtype);
                     assert_eq!(fast.dims(), slow.dims(), "{case:?}");
@@ -345,12 +373,17 @@ mod tests {
                             delta: dd.as_tensor().clone(),
                             scale,
                         };
-                        let fast = kernels
-                            .scope(|| conv2d_transformed(&x, &kern, &atoms, cfg(s, p)).unwrap());
+                        let fast = kernels.scope(|| {
+                            conv2d_transformed(&x, &kern, None, &atoms, cfg(s, p)).unwrap()
+                        });
                         let t = atoms.matrix().unwrap();
-                        let slow =
-                            conv2d_slow(&x, &transformed_kernel(&kern, &t).unwrap(), cfg(s, p))
-                                .unwrap();
+                        let slow = conv2d_slow(
+                            &x,
+                            &transformed_kernel(&kern, &t).unwrap(),
+                            None,
+                            cfg(s, p),
+                        )
+                        .unwrap();
                         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                         let case = (kernels, b, c, h, w, o, k, s, p, m, dtype, scale);
                         assert!(rel(&fast, &slow) < tol, "{case:?} forward");
@@ -392,11 +425,11 @@ mod tests {
                 .unwrap();
             g.get(&dd).unwrap().clone()
         };
-        let y32 = conv2d_transformed(&x32, &w32, &atoms, cfg(1, 1)).unwrap();
+        let y32 = conv2d_transformed(&x32, &w32, None, &atoms, cfg(1, 1)).unwrap();
         let want = grad_of(y32.clone());
         let (dtype, tol) = (DType::F16, 5e-3);
         let (x, w) = (x32.to_dtype(dtype).unwrap(), w32.to_dtype(dtype).unwrap());
-        let y = conv2d_transformed(&x, &w, &atoms, cfg(1, 1)).unwrap();
+        let y = conv2d_transformed(&x, &w, None, &atoms, cfg(1, 1)).unwrap();
         assert_eq!(y.dtype(), dtype);
         let e = rel(&y.to_dtype(DType::F32).unwrap(), &y32);
         assert!(e < tol, "{dtype:?} forward {e}");
@@ -416,7 +449,7 @@ mod tests {
             let t = Var::from_tensor(&Tensor::eye(9, DType::F32, &Device::Cpu).unwrap()).unwrap();
             let ft = FilterTransform::Matrix(t.as_tensor().clone());
             let g = kernels.scope(|| {
-                let y = conv2d_transformed(&x, &kern, &ft, cfg(1, 1)).unwrap();
+                let y = conv2d_transformed(&x, &kern, None, &ft, cfg(1, 1)).unwrap();
                 y.sum_all().unwrap().backward().unwrap()
             });
             assert!(g.get(&t).is_some());
@@ -434,8 +467,8 @@ mod tests {
             let t = FilterTransform::Matrix(Tensor::eye(9, DType::F64, &Device::Cpu).unwrap());
             let (a, b) = kernels.scope(|| {
                 (
-                    conv2d_transformed(&x, &kern, &t, cfg(1, 1)).unwrap(),
-                    conv2d(&x, &kern, cfg(1, 1)).unwrap(),
+                    conv2d_transformed(&x, &kern, None, &t, cfg(1, 1)).unwrap(),
+                    conv2d(&x, &kern, None, cfg(1, 1)).unwrap(),
                 )
             });
             assert!(rel(&a, &b) < 1e-14, "{kernels}");
@@ -448,8 +481,8 @@ mod tests {
         let x = randn(&[1, 3, 6, 6], DType::F32);
         let kern = randn(&[4, 3, 3, 3], DType::F32);
         let t = FilterTransform::Matrix(Tensor::eye(4, DType::F32, &Device::Cpu).unwrap());
-        assert!(conv2d_transformed(&x, &kern, &t, cfg(1, 1)).is_err());
-        assert!(conv2d(&x, &randn(&[4, 2, 3, 3], DType::F32), cfg(1, 1)).is_err());
-        assert!(conv2d(&randn(&[1, 3, 2, 2], DType::F32), &kern, cfg(1, 0)).is_err());
+        assert!(conv2d_transformed(&x, &kern, None, &t, cfg(1, 1)).is_err());
+        assert!(conv2d(&x, &randn(&[4, 2, 3, 3], DType::F32), None, cfg(1, 1)).is_err());
+        assert!(conv2d(&randn(&[1, 3, 2, 2], DType::F32), &kern, None, cfg(1, 0)).is_err());
     }
 }

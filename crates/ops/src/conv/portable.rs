@@ -16,12 +16,25 @@ use super::{transformed_kernel, ConvConfig, FilterTransform};
 use crate::handoff::{self, Backward};
 use crate::Result;
 
-/// The plain conv.
-pub(super) fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvConfig) -> Result<Tensor> {
+/// `y + bias` for a frozen `bias [o]` over `y [b, o, h, w]`.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// The plain conv, with a frozen bias added inside the op.
+pub(super) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: ConvConfig,
+) -> Result<Tensor> {
     let y = x
         .detach()
         .conv2d(&w.detach(), cfg.padding, cfg.stride, 1, 1)?;
-    handoff::attach(y, &[x, w], ConvGrad { cfg })
+    handoff::attach(add_bias(y, bias)?, &[x, w], ConvGrad { cfg })
 }
 
 struct ConvGrad {
@@ -61,10 +74,12 @@ impl Backward for ConvGrad {
     }
 }
 
-/// The conv with `W' = Wr T`: `third` is `T`, or `dD` with `atoms = Some((D0, scale))`.
+/// The conv with `W' = Wr T` (`third` is `T`, or `dD` with `atoms = Some((D0, scale))`) and a
+/// frozen bias.
 pub(super) fn conv2d_transformed(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     third: &Tensor,
     atoms: Option<(Tensor, f64)>,
     cfg: ConvConfig,
@@ -76,7 +91,7 @@ pub(super) fn conv2d_transformed(
     let wt = grad.kernel(&w.detach(), &third.detach())?;
     let y = x.detach().conv2d(&wt, cfg.padding, cfg.stride, 1, 1)?;
     drop(wt);
-    handoff::attach(y, &[x, w, third], grad)
+    handoff::attach(add_bias(y, bias)?, &[x, w, third], grad)
 }
 
 struct TransformedGrad {

@@ -8,17 +8,33 @@ use crate::cpu::matmul::dense;
 use crate::cpu::{float_op, slices, Float};
 use crate::Result;
 
-/// The fused op on contiguous inputs of one dtype (f32 or f64).
-pub(super) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+/// The fused op on contiguous inputs of one dtype (f32 or f64), with a frozen bias added in the
+/// kernel.
+pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let op = Linear {
+        bias: bias.map(Tensor::detach),
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
-struct Linear;
+struct Linear {
+    /// A frozen bias `[dout]`: the output starts from it and the gemm accumulates.
+    bias: Option<Tensor>,
+}
 
-fn forward<T: Float>(x: &[T], w: &[T], (m, k, n): (usize, usize, usize)) -> Vec<T> {
-    let mut y = vec![T::zero(); m * n];
+fn forward<T: Float>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<T> {
+    let y = match bias {
+        Some(b) => b.repeat(m),
+        None => vec![T::zero(); m * n],
+    };
+    let mut y = y;
     // SAFETY: x is [m, k], w is [n, k] read transposed, y is [m, n].
-    unsafe { dense(&mut y, x, w, (m, n, k), false, true, false) };
+    unsafe { dense(&mut y, x, w, (m, n, k), false, true, bias.is_some()) };
     y
 }
 
@@ -35,11 +51,15 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let mkn = dims(l1.dims(), l2.dims())?;
-        let y = float_op!(s1.dtype(), "atomtune-linear", |F| forward(
-            slices::<F>(s1, l1)?,
-            slices::<F>(s2, l2)?,
-            mkn,
-        ));
+        let y = float_op!(s1.dtype(), "atomtune-linear", |F| {
+            let bias = self.bias.as_ref().map(|b| b.to_vec1::<F>()).transpose()?;
+            forward(
+                slices::<F>(s1, l1)?,
+                slices::<F>(s2, l2)?,
+                bias.as_deref(),
+                mkn,
+            )
+        });
         let mut shape = l1.dims().to_vec();
         *shape.last_mut().expect("rank checked") = mkn.2;
         Ok((y, Shape::from(shape)))

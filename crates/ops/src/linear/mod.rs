@@ -16,26 +16,50 @@ use crate::Result;
 mod fused;
 mod portable;
 
-/// `x [..., din] @ w^T` for `w [dout, din]`: `[..., dout]`.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    dims(x.dims(), w.dims())?;
-    if x.dtype() != w.dtype() {
+/// `x [..., din] @ w^T (+ bias)` for `w [dout, din]` and `bias [dout]`: `[..., dout]`.
+///
+/// A frozen bias (not tracked: every bias of a model being tuned) is added inside the op, so that
+/// the graph keeps the layer's input only, not its output twice (before and after the bias); a
+/// tracked one is added by candle, so that its gradient flows.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (_, _, dout) = dims(x.dims(), w.dims())?;
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    if !same(w) || bias.is_some_and(|b| !same(b)) {
         candle_core::bail!(
-            "linear: input {:?} and weight {:?} differ in dtype",
+            "linear: input {:?}, weight {:?} and bias {:?} differ in dtype",
             x.dtype(),
-            w.dtype()
+            w.dtype(),
+            bias.map(Tensor::dtype)
         );
     }
-    if kernels::fused(&[x, w])? {
-        fused::linear(x, w)
+    if let Some(b) = bias {
+        if b.dims() != [dout] {
+            candle_core::bail!(
+                "linear: bias {:?} does not fit weight {:?}",
+                b.dims(),
+                w.dims()
+            );
+        }
+    }
+    let (frozen, tracked) = kernels::split_bias(bias);
+    let y = if kernels::fused(&[x, w])? {
+        fused::linear(x, w, frozen)?
     } else {
-        portable::linear(x, w)
+        portable::linear(x, w, frozen)?
+    };
+    match tracked {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 
 /// The same from candle's matmul and autograd: the reference.
-pub fn linear_slow(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.broadcast_matmul(&w.t()?)
+pub fn linear_slow(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&w.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// `(rows, din, dout)` of `x [..., din]` times `w [dout, din]`.
@@ -78,8 +102,9 @@ mod tests {
                 for shape in [vec![2, 5, 7], vec![3, 7], vec![1, 1, 4, 7]] {
                     let r = |s: &[usize]| Var::from_tensor(&randn(s, dtype)).unwrap();
                     let (x, w) = (r(&shape), r(&[6, 7]));
-                    let fast = kernels.scope(|| linear(&x, &w).unwrap());
-                    let slow = linear_slow(&x, &w).unwrap();
+                    let b = randn(&[6], dtype);
+                    let fast = kernels.scope(|| linear(&x, &w, Some(&b)).unwrap());
+                    let slow = linear_slow(&x, &w, Some(&b)).unwrap();
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     assert_eq!(fast.dims(), slow.dims());
                     assert!(max_rel(&fast, &slow) < tol);
@@ -93,12 +118,32 @@ mod tests {
         }
     }
 
+    /// A frozen bias is added inside the op: the output's graph node is the op itself (no
+    /// separate addition keeping the output twice); a tracked bias gets its gradient.
+    #[test]
+    fn a_frozen_bias_is_added_inside_the_op_and_a_tracked_one_gets_a_gradient() {
+        for kernels in Kernels::ALL {
+            let x = Var::from_tensor(&randn(&[2, 3], DType::F32)).unwrap();
+            let w = randn(&[4, 3], DType::F32);
+            let b = randn(&[4], DType::F32);
+            let y = kernels.scope(|| linear(&x, &w, Some(&b)).unwrap());
+            assert_eq!(y.sorted_nodes().len(), 2, "{kernels}: the op and its input");
+            let bv = Var::from_tensor(&b).unwrap();
+            let g = kernels.scope(|| {
+                let y = linear(&x, &w, Some(&bv)).unwrap();
+                (y * 2.0).unwrap().sum_all().unwrap().backward().unwrap()
+            });
+            let db = g.get(&bv).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(db, [4.0; 4], "{kernels}");
+        }
+    }
+
     #[test]
     fn a_frozen_weight_gets_no_gradient() {
         for kernels in Kernels::ALL {
             let x = Var::from_tensor(&randn(&[2, 3], DType::F32)).unwrap();
             let w = randn(&[4, 3], DType::F32);
-            let g = kernels.scope(|| linear(&x, &w).unwrap().sum_all().unwrap().backward());
+            let g = kernels.scope(|| linear(&x, &w, None).unwrap().sum_all().unwrap().backward());
             let g = g.unwrap();
             assert!(g.get(&x).is_some());
             assert!(g.get(&w).is_none());
@@ -108,12 +153,10 @@ mod tests {
     #[test]
     fn half_precision_runs_the_portable_form() {
         let (x, w) = (randn(&[3, 8], DType::F32), randn(&[5, 8], DType::F32));
-        let want = linear_slow(&x, &w).unwrap();
-        let got = linear(
-            &x.to_dtype(DType::F16).unwrap(),
-            &w.to_dtype(DType::F16).unwrap(),
-        )
-        .unwrap();
+        let b = randn(&[5], DType::F32);
+        let want = linear_slow(&x, &w, Some(&b)).unwrap();
+        let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let got = linear(&h(&x), &h(&w), Some(&h(&b))).unwrap();
         assert_eq!(got.dtype(), DType::F16);
         assert!(max_rel(&got.to_dtype(DType::F32).unwrap(), &want) < 2e-3);
     }

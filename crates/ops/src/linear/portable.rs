@@ -7,16 +7,17 @@ use super::{dims, grads};
 use crate::handoff::{self, Backward};
 use crate::Result;
 
-pub(super) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// The layer with a frozen bias added inside the op.
+pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, din, dout) = dims(x.dims(), w.dims())?;
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("dims checked the rank") = dout;
-    let y = x
-        .detach()
-        .reshape((m, din))?
-        .matmul(&w.detach().t()?)?
-        .reshape(shape)?;
-    handoff::attach(y, &[x, w], LinearGrad)
+    let y = x.detach().reshape((m, din))?.matmul(&w.detach().t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
+    };
+    handoff::attach(y.reshape(shape)?, &[x, w], LinearGrad)
 }
 
 struct LinearGrad;
