@@ -105,8 +105,15 @@ fn sd2_style_padding_token_comes_from_the_special_tokens_map() {
     assert_eq!(&t.ids[7..10], &[0, 0, 0]);
 }
 
+/// With each kernel choice: the fused CPU kernels and the portable code a GPU runs.
 #[test]
 fn text_encoder_matches_transformers() {
+    for kernels in models::Kernels::ALL {
+        kernels.scope(text_encoder_matches);
+    }
+}
+
+fn text_encoder_matches() {
     for name in ["tiny-sd-2block", "tiny-sd15-shape"] {
         let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
             return;

@@ -22,8 +22,15 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// With each kernel choice: the fused CPU kernels and the portable code a GPU runs.
 #[test]
 fn vae_encode_and_decode_match_diffusers() {
+    for kernels in models::Kernels::ALL {
+        kernels.scope(vae_matches);
+    }
+}
+
+fn vae_matches() {
     for name in ["tiny-sd-2block", "tiny-sd15-shape"] {
         let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
             return;

@@ -73,8 +73,15 @@ fn pixel_diff(ours_raw: &Tensor, ref01: &Tensor) -> i32 {
         .unwrap()
 }
 
+/// With each kernel choice: the fused CPU kernels and the portable code a GPU runs.
 #[test]
 fn ddim_four_steps_with_guidance_reproduce_diffusers() {
+    for kernels in models::Kernels::ALL {
+        kernels.scope(ddim_four_steps_reproduce_diffusers);
+    }
+}
+
+fn ddim_four_steps_reproduce_diffusers() {
     for name in FIXTURES {
         let Some(dir) = fixture(name) else { return };
         let r = load(&dir.join("reference.safetensors"));
