@@ -6,7 +6,7 @@
 //! ```
 //!
 //! A training step no longer builds `W'`: each adapted conv runs as `conv(x, W, T)` with the
-//! `d x d` transform `T = I + D0^T dD` applied to its input columns (`models::conv`), so what
+//! `d x d` transform `T = I + D0^T dD` applied to its input columns (`ops::conv`), so what
 //! the step builds is `T`, reported first below. `W'` itself is built when a delta is merged
 //! or baked for sampling, and by adapters without a transform (lasso atoms, LoRA, full).
 //! The SD 1.5 bench measures the whole adapter's share of a step

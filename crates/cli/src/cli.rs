@@ -354,7 +354,7 @@ pub struct TrainArgs {
     pub batch_size: usize,
 
     /// Keep only some UNet blocks' inputs during the forward and run those blocks again in the
-    /// backward (CPU only for now). `selective` (the flag alone): the full-resolution level's
+    /// backward (every device). `selective` (the flag alone): the full-resolution level's
     /// blocks and the next level's transformers, where activations are largest for the work of
     /// recomputing them (SD 1.5 at 512x512: 4.7 GB instead of 6.7, about 20% slower);
     /// `all`: every resnet and transformer block (4.1 GB, about 40% slower).

@@ -38,3 +38,35 @@ pub(crate) fn weighted_grads(fast: &Tensor, slow: &Tensor) -> (GradStore, GradSt
     };
     (grads(fast), grads(slow))
 }
+
+/// Checks that `op` on `x` in f16 and in bf16 stays within each dtype's `tol` of its f32 reference
+/// `slow` (relative to the scale): the output, and the input gradient (within 4 `tol`) for one
+/// random weighting of the output. `op` gets the dtype to put its other inputs in.
+pub(crate) fn check_half_precision(
+    x: &Tensor,
+    slow: impl Fn(&Tensor) -> Tensor,
+    op: impl Fn(&Tensor, DType) -> Tensor,
+    tols: &[(DType, f64)],
+) {
+    let xv = candle_core::Var::from_tensor(x).expect("a variable");
+    let want = slow(&xv);
+    let m = randn(want.dims(), DType::F32);
+    let grads = |y: &Tensor| {
+        (y * &m)
+            .and_then(|p| p.sum_all())
+            .and_then(|l| l.backward())
+            .expect("a backward")
+    };
+    let gw = grads(&want);
+    for &(dtype, tol) in tols {
+        let xh = candle_core::Var::from_tensor(&x.to_dtype(dtype).expect("a cast")).expect("var");
+        let y = op(&xh, dtype);
+        assert_eq!(y.dtype(), dtype);
+        let y = y.to_dtype(DType::F32).expect("a cast");
+        let e = max_rel(&y, &want);
+        assert!(e < tol, "{dtype:?} forward {e}");
+        let dx = grads(&y).get(&xh).expect("a gradient").to_dtype(DType::F32);
+        let e = max_rel(&dx.expect("a cast"), gw.get(&xv).expect("a gradient"));
+        assert!(e < tol * 4.0, "{dtype:?} dx {e}");
+    }
+}

@@ -40,7 +40,7 @@ pub fn geglu_slow(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{max_abs, weighted_grads};
+    use crate::test_support::{check_half_precision, max_abs, weighted_grads};
     use crate::Kernels;
     use candle_core::{DType, Device, Var};
 
@@ -124,23 +124,13 @@ mod tests {
     /// Half precision (the portable form, in f32 inside): within the dtype's rounding.
     #[test]
     fn half_precision_stays_close_to_f32() {
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 1.5, (2, 5, 16), &Device::Cpu).unwrap()).unwrap();
-        let want = geglu_slow(&x).unwrap();
-        let m = Tensor::randn(0f32, 1.0, want.dims(), &Device::Cpu).unwrap();
-        let gw = (&want * &m).unwrap().sum_all().unwrap().backward().unwrap();
-        let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b);
-        for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
-            let xh = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-            let y = geglu(&xh).unwrap();
-            assert_eq!(y.dtype(), dtype);
-            let y = y.to_dtype(DType::F32).unwrap();
-            assert!(rel(&y, &want) < tol, "{dtype:?} forward");
-            let gh = (y * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let dx = gh.get(&xh).unwrap().to_dtype(DType::F32).unwrap();
-            let e = rel(&dx, gw.get(&x).unwrap());
-            assert!(e < tol * 4.0, "{dtype:?} dx {e}");
-        }
+        let x = Tensor::randn(0f32, 1.5, (2, 5, 16), &Device::Cpu).unwrap();
+        check_half_precision(
+            &x,
+            |x| geglu_slow(x).unwrap(),
+            |x, _| geglu(x).unwrap(),
+            &[(DType::F16, 4e-3), (DType::BF16, 3e-2)],
+        );
     }
 
     #[test]

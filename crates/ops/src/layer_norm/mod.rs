@@ -45,7 +45,7 @@ pub fn layer_norm_slow(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{max_rel, weighted_grads};
+    use crate::test_support::{check_half_precision, max_rel, weighted_grads};
     use crate::Kernels;
     use candle_core::{DType, Device, Var};
 
@@ -92,25 +92,18 @@ mod tests {
     /// rounding of f32.
     #[test]
     fn half_precision_norms_stay_close_to_f32() {
-        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (3, 7, 40), &Device::Cpu).unwrap())
-            .unwrap();
+        let x = Tensor::randn(0.5f32, 2.0, (3, 7, 40), &Device::Cpu).unwrap();
         let g = Tensor::randn(1f32, 0.5, 40, &Device::Cpu).unwrap();
         let b = Tensor::randn(0f32, 0.5, 40, &Device::Cpu).unwrap();
-        let want = layer_norm_slow(&x, &g, &b, 1e-5).unwrap();
-        let m = Tensor::randn(0f32, 1.0, want.dims(), &Device::Cpu).unwrap();
-        let gw = (&want * &m).unwrap().sum_all().unwrap().backward().unwrap();
-        for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
-            let h = |t: &Tensor| t.to_dtype(dtype).unwrap();
-            let xh = Var::from_tensor(&h(&x)).unwrap();
-            let y = layer_norm(&xh, &h(&g), &h(&b), 1e-5).unwrap();
-            assert_eq!(y.dtype(), dtype);
-            let y = y.to_dtype(DType::F32).unwrap();
-            assert!(max_rel(&y, &want) < tol, "{dtype:?} forward");
-            let gh = (y * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let dx = gh.get(&xh).unwrap().to_dtype(DType::F32).unwrap();
-            let e = max_rel(&dx, gw.get(&x).unwrap());
-            assert!(e < tol * 4.0, "{dtype:?} dx {e}");
-        }
+        check_half_precision(
+            &x,
+            |x| layer_norm_slow(x, &g, &b, 1e-5).unwrap(),
+            |x, dt| {
+                let h = |t: &Tensor| t.to_dtype(dt).unwrap();
+                layer_norm(x, &h(&g), &h(&b), 1e-5).unwrap()
+            },
+            &[(DType::F16, 4e-3), (DType::BF16, 3e-2)],
+        );
     }
 
     #[test]
