@@ -8,6 +8,9 @@
 #   scripts/check-cuda.sh --bundle          # here: build and gather target/cuda/bundle (~30 MB)
 #   scripts/gpu-check.sh [BUNDLE] [ARGS]    # there: BUNDLE defaults to target/cuda/bundle;
 #                                           # ARGS go to gpu_check (e.g. --parts parity,train)
+#
+# GPU_CHECK_BIN and GPU_CHECK_DEVICE (default: the bundle's binary, cuda) let the script itself
+# be tried on a CPU build: GPU_CHECK_BIN=target/release/examples/gpu_check GPU_CHECK_DEVICE=cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=${1:-target/cuda/bundle}
@@ -23,7 +26,7 @@ if [ -n "$sp" ]; then
   export LD_LIBRARY_PATH="$sp/nvidia/cu13/lib:$sp/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 
-bin=$bundle/gpu_check
+bin=${GPU_CHECK_BIN:-$bundle/gpu_check}
 if [ ! -x "$bin" ]; then
   # carried xz-compressed (the stripped binary alone is over 64 MB, mostly PTX)
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -32,7 +35,7 @@ if [ ! -x "$bin" ]; then
 fi
 
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo unknown)
-out=$("$bin" --fixture "$bundle/fixtures/tiny-sd-2block" --device cuda "$@")
+out=$("$bin" --fixture "$bundle/fixtures/tiny-sd-2block" --device "${GPU_CHECK_DEVICE:-cuda}" "$@")
 python3 - "$gpu" "$out" <<'EOF'
 import json, sys
 gpu, out = sys.argv[1], json.loads(sys.argv[2])
