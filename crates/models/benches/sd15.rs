@@ -29,6 +29,7 @@ use std::time::Instant;
 use atoms::{AdapterConfig, LayerAdapter, Method};
 use candle_core::{DType, Device, Tensor};
 use models::{Checkpointing, Layers, Preset, Targets, Unet, UnetConfig, Weights};
+use testutil::{peak_rss_gb, status_gb};
 
 struct Args {
     mode: String,
@@ -86,20 +87,6 @@ fn parse() -> Args {
         i += 2;
     }
     a
-}
-
-fn peak_rss_gb() -> f64 {
-    status_gb("VmHWM:")
-}
-
-/// A `/proc/self/status` memory line in GB.
-fn status_gb(key: &str) -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

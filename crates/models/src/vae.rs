@@ -182,12 +182,16 @@ pub struct Vae {
     upcast: OnceLock<Box<Vae>>,
 }
 
+/// Whether `dtype` is a half-precision one, whose range the SD VAEs can overflow.
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
 impl Vae {
     /// Builds the VAE of `config` from `w` (keys as in diffusers' `vae/`), in `w`'s dtype, or in
     /// f32 when that is half precision and the config says `force_upcast`.
     pub fn new(w: &Weights, config: &VaeConfig) -> Result<Self> {
-        let half = matches!(w.dtype(), DType::F16 | DType::BF16);
-        if half && config.force_upcast {
+        if is_half(w.dtype()) && config.force_upcast {
             return Self::build(&w.with_dtype(DType::F32), config);
         }
         Self::build(w, config)
@@ -355,7 +359,7 @@ impl Vae {
     /// Whether a half-precision VAE's result `t` is not finite, so that the f32 copy must redo
     /// the work (the SD VAEs overflow f16 on some inputs).
     fn needs_upcast(&self, t: &Tensor) -> Result<bool> {
-        if !matches!(self.dtype(), DType::F16 | DType::BF16) {
+        if !is_half(self.dtype()) {
             return Ok(false);
         }
         let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;

@@ -19,7 +19,7 @@
 //! |---|---|---|---|
 //! | softmax attention | [`attention::attention`] | chunked, recomputing backward | chunked, log-sum-exp |
 //! | 2-d convolution | [`conv::conv2d`] | im2col + gemm, col2im input gradient | candle conv2d, input gradient as a conv |
-//! | conv with `W' = Wr T` | [`conv::conv2d_transformed`], [`conv::conv2d_atoms`] | `T` on the columns | `W'` formed per call |
+//! | conv with `W' = Wr T` | [`conv::conv2d_transformed`] | `T` on the columns | `W'` formed per call |
 //! | linear | [`linear::linear`] | gemm | candle matmul |
 //! | group norm (+ SiLU) | [`group_norm::group_norm`] | two passes | candle ops |
 //! | layer norm | [`layer_norm::layer_norm`] | one pass per row | candle's fused kernel |

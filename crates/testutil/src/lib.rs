@@ -6,7 +6,8 @@
 //!   under `tests/data/fixtures`);
 //! - [`data_path`]: small files committed under `tests/data/`;
 //! - [`unet_convs`]: the convolution weights of a diffusers `UNet2DConditionModel` with SD 1.x
-//!   block structure, listed from its config the way diffusers builds them.
+//!   block structure, listed from its config the way diffusers builds them;
+//! - [`peak_rss_gb`], [`status_gb`]: the process's memory, for the benchmark programs.
 #![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -187,4 +188,19 @@ pub fn unet_convs(u: &UnetShape) -> Vec<(String, Vec<usize>)> {
     }
     out.push(("conv_out".to_string(), vec![u.out_channels, w[0], 3, 3]));
     out
+}
+
+/// A memory line of `/proc/self/status` (`VmHWM:`, `VmRSS:`) in GB; NaN where there is none.
+pub fn status_gb(key: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
+}
+
+/// The process's peak resident memory so far (`VmHWM`), in GB.
+pub fn peak_rss_gb() -> f64 {
+    status_gb("VmHWM:")
 }

@@ -122,7 +122,7 @@ fn run() -> Res<()> {
 fn with_peak<R>(device: &Device, f: impl FnOnce() -> Res<R>) -> Res<(R, f64)> {
     let Some(used) = device_used(device) else {
         let r = f()?;
-        return Ok((r, peak_rss_gb()));
+        return Ok((r, testutil::peak_rss_gb()));
     };
     let peak = Arc::new(AtomicU64::new(used()?));
     let done = Arc::new(AtomicBool::new(false));
@@ -161,15 +161,6 @@ fn device_used(device: &Device) -> Option<UsedFn> {
 #[cfg(not(feature = "cuda"))]
 fn device_used(_: &Device) -> Option<UsedFn> {
     None
-}
-
-fn peak_rss_gb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
 }
 
 /// `max |a - b| / max |b|`, both moved to the CPU in f32.

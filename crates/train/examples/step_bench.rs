@@ -15,15 +15,6 @@ use atoms::{AdapterConfig, Method};
 use models::{LoadOptions, StableDiffusion, Targets};
 use train::{AdamWConfig, LrSchedule, TrainConfig, Trainer};
 
-fn peak_rss_gb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     models::tune_process();
     models::on_compute_thread(|| run().map_err(|e| e.to_string()))?;
@@ -95,7 +86,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         std::path::Path::new(&model).file_name().map_or(model.clone(), |f| f.to_string_lossy().into_owned()),
         times[times.len() / 2],
         times[0],
-        peak_rss_gb(),
+        testutil::peak_rss_gb(),
         candle_core::utils::get_num_threads()
     );
     Ok(())

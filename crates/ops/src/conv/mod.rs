@@ -91,11 +91,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvConfig) ->
     } else {
         portable::conv2d(x, w, frozen, cfg)?
     };
-    add_tracked(y, tracked)
+    add_bias(y, tracked)
 }
 
-/// `y + bias` for a tracked `bias [o]` over `y [b, o, h, w]`.
-fn add_tracked(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `y + bias` for `bias [o]` over `y [b, o, h, w]`: by candle's autograd for a tracked bias,
+/// or, on detached tensors, inside a portable op's forward.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
         None => Ok(y),
@@ -155,7 +156,7 @@ pub fn conv2d_transformed(
     } else {
         portable::conv2d_transformed(x, w, frozen, third, atoms, cfg)?
     };
-    add_tracked(y, tracked)
+    add_bias(y, tracked)
 }
 
 /// `W' = Wr T` (or `Wr[., c] T[c]`) shaped like `w`, from candle ops, in `t`'s dtype: the
@@ -182,7 +183,7 @@ pub fn conv2d_slow(
     bias: Option<&Tensor>,
     cfg: ConvConfig,
 ) -> Result<Tensor> {
-    add_tracked(x.conv2d(w, cfg.padding, cfg.stride, 1, 1)?, bias)
+    add_bias(x.conv2d(w, cfg.padding, cfg.stride, 1, 1)?, bias)
 }
 
 /// Shapes and dtypes a conv can run on, or an error that names them.

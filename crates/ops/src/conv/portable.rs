@@ -12,17 +12,9 @@
 
 use candle_core::Tensor;
 
-use super::{transformed_kernel, ConvConfig, FilterTransform};
+use super::{add_bias, transformed_kernel, ConvConfig, FilterTransform};
 use crate::handoff::{self, Backward};
 use crate::Result;
-
-/// `y + bias` for a frozen `bias [o]` over `y [b, o, h, w]`.
-fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    match bias {
-        Some(b) => y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?),
-        None => Ok(y),
-    }
-}
 
 /// The plain conv, with a frozen bias added inside the op.
 pub(super) fn conv2d(
@@ -34,7 +26,8 @@ pub(super) fn conv2d(
     let y = x
         .detach()
         .conv2d(&w.detach(), cfg.padding, cfg.stride, 1, 1)?;
-    handoff::attach(add_bias(y, bias)?, &[x, w], ConvGrad { cfg })
+    let bias = bias.map(Tensor::detach);
+    handoff::attach(add_bias(y, bias.as_ref())?, &[x, w], ConvGrad { cfg })
 }
 
 struct ConvGrad {
@@ -91,7 +84,8 @@ pub(super) fn conv2d_transformed(
     let wt = grad.kernel(&w.detach(), &third.detach())?;
     let y = x.detach().conv2d(&wt, cfg.padding, cfg.stride, 1, 1)?;
     drop(wt);
-    handoff::attach(add_bias(y, bias)?, &[x, w, third], grad)
+    let bias = bias.map(Tensor::detach);
+    handoff::attach(add_bias(y, bias.as_ref())?, &[x, w, third], grad)
 }
 
 struct TransformedGrad {
