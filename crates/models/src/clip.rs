@@ -1,6 +1,7 @@
-//! The CLIP text encoder (`CLIPTextModel`): token and position embeddings, pre-norm transformer
-//! layers with a causal mask, final layer norm; the pooled output is the state at the first
-//! end-of-text token.
+//! The CLIP text encoder (`CLIPTextModel`, and `CLIPTextModelWithProjection` for SDXL's second
+//! encoder): token and position embeddings, pre-norm transformer layers with a causal mask, final
+//! layer norm; the pooled output is the state at the first end-of-text token, projected by
+//! `text_projection` when the model has one.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -30,6 +31,7 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_ln: LayerNorm,
+    projection: Option<Linear>,
 }
 
 /// What the text encoder returns.
@@ -37,13 +39,41 @@ pub struct ClipTextModel {
 pub struct ClipOutput {
     /// `[b, seq, hidden]`, after the final layer norm: what SD's UNet attends to.
     pub last_hidden_state: Tensor,
+    /// `[b, seq, hidden]`: the input of the last layer (transformers' `hidden_states[-2]`), what
+    /// SDXL's UNet attends to.
+    pub penultimate: Tensor,
     /// `[b, hidden]`: the state at each sequence's first end-of-text token.
     pub pooled: Tensor,
+    /// `[b, projection_dim]`: `pooled` through `text_projection`, for models that have one
+    /// (`CLIPTextModelWithProjection`'s `text_embeds`).
+    pub text_embeds: Option<Tensor>,
 }
 
 impl ClipTextModel {
     /// Builds the encoder from `w` (keys `text_model.*`).
     pub fn new(w: &Weights, config: &ClipConfig, layers: &Layers) -> Result<Self> {
+        Self::build(w, config, layers, None)
+    }
+
+    /// Builds a `CLIPTextModelWithProjection` from `w` (keys `text_model.*` and
+    /// `text_projection.weight`, `[projection_dim, hidden]`, no bias).
+    pub fn with_projection(w: &Weights, config: &ClipConfig, layers: &Layers) -> Result<Self> {
+        let proj = Linear::new(
+            &w.pp("text_projection"),
+            layers,
+            config.hidden_size,
+            config.projection_dim,
+            false,
+        )?;
+        Self::build(w, config, layers, Some(proj))
+    }
+
+    fn build(
+        w: &Weights,
+        config: &ClipConfig,
+        layers: &Layers,
+        projection: Option<Linear>,
+    ) -> Result<Self> {
         let c = config;
         let w = w.pp("text_model");
         let h = c.hidden_size;
@@ -74,6 +104,7 @@ impl ClipTextModel {
                 })
                 .collect::<Result<_>>()?,
             final_ln: LayerNorm::new(&w.pp("final_layer_norm"), h, c.layer_norm_eps)?,
+            projection,
             config: c.clone(),
         })
     }
@@ -117,7 +148,9 @@ impl ClipTextModel {
                 .contiguous()?
                 .to_dtype(DType::F32)?)
         };
+        let mut penultimate = x.clone();
         for l in &self.layers {
+            penultimate = x.clone();
             let h = l.ln1.forward(&x)?;
             let (q, k, v) = (
                 split(l.q.forward(&h)?)?,
@@ -160,8 +193,15 @@ impl ClipTextModel {
         let pooled = (0..b)
             .map(|i| last.get(i)?.get(pos[i]))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&pooled, 0)?;
+        let text_embeds = match &self.projection {
+            Some(p) => Some(p.forward(&pooled)?),
+            None => None,
+        };
         Ok(ClipOutput {
-            pooled: Tensor::stack(&pooled, 0)?,
+            pooled,
+            text_embeds,
+            penultimate,
             last_hidden_state: last,
         })
     }

@@ -194,7 +194,29 @@ pub enum UpBlock {
     Plain,
 }
 
-/// `unet/config.json` of a `UNet2DConditionModel` (SD 1.x / 2.x family).
+/// SDXL's added conditioning (`addition_embed_type = "text_time"`): the pooled text embedding and
+/// the six size/crop "time ids", each through a sinusoidal projection, concatenated and mapped by
+/// `add_embedding` onto the time embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// Width of each time id's sinusoidal projection (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// Input width of `add_embedding` (`projection_class_embeddings_input_dim`): six time ids'
+    /// projections plus the pooled text embedding.
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// The number of time ids: original size, crop top-left, target size (each height, width).
+    pub const TIME_IDS: usize = 6;
+
+    /// The width of the pooled text embedding this UNet takes.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - Self::TIME_IDS * self.time_embed_dim
+    }
+}
+
+/// `unet/config.json` of a `UNet2DConditionModel` (SD 1.x / 2.x / XL family).
 #[derive(Clone, Debug, PartialEq)]
 pub struct UnetConfig {
     /// Latent channels in.
@@ -225,8 +247,11 @@ pub struct UnetConfig {
     pub norm_eps: f64,
     /// Width of the text embeddings.
     pub cross_attention_dim: usize,
-    /// Transformer blocks per transformer.
-    pub transformer_layers_per_block: usize,
+    /// Transformer blocks per transformer, per down block (up blocks mirror them; the mid block
+    /// takes the last).
+    pub transformer_layers_per_block: Vec<usize>,
+    /// SDXL's added text/time conditioning; `None` for SD 1.x/2.x.
+    pub addition: Option<TextTimeConfig>,
     /// Attention heads per down block (diffusers' `attention_head_dim`, which in these UNets is
     /// the number of heads; or `num_attention_heads` when given).
     pub heads: Vec<usize>,
@@ -301,10 +326,14 @@ impl UnetConfig {
         j.only("resnet_time_scale_shift", &[s("default")], "default")?;
         j.only("time_embedding_type", &[s("positional")], "positional")?;
         j.only("attention_type", &[s("default")], "default")?;
-        let no = "not used by SD 1.x/2.x UNets";
+        j.only(
+            "addition_embed_type",
+            &[s("text_time")],
+            "text_time (SDXL) or none",
+        )?;
+        let no = "not used by SD 1.x/2.x/XL UNets";
         for key in [
             "class_embed_type",
-            "addition_embed_type",
             "num_class_embeds",
             "encoder_hid_dim",
             "encoder_hid_dim_type",
@@ -312,7 +341,6 @@ impl UnetConfig {
             "time_embedding_act_fn",
             "timestep_post_act",
             "time_cond_proj_dim",
-            "projection_class_embeddings_input_dim",
             "cross_attention_norm",
             "reverse_transformer_layers_per_block",
         ] {
@@ -342,9 +370,15 @@ impl UnetConfig {
         if let Some(Value::Array(_)) = j.get("layers_per_block") {
             return Err(j.unsupported("layers_per_block", "a list", "one integer for every block"));
         }
-        if let Some(Value::Array(_)) = j.get("transformer_layers_per_block") {
-            return Err(j.unsupported("transformer_layers_per_block", "a list", "one integer"));
+        if j.get("addition_embed_type").is_none() {
+            j.only(
+                "projection_class_embeddings_input_dim",
+                &[],
+                "only used with addition_embed_type",
+            )?;
         }
+        let addition = Self::text_time(j)?;
+        let transformer_layers_per_block = j.per_block("transformer_layers_per_block", n, 1)?;
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
         let heads = if j.get("num_attention_heads").is_some() {
             j.per_block("num_attention_heads", n, 8)?
@@ -382,7 +416,8 @@ impl UnetConfig {
             norm_num_groups,
             norm_eps: j.f64_or("norm_eps", 1e-5)?,
             cross_attention_dim: j.usize_or("cross_attention_dim", 1280)?,
-            transformer_layers_per_block: j.usize_or("transformer_layers_per_block", 1)?,
+            transformer_layers_per_block,
+            addition,
             heads,
             use_linear_projection: j.bool_or("use_linear_projection", false)?,
             upcast_attention: j.bool_or("upcast_attention", false)?,
@@ -393,6 +428,29 @@ impl UnetConfig {
                 .and_then(Value::as_u64)
                 .map(|x| x as usize),
         })
+    }
+
+    /// The `text_time` conditioning's widths, checked: its input is six time-id projections and a
+    /// pooled embedding.
+    fn text_time(j: &Json) -> Result<Option<TextTimeConfig>> {
+        if j.get("addition_embed_type").is_none() {
+            return Ok(None);
+        }
+        let time_embed_dim = j.usize_or("addition_time_embed_dim", 0)?;
+        let input_dim = j.usize_or("projection_class_embeddings_input_dim", 0)?;
+        let ids = TextTimeConfig::TIME_IDS * time_embed_dim;
+        if time_embed_dim == 0 || input_dim <= ids {
+            return Err(Error::Config {
+                path: j.path().into(),
+                reason: format!(
+                    "addition_embed_type \"text_time\" needs a positive addition_time_embed_dim ({time_embed_dim}) and projection_class_embeddings_input_dim ({input_dim}) above 6 x addition_time_embed_dim"
+                ),
+            });
+        }
+        Ok(Some(TextTimeConfig {
+            time_embed_dim,
+            input_dim,
+        }))
     }
 }
 
@@ -506,6 +564,8 @@ pub struct ClipConfig {
     pub layer_norm_eps: f64,
     /// The end-of-text id, whose first position gives the pooled output.
     pub eos_token_id: usize,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`).
+    pub projection_dim: usize,
 }
 
 impl ClipConfig {
@@ -543,6 +603,7 @@ impl ClipConfig {
             hidden_act,
             layer_norm_eps: j.f64_or("layer_norm_eps", 1e-5)?,
             eos_token_id: j.usize_or("eos_token_id", 49407)?,
+            projection_dim: j.usize_or("projection_dim", 512)?,
         })
     }
 }

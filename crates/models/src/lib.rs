@@ -35,13 +35,13 @@ pub mod vae;
 pub mod weights;
 
 pub use clip::{ClipOutput, ClipTextModel};
-pub use config::{ClipConfig, UnetConfig, VaeConfig};
+pub use config::{ClipConfig, TextTimeConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{Checkpointing, LayerKind, Layers, Targets};
 pub use ops::{on_compute_thread, tune_process, Kernels};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
 pub use tokenizer::{ClipTokenizer, Tokens};
-pub use unet::Unet;
+pub use unet::{TextTime, Unet};
 pub use vae::{LatentDist, Vae};
 pub use weights::Weights;

@@ -17,7 +17,6 @@ pub(super) struct BlockOpts {
     pub groups: usize,
     pub eps: f64,
     pub context_dim: usize,
-    pub depth: usize,
     pub linear_projection: bool,
     /// The widest resnet and transformer that [`crate::Checkpointing::Selective`] checkpoints:
     /// the first level's channels for resnets, the second level's for transformers (where a
@@ -38,17 +37,24 @@ impl BlockOpts {
         }
     }
 
-    fn transformer(&self, channels: usize, heads: usize) -> TransformerOpts {
+    fn transformer(&self, channels: usize, attn: AttnSpec) -> TransformerOpts {
         TransformerOpts {
             channels,
-            heads,
+            heads: attn.heads,
             context_dim: self.context_dim,
-            depth: self.depth,
+            depth: attn.depth,
             groups: self.groups,
             linear_projection: self.linear_projection,
             selective_checkpoint: channels <= self.selective_widths.1,
         }
     }
+}
+
+/// The transformers of a cross-attention block: heads, and transformer blocks per transformer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttnSpec {
+    pub heads: usize,
+    pub depth: usize,
 }
 
 /// `Downsample2D` with a conv: stride 2, `padding` on every side (0: pad right and bottom by 1).
@@ -87,7 +93,7 @@ impl DownBlock {
         cin: usize,
         cout: usize,
         n: usize,
-        heads: Option<usize>,
+        attn: Option<AttnSpec>,
         downsample_padding: Option<usize>,
     ) -> Result<Self> {
         let mut resnets = Vec::new();
@@ -99,7 +105,7 @@ impl DownBlock {
                 layers,
                 o.resnet(c, cout, 1.0),
             )?);
-            if let Some(h) = heads {
+            if let Some(h) = attn {
                 attentions.push(Transformer2D::new(
                     &w.pp("attentions").pp(i),
                     layers,
@@ -163,12 +169,12 @@ impl MidBlock {
         layers: &Layers,
         o: &BlockOpts,
         c: usize,
-        heads: usize,
+        attn: AttnSpec,
         scale: f64,
     ) -> Result<Self> {
         Ok(MidBlock {
             first: ResnetBlock::new(&w.pp("resnets.0"), layers, o.resnet(c, c, scale))?,
-            attention: Transformer2D::new(&w.pp("attentions.0"), layers, o.transformer(c, heads))?,
+            attention: Transformer2D::new(&w.pp("attentions.0"), layers, o.transformer(c, attn))?,
             second: ResnetBlock::new(&w.pp("resnets.1"), layers, o.resnet(c, c, scale))?,
         })
     }
@@ -206,7 +212,7 @@ impl UpBlock {
         o: &BlockOpts,
         ch: UpChannels,
         n: usize,
-        heads: Option<usize>,
+        attn: Option<AttnSpec>,
         upsample: bool,
     ) -> Result<Self> {
         let mut resnets = Vec::new();
@@ -219,7 +225,7 @@ impl UpBlock {
                 layers,
                 o.resnet(res_in + skip, ch.out, 1.0),
             )?);
-            if let Some(h) = heads {
+            if let Some(h) = attn {
                 attentions.push(Transformer2D::new(
                     &w.pp("attentions").pp(i),
                     layers,
@@ -296,7 +302,6 @@ mod tests {
             groups: 32,
             eps: 1e-5,
             context_dim: 768,
-            depth: 1,
             linear_projection: false,
             selective_widths: (320, 640),
         };
@@ -305,8 +310,9 @@ mod tests {
         assert!(o.resnet(960, 320, 1.0).selective_checkpoint);
         assert!(!o.resnet(320, 640, 1.0).selective_checkpoint);
         assert!(!o.resnet(1280, 1280, 1.0).selective_checkpoint);
-        assert!(o.transformer(320, 8).selective_checkpoint);
-        assert!(o.transformer(640, 8).selective_checkpoint);
-        assert!(!o.transformer(1280, 8).selective_checkpoint);
+        let a = AttnSpec { heads: 8, depth: 1 };
+        assert!(o.transformer(320, a).selective_checkpoint);
+        assert!(o.transformer(640, a).selective_checkpoint);
+        assert!(!o.transformer(1280, a).selective_checkpoint);
     }
 }
