@@ -14,6 +14,11 @@ pub trait BaseWeights {
     /// A name for the base in messages (a hub id or a path).
     fn id(&self) -> &str;
 
+    /// The base's model family (`sd1`, `sd2`, `sdxl`), when known.
+    fn architecture(&self) -> Option<String> {
+        None
+    }
+
     /// The shape of `layer`'s weight, or `None` if the base has no such layer.
     fn weight_shape(&self, layer: &str) -> Option<Vec<usize>>;
 

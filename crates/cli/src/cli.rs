@@ -126,9 +126,10 @@ pub struct SampleArgs {
     #[arg(long = "class")]
     pub class_word: Option<String>,
 
-    /// What to steer away from.
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// What to steer away from. Without it SD 1.x/2.x use the empty text and SDXL zero
+    /// unconditional embeddings (as diffusers); `--negative-prompt ""` encodes the empty text.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
 
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]

@@ -19,17 +19,21 @@ const REQUIRED: [&str; 5] = [
     "scheduler/scheduler_config.json",
     "tokenizer/tokenizer_config.json",
 ];
-const OPTIONAL: [&str; 4] = [
-    "model_index.json",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
+const OPTIONAL: [&str; 1] = ["model_index.json"];
+/// A tokenizer folder's files besides `tokenizer_config.json`, each fetched when the repo has it.
+const TOKENIZER_FILES: [&str; 4] = [
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
 ];
 const WEIGHTS: [(&str, &str); 3] = [
     ("unet", "diffusion_pytorch_model"),
     ("vae", "diffusion_pytorch_model"),
     ("text_encoder", "model"),
 ];
+/// SDXL's second text encoder and tokenizer, fetched when the repo has them.
+const SDXL_ENCODER: (&str, &str) = ("text_encoder_2", "tokenizer_2");
 
 struct Fetcher {
     repo_id: String,
@@ -121,21 +125,24 @@ pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBu
         let p = f.get(file)?;
         remember(&p, file);
     }
-    for file in OPTIONAL.iter().chain(["tokenizer/tokenizer.json"].iter()) {
+    for file in OPTIONAL {
         if f.has(file) {
             f.get(file)?;
         }
     }
-    let has_tokenizer = f.has("tokenizer/tokenizer.json")
-        || (f.has("tokenizer/vocab.json") && f.has("tokenizer/merges.txt"));
-    if !has_tokenizer {
-        return Err(Error::Hub {
-            repo: repo_id.into(),
-            file: "tokenizer/".into(),
-            reason: "neither tokenizer.json nor vocab.json + merges.txt".into(),
-        });
+    let mut weights = WEIGHTS.to_vec();
+    let mut tokenizers = vec!["tokenizer"];
+    let (encoder_2, tokenizer_2) = SDXL_ENCODER;
+    if f.has(&format!("{encoder_2}/config.json")) {
+        f.get(&format!("{encoder_2}/config.json"))?;
+        f.get(&format!("{tokenizer_2}/tokenizer_config.json"))?;
+        weights.push((encoder_2, "model"));
+        tokenizers.push(tokenizer_2);
     }
-    for (folder, stem) in WEIGHTS {
+    for tok in tokenizers {
+        fetch_tokenizer(&f, tok)?;
+    }
+    for (folder, stem) in weights {
         for file in weight_files(&f, folder, stem, opts.variant.as_deref())? {
             f.get(&file)?;
         }
@@ -145,6 +152,25 @@ pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBu
         file: "unet/config.json".into(),
         reason: "could not locate the snapshot folder".into(),
     })
+}
+
+/// The files of tokenizer folder `dir` the repo has; errors when it has no vocabulary.
+fn fetch_tokenizer(f: &Fetcher, dir: &str) -> Result<()> {
+    for file in TOKENIZER_FILES {
+        let file = format!("{dir}/{file}");
+        if f.has(&file) {
+            f.get(&file)?;
+        }
+    }
+    let has = |name: &str| f.has(&format!("{dir}/{name}"));
+    if !(has("tokenizer.json") || (has("vocab.json") && has("merges.txt"))) {
+        return Err(Error::Hub {
+            repo: f.repo_id.clone(),
+            file: format!("{dir}/"),
+            reason: "neither tokenizer.json nor vocab.json + merges.txt".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Which weight files of `folder` to fetch, by the same rules as a local folder.

@@ -47,6 +47,8 @@ struct Inner {
     baked: BTreeMap<String, Tensor>,
     /// Which of the model's blocks run checkpointed ([`Layers::set_checkpointing`]).
     checkpointing: Checkpointing,
+    /// The model family's name ([`crate::arch::Architecture::name`]), when known.
+    architecture: Option<String>,
 }
 
 /// Which UNet blocks gradient checkpointing covers ([`Layers::set_checkpointing`]).
@@ -102,6 +104,11 @@ impl Layers {
             id: id.into(),
             inner: Arc::default(),
         }
+    }
+
+    /// Records the model family (`sd1`, `sd2`, `sdxl`) deltas are checked against.
+    pub fn set_architecture(&self, name: &str) {
+        self.inner.write().expect("lock").architecture = Some(name.to_string());
     }
 
     pub(crate) fn register(&self, name: &str, kind: LayerKind, weight: &Tensor) {
@@ -294,6 +301,10 @@ impl Layers {
 impl atoms::BaseWeights for Layers {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn architecture(&self) -> Option<String> {
+        self.inner.read().expect("lock").architecture.clone()
     }
 
     fn weight_shape(&self, layer: &str) -> Option<Vec<usize>> {

@@ -1,6 +1,6 @@
 //! # models: the Stable Diffusion model stack
 //!
-//! Our own differentiable SD 1.x / 2.x models, proven equal to diffusers on the reference
+//! Our own differentiable SD 1.x / 2.x / XL models, proven equal to diffusers on the reference
 //! fixtures (`../shared/fixtures`):
 //!
 //! - [`config`]: configs read from the diffusers / transformers `config.json` files;
@@ -8,7 +8,9 @@
 //!   loses gradients, DESIGN.md "Why we own the UNet");
 //! - [`layers`]: the adapter hook: every conv and linear registers its base weight by diffusers
 //!   name, and `atoms` adapters attach there;
-//! - [`ClipTextModel`] and [`ClipTokenizer`], [`Vae`]: the frozen text encoder and autoencoder;
+//! - [`ClipTextModel`] and [`ClipTokenizer`], [`Vae`]: the frozen text encoders and autoencoder;
+//!   [`text`]: how the encoders' outputs become the UNet's conditioning (SDXL: two encoders);
+//! - [`arch`]: the families (SD 1.x, 2.x, XL) deltas record;
 //! - [`pipeline`]: loading a local diffusers folder, a hub repo id, or a random-weight preset
 //!   ([`presets`]);
 //! - [`weights`]: memory-mapped safetensors or seeded random weights, with errors that name the
@@ -19,6 +21,7 @@
 //! loading.
 #![deny(missing_docs)]
 
+pub mod arch;
 mod checkpoint;
 pub mod clip;
 pub mod config;
@@ -29,11 +32,13 @@ pub mod nn;
 pub mod pipeline;
 pub mod presets;
 pub mod resnet;
+pub mod text;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
+pub use arch::Architecture;
 pub use clip::{ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, TextTimeConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
@@ -41,6 +46,7 @@ pub use layers::{Checkpointing, LayerKind, Layers, Targets};
 pub use ops::{on_compute_thread, tune_process, Kernels};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
+pub use text::{PromptEmbeds, TextEncoder, TextEncoders};
 pub use tokenizer::{ClipTokenizer, Tokens};
 pub use unet::{TextTime, Unet};
 pub use vae::{LatentDist, Vae};

@@ -9,12 +9,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
-use crate::config::{ClipConfig, UnetConfig, VaeConfig};
+use crate::arch::Architecture;
+use crate::config::{ClipConfig, Json, UnetConfig, VaeConfig};
 use crate::presets::Preset;
+use crate::text::{PromptEmbeds, TextEncoder, TextEncoders};
 use crate::weights::Weights;
-use crate::{ClipTextModel, ClipTokenizer, Error, Layers, Result, Unet, Vae};
+use crate::{ClipTextModel, ClipTokenizer, Error, Layers, Result, TextTime, Unet, Vae};
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -74,7 +76,8 @@ impl ModelSpec {
             return Ok(ModelSpec::Hub(s.to_string()));
         }
         Err(Error::Input(format!(
-            "model `{s}` is not a folder, a hub repo id (owner/name) or a preset (sd15-random, sd21-random, sd21-base-random)"
+            "model `{s}` is not a folder, a hub repo id (owner/name) or a preset ({})",
+            Preset::names()
         )))
     }
 }
@@ -83,16 +86,71 @@ impl ModelSpec {
 pub struct StableDiffusion {
     /// How the user named it (hub id, path or preset): recorded in deltas and PNGs.
     pub id: String,
+    /// Its family (SD 1.x, 2.x, XL), recorded in deltas.
+    pub architecture: Architecture,
     /// The denoiser, with its adapter hook.
     pub unet: Unet,
-    /// The text encoder.
-    pub text_encoder: ClipTextModel,
-    /// The tokenizer; random presets have none (there is no vocabulary to make up).
-    pub tokenizer: Option<ClipTokenizer>,
+    /// The text encoders and their tokenizers.
+    pub text: TextEncoders,
     /// The autoencoder.
     pub vae: Vae,
     /// `scheduler/scheduler_config.json`: its path (for messages) and text.
     pub scheduler_config: (PathBuf, String),
+    /// SDXL's `force_zeros_for_empty_prompt` (`model_index.json`): without a negative prompt the
+    /// unconditional embeddings are zeros rather than the encoding of "".
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// A component folder of a pipeline folder, or an error that says what it should hold.
+fn component(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err(Error::MissingFile {
+            path: p,
+            what: format!("{name}/ folder"),
+            hint: "a Stable Diffusion diffusers folder has unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/ and tokenizer_2/)".into(),
+        })
+    }
+}
+
+/// `name` in `folder`, or an error that says the folder is incomplete.
+fn config_file(folder: &Path, name: &str) -> Result<PathBuf> {
+    let p = folder.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::MissingFile {
+            path: p,
+            what: "config".into(),
+            hint: "the folder is incomplete; download it again".into(),
+        })
+    }
+}
+
+/// The text encoder in `dir/<encoder>` with the tokenizer in `dir/<tokenizer>`.
+fn load_text_encoder(
+    dir: &Path,
+    (encoder, tokenizer): (&str, &str),
+    projection: bool,
+    id: &str,
+    opts: &LoadOptions,
+) -> Result<TextEncoder> {
+    let te_dir = component(dir, encoder)?;
+    let cfg = ClipConfig::read(&config_file(&te_dir, "config.json")?)?;
+    let w = weights(&te_dir, "model", opts)?;
+    let layers = Layers::new(format!("{id} {encoder}"));
+    let model = if projection {
+        ClipTextModel::with_projection(&w, &cfg, &layers)?
+    } else {
+        ClipTextModel::new(&w, &cfg, &layers)?
+    };
+    w.check_all_used()?;
+    Ok(TextEncoder {
+        tokenizer: Some(ClipTokenizer::from_dir(&component(dir, tokenizer)?)?),
+        model,
+    })
 }
 
 impl StableDiffusion {
@@ -117,60 +175,48 @@ impl StableDiffusion {
                 hint: "give a diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id".into(),
             });
         }
-        let sub = |name: &str| -> Result<PathBuf> {
-            let p = dir.join(name);
-            if p.is_dir() {
-                Ok(p)
-            } else {
-                Err(Error::MissingFile {
-                    path: p,
-                    what: format!("{name}/ folder"),
-                    hint: "a Stable Diffusion diffusers folder has unet/, vae/, text_encoder/, tokenizer/ and scheduler/".into(),
-                })
-            }
-        };
-        let config = |folder: &Path, name: &str| -> Result<PathBuf> {
-            let p = folder.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(Error::MissingFile {
-                    path: p,
-                    what: "config".into(),
-                    hint: "the folder is incomplete; download it again".into(),
-                })
-            }
-        };
-        check_model_index(dir)?;
-        let unet_dir = sub("unet")?;
-        let unet_cfg = UnetConfig::read(&config(&unet_dir, "config.json")?)?;
+        let index = ModelIndex::read(dir)?;
+        let unet_dir = component(dir, "unet")?;
+        let unet_cfg = UnetConfig::read(&config_file(&unet_dir, "config.json")?)?;
+        let layers = Layers::new(id);
         let w = weights(&unet_dir, "diffusion_pytorch_model", opts)?;
-        let unet = Unet::new(&w, &unet_cfg, &Layers::new(id))?;
+        let unet = Unet::new(&w, &unet_cfg, &layers)?;
         w.check_all_used()?;
 
-        let vae_dir = sub("vae")?;
-        let vae_cfg = VaeConfig::read(&config(&vae_dir, "config.json")?)?;
+        let vae_dir = component(dir, "vae")?;
+        let vae_cfg = VaeConfig::read(&config_file(&vae_dir, "config.json")?)?;
         let w = weights(&vae_dir, "diffusion_pytorch_model", opts)?;
         let vae = Vae::new(&w, &vae_cfg)?;
         w.check_all_used()?;
 
-        let te_dir = sub("text_encoder")?;
-        let te_cfg = ClipConfig::read(&config(&te_dir, "config.json")?)?;
-        let w = weights(&te_dir, "model", opts)?;
-        let text_encoder =
-            ClipTextModel::new(&w, &te_cfg, &Layers::new(format!("{id} text encoder")))?;
-        w.check_all_used()?;
+        let first = load_text_encoder(dir, ("text_encoder", "tokenizer"), false, id, opts)?;
+        let second = if unet_cfg.addition.is_some() {
+            Some(load_text_encoder(
+                dir,
+                ("text_encoder_2", "tokenizer_2"),
+                true,
+                id,
+                opts,
+            )?)
+        } else {
+            None
+        };
+        let text = TextEncoders { first, second };
+        check_widths(&unet_cfg, &text, &unet_dir.join("config.json"))?;
+        let architecture = Architecture::of(&unet_cfg, text.first.model.config());
+        layers.set_architecture(architecture.name());
 
-        let tokenizer = ClipTokenizer::from_dir(&sub("tokenizer")?)?;
-        let sched_path = config(&sub("scheduler")?, "scheduler_config.json")?;
+        let force_zeros_for_empty_prompt = index.force_zeros_for_empty_prompt && text.is_dual();
+        let sched_path = config_file(&component(dir, "scheduler")?, "scheduler_config.json")?;
         let sched = std::fs::read_to_string(&sched_path).map_err(|e| Error::io(&sched_path, e))?;
         Ok(StableDiffusion {
             id: id.to_string(),
+            architecture,
             unet,
-            text_encoder,
-            tokenizer: Some(tokenizer),
+            text,
             vae,
             scheduler_config: (sched_path, sched),
+            force_zeros_for_empty_prompt,
         })
     }
 
@@ -184,55 +230,149 @@ impl StableDiffusion {
             &name("text_encoder/config.json"),
             preset.text_encoder_config(),
         )?;
-        Ok(StableDiffusion {
-            id: preset.name().to_string(),
-            unet: Unet::new(&w.pp("unet"), &unet_cfg, &Layers::new(preset.name()))?,
-            vae: Vae::new(&w.pp("vae"), &vae_cfg)?,
-            text_encoder: ClipTextModel::new(
+        let first = TextEncoder {
+            tokenizer: None,
+            model: ClipTextModel::new(
                 &w.pp("text_encoder"),
                 &te_cfg,
                 &Layers::new("text encoder"),
             )?,
-            tokenizer: None,
+        };
+        let second = match preset.text_encoder_2_config() {
+            None => None,
+            Some(text) => {
+                let cfg = ClipConfig::parse(&name("text_encoder_2/config.json"), text)?;
+                Some(TextEncoder {
+                    tokenizer: None,
+                    model: ClipTextModel::with_projection(
+                        &w.pp("text_encoder_2"),
+                        &cfg,
+                        &Layers::new("text encoder 2"),
+                    )?,
+                })
+            }
+        };
+        let text = TextEncoders { first, second };
+        check_widths(&unet_cfg, &text, &name("unet/config.json"))?;
+        let layers = Layers::new(preset.name());
+        let architecture = Architecture::of(&unet_cfg, &te_cfg);
+        layers.set_architecture(architecture.name());
+        Ok(StableDiffusion {
+            id: preset.name().to_string(),
+            architecture,
+            unet: Unet::new(&w.pp("unet"), &unet_cfg, &layers)?,
+            vae: Vae::new(&w.pp("vae"), &vae_cfg)?,
+            text,
             scheduler_config: (
                 name("scheduler/scheduler_config.json"),
                 preset.scheduler_config().to_string(),
             ),
+            force_zeros_for_empty_prompt: preset.force_zeros_for_empty_prompt(),
+        })
+    }
+
+    /// Encodes `prompts` for the UNet (on its device); returns a warning per prompt that was
+    /// cut to the tokenizer's length.
+    pub fn encode(&self, prompts: &[&str]) -> Result<(PromptEmbeds, Vec<String>)> {
+        self.text.encode(prompts, self.unet.device(), &self.id)
+    }
+
+    /// SDXL's added conditioning of a batch: the pooled embeddings of `embeds` and one set of
+    /// time ids per element (`time_ids [b, 6]`); `None` for models without it.
+    pub fn text_time(&self, embeds: &PromptEmbeds, time_ids: &Tensor) -> Option<TextTime> {
+        embeds.pooled.as_ref().map(|p| TextTime {
+            text_embeds: p.clone(),
+            time_ids: time_ids.clone(),
         })
     }
 }
 
-/// Checks `model_index.json` (when present) names a pipeline whose parts we can load, so that an
-/// SDXL or SD3 folder is refused by name instead of failing on a missing key.
-fn check_model_index(dir: &Path) -> Result<()> {
-    let path = dir.join("model_index.json");
-    if !path.is_file() {
-        return Ok(());
-    }
-    let j = crate::config::Json::read(&path)?;
-    let class = j.str_or("_class_name", "StableDiffusionPipeline")?;
-    let ok = class.starts_with("StableDiffusion")
-        && !class.contains("XL")
-        && !class.starts_with("StableDiffusion3");
-    if !ok {
-        return Err(j.unsupported(
-            "_class_name",
-            &class,
-            "Stable Diffusion 1.x / 2.x pipelines",
+/// The UNet attends to text as wide as the encoders give it (both penultimate states side by
+/// side for SDXL), and SDXL's added embedding takes the second encoder's projection.
+fn check_widths(unet: &UnetConfig, text: &TextEncoders, path: &Path) -> Result<()> {
+    let width: usize = match &text.second {
+        None => text.first.model.config().hidden_size,
+        Some(s) => text.first.model.config().hidden_size + s.model.config().hidden_size,
+    };
+    let bad = |reason: String| {
+        Err(Error::Config {
+            path: path.into(),
+            reason,
+        })
+    };
+    if width != unet.cross_attention_dim {
+        return bad(format!(
+            "cross_attention_dim {} does not match the text encoders' width {width}",
+            unet.cross_attention_dim
         ));
     }
-    for (part, want) in [
-        ("unet", "UNet2DConditionModel"),
-        ("vae", "AutoencoderKL"),
-        ("text_encoder", "CLIPTextModel"),
-    ] {
-        if let Some(found) = j.component_class(part) {
-            if found != want {
-                return Err(j.unsupported(part, &found, want));
-            }
+    if let (Some(add), Some(s)) = (unet.addition, &text.second) {
+        let p = s.model.config().projection_dim;
+        if add.pooled_dim() != p {
+            return bad(format!(
+                "projection_class_embeddings_input_dim {} is 6 x addition_time_embed_dim ({}) plus {}, but text_encoder_2's projection_dim is {p}",
+                add.input_dim,
+                add.time_embed_dim,
+                add.pooled_dim()
+            ));
         }
     }
     Ok(())
+}
+
+/// What `model_index.json` (when present) says: the pipeline class must be one whose parts we
+/// load (an SD3 or Flux folder is refused by name instead of failing on a missing key).
+struct ModelIndex {
+    force_zeros_for_empty_prompt: bool,
+}
+
+impl ModelIndex {
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("model_index.json");
+        if !path.is_file() {
+            return Ok(ModelIndex {
+                force_zeros_for_empty_prompt: true,
+            });
+        }
+        let j = Json::read(&path)?;
+        let class = j.str_or("_class_name", "StableDiffusionPipeline")?;
+        let xl = class == "StableDiffusionXLPipeline";
+        let ok = xl
+            || (class.starts_with("StableDiffusion")
+                && !class.contains("XL")
+                && !class.starts_with("StableDiffusion3"));
+        if !ok {
+            return Err(j.unsupported(
+                "_class_name",
+                &class,
+                "Stable Diffusion 1.x / 2.x / XL text-to-image pipelines (StableDiffusionPipeline, StableDiffusionXLPipeline)",
+            ));
+        }
+        let mut parts = vec![
+            ("unet", "UNet2DConditionModel"),
+            ("vae", "AutoencoderKL"),
+            ("text_encoder", "CLIPTextModel"),
+        ];
+        if xl {
+            parts.push(("text_encoder_2", "CLIPTextModelWithProjection"));
+        }
+        for (part, want) in parts {
+            match j.component_class(part) {
+                Some(found) if found != want => return Err(j.unsupported(part, &found, want)),
+                None if xl => {
+                    return Err(j.unsupported(
+                        part,
+                        "null",
+                        &format!("{want} (SDXL refiners, which lack it, are not supported)"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(ModelIndex {
+            force_zeros_for_empty_prompt: j.bool_or("force_zeros_for_empty_prompt", true)?,
+        })
+    }
 }
 
 /// The weights of one component folder: `<stem>[.variant].safetensors`, or the shards its

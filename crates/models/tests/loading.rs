@@ -33,7 +33,7 @@ fn a_local_folder_loads_every_part_in_any_dtype() {
             ..Default::default()
         };
         let sd = StableDiffusion::load(fx.to_str().unwrap(), &opts).unwrap();
-        assert!(sd.tokenizer.is_some());
+        assert!(sd.text.first.tokenizer.is_some());
         assert!(sd.scheduler_config.1.contains("DDIMScheduler"));
         let conv = sd.unet.layers().get("conv_in").unwrap();
         assert_eq!(conv.weight.dtype(), dtype);
@@ -150,20 +150,30 @@ fn pipelines_of_other_families_are_refused_by_name() {
     let dir = tmp.path().join("model");
     copy_pipeline(&fx, &dir);
     let index = std::fs::read_to_string(dir.join("model_index.json")).unwrap();
-    std::fs::write(
-        dir.join("model_index.json"),
-        index.replace(
+    let cases = [
+        ("\"StableDiffusionPipeline\"", "\"StableDiffusion3Pipeline\"", "StableDiffusion3Pipeline"),
+        ("\"StableDiffusionPipeline\"", "\"FluxPipeline\"", "FluxPipeline"),
+        // an SDXL refiner: no first text encoder
+        (
             "\"StableDiffusionPipeline\"",
-            "\"StableDiffusionXLPipeline\"",
+            "\"StableDiffusionXLPipeline\", \"text_encoder_2\": [\"transformers\", \"CLIPTextModelWithProjection\"], \"x\": 0",
+            "refiners",
         ),
-    )
-    .unwrap();
-    let e = StableDiffusion::load_dir(&dir, "m", &LoadOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("StableDiffusionXLPipeline") && e.contains("model_index.json"),
-        "{e}"
-    );
+    ];
+    for (from, to, want) in cases {
+        let mut text = index.replace(from, to);
+        if want == "refiners" {
+            text = text.replace(
+                "\"text_encoder\": [\n    \"transformers\",\n    \"CLIPTextModel\"\n  ]",
+                "\"text_encoder\": [null, null]",
+            );
+            assert!(text.contains("[null, null]"), "{text}");
+        }
+        std::fs::write(dir.join("model_index.json"), text).unwrap();
+        let e = StableDiffusion::load_dir(&dir, "m", &LoadOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(want) && e.contains("model_index.json"), "{e}");
+    }
 }

@@ -1,10 +1,11 @@
-//! Text to image: tokenizer -> text encoder (negative and positive prompt in one batch) ->
+//! Text to image: tokenizers -> text encoders (negative and positive prompt in one batch) ->
 //! scheduler loop with classifier-free guidance -> VAE decode. As diffusers'
-//! `StableDiffusionPipeline`, so that a run from the same initial latents gives the same image.
+//! `StableDiffusionPipeline` and `StableDiffusionXLPipeline`, so that a run from the same initial
+//! latents gives the same image.
 
 use atoms::Delta;
 use candle_core::{DType, Tensor};
-use models::StableDiffusion;
+use models::{PromptEmbeds, StableDiffusion, TextTime};
 
 use crate::rng::NoiseRng;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -15,8 +16,9 @@ use crate::{Error, Result};
 pub struct Request {
     /// The prompt.
     pub prompt: String,
-    /// What to steer away from ("" for none).
-    pub negative_prompt: String,
+    /// What to steer away from. `None`: SD 1.x/2.x encode "", SDXL uses zero unconditional
+    /// embeddings (`force_zeros_for_empty_prompt`); `Some("")` encodes "" on every model.
+    pub negative_prompt: Option<String>,
     /// Denoising steps.
     pub steps: usize,
     /// Classifier-free guidance scale; `<= 1` skips the unconditional pass.
@@ -83,33 +85,44 @@ impl<'a> Pipeline<'a> {
         SchedulerKind::from_class_name(v.get("_class_name")?.as_str()?)
     }
 
-    /// Text embeddings `[n, 77, d]` of `prompts`, and a warning per prompt that was cut.
-    pub fn encode(&self, prompts: &[&str]) -> Result<(Tensor, Vec<String>)> {
-        let tok = self.sd.tokenizer.as_ref().ok_or_else(|| {
-            Error::Request(format!(
-                "model `{}` has no tokenizer (random presets have no vocabulary); use a real model folder or hub id",
-                self.sd.id
-            ))
-        })?;
-        let device = self.sd.unet.device().clone();
-        let mut ids = Vec::new();
-        let mut warnings = Vec::new();
-        for p in prompts {
-            let t = tok.encode(p, true)?;
-            if let Some(n) = t.truncated_from {
-                warnings.push(format!(
-                    "prompt {p:?} has {n} tokens; only the first {} are used (CLIP reads {} including start and end)",
-                    tok.max_length() - 2,
-                    tok.max_length()
-                ));
-            }
-            ids.push(Tensor::new(t.ids.as_slice(), &device)?);
+    /// Text embeddings of `prompts`, and a warning per prompt that was cut.
+    pub fn encode(&self, prompts: &[&str]) -> Result<(PromptEmbeds, Vec<String>)> {
+        Ok(self.sd.encode(prompts)?)
+    }
+
+    /// The conditioning of a request: the prompt's embeddings, preceded by the unconditional
+    /// ones when guidance is on.
+    fn conditioning(&self, req: &Request) -> Result<(PromptEmbeds, Vec<String>)> {
+        if req.guidance <= 1.0 {
+            return self.encode(&[&req.prompt]);
         }
-        let ids = Tensor::stack(&ids, 0)?;
-        Ok((
-            self.sd.text_encoder.forward(&ids)?.last_hidden_state,
-            warnings,
-        ))
+        match &req.negative_prompt {
+            None if self.sd.force_zeros_for_empty_prompt => {
+                let (cond, warnings) = self.encode(&[&req.prompt])?;
+                Ok((PromptEmbeds::cat(&[&cond.zeros_like()?, &cond])?, warnings))
+            }
+            negative => self.encode(&[negative.as_deref().unwrap_or(""), &req.prompt]),
+        }
+    }
+
+    /// SDXL's added conditioning for a `width` x `height` image, for `embeds`' batch: the
+    /// pipeline's default time ids (original = target size, no crop). `None` for SD 1.x/2.x.
+    fn text_time(
+        &self,
+        embeds: &PromptEmbeds,
+        width: usize,
+        height: usize,
+    ) -> Result<Option<TextTime>> {
+        let Some(pooled) = &embeds.pooled else {
+            return Ok(None);
+        };
+        let b = pooled.dim(0)?;
+        let ids = TextTime::time_ids((height, width), (0, 0), (height, width), pooled.device())?
+            .repeat((b, 1))?;
+        Ok(Some(TextTime {
+            text_embeds: pooled.clone(),
+            time_ids: ids,
+        }))
     }
 
     /// Runs one request; `progress` is called after each step.
@@ -125,11 +138,9 @@ impl<'a> Pipeline<'a> {
         let (lh, lw) = (req.height / f, req.width / f);
         let lc = unet.config().in_channels;
         let cfg = req.guidance > 1.0;
-        let (ctx, warnings) = if cfg {
-            self.encode(&[&req.negative_prompt, &req.prompt])?
-        } else {
-            self.encode(&[&req.prompt])?
-        };
+        let (embeds, warnings) = self.conditioning(req)?;
+        let text_time = self.text_time(&embeds, req.width, req.height)?;
+        let ctx = embeds.context;
         let dtype = ctx.dtype();
         let device = ctx.device().clone();
         let mut scheduler = req.scheduler.build(&self.config, req.steps)?;
@@ -160,7 +171,7 @@ impl<'a> Pipeline<'a> {
             };
             let t = Tensor::new(&[t as f32], &device)?;
             let out = unet
-                .forward(&input.to_dtype(dtype)?, &t, &ctx)?
+                .forward_with(&input.to_dtype(dtype)?, &t, &ctx, text_time.as_ref())?
                 .to_dtype(DType::F32)?;
             let eps = if cfg {
                 let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);

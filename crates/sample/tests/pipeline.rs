@@ -42,7 +42,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 fn request(kind: SchedulerKind, steps: usize, init: &Tensor, size: usize) -> Request {
     Request {
         prompt: PROMPT.into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         steps,
         guidance: 7.5,
         scheduler: kind,

@@ -211,7 +211,7 @@ fn parity(fixture: &Path, device: &Device) -> Res<Value> {
         // the fixture's request (../shared/fixtures/build_fixtures.py)
         let req = Request {
             prompt: "a photo of sks dog".into(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             steps: 4,
             guidance: 7.5,
             scheduler: SchedulerKind::Ddim,
@@ -385,10 +385,10 @@ fn sampling(a: &Args, device: &Device) -> Res<Value> {
         ..Default::default()
     };
     let mut sd = StableDiffusion::random(preset, &opts)?;
-    sd.tokenizer = Some(ClipTokenizer::from_dir(&a.fixture.join("tokenizer"))?);
+    sd.text.first.tokenizer = Some(ClipTokenizer::from_dir(&a.fixture.join("tokenizer"))?);
     let req = Request {
         prompt: "a photo of a dog on the beach".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         steps: a.sample_steps,
         guidance: 7.5,
         scheduler: SchedulerKind::Ddim,

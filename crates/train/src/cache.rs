@@ -4,11 +4,13 @@
 //! Each image is encoded as it is and mirrored (when flips are on), keeping the latent
 //! distribution's mean and standard deviation; a training step samples `mean + std * noise` and,
 //! for images kept whole, crops a random `resolution / 8` square of the latents (a random crop of
-//! the image, done in latent space so it needs no VAE pass per step).
+//! the image, done in latent space so it needs no VAE pass per step). Each drawn example carries
+//! SDXL's time ids: the photo's original size, where the crop starts (in the resized, possibly
+//! mirrored image, as diffusers' SDXL DreamBooth script records it), and the training size.
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use models::StableDiffusion;
+use models::{PromptEmbeds, StableDiffusion, TextTime};
 use sample::NoiseRng;
 
 use crate::dataset::TrainImage;
@@ -23,19 +25,34 @@ pub struct CachedImage {
     pub std: Vec<Tensor>,
     /// Index of its caption's embedding.
     pub caption: usize,
+    /// The photo's size before resizing, (height, width).
+    pub original_size: (usize, usize),
+    /// Where its center crop starts in the resized image, (top, left); (0, 0) when kept whole.
+    pub crop: (usize, usize),
+}
+
+/// One training example drawn from the cache.
+#[derive(Clone, Debug)]
+pub struct Drawn {
+    /// The latent, `[1, c, side, side]`, times the VAE's scaling factor.
+    pub latent: Tensor,
+    /// SDXL's time ids of the example, `[1, 6]`: original size, crop top-left, target size.
+    pub time_ids: Tensor,
 }
 
 /// Cached latents of a set of images and embeddings of their captions.
 pub struct LatentCache {
     /// The images.
     pub images: Vec<CachedImage>,
-    /// Text embeddings `[77, d]`, one per distinct caption.
-    pub embeddings: Vec<Tensor>,
+    /// Text embeddings (batch of one), one per distinct caption.
+    pub embeddings: Vec<PromptEmbeds>,
     /// The distinct captions, in the order of `embeddings`.
     pub captions: Vec<String>,
     /// The latent side a training example has (`resolution / 8`).
     pub side: usize,
     scaling: f64,
+    /// Pixels per latent cell (the VAE's downscale factor).
+    factor: usize,
 }
 
 /// `[1, 3, h, w]` in `[-1, 1]`.
@@ -87,25 +104,14 @@ impl LatentCache {
                 mean,
                 std,
                 caption: idx,
+                original_size: img.original_size,
+                crop: img.crop,
             });
             progress(i + 1, images.len());
         }
         let mut embeddings = Vec::new();
-        let tok = sd.tokenizer.as_ref().ok_or_else(|| {
-            crate::Error::Config(format!(
-                "model `{}` has no tokenizer; train on a real model folder or hub id",
-                sd.id
-            ))
-        })?;
         for c in &distinct {
-            let ids = tok.encode(c, true)?.ids;
-            let ids = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-            embeddings.push(
-                sd.text_encoder
-                    .forward(&ids)?
-                    .last_hidden_state
-                    .squeeze(0)?,
-            );
+            embeddings.push(sd.encode(&[c.as_str()])?.0);
         }
         Ok(LatentCache {
             images: cached,
@@ -113,6 +119,7 @@ impl LatentCache {
             captions: distinct,
             side: resolution / sd.vae.downscale(),
             scaling: sd.vae.scaling_factor(),
+            factor: sd.vae.downscale(),
         })
     }
 
@@ -121,9 +128,10 @@ impl LatentCache {
         self.images.first().is_some_and(|i| i.mean.len() == 2)
     }
 
-    /// A training latent of image `i`: mirrored if `flipped`, sampled with `rng`, cropped at a
-    /// random offset when the image was kept whole; times the VAE's scaling factor.
-    pub fn draw(&self, i: usize, flipped: bool, rng: &mut NoiseRng) -> Result<Tensor> {
+    /// A training example of image `i`: its latent mirrored if `flipped`, sampled with `rng`,
+    /// cropped at a random offset when the image was kept whole, times the VAE's scaling factor;
+    /// and its time ids.
+    pub fn draw(&self, i: usize, flipped: bool, rng: &mut NoiseRng) -> Result<Drawn> {
         let img = &self.images[i];
         let k = usize::from(flipped && img.mean.len() == 2);
         let (mean, std) = (&img.mean[k], &img.std[k]);
@@ -142,7 +150,28 @@ impl LatentCache {
                 0
             },
         );
-        Ok(z.narrow(2, dy, self.side.min(h))?
-            .narrow(3, dx, self.side.min(w))?)
+        self.example(i, &z, (dy, dx))
+    }
+
+    /// The center crop of image `i`'s mean latent (not mirrored, not sampled): the fixed
+    /// examples learning is measured on.
+    pub fn center(&self, i: usize) -> Result<Drawn> {
+        let m = &self.images[i].mean[0];
+        let (_, _, h, w) = m.dims4()?;
+        let (dy, dx) = ((h - self.side.min(h)) / 2, (w - self.side.min(w)) / 2);
+        self.example(i, &(m * self.scaling)?, (dy, dx))
+    }
+
+    /// Image `i`'s example cut from latents `z` at latent offset `(dy, dx)`.
+    fn example(&self, i: usize, z: &Tensor, (dy, dx): (usize, usize)) -> Result<Drawn> {
+        let (_, _, h, w) = z.dims4()?;
+        let (sh, sw) = (self.side.min(h), self.side.min(w));
+        let img = &self.images[i];
+        let f = self.factor;
+        let crop = (img.crop.0 + dy * f, img.crop.1 + dx * f);
+        Ok(Drawn {
+            latent: z.narrow(2, dy, sh)?.narrow(3, dx, sw)?,
+            time_ids: TextTime::time_ids(img.original_size, crop, (sh * f, sw * f), z.device())?,
+        })
     }
 }

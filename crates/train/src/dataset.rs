@@ -38,6 +38,10 @@ pub struct TrainImage {
     pub caption: Option<String>,
     /// The pixels, short side = resolution.
     pub rgb: RgbImage,
+    /// The decoded image's size before resizing, (height, width): SDXL's "original size".
+    pub original_size: (usize, usize),
+    /// Where the center crop starts in the resized image, (top, left); (0, 0) when kept whole.
+    pub crop: (usize, usize),
 }
 
 /// Decodes one image file to RGB with its EXIF orientation applied.
@@ -70,8 +74,9 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
     })
 }
 
-/// Resizes so the short side is `resolution`, then center-crops to a square if asked.
-pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> RgbImage {
+/// Resizes so the short side is `resolution`, then center-crops to a square if asked; returns
+/// the image and where the crop starts, (top, left).
+pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> (RgbImage, (usize, usize)) {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let scale = resolution as f64 / w.min(h) as f64;
     let (nw, nh) = (
@@ -84,17 +89,18 @@ pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> RgbImage
         image::imageops::resize(img, nw as u32, nh as u32, FilterType::Lanczos3)
     };
     if !center_crop {
-        return resized;
+        return (resized, (0, 0));
     }
     let (x, y) = ((nw - resolution) / 2, (nh - resolution) / 2);
-    image::imageops::crop_imm(
+    let crop = image::imageops::crop_imm(
         &resized,
         x as u32,
         y as u32,
         resolution as u32,
         resolution as u32,
     )
-    .to_image()
+    .to_image();
+    (crop, (y, x))
 }
 
 /// The image files of a folder, by name.
@@ -137,8 +143,11 @@ pub fn load_folder(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(&caption_path, e)),
         };
+        let (prepared, crop) = prepare(&rgb, opts.resolution, opts.center_crop);
         out.push(TrainImage {
-            rgb: prepare(&rgb, opts.resolution, opts.center_crop),
+            original_size: (rgb.height() as usize, rgb.width() as usize),
+            crop,
+            rgb: prepared,
             caption,
             path,
         });
@@ -188,10 +197,15 @@ mod tests {
     #[test]
     fn prepare_resizes_the_short_side_and_crops_the_center() {
         let img = decode(&data("exif-rotate-90.jpg")).unwrap(); // 16x32
-        let whole = prepare(&img, 8, false);
-        assert_eq!((whole.width(), whole.height()), (8, 16));
-        let sq = prepare(&img, 8, true);
+        let (whole, at) = prepare(&img, 8, false);
+        assert_eq!((whole.width(), whole.height(), at), (8, 16, (0, 0)));
+        let (sq, at) = prepare(&img, 8, true);
         assert_eq!((sq.width(), sq.height()), (8, 8));
+        assert_eq!(
+            at,
+            (4, 0),
+            "the crop starts 4 rows down the 8x16 resized image"
+        );
         // the middle of a red-over-blue image: red in the upper half of the crop
         assert!(sq.get_pixel(4, 1)[0] > 150 && sq.get_pixel(4, 6)[2] > 150);
     }

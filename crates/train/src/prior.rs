@@ -61,7 +61,7 @@ pub fn ensure_class_images(
         let seed = o.seed + (index - 1) as u64;
         let req = Request {
             prompt: o.prompt.clone(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             steps: o.steps,
             guidance: o.guidance,
             scheduler,

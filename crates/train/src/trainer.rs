@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use atoms::{Delta, DeltaMeta, LayerAdapter};
 use candle_core::{DType, Tensor, D};
-use models::StableDiffusion;
+use models::{PromptEmbeds, StableDiffusion};
 use sample::schedulers::{NoiseSchedule, Prediction, SchedulerConfig};
 use sample::{noise, NoiseRng, Pipeline, Request};
 
@@ -72,9 +72,25 @@ pub struct StepReport {
 /// A fixed set of (latent, timestep, noise) to measure learning on.
 pub struct EvalSet {
     x0: Tensor,
-    ctx: Tensor,
+    cond: Conditioning,
     t: Vec<usize>,
     noise: Tensor,
+}
+
+/// What a batch of examples is conditioned on: text embeddings and SDXL's time ids `[b, 6]`.
+struct Conditioning {
+    text: PromptEmbeds,
+    time_ids: Tensor,
+}
+
+impl Conditioning {
+    /// The batch of `parts` (text embeddings and time ids of one example each).
+    fn stack(text: &[&PromptEmbeds], time_ids: &[Tensor]) -> Result<Self> {
+        Ok(Conditioning {
+            text: PromptEmbeds::cat(text)?,
+            time_ids: Tensor::cat(time_ids, 0)?,
+        })
+    }
 }
 
 /// A prepared training run.
@@ -316,28 +332,32 @@ impl<'a> Trainer<'a> {
 
     /// One micro-batch's loss: `instance MSE + prior weight * class MSE`.
     fn micro_loss(&mut self) -> Result<Tensor> {
-        let (mut zs, mut ctxs) = (Vec::new(), Vec::new());
+        let (mut zs, mut texts, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.cfg.batch_size {
             let i = self.next_index();
             let flip = is_flip_index(&mut self.rng, self.cfg.flip);
-            zs.push(self.instance.draw(i, flip, &mut self.rng)?);
-            ctxs.push(self.instance.embeddings[self.instance.images[i].caption].clone());
+            let d = self.instance.draw(i, flip, &mut self.rng)?;
+            zs.push(d.latent);
+            ids.push(d.time_ids);
+            texts.push(self.instance.embeddings[self.instance.images[i].caption].clone());
         }
         if let Some(prior) = &self.prior {
             for _ in 0..self.cfg.batch_size {
                 let j = self.rng.below(prior.images.len() as u64) as usize;
                 let flip = is_flip_index(&mut self.rng, self.cfg.flip);
-                zs.push(prior.draw(j, flip, &mut self.rng)?);
-                ctxs.push(prior.embeddings[prior.images[j].caption].clone());
+                let d = prior.draw(j, flip, &mut self.rng)?;
+                zs.push(d.latent);
+                ids.push(d.time_ids);
+                texts.push(prior.embeddings[prior.images[j].caption].clone());
             }
         }
         let x0 = Tensor::cat(&zs, 0)?;
-        let ctx = Tensor::stack(&ctxs, 0)?;
+        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids)?;
         let t: Vec<usize> = (0..zs.len())
             .map(|_| self.rng.below(self.schedule.len() as u64) as usize)
             .collect();
         let eps = self.rng.randn(x0.dims(), DType::F32, x0.device())?;
-        self.loss_on(&x0, &ctx, &t, &eps, self.cfg.batch_size)
+        self.loss_on(&x0, &cond, &t, &eps, self.cfg.batch_size)
     }
 
     /// The loss on given examples; the first `n_instance` are instance examples, the rest class
@@ -345,7 +365,7 @@ impl<'a> Trainer<'a> {
     fn loss_on(
         &self,
         x0: &Tensor,
-        ctx: &Tensor,
+        cond: &Conditioning,
         t: &[usize],
         eps: &Tensor,
         n_instance: usize,
@@ -357,10 +377,12 @@ impl<'a> Trainer<'a> {
             t.iter().map(|&x| x as u32).collect::<Vec<_>>().as_slice(),
             x0.device(),
         )?;
+        let text = cond.text.to_dtype(dtype)?;
+        let text_time = self.sd.text_time(&text, &cond.time_ids);
         let pred = self
             .sd
             .unet
-            .forward(&xt.to_dtype(dtype)?, &tt, &ctx.to_dtype(dtype)?)?
+            .forward_with(&xt.to_dtype(dtype)?, &tt, &text.context, text_time.as_ref())?
             .to_dtype(DType::F32)?;
         let per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
         let n = t.len();
@@ -443,26 +465,20 @@ impl<'a> Trainer<'a> {
     /// `timesteps`, with noise from `seed`.
     pub fn eval_set(&self, timesteps: &[usize], seed: u64) -> Result<EvalSet> {
         let mut rng = NoiseRng::new(seed);
-        let (mut zs, mut ctxs, mut ts) = (Vec::new(), Vec::new(), Vec::new());
-        for img in &self.instance.images {
+        let (mut zs, mut texts, mut ids, mut ts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, img) in self.instance.images.iter().enumerate() {
+            let d = self.instance.center(i)?;
             for &t in timesteps {
-                let m = &img.mean[0];
-                let (_, _, h, w) = m.dims4()?;
-                let s = self.instance.side;
-                let z = (m.narrow(2, (h - s.min(h)) / 2, s.min(h))?.narrow(
-                    3,
-                    (w - s.min(w)) / 2,
-                    s.min(w),
-                )? * self.sd.vae.scaling_factor())?;
-                zs.push(z);
-                ctxs.push(self.instance.embeddings[img.caption].clone());
+                zs.push(d.latent.clone());
+                ids.push(d.time_ids.clone());
+                texts.push(&self.instance.embeddings[img.caption]);
                 ts.push(t);
             }
         }
         let x0 = Tensor::cat(&zs, 0)?;
         Ok(EvalSet {
             noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
-            ctx: Tensor::stack(&ctxs, 0)?,
+            cond: Conditioning::stack(&texts, &ids)?,
             x0,
             t: ts,
         })
@@ -470,7 +486,7 @@ impl<'a> Trainer<'a> {
 
     /// The loss on an evaluation set with the adapters as they are now.
     pub fn eval_loss(&self, set: &EvalSet) -> Result<f64> {
-        let l = self.loss_on(&set.x0, &set.ctx, &set.t, &set.noise, set.t.len())?;
+        let l = self.loss_on(&set.x0, &set.cond, &set.t, &set.noise, set.t.len())?;
         Ok(l.detach().to_scalar::<f32>()? as f64)
     }
 
@@ -547,7 +563,7 @@ impl<'a> Trainer<'a> {
         for i in 0..v.num_images {
             let req = Request {
                 prompt: prompt.clone(),
-                negative_prompt: String::new(),
+                negative_prompt: None,
                 steps: v.steps,
                 guidance: 7.5,
                 scheduler: pipe

@@ -237,7 +237,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
             ));
             let info = Infotext {
                 prompt: prompt.clone(),
-                negative_prompt: args.negative_prompt.clone(),
+                negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
                 params,
             }
             .render();
