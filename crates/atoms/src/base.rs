@@ -30,6 +30,7 @@ pub trait BaseWeights {
 /// `diffusion_pytorch_model.safetensors`), memory-mapped.
 pub struct SafetensorsBase {
     id: String,
+    architecture: Option<String>,
     path: PathBuf,
     st: MmapedSafetensors,
     device: Device,
@@ -50,6 +51,7 @@ impl SafetensorsBase {
             .map_err(|e| Error::Safetensors(format!("{}: {e}", path.display())))?;
         Ok(SafetensorsBase {
             id: id.into(),
+            architecture: None,
             path: path.to_path_buf(),
             st,
             device: device.clone(),
@@ -60,11 +62,21 @@ impl SafetensorsBase {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Records the base's model family (`sd1`, `sd2`, `sdxl`), which deltas are checked against.
+    pub fn with_architecture(mut self, name: Option<String>) -> Self {
+        self.architecture = name;
+        self
+    }
 }
 
 impl BaseWeights for SafetensorsBase {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn architecture(&self) -> Option<String> {
+        self.architecture.clone()
     }
 
     fn weight_shape(&self, layer: &str) -> Option<Vec<usize>> {

@@ -149,6 +149,19 @@ pub enum Error {
         first_layer: String,
     },
 
+    /// The delta was trained on another model family than the base it is applied to.
+    #[error("delta was trained on an {delta_arch} model (`{delta_base}`), but `{base}` is an {base_arch} model: a delta only applies to the family it was trained on (sd1 = SD 1.x, sd2 = SD 2.x, sdxl = SDXL)")]
+    ArchitectureMismatch {
+        /// The family recorded in the delta.
+        delta_arch: String,
+        /// The base id recorded in the delta.
+        delta_base: String,
+        /// The family of the base it is applied to.
+        base_arch: String,
+        /// The id of the base it is applied to.
+        base: String,
+    },
+
     // ---- wrapped ----
     /// An error from candle.
     #[error(transparent)]

@@ -52,9 +52,18 @@ pub fn unet_file(model: &Path) -> Result<PathBuf> {
     )
 }
 
-/// The UNet weights of `model`, memory-mapped, for checking and applying deltas.
+/// The UNet weights of `model`, memory-mapped, for checking and applying deltas; with the
+/// model's family when `model` is a diffusers folder.
 pub fn open_unet(model: &Path) -> Result<SafetensorsBase> {
     let file = unet_file(model)?;
-    SafetensorsBase::open(&file, model.display().to_string(), &Device::Cpu)
-        .with_context(|| format!("reading base model {}", model.display()))
+    let arch = if model.is_dir() {
+        models::Architecture::of_folder(model)?.map(|a| a.name().to_string())
+    } else {
+        None
+    };
+    Ok(
+        SafetensorsBase::open(&file, model.display().to_string(), &Device::Cpu)
+            .with_context(|| format!("reading base model {}", model.display()))?
+            .with_architecture(arch),
+    )
 }

@@ -2,8 +2,10 @@
 //! trained on (its layer names and shapes are that family's).
 
 use std::fmt;
+use std::path::Path;
 
 use crate::config::{ClipActivation, ClipConfig, UnetConfig};
+use crate::Result;
 
 /// A Stable Diffusion family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +33,22 @@ impl Architecture {
         } else {
             Architecture::Sd1
         }
+    }
+
+    /// The family of the diffusers folder `dir`, read from its `unet/` and `text_encoder/`
+    /// configs; `None` when they are not there (a bare UNet weights file).
+    pub fn of_folder(dir: &Path) -> Result<Option<Self>> {
+        let (unet, text) = (
+            dir.join("unet/config.json"),
+            dir.join("text_encoder/config.json"),
+        );
+        if !unet.is_file() || !text.is_file() {
+            return Ok(None);
+        }
+        Ok(Some(Self::of(
+            &UnetConfig::read(&unet)?,
+            &ClipConfig::read(&text)?,
+        )))
     }
 
     /// The name deltas record: `sd1`, `sd2`, `sdxl`.

@@ -500,6 +500,7 @@ impl<'a> Trainer<'a> {
             .collect();
         let c = &self.cfg;
         let mut meta = DeltaMeta::new(c.adapter.clone(), self.sd.id.clone());
+        meta.base_architecture = Some(self.sd.architecture.name().to_string());
         meta.fingerprints = self.fingerprints.clone();
         meta.targets = Some(c.targets.to_string());
         meta.trigger = Some(c.token.clone());

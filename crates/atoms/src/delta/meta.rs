@@ -8,6 +8,7 @@
 //! | `method` | `atoms`, `atoms-rec`, `lora` or `full` |
 //! | `hparams` | JSON: `atoms` (m or null), `dictionary` (`svd`/`lasso`), `lasso_lambda`, `lasso_sweeps`, `lasso_tolerance`, `sub_atoms`, `rank`, `lora_alpha`, `block` (`4x4`), `init_seed` |
 //! | `base_model` | the base's id (hub id or path) |
+//! | `base_architecture` | the base's family: `sd1`, `sd2` or `sdxl` (optional: older deltas lack it) |
 //! | `fingerprints` | JSON object: layer name -> fingerprint of its base weight |
 //! | `base_fingerprint` | all of them combined (informational) |
 //! | `targets`, `trigger`, `class`, `steps`, `seed`, `created` | optional |
@@ -26,12 +27,13 @@ pub const FORMAT: &str = "atomtune.delta";
 /// The newest format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
-const KNOWN: [&str; 13] = [
+const KNOWN: [&str; 14] = [
     "format",
     "format_version",
     "method",
     "hparams",
     "base_model",
+    "base_architecture",
     "fingerprints",
     "base_fingerprint",
     "targets",
@@ -49,6 +51,8 @@ pub struct DeltaMeta {
     pub config: AdapterConfig,
     /// The id of the base model it was trained on.
     pub base_model: String,
+    /// The base's family (`sd1`, `sd2`, `sdxl`): a delta applies only to its own family.
+    pub base_architecture: Option<String>,
     /// Fingerprint of each tuned layer's base weight (see [`crate::fingerprint`]).
     pub fingerprints: BTreeMap<String, String>,
     /// Which layers were targeted, as the user said it (`conv`, `attn`...).
@@ -73,6 +77,7 @@ impl DeltaMeta {
         DeltaMeta {
             config,
             base_model: base_model.into(),
+            base_architecture: None,
             fingerprints: BTreeMap::new(),
             targets: None,
             trigger: None,
@@ -123,6 +128,7 @@ impl DeltaMeta {
         put("fingerprints", json!(self.fingerprints).to_string());
         put("base_fingerprint", self.base_fingerprint());
         let opt = [
+            ("base_architecture", self.base_architecture.clone()),
             ("targets", self.targets.clone()),
             ("trigger", self.trigger.clone()),
             ("class", self.class.clone()),
@@ -168,6 +174,7 @@ impl DeltaMeta {
         Ok(DeltaMeta {
             config,
             base_model: required(m, "base_model")?.to_string(),
+            base_architecture: m.get("base_architecture").cloned(),
             fingerprints,
             targets: m.get("targets").cloned(),
             trigger: m.get("trigger").cloned(),

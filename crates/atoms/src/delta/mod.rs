@@ -171,10 +171,21 @@ impl Delta {
         Ok(())
     }
 
-    /// Checks the delta against `base`: shapes (always an error when they do not fit) and
+    /// Checks the delta against `base`: the model family when both record one (an error naming
+    /// both when they differ), shapes (always an error when they do not fit) and
     /// fingerprints (a different base of the same architecture is reported in the [`BaseFit`],
     /// or refused with [`Error::FingerprintMismatch`] when `strict`).
     pub fn check_base(&self, base: &dyn BaseWeights, strict: bool) -> Result<BaseFit> {
+        if let (Some(mine), Some(theirs)) = (&self.meta.base_architecture, base.architecture()) {
+            if *mine != theirs {
+                return Err(Error::ArchitectureMismatch {
+                    delta_arch: mine.clone(),
+                    delta_base: self.meta.base_model.clone(),
+                    base_arch: theirs,
+                    base: base.id().to_string(),
+                });
+            }
+        }
         self.check_shapes(base)?;
         let mut differing_layers = Vec::new();
         for layer in self.layers.keys() {

@@ -121,9 +121,17 @@ fn write_text(
         "parameters   {} trainable",
         thousands(delta.num_params())
     )?;
+    let family = meta
+        .base_architecture
+        .as_deref()
+        .map(|a| match models::Architecture::from_name(a) {
+            Some(arch) => format!("{arch}, "),
+            None => format!("{a}, "),
+        })
+        .unwrap_or_default();
     writeln!(
         out,
-        "base         {} (fingerprint {})",
+        "base         {} ({family}fingerprint {})",
         meta.base_model,
         meta.base_fingerprint()
     )?;
@@ -194,6 +202,7 @@ fn to_json(
         "description": describe_method(delta),
         "parameters": delta.num_params(),
         "base_model": meta.base_model,
+        "base_architecture": meta.base_architecture,
         "base_fingerprint": meta.base_fingerprint(),
         "trigger": meta.trigger,
         "class": meta.class,
