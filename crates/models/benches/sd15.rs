@@ -1,7 +1,10 @@
 //! SD 1.5's UNet at real size (random weights, 860M parameters) on this machine: forward time,
 //! training-step time (forward + backward to adapter parameters + an SGD update) and peak RSS.
+//! `--model sdxl-random` runs SDXL base's UNet instead (2.6B parameters, with random pooled text
+//! embeddings and the time ids of a square image of the latent's size); any preset works.
 //!
 //! ```text
+//! cargo bench -p atomtune-models --bench sd15 -- --model sdxl-random --mode train --latent 64 --steps 2
 //! cargo bench -p atomtune-models --bench sd15 -- --mode forward --latent 32 --steps 3
 //! cargo bench -p atomtune-models --bench sd15 -- --mode train --method atoms --latent 32 --steps 3
 //! cargo bench -p atomtune-models --bench sd15 -- --mode input-grad --latent 32 --steps 3
@@ -28,10 +31,11 @@ use std::time::Instant;
 
 use atoms::{AdapterConfig, LayerAdapter, Method};
 use candle_core::{DType, Device, Tensor};
-use models::{Checkpointing, Layers, Preset, Targets, Unet, UnetConfig, Weights};
+use models::{Checkpointing, Layers, Preset, Targets, TextTime, Unet, UnetConfig, Weights};
 use testutil::{peak_rss_gb, status_gb};
 
 struct Args {
+    model: Preset,
     mode: String,
     method: Method,
     latent: usize,
@@ -43,6 +47,7 @@ struct Args {
 
 fn parse() -> Args {
     let mut a = Args {
+        model: Preset::Sd15,
         mode: "forward".into(),
         method: Method::Atoms,
         latent: 32,
@@ -57,6 +62,11 @@ fn parse() -> Args {
         let val = v.get(i + 1).cloned().unwrap_or_default();
         match v[i].as_str() {
             "--mode" => a.mode = val,
+            "--model" => {
+                a.model = val
+                    .parse()
+                    .expect("--model: a preset (sd15-random, sdxl-random...)")
+            }
             "--method" => a.method = val.parse().expect("--method atoms|atoms-rec|lora|full"),
             "--latent" => a.latent = val.parse().expect("--latent N"),
             "--steps" => a.steps = val.parse().expect("--steps N"),
@@ -123,7 +133,7 @@ fn graph(
     x: &Tensor,
     noise: &Tensor,
     t: &Tensor,
-    ctx: &Tensor,
+    cond: &Cond,
     a: &Args,
 ) -> models::Result<()> {
     let layers = unet.layers();
@@ -141,12 +151,13 @@ fn graph(
         )?;
     }
     let t0 = Instant::now();
-    let pred = unet.forward(x, t, ctx)?;
+    let pred = cond.forward(unet, x, t)?;
     let loss = (pred.to_dtype(DType::F32)? - noise.to_dtype(DType::F32)?)?
         .sqr()?
         .mean_all()?;
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"graph\", \"latent\": {}, \"batch\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\", \"kernels\": \"{}\", \"graph_gb\": {:.3}, \"weights_gb\": {:.3}, \"forward_s\": {:.1}}}",
+        "{{\"model\": \"{}\", \"mode\": \"graph\", \"latent\": {}, \"batch\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\", \"kernels\": \"{}\", \"graph_gb\": {:.3}, \"weights_gb\": {:.3}, \"forward_s\": {:.1}}}",
+        a.model,
         a.latent,
         a.batch,
         a.dtype,
@@ -159,6 +170,35 @@ fn graph(
     Ok(())
 }
 
+/// The text conditioning of a step: random text states, and for SDXL random pooled embeddings
+/// with the time ids of an image of the latent's size.
+struct Cond {
+    ctx: Tensor,
+    text_time: Option<TextTime>,
+}
+
+impl Cond {
+    fn new(cfg: &UnetConfig, a: &Args, dev: &Device) -> models::Result<Self> {
+        let (b, side) = (a.batch, a.latent * 8);
+        let ctx =
+            Tensor::randn(0f32, 1.0, (b, 77, cfg.cross_attention_dim), dev)?.to_dtype(a.dtype)?;
+        let text_time = match cfg.addition {
+            None => None,
+            Some(add) => Some(TextTime {
+                text_embeds: Tensor::randn(0f32, 1.0, (b, add.pooled_dim()), dev)?
+                    .to_dtype(a.dtype)?,
+                time_ids: TextTime::time_ids((side, side), (0, 0), (side, side), dev)?
+                    .repeat((b, 1))?,
+            }),
+        };
+        Ok(Cond { ctx, text_time })
+    }
+
+    fn forward(&self, unet: &Unet, x: &Tensor, t: &Tensor) -> models::Result<Tensor> {
+        unet.forward_with(x, t, &self.ctx, self.text_time.as_ref())
+    }
+}
+
 fn main() -> models::Result<()> {
     models::tune_process();
     models::on_compute_thread(run)
@@ -169,20 +209,20 @@ fn run() -> models::Result<()> {
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let cfg = UnetConfig::parse(
-        std::path::Path::new("<sd15>/unet/config.json"),
-        Preset::Sd15.unet_config(),
+        std::path::Path::new(&format!("<{}>/unet/config.json", a.model)),
+        a.model.unet_config(),
     )?;
     let unet = Unet::new(
         &Weights::random(0, a.dtype, &dev).pp("unet"),
         &cfg,
-        &Layers::new("sd15-random"),
+        &Layers::new(a.model.name()),
     )?;
     unet.layers().set_checkpointing(a.checkpointing);
     let build = t0.elapsed().as_secs_f64();
     let (b, l) = (a.batch, a.latent);
     let x = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?.to_dtype(a.dtype)?;
     let noise = Tensor::randn(0f32, 1.0, (b, 4, l, l), &dev)?.to_dtype(a.dtype)?;
-    let ctx = Tensor::randn(0f32, 1.0, (b, 77, 768), &dev)?.to_dtype(a.dtype)?;
+    let cond = Cond::new(&cfg, &a, &dev)?;
     let t = Tensor::new(&[500u32], &dev)?;
 
     let mut vars = Vec::new();
@@ -210,7 +250,7 @@ fn run() -> models::Result<()> {
         panic!("--mode: forward, train, input-grad or graph");
     }
     if a.mode == "graph" {
-        return graph(&unet, &x, &noise, &t, &ctx, &a);
+        return graph(&unet, &x, &noise, &t, &cond, &a);
     }
     let mem = std::env::var_os("SD15_BENCH_MEM").is_some();
     for step in 0..=a.steps {
@@ -226,14 +266,14 @@ fn run() -> models::Result<()> {
             let xt = candle_core::Var::from_tensor(
                 &((&x * 0.5f64.sqrt())? + (&noise * 0.5f64.sqrt())?)?,
             )?;
-            let pred = unet.forward(&xt, &t, &ctx)?;
+            let pred = cond.forward(&unet, &xt, &t)?;
             let loss = (pred - &noise)?.sqr()?.mean_all()?;
             let grads = loss.backward()?;
             assert!(grads.get(&xt).is_some());
         } else if a.mode == "train" {
             // x_t at alpha_bar = 0.5 stands in for the scheduler's noising; its cost is nil.
             let xt = ((&x * 0.5f64.sqrt())? + (&noise * 0.5f64.sqrt())?)?;
-            let pred = unet.forward(&xt, &t, &ctx)?;
+            let pred = cond.forward(&unet, &xt, &t)?;
             let loss = (pred - &noise)?.sqr()?.mean_all()?;
             let t_fwd = t1.elapsed().as_secs_f64();
             if mem {
@@ -261,7 +301,7 @@ fn run() -> models::Result<()> {
                 }
             }
         } else {
-            let _ = unet.forward(&x, &t, &ctx)?;
+            let _ = cond.forward(&unet, &x, &t)?;
         }
         if step > 0 {
             times.push(t1.elapsed().as_secs_f64());
@@ -283,7 +323,8 @@ fn run() -> models::Result<()> {
     };
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"sd15-random\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}}}",
+        "{{\"model\": \"{}\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}}}",
+        a.model,
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
         median(times.clone()),

@@ -31,7 +31,8 @@ fn vae_encode_and_decode_match_diffusers() {
 }
 
 fn vae_matches() {
-    for name in ["tiny-sd-2block", "tiny-sd15-shape"] {
+    // tiny-sdxl-shape: SDXL's scaling factor 0.13025 and force_upcast
+    for name in ["tiny-sd-2block", "tiny-sd15-shape", "tiny-sdxl-shape"] {
         let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
             return;
         };

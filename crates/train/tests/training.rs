@@ -139,9 +139,18 @@ fn losses(p: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// On SD 1.x and on SDXL (whose examples carry time ids).
 #[test]
 fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
-    let Some(fx) = fixture() else { return };
+    for name in ["tiny-sd15-shape", "tiny-sdxl-shape"] {
+        resumed_run_ends_bit_identical(name);
+    }
+}
+
+fn resumed_run_ends_bit_identical(name: &str) {
+    let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
+        return;
+    };
     let Some(imgs) = photos(3) else { return };
     let Some(class_src) = testutil::shared_path("datasets/dreambooth/dog2") else {
         return;
@@ -194,11 +203,13 @@ fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
     assert_eq!(second.steps, 6);
     assert_eq!(
         delta_bits(&a.path().join("delta.safetensors")),
-        delta_bits(&b.path().join("delta.safetensors"))
+        delta_bits(&b.path().join("delta.safetensors")),
+        "{name}"
     );
     assert_eq!(
         losses(&a.path().join("metrics.jsonl")),
-        losses(&b.path().join("metrics.jsonl"))
+        losses(&b.path().join("metrics.jsonl")),
+        "{name}"
     );
     // a resume with other settings is refused
     let sd = load(&fx);
@@ -457,4 +468,78 @@ fn an_overflow_skips_the_step_and_lowers_the_scale() {
     let sd = StableDiffusion::load(fx.to_str().unwrap(), &opts).unwrap();
     let mut t = Trainer::prepare(&sd, cfg, Some(&ck), &mut |_| {}).unwrap();
     assert_eq!(t.train_step().unwrap().loss_scale, Some(2.5e29));
+}
+
+/// SDXL's time ids of each drawn example, as diffusers' SDXL DreamBooth script makes them: the
+/// photo's size before resizing, where the crop starts in the resized image (a random latent
+/// crop of an image kept whole, in whole latent cells; the center crop's offset otherwise), and
+/// the training size.
+#[test]
+fn each_example_carries_its_photo_size_and_crop_as_time_ids() {
+    use train::cache::LatentCache;
+    use train::dataset::{load_folder, ImageOptions};
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sdxl-shape") else {
+        return;
+    };
+    let Some(imgs) = photos(1) else { return };
+    // and a portrait one, 400x512: its random crops move down the image
+    let photo = train::dataset::decode(&imgs.path().join("00.jpg")).unwrap();
+    image::imageops::crop_imm(&photo, 50, 0, 400, 512)
+        .to_image()
+        .save(imgs.path().join("01.png"))
+        .unwrap();
+    let sd = load(&fx);
+    for center_crop in [false, true] {
+        let opts = ImageOptions {
+            resolution: 64,
+            center_crop,
+            skip_bad: false,
+        };
+        let images = load_folder(imgs.path(), opts, &mut |_| {}).unwrap();
+        let captions = vec!["a photo of sks dog".to_string(); images.len()];
+        let cache = LatentCache::build(&sd, &images, &captions, 64, true, &mut |_, _| {}).unwrap();
+        let mut rng = sample::NoiseRng::new(3);
+        for (i, img) in images.iter().enumerate() {
+            let decoded = train::dataset::decode(&img.path).unwrap();
+            let (h, w) = (decoded.height() as usize, decoded.width() as usize);
+            let (rh, rw) = (img.rgb.height() as usize, img.rgb.width() as usize);
+            let mut tops = std::collections::BTreeSet::new();
+            for k in 0..12 {
+                let d = cache.draw(i, k % 2 == 1, &mut rng).unwrap();
+                assert_eq!(d.latent.dims(), &[1, 4, 8, 8]);
+                let ids: Vec<usize> = d
+                    .time_ids
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as usize)
+                    .collect();
+                assert_eq!(
+                    &ids[0..2],
+                    &[h, w],
+                    "original size of {}",
+                    img.path.display()
+                );
+                assert_eq!(&ids[4..6], &[64, 64]);
+                let (top, left) = (ids[2], ids[3]);
+                if center_crop {
+                    assert_eq!((top, left), img.crop);
+                } else {
+                    assert!(top % 8 == 0 && left % 8 == 0 && top + 64 <= rh && left + 64 <= rw);
+                    tops.insert((top, left));
+                }
+            }
+            if !center_crop && rh > 64 {
+                assert!(tops.len() > 1, "random crops should vary: {tops:?}");
+            }
+            if center_crop && rh > 64 {
+                assert!(
+                    img.crop.0 > 0,
+                    "the center crop of a portrait starts below the top"
+                );
+            }
+        }
+    }
 }
