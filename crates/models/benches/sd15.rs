@@ -170,6 +170,33 @@ fn graph(
     Ok(())
 }
 
+/// The size of the delta file the attached adapters make (what `atomtune train` writes, less
+/// the trainer's few metadata entries).
+fn delta_bytes(unet: &Unet, a: &Args) -> models::Result<u64> {
+    let layers = unet.layers();
+    let attached: Vec<(String, std::sync::Arc<LayerAdapter>)> = layers
+        .adapted()
+        .into_iter()
+        .filter_map(|n| layers.adapters(&n).into_iter().next().map(|(x, _)| (n, x)))
+        .collect();
+    let text = models::ClipConfig::parse(
+        std::path::Path::new("text_encoder/config.json"),
+        a.model.text_encoder_config(),
+    )?;
+    let unet_cfg = unet.config();
+    let mut meta = atoms::DeltaMeta::new(AdapterConfig::new(a.method), a.model.name());
+    meta.base_architecture = Some(models::Architecture::of(unet_cfg, &text).name().into());
+    let delta = atoms::Delta::from_adapters(
+        meta,
+        attached.iter().map(|(n, x)| (n.as_str(), x.as_ref())),
+        layers,
+    )?;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let path = dir.path().join("delta.safetensors");
+    delta.write(&path)?;
+    Ok(std::fs::metadata(&path).expect("just written").len())
+}
+
 /// The text conditioning of a step: random text states, and for SDXL random pooled embeddings
 /// with the time ids of an image of the latent's size.
 struct Cond {
@@ -312,6 +339,11 @@ fn run() -> models::Result<()> {
         }
     }
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let delta = if a.mode == "train" {
+        format!(", \"delta_bytes\": {}", delta_bytes(&unet, &a)?)
+    } else {
+        String::new()
+    };
     let phase = match &phases {
         [f, b, o] if !f.is_empty() => format!(
             ", \"median_phase_s\": {{\"fwd\": {:.3}, \"bwd\": {:.3}, \"opt\": {:.4}}}",
@@ -323,7 +355,7 @@ fn run() -> models::Result<()> {
     };
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"{}\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}}}",
+        "{{\"model\": \"{}\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}{delta}}}",
         a.model,
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },

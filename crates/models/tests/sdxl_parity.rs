@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use models::{ClipConfig, ClipTextModel, Kernels, Layers, TextTime, Unet, UnetConfig, Weights};
+use models::{
+    ClipConfig, ClipTextModel, ClipTokenizer, Kernels, Layers, TextTime, Unet, UnetConfig, Weights,
+};
 
 fn fixture() -> Option<PathBuf> {
     testutil::fixture(
@@ -152,6 +154,45 @@ fn the_added_conditioning_is_required_exactly_when_the_config_has_it() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("31") && e.contains("32"), "{e}");
+}
+
+/// Both tokenizers give transformers' ids: `tokenizer_2` pads with "!" (id 0), and a "!" in the
+/// prompt is id 0 too.
+#[test]
+fn both_tokenizers_match_transformers() {
+    let Some(dir) = fixture() else { return };
+    let r = reference(&dir);
+    let ids = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    };
+    let t1 = ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+    let t2 = ClipTokenizer::from_dir(&dir.join("tokenizer_2")).unwrap();
+    assert_eq!(t2.pad_id(), 0);
+    for (name, text) in [
+        ("sks", "a photo of sks dog"),
+        ("empty", ""),
+        ("blurry", "blurry"),
+        ("caps", "A PHOTO, of SKS dog!!"),
+        ("class", "a photo of dog"),
+    ] {
+        let k = |s: &str| format!("text.{name}.{s}");
+        assert_eq!(
+            t1.encode(text, true).unwrap().ids,
+            ids(&r[&k("input_ids")]),
+            "{name}"
+        );
+        assert_eq!(
+            t2.encode(text, true).unwrap().ids,
+            ids(&r[&k("input_ids_2")]),
+            "{name}"
+        );
+    }
 }
 
 #[test]

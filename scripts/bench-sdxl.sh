@@ -1,0 +1,23 @@
+#!/bin/bash
+# SDXL base's UNet (sdxl-random: the real config, random weights) at 512x512 (latent 64): ours
+# and the PyTorch peer (../shared/peer) in one run, one after the other, one JSON line each.
+#   scripts/bench-sdxl.sh [OUT.jsonl]
+# PY names the peer's Python (default ../shared/peer/venv/bin/python); LATENT the latent side
+# (default 64); STEPS the timed steps (default 2, after one warm-up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-sdxl-bench.jsonl}
+PY=${PY:-../shared/peer/venv/bin/python}
+PEER=../shared/peer
+L=${LATENT:-64}
+S=${STEPS:-2}
+: > "$OUT"
+cargo build --release -p atomtune-models --bench sd15 >&2
+ours() { cargo bench -q -p atomtune-models --bench sd15 -- --model sdxl-random --latent "$L" --steps "$S" "$@" 2>/dev/null | tail -1 | tee -a "$OUT"; }
+peer_train() { "$PY" "$PEER/peer_train.py" --model sdxl-random --latent "$L" --steps "$S" --warmup 1 --threads 2 --no-vae --no-text --json "$@" 2>/dev/null | tail -1 | tee -a "$OUT"; }
+# one classifier-free-guidance step: the UNet at batch 2
+"$PY" "$PEER/peer_sample.py" --model sdxl-random --latent "$L" --steps "$S" --threads 2 --json 2>/dev/null | tail -1 | tee -a "$OUT"
+ours --mode forward --batch 2
+peer_train --mode lora-attn
+peer_train --mode atoms
+ours --mode train --method atoms
