@@ -4,6 +4,7 @@
 # warm-up step (whose first-touch page faults would drown the rest) and samples STEPS steps.
 #
 #   scripts/profile.sh [MODE] [LATENT] [STEPS]   (defaults: train 64 2; MODE forward runs batch 2)
+#   MODEL=sdxl-random scripts/profile.sh ...      (another preset's UNet; default sd15-random)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-train}
@@ -11,7 +12,7 @@ L=${2:-64}
 STEPS=${3:-2}
 cargo bench -q -p atomtune-models --bench sd15 --no-run 2>/dev/null
 BIN=$(ls -t target/release/deps/sd15-* | grep -v '\.d$' | head -1)
-ARGS=(--mode "$MODE" --latent "$L" --steps "$STEPS")
+ARGS=(--model "${MODEL:-sd15-random}" --mode "$MODE" --latent "$L" --steps "$STEPS")
 [ "$MODE" = forward ] && ARGS+=(--batch 2)
 [ "$MODE" = train ] && ARGS+=(--method atoms)
 DATA=$(mktemp /tmp/atomtune-perf.XXXXXX)
@@ -29,11 +30,12 @@ perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3
 import re, sys
 buckets = [
     ("gemm (convs, linears, attention products)", r"gemm"),
-    ("attention softmax (ours)", r"models::attention"),
-    ("conv columns: im2col, transform, col2im (ours)", r"models::conv"),
-    ("group norm, layer norm, GEGLU (ours)", r"models::(group_norm|layer_norm|geglu)"),
-    ("gradient checkpointing copies (ours)", r"models::checkpoint"),
+    ("attention softmax (ours)", r"ops::attention"),
+    ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),
+    ("group norm, layer norm, GEGLU (ours)", r"ops::(group_norm|layer_norm|geglu)"),
+    ("gradient checkpointing copies (ours)", r"models::checkpoint|ops::handoff"),
     ("filter transform W\x27 (ours)", r"atoms::"),
+    ("linear layers (ours, besides their gemm)", r"ops::linear"),
     ("memory copies and fills", r"__mem(move|set|cpy)|copy_strided|copy2d"),
     ("kernel: page faults, scheduling", r"^\[k\]"),
     ("candle elementwise and reductions (norms, activations, adds)", r"candle_core"),
