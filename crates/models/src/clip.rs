@@ -1,7 +1,8 @@
 //! The CLIP text encoder (`CLIPTextModel`, and `CLIPTextModelWithProjection` for SDXL's second
 //! encoder): token and position embeddings, pre-norm transformer layers with a causal mask, final
 //! layer norm; the pooled output is the state at the first end-of-text token, projected by
-//! `text_projection` when the model has one.
+//! `text_projection` when the model has one. [`ClipEncoder`], the transformer layers, is shared
+//! with CLIP's vision tower (the evaluation's image encoder).
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -23,13 +24,110 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
+/// CLIP's transformer encoder (`encoder.layers.*`): pre-norm layers of self-attention and MLP,
+/// the same in the text and the vision tower.
+#[derive(Debug, Clone)]
+pub struct ClipEncoder {
+    layers: Vec<EncoderLayer>,
+    hidden: usize,
+    heads: usize,
+    act: ClipActivation,
+}
+
+impl ClipEncoder {
+    /// Loads `c.num_hidden_layers` layers from `w` (keys `layers.<i>.*`).
+    pub fn new(w: &Weights, c: &ClipConfig, layers: &Layers) -> Result<Self> {
+        let h = c.hidden_size;
+        let lin = |w: &Weights, din, dout| Linear::new(w, layers, din, dout, true);
+        let enc = w.pp("layers");
+        Ok(ClipEncoder {
+            layers: (0..c.num_hidden_layers)
+                .map(|i| {
+                    let l = enc.pp(i);
+                    let a = l.pp("self_attn");
+                    Ok(EncoderLayer {
+                        ln1: LayerNorm::new(&l.pp("layer_norm1"), h, c.layer_norm_eps)?,
+                        q: lin(&a.pp("q_proj"), h, h)?,
+                        k: lin(&a.pp("k_proj"), h, h)?,
+                        v: lin(&a.pp("v_proj"), h, h)?,
+                        out: lin(&a.pp("out_proj"), h, h)?,
+                        ln2: LayerNorm::new(&l.pp("layer_norm2"), h, c.layer_norm_eps)?,
+                        fc1: lin(&l.pp("mlp.fc1"), h, c.intermediate_size)?,
+                        fc2: lin(&l.pp("mlp.fc2"), c.intermediate_size, h)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            hidden: h,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+        })
+    }
+
+    fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Ok(Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)?)
+    }
+
+    /// Runs the layers on `x [b, n, hidden]` (each position attending only to earlier ones when
+    /// `causal`); returns the output and the last layer's input (transformers'
+    /// `hidden_states[-2]`).
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<(Tensor, Tensor)> {
+        let (b, n, _) = x.dims3()?;
+        let (heads, hidden) = (self.heads, self.hidden);
+        let hd = hidden / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask = if causal {
+            Some(Self::causal_mask(n, DType::F32, x.device())?)
+        } else {
+            None
+        };
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)?)
+        };
+        let mut x = x.clone();
+        let mut penultimate = x.clone();
+        for l in &self.layers {
+            penultimate = x.clone();
+            let h = l.ln1.forward(&x)?;
+            let (q, k, v) = (
+                split(l.q.forward(&h)?)?,
+                split(l.k.forward(&h)?)?,
+                split(l.v.forward(&h)?)?,
+            );
+            let mut scores = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(m) = &mask {
+                scores = scores.broadcast_add(m)?;
+            }
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let o = probs
+                .matmul(&v)?
+                .to_dtype(x.dtype())?
+                .transpose(1, 2)?
+                .reshape((b, n, hidden))?;
+            x = (x + l.out.forward(&o)?)?;
+            let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
+            let h = match self.act {
+                ClipActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+                ClipActivation::Gelu => h.gelu_erf()?,
+            };
+            x = (x + l.fc2.forward(&h)?)?;
+        }
+        Ok((x, penultimate))
+    }
+}
+
 /// The text encoder.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     config: ClipConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    encoder: ClipEncoder,
     final_ln: LayerNorm,
     projection: Option<Linear>,
 }
@@ -80,29 +178,12 @@ impl ClipTextModel {
         let e = w.pp("embeddings");
         // Older checkpoints also store the position ids buffer; it is 0..n and not needed.
         e.skip("position_ids");
-        let lin = |w: &Weights, din, dout| Linear::new(w, layers, din, dout, true);
-        let enc = w.pp("encoder.layers");
         Ok(ClipTextModel {
             token_embedding: e.pp("token_embedding").get((c.vocab_size, h), "weight")?,
             position_embedding: e
                 .pp("position_embedding")
                 .get((c.max_position_embeddings, h), "weight")?,
-            layers: (0..c.num_hidden_layers)
-                .map(|i| {
-                    let l = enc.pp(i);
-                    let a = l.pp("self_attn");
-                    Ok(EncoderLayer {
-                        ln1: LayerNorm::new(&l.pp("layer_norm1"), h, c.layer_norm_eps)?,
-                        q: lin(&a.pp("q_proj"), h, h)?,
-                        k: lin(&a.pp("k_proj"), h, h)?,
-                        v: lin(&a.pp("v_proj"), h, h)?,
-                        out: lin(&a.pp("out_proj"), h, h)?,
-                        ln2: LayerNorm::new(&l.pp("layer_norm2"), h, c.layer_norm_eps)?,
-                        fc1: lin(&l.pp("mlp.fc1"), h, c.intermediate_size)?,
-                        fc2: lin(&l.pp("mlp.fc2"), c.intermediate_size, h)?,
-                    })
-                })
-                .collect::<Result<_>>()?,
+            encoder: ClipEncoder::new(&w.pp("encoder"), c, layers)?,
             final_ln: LayerNorm::new(&w.pp("final_layer_norm"), h, c.layer_norm_eps)?,
             projection,
             config: c.clone(),
@@ -112,13 +193,6 @@ impl ClipTextModel {
     /// Its config.
     pub fn config(&self) -> &ClipConfig {
         &self.config
-    }
-
-    fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Ok(Tensor::from_vec(mask, (n, n), device)?.to_dtype(dtype)?)
     }
 
     /// Encodes token ids `[b, seq]` (u32 or i64).
@@ -133,45 +207,12 @@ impl ClipTextModel {
         }
         let ids = ids.to_dtype(DType::U32)?;
         let flat = ids.flatten_all()?;
-        let mut x = self
+        let x = self
             .token_embedding
             .index_select(&flat, 0)?
             .reshape((b, n, c.hidden_size))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
-        let heads = c.num_attention_heads;
-        let hd = c.hidden_size / heads;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mask = Self::causal_mask(n, DType::F32, x.device())?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .to_dtype(DType::F32)?)
-        };
-        let mut penultimate = x.clone();
-        for l in &self.layers {
-            penultimate = x.clone();
-            let h = l.ln1.forward(&x)?;
-            let (q, k, v) = (
-                split(l.q.forward(&h)?)?,
-                split(l.k.forward(&h)?)?,
-                split(l.v.forward(&h)?)?,
-            );
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let o = probs
-                .matmul(&v)?
-                .to_dtype(x.dtype())?
-                .transpose(1, 2)?
-                .reshape((b, n, c.hidden_size))?;
-            x = (x + l.out.forward(&o)?)?;
-            let h = l.fc1.forward(&l.ln2.forward(&x)?)?;
-            let h = match c.hidden_act {
-                ClipActivation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-                ClipActivation::Gelu => h.gelu_erf()?,
-            };
-            x = (x + l.fc2.forward(&h)?)?;
-        }
+        let (x, penultimate) = self.encoder.forward(&x, true)?;
         let last = self.final_ln.forward(&x)?;
         // As transformers: the first position of `eos_token_id` in each row; configs with the
         // legacy `eos_token_id = 2` (SD 1.x/2.x hub repos) use the position of the largest id,

@@ -39,7 +39,7 @@ pub mod vae;
 pub mod weights;
 
 pub use arch::Architecture;
-pub use clip::{ClipOutput, ClipTextModel};
+pub use clip::{ClipEncoder, ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, TextTimeConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{Checkpointing, LayerKind, Layers, Targets};
