@@ -83,36 +83,75 @@ fn explain(e: &str) -> String {
     }
 }
 
+impl Fetcher {
+    /// The repo at `revision` (default `main`): listed on the hub when it is reachable, else
+    /// read from the cache alone.
+    fn open(repo_id: &str, revision: Option<&str>) -> Self {
+        let repo = Repo::with_revision(
+            repo_id.to_string(),
+            RepoType::Model,
+            revision.unwrap_or("main").to_string(),
+        );
+        let mut builder = ApiBuilder::from_env();
+        if let Ok(token) = std::env::var("HF_TOKEN") {
+            builder = builder.with_token(Some(token));
+        }
+        let (api, build_err) = match builder.build() {
+            Ok(api) => (Some(api.repo(repo.clone())), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let (listing, offline_reason) = match &api {
+            Some(a) => match a.info() {
+                Ok(info) => (
+                    Some(info.siblings.into_iter().map(|s| s.rfilename).collect()),
+                    None,
+                ),
+                Err(e) => (None, Some(explain(&e.to_string()))),
+            },
+            None => (None, build_err),
+        };
+        Fetcher {
+            repo_id: repo_id.to_string(),
+            api,
+            cache: Cache::from_env().repo(repo),
+            listing,
+            offline_reason,
+        }
+    }
+}
+
+/// Downloads (or finds in the cache) `required` files of a hub repo, and those of `optional` it
+/// has; returns the snapshot folder. `required[0]` must be at the repo's root.
+pub fn fetch_files(
+    repo_id: &str,
+    revision: Option<&str>,
+    required: &[&str],
+    optional: &[&str],
+) -> Result<PathBuf> {
+    let f = Fetcher::open(repo_id, revision);
+    let mut root = None;
+    for file in required {
+        let p = f.get(file)?;
+        if root.is_none() {
+            root = p.parent().map(Path::to_path_buf);
+        }
+    }
+    for file in optional {
+        if f.has(file) {
+            f.get(file)?;
+        }
+    }
+    root.ok_or_else(|| Error::Hub {
+        repo: repo_id.into(),
+        file: required.first().copied().unwrap_or("").into(),
+        reason: "could not locate the snapshot folder".into(),
+    })
+}
+
 /// Downloads (or finds in the cache) what a pipeline needs; returns the snapshot folder, which
 /// is laid out like a local diffusers folder.
 pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBuf> {
-    let revision = opts.revision.clone().unwrap_or_else(|| "main".to_string());
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision);
-    let mut builder = ApiBuilder::from_env();
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let (api, build_err) = match builder.build() {
-        Ok(api) => (Some(api.repo(repo.clone())), None),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let (listing, offline_reason) = match &api {
-        Some(a) => match a.info() {
-            Ok(info) => (
-                Some(info.siblings.into_iter().map(|s| s.rfilename).collect()),
-                None,
-            ),
-            Err(e) => (None, Some(explain(&e.to_string()))),
-        },
-        None => (None, build_err),
-    };
-    let f = Fetcher {
-        repo_id: repo_id.to_string(),
-        api,
-        cache: Cache::from_env().repo(repo),
-        listing,
-        offline_reason,
-    };
+    let f = Fetcher::open(repo_id, opts.revision.as_deref());
 
     let mut root: Option<PathBuf> = None;
     let mut remember = |p: &Path, file: &str| {

@@ -26,7 +26,7 @@ mod checkpoint;
 pub mod clip;
 pub mod config;
 mod error;
-mod hub;
+pub mod hub;
 pub mod layers;
 pub mod nn;
 pub mod pipeline;
