@@ -39,15 +39,24 @@ pub struct Preprocessor {
     pub normalize: Option<([f64; 3], [f64; 3])>,
 }
 
-/// `{"height": h, "width": w}`, `{"shortest_edge": s}` or a bare integer.
-fn size_of(v: &Value) -> Option<(Option<usize>, Option<(usize, usize)>)> {
+/// A size as configs write it.
+enum Size {
+    /// A bare integer: the shortest edge (CLIP) or a square (ViT), by the processor's kind.
+    Int(usize),
+    /// `{"shortest_edge": s}`.
+    Shortest(usize),
+    /// `{"height": h, "width": w}`.
+    Exact(usize, usize),
+}
+
+fn size_of(v: &Value) -> Option<Size> {
     let n = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
     if let Some(x) = v.as_u64() {
-        return Some((Some(x as usize), Some((x as usize, x as usize))));
+        return Some(Size::Int(x as usize));
     }
     match (n("shortest_edge"), n("height"), n("width")) {
-        (Some(s), _, _) => Some((Some(s), None)),
-        (None, Some(h), Some(w)) => Some((None, Some((h, w)))),
+        (Some(s), _, _) => Some(Size::Shortest(s)),
+        (None, Some(h), Some(w)) => Some(Size::Exact(h, w)),
         _ => None,
     }
 }
@@ -81,13 +90,16 @@ impl Preprocessor {
             let size = v
                 .get("size")
                 .ok_or_else(|| bad("`size` is missing".into()))?;
-            let (short, exact) =
-                size_of(size).ok_or_else(|| bad(format!("`size` {size} is not understood")))?;
-            Some(match (clip, short, exact) {
-                (true, Some(s), _) | (false, Some(s), None) => Resize::ShortestEdge(s),
-                (_, _, Some((h, w))) => Resize::Exact(h, w),
-                _ => return Err(bad(format!("`size` {size} is not understood"))),
-            })
+            Some(
+                match size_of(size)
+                    .ok_or_else(|| bad(format!("`size` {size} is not understood")))?
+                {
+                    Size::Int(s) if clip => Resize::ShortestEdge(s),
+                    Size::Int(s) => Resize::Exact(s, s),
+                    Size::Shortest(s) => Resize::ShortestEdge(s),
+                    Size::Exact(h, w) => Resize::Exact(h, w),
+                },
+            )
         } else {
             None
         };
@@ -96,7 +108,8 @@ impl Preprocessor {
                 .get("crop_size")
                 .ok_or_else(|| bad("`crop_size` is missing".into()))?;
             match size_of(c) {
-                Some((_, Some(hw))) => Some(hw),
+                Some(Size::Int(s)) => Some((s, s)),
+                Some(Size::Exact(h, w)) => Some((h, w)),
                 _ => return Err(bad(format!("`crop_size` {c} is not understood"))),
             }
         } else {

@@ -69,7 +69,11 @@ fn pixel_values_match_transformers_within_resampling() {
     // one 8-bit step at the channel with the smallest std
     for (model, key, step) in [
         ("dino-vits-tiny", "dino.pixel_values", 1.0 / 255.0 / 0.224),
-        ("clip-vit-tiny", "clip.pixel_values", 1.0 / 255.0 / 0.26130258),
+        (
+            "clip-vit-tiny",
+            "clip.pixel_values",
+            1.0 / 255.0 / 0.26130258,
+        ),
     ] {
         let pre = Preprocessor::read(&fx.join(model).join("preprocessor_config.json")).unwrap();
         let ours: Vec<Tensor> = photos
