@@ -72,7 +72,7 @@ fn pixel_values_match_transformers_within_resampling() {
         (
             "clip-vit-tiny",
             "clip.pixel_values",
-            1.0 / 255.0 / 0.26130258,
+            1.0 / 255.0 / 0.2613,
         ),
     ] {
         let pre = Preprocessor::read(&fx.join(model).join("preprocessor_config.json")).unwrap();
