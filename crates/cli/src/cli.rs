@@ -43,6 +43,47 @@ pub enum Command {
     /// Describe a delta file: method, layers, parameters, base model, trigger; and with --base,
     /// whether it fits that base model.
     Inspect(InspectArgs),
+    /// Measure generated images the way the DreamBooth paper does: subject fidelity (DINO,
+    /// CLIP-I) against the subject's real photos, prompt fidelity (CLIP-T).
+    Eval(EvalArgs),
+}
+
+/// `atomtune eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Folder of generated images (png, jpg, ...; `grid-*` files of `sample --grid` are left out).
+    #[arg(long, value_name = "DIR")]
+    pub images: PathBuf,
+
+    /// Folder of the subject's real photos.
+    #[arg(long, value_name = "DIR")]
+    pub reference: PathBuf,
+
+    /// One prompt per generated image, one per line, in file-name order (default: each PNG's
+    /// `parameters` text, as `atomtune sample` writes it).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
+    /// The trigger token, dropped from each prompt for CLIP-T as the DreamBooth protocol does
+    /// ("a photo of sks dog" is scored against "a photo of dog").
+    #[arg(long, default_value = "sks")]
+    pub token: String,
+
+    /// DINO model: hub id or local folder (a transformers ViTModel).
+    #[arg(long, default_value = eval::DEFAULT_DINO)]
+    pub dino: String,
+
+    /// CLIP model: hub id or local folder (a transformers CLIPModel).
+    #[arg(long, default_value = eval::DEFAULT_CLIP)]
+    pub clip: String,
+
+    /// Also write the means and per-image values as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
 }
 
 /// Which model to load, and where to run it.

@@ -69,11 +69,7 @@ fn pixel_values_match_transformers_within_resampling() {
     // one 8-bit step at the channel with the smallest std
     for (model, key, step) in [
         ("dino-vits-tiny", "dino.pixel_values", 1.0 / 255.0 / 0.224),
-        (
-            "clip-vit-tiny",
-            "clip.pixel_values",
-            1.0 / 255.0 / 0.2613,
-        ),
+        ("clip-vit-tiny", "clip.pixel_values", 1.0 / 255.0 / 0.2613),
     ] {
         let pre = Preprocessor::read(&fx.join(model).join("preprocessor_config.json")).unwrap();
         let ours: Vec<Tensor> = photos

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod eval;
 mod inspect;
 mod sample;
 mod train;
@@ -15,6 +16,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     // A wrong ATOMTUNE_KERNELS is refused before any work, with the values it takes.
     models::Kernels::from_env()?;
     match cli.command {
+        Command::Eval(args) => eval::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Sample(args) => sample::run(&args),
         Command::Train(args) => train::run(&args),
