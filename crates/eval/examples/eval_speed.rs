@@ -43,7 +43,11 @@ fn main() -> eval::Result<()> {
         .ok_or_else(|| eval::Error::Input("needs ../shared/fixtures/eval-tiny".into()))?;
     let w = models::Weights::random(0, DType::F32, &dev);
     let vit = VitModel::new(&w.pp("dino"), &VitConfig::read(&tmp.join("dino.json"))?)?;
-    let clip = ClipModel::new(&w.pp("clip"), &ClipModelConfig::read(&tmp.join("clip.json"))?, &tok)?;
+    let clip = ClipModel::new(
+        &w.pp("clip"),
+        &ClipModelConfig::read(&tmp.join("clip.json"))?,
+        &tok,
+    )?;
     let px = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &dev)?;
     let prompts = vec!["a photo of a dog in the jungle"; n];
     let time = |f: &dyn Fn() -> eval::Result<Tensor>| -> eval::Result<f64> {

@@ -57,19 +57,14 @@ pub fn model_dir(
     Ok(models::hub::fetch_files(model, revision, files, optional)?)
 }
 
-/// The weights file of a transformers model folder, refusing pickles.
+/// The weights file of a transformers model folder (`model.safetensors`), refusing pickles.
 fn weights(dir: &Path, device: &Device) -> Result<models::Weights> {
     let file = dir.join("model.safetensors");
     if !file.is_file() {
-        let pickle = dir.join("pytorch_model.bin");
-        return Err(Error::Input(if pickle.is_file() {
-            format!(
-                "{}: only safetensors weights are read (a pickle can run code); convert it with transformers' `save_pretrained(..., safe_serialization=True)`",
-                pickle.display()
-            )
-        } else {
-            format!("{}: no weights here", file.display())
-        }));
+        return Err(Error::Input(format!(
+            "{}: no model.safetensors (only safetensors weights are read: a pickle such as pytorch_model.bin can run code); convert the model with transformers' `save_pretrained(..., safe_serialization=True)` and pass its folder",
+            dir.display()
+        )));
     }
     Ok(models::Weights::from_files(&[file], DType::F32, device)?)
 }

@@ -216,3 +216,62 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         })?;
     Ok(img.to_rgb8())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Preprocessor> {
+        let dir = std::env::temp_dir().join(format!("atomtune-pre-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!("{:x}.json", text.len()));
+        std::fs::write(&p, text).unwrap();
+        Preprocessor::read(&p)
+    }
+
+    /// The hub repos' own files use the older feature-extractor form with bare integer sizes.
+    #[test]
+    fn legacy_feature_extractor_configs_read_as_their_processors() {
+        let clip = parse(r#"{"crop_size": 224, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}"#).unwrap();
+        assert_eq!(clip.resize, Some(Resize::ShortestEdge(224)));
+        assert_eq!((clip.crop, clip.resample), (Some((224, 224)), 3));
+        let dino = parse(r#"{"do_normalize": true, "do_resize": true, "feature_extractor_type": "ViTFeatureExtractor",
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 224}"#).unwrap();
+        assert_eq!(dino.resize, Some(Resize::Exact(224, 224)));
+        assert_eq!(dino.crop, None);
+        let e = parse(r#"{"image_processor_type": "SiglipImageProcessor"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SiglipImageProcessor"), "{e}");
+    }
+
+    #[test]
+    fn shortest_edge_keeps_the_aspect_and_the_crop_is_centered() {
+        let pre = Preprocessor {
+            resize: Some(Resize::ShortestEdge(4)),
+            resample: 2,
+            crop: Some((4, 4)),
+            rescale: Some(1.0),
+            normalize: None,
+        };
+        // 8 wide, 16 high: resized to 4 x 8, then the middle 4 rows kept
+        let img = RgbImage::from_fn(8, 16, |_, y| image::Rgb([(y * 10) as u8, 0, 0]));
+        let t = pre.apply(&img, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[3, 4, 4]);
+        let top = t
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            top > 30.0 && top < 60.0,
+            "the crop starts at row 2 of 8: {top}"
+        );
+    }
+}
