@@ -89,14 +89,25 @@ pub struct EvalArgs {
 /// Which model to load, and where to run it.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A Hugging Face Hub repo id, a local diffusers folder, or a random-weight preset
-    /// (sd15-random, sd21-random, sd21-base-random).
+    /// A Hugging Face Hub repo id, a local diffusers folder, a single-file checkpoint
+    /// (`.safetensors` in the A1111 / ComfyUI layout), or a random-weight preset (sd15-random,
+    /// sd21-random, sd21-base-random, sdxl-random).
     #[arg(long, default_value = "stable-diffusion-v1-5/stable-diffusion-v1-5")]
     pub model: String,
 
     /// Load `*.<VARIANT>.safetensors` weights (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+
+    /// For a single-file --model: the diffusers folder or hub repo whose configs and tokenizers
+    /// to use (default: the public ones of SD 1.5, SD 2.1 or SDXL base, as the file's keys show).
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    pub model_config: Option<String>,
+
+    /// What the model predicts, overriding its scheduler config. A single file cannot say:
+    /// SD 2.x files default to v-prediction (SD 2.1 at 768), SD 1.x and SDXL to epsilon.
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<PredictionArg>,
 
     /// Hub revision: branch, tag or commit.
     #[arg(long)]
@@ -114,6 +125,44 @@ pub struct ModelArgs {
     /// f32's range with a 10-bit mantissa per product; f32 models and attention use it).
     #[arg(long)]
     pub exact_f32: bool,
+}
+
+/// `--prediction-type` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    /// The noise (SD 1.x, SD 2.x-base, SDXL).
+    Epsilon,
+    /// The velocity `v` (SD 2.x at 768).
+    VPrediction,
+}
+
+impl PredictionArg {
+    /// The scheduler config's spelling.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            PredictionArg::Epsilon => "epsilon",
+            PredictionArg::VPrediction => "v_prediction",
+        }
+    }
+}
+
+impl ModelArgs {
+    /// How to load the model on `device` in `dtype`.
+    pub fn load_options(
+        &self,
+        dtype: candle_core::DType,
+        device: candle_core::Device,
+    ) -> models::LoadOptions {
+        models::LoadOptions {
+            dtype,
+            device,
+            variant: self.variant.clone(),
+            revision: self.revision.clone(),
+            seed: 0,
+            model_config: self.model_config.clone(),
+            prediction_type: self.prediction_type.map(|p| p.config_name().to_string()),
+        }
+    }
 }
 
 /// A delta and its weight, `PATH[:WEIGHT]`.

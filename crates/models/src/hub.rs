@@ -148,6 +148,32 @@ pub fn fetch_files(
     })
 }
 
+/// Downloads (or finds in the cache) a pipeline repo's configs and tokenizers, not its weights:
+/// what a single-file checkpoint's `--model-config` reads. Returns the snapshot folder.
+pub fn fetch_config(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let mut optional: Vec<String> = vec![
+        "text_encoder_2/config.json".into(),
+        "tokenizer_2/tokenizer_config.json".into(),
+    ];
+    for dir in ["tokenizer", "tokenizer_2"] {
+        optional.extend(TOKENIZER_FILES.iter().map(|f| format!("{dir}/{f}")));
+    }
+    let optional: Vec<&str> = optional.iter().map(String::as_str).collect();
+    fetch_files(
+        repo_id,
+        revision,
+        &[
+            "model_index.json",
+            "unet/config.json",
+            "vae/config.json",
+            "text_encoder/config.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/tokenizer_config.json",
+        ],
+        &optional,
+    )
+}
+
 /// Downloads (or finds in the cache) what a pipeline needs; returns the snapshot folder, which
 /// is laid out like a local diffusers folder.
 pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBuf> {

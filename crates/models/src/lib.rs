@@ -32,6 +32,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod presets;
 pub mod resnet;
+pub mod single_file;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;

@@ -31,6 +31,12 @@ pub struct LoadOptions {
     pub revision: Option<String>,
     /// Seed of random presets.
     pub seed: u64,
+    /// For a single-file checkpoint: the diffusers folder or hub repo whose configs and
+    /// tokenizers to use (default: the public ones of the family its keys show).
+    pub model_config: Option<String>,
+    /// `epsilon` or `v_prediction`: overrides the scheduler config's prediction type (single
+    /// files cannot say which; SD 2.x files default to v-prediction).
+    pub prediction_type: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -41,6 +47,8 @@ impl Default for LoadOptions {
             variant: None,
             revision: None,
             seed: 0,
+            model_config: None,
+            prediction_type: None,
         }
     }
 }
@@ -50,6 +58,8 @@ impl Default for LoadOptions {
 pub enum ModelSpec {
     /// A local diffusers folder.
     Local(PathBuf),
+    /// A single-file checkpoint (`.safetensors` in the original LDM layout).
+    SingleFile(PathBuf),
     /// A hub repo id, `owner/name`.
     Hub(String),
     /// A random-weight preset (`sd15-random`...).
@@ -63,6 +73,9 @@ impl ModelSpec {
             return Ok(ModelSpec::Random(p));
         }
         let path = Path::new(s);
+        if crate::single_file::is_single_file(s) {
+            return Ok(ModelSpec::SingleFile(path.to_path_buf()));
+        }
         if path.exists() {
             return Ok(ModelSpec::Local(path.to_path_buf()));
         }
@@ -76,7 +89,7 @@ impl ModelSpec {
             return Ok(ModelSpec::Hub(s.to_string()));
         }
         Err(Error::Input(format!(
-            "model `{s}` is not a folder, a hub repo id (owner/name) or a preset ({})",
+            "model `{s}` is not a folder, a single-file .safetensors checkpoint, a hub repo id (owner/name) or a preset ({})",
             Preset::names()
         )))
     }
@@ -156,14 +169,26 @@ fn load_text_encoder(
 impl StableDiffusion {
     /// Loads `model` (see [`ModelSpec::parse`]).
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        match ModelSpec::parse(model)? {
-            ModelSpec::Local(dir) => Self::load_dir(&dir, model, opts),
+        let spec = ModelSpec::parse(model)?;
+        if opts.model_config.is_some() && !matches!(spec, ModelSpec::SingleFile(_)) {
+            return Err(Error::Input(format!(
+                "--model-config is for single-file checkpoints; `{model}` carries its own configs"
+            )));
+        }
+        let mut sd = match spec {
+            ModelSpec::SingleFile(path) => return Self::load_single_file(&path, model, opts),
+            ModelSpec::Local(dir) => Self::load_dir(&dir, model, opts)?,
             ModelSpec::Hub(repo) => {
                 let dir = crate::hub::fetch_pipeline(&repo, opts)?;
-                Self::load_dir(&dir, model, opts)
+                Self::load_dir(&dir, model, opts)?
             }
-            ModelSpec::Random(p) => Self::random(p, opts),
+            ModelSpec::Random(p) => Self::random(p, opts)?,
+        };
+        if let Some(p) = &opts.prediction_type {
+            let (path, text) = &sd.scheduler_config;
+            sd.scheduler_config.1 = crate::single_file::with_prediction(path, text, p)?;
         }
+        Ok(sd)
     }
 
     /// Loads a local diffusers folder; `id` names it in messages and outputs.
@@ -289,7 +314,7 @@ impl StableDiffusion {
 
 /// The UNet attends to text as wide as the encoders give it (both penultimate states side by
 /// side for SDXL), and SDXL's added embedding takes the second encoder's projection.
-fn check_widths(unet: &UnetConfig, text: &TextEncoders, path: &Path) -> Result<()> {
+pub(crate) fn check_widths(unet: &UnetConfig, text: &TextEncoders, path: &Path) -> Result<()> {
     let width: usize = match &text.second {
         None => text.first.model.config().hidden_size,
         Some(s) => text.first.model.config().hidden_size + s.model.config().hidden_size,

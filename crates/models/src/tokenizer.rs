@@ -111,15 +111,47 @@ impl ClipTokenizer {
                 });
             }
         }
-        let vocab: Value = serde_json::from_str(
-            &std::fs::read_to_string(&vocab_path).map_err(|e| Error::io(&vocab_path, e))?,
-        )
-        .map_err(|e| Error::Tokenizer {
-            path: vocab_path.clone(),
+        let vocab = std::fs::read_to_string(&vocab_path).map_err(|e| Error::io(&vocab_path, e))?;
+        let merges =
+            std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
+        Self::build_bpe(&vocab, &merges, lower, dir)
+    }
+
+    /// CLIP's tokenizer from the vocabulary and merges built into the binary
+    /// (`assets/clip-tokenizer`), padding with `pad` (`<|endoftext|>` for OpenAI CLIP encoders,
+    /// `!` for OpenCLIP ones): what a single-file checkpoint uses without a `--model-config`.
+    pub fn builtin(pad: &str) -> Result<Self> {
+        const VOCAB: &str = include_str!("../../../assets/clip-tokenizer/vocab.json");
+        const MERGES: &str = include_str!("../../../assets/clip-tokenizer/merges.txt");
+        let path = PathBuf::from("<built-in CLIP tokenizer>");
+        let tok = Self::build_bpe(VOCAB, MERGES, true, &path)?;
+        let id = |text: &str| {
+            tok.token_to_id(text).ok_or_else(|| Error::Tokenizer {
+                path: path.clone(),
+                reason: format!("special token {text:?} is not in the vocabulary"),
+            })
+        };
+        Ok(ClipTokenizer {
+            bos: id("<|startoftext|>")?,
+            eos: id("<|endoftext|>")?,
+            pad: id(pad)?,
+            max_length: 77,
+            tok,
+            path,
+        })
+    }
+
+    /// The tokenizer transformers' fast `CLIPTokenizer` builds from `vocab` (JSON) and `merges`.
+    fn build_bpe(
+        vocab_text: &str,
+        merges_text: &str,
+        lower: bool,
+        dir: &Path,
+    ) -> Result<tokenizers::Tokenizer> {
+        let vocab: Value = serde_json::from_str(vocab_text).map_err(|e| Error::Tokenizer {
+            path: dir.join("vocab.json"),
             reason: format!("not valid JSON: {e}"),
         })?;
-        let merges_text =
-            std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
         let merges: Vec<Value> = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())

@@ -21,10 +21,35 @@ enum Source {
         st: MmapedSafetensors,
         label: String,
     },
+    /// A single-file (original LDM layout) checkpoint read under diffusers names.
+    Mapped {
+        st: Arc<MmapedSafetensors>,
+        label: String,
+        map: KeyMap,
+        /// The file-key prefixes of this component (what [`Weights::check_all_used`] checks).
+        scope: Vec<String>,
+    },
     Random {
         seed: u64,
     },
 }
+
+/// How a tensor of a single-file checkpoint becomes the one a diffusers name asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// As it is.
+    Whole,
+    /// A 1x1 conv kernel `[o, i, 1, 1]` read as a linear weight `[o, i]`.
+    Squeeze,
+    /// `len` rows from `start` (one of q, k, v of a fused `in_proj`).
+    Rows(usize, usize),
+    /// A matrix transposed (OpenCLIP's `text_projection`).
+    Transpose,
+}
+
+/// The file key holding a diffusers key's tensor, and how to take it; `None` when the
+/// checkpoint layout has no counterpart.
+pub type KeyMap = Arc<dyn Fn(&str) -> Option<(String, Take)> + Send + Sync>;
 
 struct Inner {
     /// Shared by the copies [`Weights::with_dtype`] makes, as is `used`.
@@ -101,6 +126,25 @@ impl Weights {
         }
     }
 
+    /// One component of a single-file checkpoint `st` (named `label` in messages), read under
+    /// diffusers names through `map`; `scope` are the file-key prefixes the component owns.
+    pub fn mapped(
+        st: Arc<MmapedSafetensors>,
+        label: impl Into<String>,
+        map: KeyMap,
+        scope: &[&str],
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let source = Source::Mapped {
+            st,
+            label: label.into(),
+            map,
+            scope: scope.iter().map(|s| s.to_string()).collect(),
+        };
+        Self::new(source, dtype, device)
+    }
+
     /// The same source and prefix, loading tensors as `dtype` (a VAE kept in f32 inside a
     /// half-precision model). Keys used through either count as used for both.
     pub fn with_dtype(&self, dtype: DType) -> Self {
@@ -148,7 +192,7 @@ impl Weights {
 
     fn label(&self) -> String {
         match &*self.inner.source {
-            Source::Files { label, .. } => label.clone(),
+            Source::Files { label, .. } | Source::Mapped { label, .. } => label.clone(),
             Source::Random { seed } => format!("random weights (seed {seed})"),
         }
     }
@@ -157,6 +201,9 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &*self.inner.source {
             Source::Files { st, .. } => st.get(&self.key(name)).is_ok(),
+            Source::Mapped { st, map, .. } => {
+                map(&self.key(name)).is_some_and(|(k, _)| st.get(&k).is_ok())
+            }
             Source::Random { .. } => true,
         }
     }
@@ -164,7 +211,14 @@ impl Weights {
     /// Marks `prefix.name` as used without loading it: a buffer some checkpoints carry that the
     /// model recomputes (such as CLIP's `position_ids`).
     pub fn skip(&self, name: &str) {
-        self.inner.used.lock().expect("lock").insert(self.key(name));
+        let key = match &*self.inner.source {
+            Source::Mapped { map, .. } => match map(&self.key(name)) {
+                Some((file_key, _)) => file_key,
+                None => return,
+            },
+            _ => self.key(name),
+        };
+        self.inner.used.lock().expect("lock").insert(key);
     }
 
     /// The tensor `prefix.name`, which must have `shape`.
@@ -188,23 +242,75 @@ impl Weights {
                 }
                 st.load(&key, &self.inner.device)?
             }
+            Source::Mapped { st, map, .. } => {
+                let t = self.mapped_tensor(st, map, &key, &shape)?;
+                return Ok(t.to_dtype(self.inner.dtype)?);
+            }
             Source::Random { seed } => random_tensor(*seed, &key, &shape, &self.inner.device)?,
         };
         self.inner.used.lock().expect("lock").insert(key);
         Ok(t.to_dtype(self.inner.dtype)?)
     }
 
+    /// `key`'s tensor from a single-file checkpoint, taken as `map` says; errors name both keys.
+    fn mapped_tensor(
+        &self,
+        st: &MmapedSafetensors,
+        map: &KeyMap,
+        key: &str,
+        shape: &Shape,
+    ) -> Result<Tensor> {
+        let missing = |file_key: String| Error::MissingKey {
+            file: self.label(),
+            key: file_key,
+            shape: shape.dims().to_vec(),
+        };
+        let (file_key, take) =
+            map(key).ok_or_else(|| missing(format!("{key} (no single-file counterpart)")))?;
+        let view = st
+            .get(&file_key)
+            .map_err(|_| missing(format!("{file_key} (for {key})")))?;
+        let found = view.shape().to_vec();
+        let t = st.load(&file_key, &self.inner.device)?;
+        let t = match take {
+            Take::Whole => t,
+            Take::Squeeze if found.len() == 4 && found[2..] == [1, 1] => {
+                t.reshape((found[0], found[1]))?
+            }
+            Take::Squeeze => t,
+            Take::Rows(start, len) if found.first().is_some_and(|&n| n >= start + len) => {
+                t.narrow(0, start, len)?
+            }
+            Take::Rows(..) => t,
+            Take::Transpose if found.len() == 2 => t.t()?.contiguous()?,
+            Take::Transpose => t,
+        };
+        if t.dims() != shape.dims() {
+            return Err(Error::KeyShape {
+                file: self.label(),
+                key: format!("{file_key} (for {key})"),
+                found,
+                expected: shape.dims().to_vec(),
+            });
+        }
+        self.inner.used.lock().expect("lock").insert(file_key);
+        Ok(t)
+    }
+
     /// Errors if the files hold tensors that nothing asked for: a checkpoint of another
     /// architecture or config that happens to have every key we need.
     pub fn check_all_used(&self) -> Result<()> {
-        let Source::Files { st, .. } = &*self.inner.source else {
-            return Ok(());
+        let (st, scope): (&MmapedSafetensors, &[String]) = match &*self.inner.source {
+            Source::Files { st, .. } => (st, &[]),
+            Source::Mapped { st, scope, .. } => (st, scope),
+            Source::Random { .. } => return Ok(()),
         };
         let used = self.inner.used.lock().expect("lock");
         let mut extra: Vec<String> = st
             .tensors()
             .into_iter()
             .map(|(k, _)| k)
+            .filter(|k| scope.is_empty() || scope.iter().any(|s| k.starts_with(s.as_str())))
             .filter(|k| !used.contains(k))
             .collect();
         extra.sort();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use atoms::Delta;
 use candle_core::Tensor;
-use models::{LoadOptions, StableDiffusion};
+use models::StableDiffusion;
 use sample::pipeline::to_rgb8;
 use sample::{apply_deltas, png_io, Infotext, Pipeline, Request, SchedulerKind};
 
@@ -146,13 +146,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
             describe(&dev)
         ),
     );
-    let opts = LoadOptions {
-        dtype: dt,
-        device: dev,
-        variant: args.model.variant.clone(),
-        revision: args.model.revision.clone(),
-        seed: 0,
-    };
+    let opts = args.model.load_options(dt, dev);
     let sd = StableDiffusion::load(&args.model.model, &opts)
         .with_context(|| format!("loading --model {}", args.model.model))?;
     for w in apply_deltas(&sd, &deltas, args.strict).context("applying --delta")? {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use atoms::{AdapterConfig, DictionaryKind, LassoOptions, Method};
-use models::{LoadOptions, StableDiffusion, Targets};
+use models::{StableDiffusion, Targets};
 use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
 
 use crate::cli::TrainArgs;
@@ -61,13 +61,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         None,
         &format!("loading {} on {} ({dt:?})", a.model.model, describe(&dev)),
     );
-    let opts = LoadOptions {
-        dtype: dt,
-        device: dev,
-        variant: a.model.variant.clone(),
-        revision: a.model.revision.clone(),
-        seed: 0,
-    };
+    let opts = a.model.load_options(dt, dev);
     let sd = StableDiffusion::load(&a.model.model, &opts)
         .with_context(|| format!("loading --model {}", a.model.model))?;
     if let Some(mode) = a.gradient_checkpointing {
