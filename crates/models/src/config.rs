@@ -495,6 +495,20 @@ impl VaeConfig {
 
     fn from_json(j: &Json) -> Result<Self> {
         let block_out_channels = j.usize_list("block_out_channels")?;
+        let groups = j.usize_or("norm_num_groups", 32)?;
+        if block_out_channels.is_empty()
+            || groups == 0
+            || block_out_channels
+                .iter()
+                .any(|&c| c == 0 || c % groups != 0)
+        {
+            return Err(Error::Config {
+                path: j.path().into(),
+                reason: format!(
+                    "block_out_channels {block_out_channels:?} should be one or more widths divisible by norm_num_groups {groups}"
+                ),
+            });
+        }
         for (key, want) in [
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
@@ -682,5 +696,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("up_block_types"), "{e}");
+        // no blocks, or widths the groups do not divide: named, not a panic later
+        for bad in ["[]", "[30]"] {
+            let text = vae
+                .replace("[32]", bad)
+                .replace("[\"DownEncoderBlock2D\"]", "[]")
+                .replace("[\"UpDecoderBlock2D\"]", "[]");
+            let e = VaeConfig::parse(Path::new("v"), &text).unwrap_err();
+            assert!(e.to_string().contains("block_out_channels"), "{e}");
+        }
     }
 }

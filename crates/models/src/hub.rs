@@ -273,7 +273,16 @@ fn weight_files(
                         .map(|s| format!("{folder}/{s}"))
                         .collect()
                 })
-                .unwrap_or_default();
+                .ok_or_else(|| Error::Config {
+                    path: path.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
+            if shards.is_empty() {
+                return Err(Error::Config {
+                    path,
+                    reason: "`weight_map` names no shard files".into(),
+                });
+            }
             shards.sort();
             shards.dedup();
             return Ok(shards);

@@ -469,5 +469,11 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     files.dedup();
+    if files.is_empty() {
+        return Err(Error::Config {
+            path: index.into(),
+            reason: "`weight_map` names no shard files".into(),
+        });
+    }
     Ok(files)
 }

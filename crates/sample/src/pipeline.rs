@@ -79,10 +79,27 @@ impl<'a> Pipeline<'a> {
         &self.config
     }
 
-    /// The scheduler the model's config names (`_class_name`), when it is one we have.
-    pub fn default_scheduler(&self) -> Option<SchedulerKind> {
-        let v: serde_json::Value = serde_json::from_str(&self.sd.scheduler_config.1).ok()?;
-        SchedulerKind::from_class_name(v.get("_class_name")?.as_str()?)
+    /// The scheduler the model's config names (`_class_name`) when it is one we have; else DDIM,
+    /// with a warning that names the model's class and says how to pick another.
+    pub fn default_scheduler(&self) -> (SchedulerKind, Option<String>) {
+        let v: Option<serde_json::Value> = serde_json::from_str(&self.sd.scheduler_config.1).ok();
+        let class = v
+            .as_ref()
+            .and_then(|v| v.get("_class_name")?.as_str().map(String::from));
+        match class.as_deref().map(SchedulerKind::from_class_name) {
+            Some(Some(kind)) => (kind, None),
+            found => (
+                SchedulerKind::Ddim,
+                Some(format!(
+                    "{}: {}; sampling with DDIM (choose with --scheduler)",
+                    self.sd.scheduler_config.0.display(),
+                    match (found, class) {
+                        (Some(None), Some(c)) => format!("scheduler `{c}` is not one atomtune has"),
+                        _ => "no `_class_name`".to_string(),
+                    }
+                )),
+            ),
+        }
     }
 
     /// Text embeddings of `prompts`, and a warning per prompt that was cut.

@@ -87,7 +87,7 @@ fn ddim_four_steps_reproduce_diffusers() {
         let r = load(&dir.join("reference.safetensors"));
         let sd = StableDiffusion::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
         let p = Pipeline::new(&sd).unwrap();
-        assert_eq!(p.default_scheduler(), Some(SchedulerKind::Ddim));
+        assert_eq!(p.default_scheduler(), (SchedulerKind::Ddim, None));
         let size = r["pipe.ddim4.cfg7_5.image"].dim(3).unwrap();
         let out = p
             .generate(

@@ -196,3 +196,35 @@ fn configs_follow_from_config_rules() {
         .build(&SchedulerConfig::parse(p, "{}").unwrap(), 1001)
         .is_err());
 }
+
+/// A `lambda_min_clipped` that clips the whole schedule is refused by name (it used to
+/// underflow), and a model scheduler we do not have falls back to DDIM with a warning naming it.
+#[test]
+fn bad_scheduler_configs_are_named() {
+    let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": 100.0,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#;
+    let c = SchedulerConfig::parse(Path::new("scheduler_config.json"), text).unwrap();
+    let e = SchedulerKind::DpmPp2m
+        .build(&c, 10)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("lambda_min_clipped") && e.contains("scheduler_config.json"),
+        "{e}"
+    );
+    let Some(dir) = fixture("tiny-sd-2block") else {
+        return;
+    };
+    let mut sd =
+        models::StableDiffusion::load(dir.to_str().unwrap(), &models::LoadOptions::default())
+            .unwrap();
+    sd.scheduler_config.1 = r#"{"_class_name": "LCMScheduler"}"#.into();
+    let (kind, warning) = sample::Pipeline::new(&sd).unwrap().default_scheduler();
+    assert_eq!(kind, SchedulerKind::Ddim);
+    let w = warning.unwrap();
+    assert!(
+        w.contains("LCMScheduler") && w.contains("--scheduler"),
+        "{w}"
+    );
+}

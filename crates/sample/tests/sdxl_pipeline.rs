@@ -112,7 +112,7 @@ fn five_runs_reproduce_diffusers() {
     let r = reference(&dir);
     let sd = StableDiffusion::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let p = Pipeline::new(&sd).unwrap();
-    assert_eq!(p.default_scheduler(), Some(SchedulerKind::Euler));
+    assert_eq!(p.default_scheduler(), (SchedulerKind::Euler, None));
     let kernels = models::Kernels::current().unwrap();
     for (key, kind, guidance, negative) in runs() {
         let k = |s: &str| format!("pipe.{key}.{s}");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use models::StableDiffusion;
 use sample::pipeline::to_rgb8;
-use sample::{png_io, Infotext, Pipeline, Request, SchedulerKind};
+use sample::{png_io, Infotext, Pipeline, Request};
 
 use crate::dataset::image_files;
 use crate::{Error, Result};
@@ -45,7 +45,8 @@ pub fn ensure_class_images(
         return Err(Error::Config("class images must come from the base model: generate them before adapters are attached".into()));
     }
     let pipe = Pipeline::new(sd)?;
-    let scheduler = pipe.default_scheduler().unwrap_or(SchedulerKind::Ddim);
+    // (the trainer warns once when the model's scheduler is not one we have)
+    let (scheduler, _) = pipe.default_scheduler();
     let missing = o.count - have;
     let mut written = Vec::new();
     let mut index = have;

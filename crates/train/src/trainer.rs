@@ -132,6 +132,11 @@ impl<'a> Trainer<'a> {
                 "the model already has adapters attached".into(),
             ));
         }
+        // Class images and validation images sample with the model's scheduler; say so once
+        // when it is not one we have.
+        if let (_, Some(w)) = Pipeline::new(sd)?.default_scheduler() {
+            events(Event::Warn(w));
+        }
         let opts = ImageOptions {
             resolution: cfg.resolution,
             center_crop: cfg.center_crop,
@@ -567,9 +572,7 @@ impl<'a> Trainer<'a> {
                 negative_prompt: None,
                 steps: v.steps,
                 guidance: 7.5,
-                scheduler: pipe
-                    .default_scheduler()
-                    .unwrap_or(sample::SchedulerKind::Ddim),
+                scheduler: pipe.default_scheduler().0,
                 width: self.cfg.resolution,
                 height: self.cfg.resolution,
                 seed: self.cfg.seed + i as u64,

@@ -155,7 +155,13 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
     let pipe = Pipeline::new(&sd)?;
     let kind = match &args.scheduler {
         Some(s) => s.parse::<SchedulerKind>()?,
-        None => pipe.default_scheduler().unwrap_or(SchedulerKind::Ddim),
+        None => {
+            let (kind, warning) = pipe.default_scheduler();
+            if let Some(w) = warning {
+                rep.warn(None, &w);
+            }
+            kind
+        }
     };
     let f = sd.vae.downscale();
     let native = sd.unet.config().sample_size.unwrap_or(64) * f;

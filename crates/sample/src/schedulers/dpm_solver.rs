@@ -80,6 +80,11 @@ impl DpmSolver {
             .map(|&a| (a.sqrt().ln() - (1.0 - a).sqrt().ln()) as f64)
             .take_while(|&l| l < lambda_min)
             .count();
+        if clipped >= t {
+            return Err(c.err(format!(
+                "lambda_min_clipped {lambda_min} clips every one of the {t} training timesteps; lower it"
+            )));
+        }
         let last = t - clipped;
         let offset = c.usize_or("steps_offset", 0)? as i64;
         let mut ts: Vec<f64> = match c.spacing("linspace")? {
