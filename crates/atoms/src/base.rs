@@ -63,6 +63,15 @@ impl SafetensorsBase {
         &self.path
     }
 
+    /// Every layer of the file: the keys ending in `.weight`, without it.
+    pub fn layers(&self) -> Vec<String> {
+        self.st
+            .tensors()
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_suffix(".weight").map(String::from))
+            .collect()
+    }
+
     /// Records the base's model family (`sd1`, `sd2`, `sdxl`), which deltas are checked against.
     pub fn with_architecture(mut self, name: Option<String>) -> Self {
         self.architecture = name;

@@ -27,6 +27,7 @@ pub use error::{Error, Result};
 pub use layout::{Block, Layout};
 pub mod base;
 pub mod delta;
+pub mod export;
 pub mod fingerprint;
 pub mod io;
 

@@ -43,9 +43,50 @@ pub enum Command {
     /// Describe a delta file: method, layers, parameters, base model, trigger; and with --base,
     /// whether it fits that base model.
     Inspect(InspectArgs),
+    /// Write a delta as an adapter file A1111 and ComfyUI load with their stock loaders: the
+    /// exact weight change (`diff`) or a LoCon of it (`locon`, kohya / LyCORIS names).
+    Export(Box<ExportArgs>),
     /// Measure generated images the way the DreamBooth paper does: subject fidelity (DINO,
     /// CLIP-I) against the subject's real photos, prompt fidelity (CLIP-T).
     Eval(EvalArgs),
+}
+
+/// `atomtune export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The base model the delta applies to (its weights make the change).
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The delta, `PATH[:WEIGHT]`.
+    #[arg(long)]
+    pub delta: DeltaArg,
+
+    /// `diff`: each layer's exact change (as large as the layers); `locon`: a low-rank
+    /// approximation (truncated SVD of each change).
+    #[arg(long, value_enum, default_value_t = ExportFormat::Locon)]
+    pub format: ExportFormat,
+
+    /// LoCon rank of every layer (default: per layer, the smallest within --max-error).
+    #[arg(long)]
+    pub rank: Option<usize>,
+
+    /// LoCon: the largest relative error (Frobenius) a layer may keep when its rank is chosen.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error: f64,
+
+    /// The adapter file to write (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `--format` of `atomtune export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// The exact weight change, LyCORIS "full" (`<module>.diff`).
+    Diff,
+    /// LoCon (`lora_down`, `lora_up`, `alpha`).
+    Locon,
 }
 
 /// `atomtune eval`.

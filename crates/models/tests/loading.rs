@@ -64,7 +64,10 @@ fn model_specs_are_folders_presets_or_hub_ids() {
     );
     assert_eq!(ModelSpec::parse(".").unwrap(), ModelSpec::Local(".".into()));
     let e = ModelSpec::parse("no/such/folder").unwrap_err().to_string();
-    assert!(e.contains("not a folder") && e.contains("a hub repo id"), "{e}");
+    assert!(
+        e.contains("not a folder") && e.contains("a hub repo id"),
+        "{e}"
+    );
 }
 
 #[test]

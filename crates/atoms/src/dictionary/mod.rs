@@ -20,7 +20,7 @@
 //! and any thread count (work is split in fixed-size chunks reduced in a fixed order).
 
 mod lasso;
-mod svd;
+pub(crate) mod svd;
 
 use std::fmt;
 

@@ -10,7 +10,7 @@ use crate::{Error, Result};
 /// The order is canonical: eigenvalues descending, ties broken by the solver's index. Each row's
 /// sign is fixed so that its largest-magnitude entry (the first one on ties) is positive; this
 /// makes the atoms a function of the weight, not of the solver's internals.
-pub(super) fn top_eigenvectors(g: &[f64], d: usize, m: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn top_eigenvectors(g: &[f64], d: usize, m: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let mat = DMatrix::from_row_slice(d, d, g);
     // Symmetric QR with a bounded number of sweeps: never loops forever on a pathological input.
     let eig = SymmetricEigen::try_new(mat, f64::EPSILON, 10_000).ok_or_else(|| {

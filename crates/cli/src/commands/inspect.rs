@@ -26,7 +26,10 @@ enum Fit {
 
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     let path = &args.delta;
-    let delta = Delta::read(path).with_context(|| format!("reading delta {}", path.display()))?;
+    let delta = match Delta::read(path) {
+        Err(atoms::Error::NotADelta { .. }) => return inspect_adapter(args),
+        d => d.with_context(|| format!("reading delta {}", path.display()))?,
+    };
     let size = std::fs::metadata(path)
         .with_context(|| format!("reading delta {}", path.display()))?
         .len();
@@ -102,6 +105,60 @@ fn describe_layers(delta: &Delta) -> String {
         .map(|(k, n)| format!("{n} with {k}"))
         .collect();
     format!("{} ({})", delta.layers().len(), parts.join(", "))
+}
+
+/// A kohya / LyCORIS adapter file (what `atomtune export` writes, or a community LoRA): its
+/// kinds of modules, its base model version and trigger, and with --base how many of its modules
+/// name a layer of that UNet.
+fn inspect_adapter(args: &InspectArgs) -> Result<ExitCode> {
+    let path = &args.delta;
+    let file = atoms::export::AdapterFile::read(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if file.modules.is_empty() {
+        anyhow::bail!(
+            "{}: neither an atomtune delta nor a kohya / LyCORIS adapter file (no `<module>.diff` or `<module>.lora_down.weight` keys)",
+            path.display()
+        );
+    }
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in file.modules.values() {
+        *kinds.entry(k.as_str()).or_default() += 1;
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    let m = |k: &str| file.metadata.get(k).cloned().unwrap_or_else(|| "-".into());
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "adapter      {} (kohya / LyCORIS layout, not an atomtune delta)",
+        path.display()
+    )?;
+    writeln!(
+        out,
+        "modules      {} ({})",
+        file.modules.len(),
+        kinds.join(", ")
+    )?;
+    writeln!(out, "base version {}", m("ss_base_model_version"))?;
+    writeln!(out, "trigger      {}", m("modelspec.trigger_phrase"))?;
+    if let Some(e) = file.metadata.get("atomtune.relative_error") {
+        writeln!(out, "made by      atomtune export (relative error {e})")?;
+    }
+    if let Some(model) = &args.base {
+        let base = open_unet(model)?;
+        let names: std::collections::HashSet<String> = base
+            .layers()
+            .iter()
+            .map(|l| atoms::export::module_name(l))
+            .collect();
+        let matched = file.modules.keys().filter(|k| names.contains(*k)).count();
+        writeln!(
+            out,
+            "matches base {matched} of {} modules name a UNet layer of {}",
+            file.modules.len(),
+            model.display()
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_text(

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod eval;
+mod export;
 mod inspect;
 mod sample;
 mod train;
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     models::Kernels::from_env()?;
     match cli.command {
         Command::Eval(args) => eval::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Sample(args) => sample::run(&args),
         Command::Train(args) => train::run(&args),
