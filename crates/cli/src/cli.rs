@@ -43,12 +43,36 @@ pub enum Command {
     /// Describe a delta file: method, layers, parameters, base model, trigger; and with --base,
     /// whether it fits that base model.
     Inspect(InspectArgs),
+    /// Write the base model with deltas baked in: a diffusers folder, or a single-file checkpoint
+    /// (A1111 / ComfyUI layout) when --out ends in .safetensors.
+    Merge(Box<MergeArgs>),
     /// Write a delta as an adapter file A1111 and ComfyUI load with their stock loaders: the
     /// exact weight change (`diff`) or a LoCon of it (`locon`, kohya / LyCORIS names).
     Export(Box<ExportArgs>),
     /// Measure generated images the way the DreamBooth paper does: subject fidelity (DINO,
     /// CLIP-I) against the subject's real photos, prompt fidelity (CLIP-T).
     Eval(EvalArgs),
+}
+
+/// `atomtune merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model. Its --dtype is the dtype written (auto: f16, as checkpoints are shared);
+    /// the deltas are applied in f32.
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// A delta to bake in, with an optional weight (default 1); repeat to stack deltas.
+    #[arg(long = "delta", value_name = "PATH[:WEIGHT]", required = true)]
+    pub deltas: Vec<DeltaArg>,
+
+    /// Refuse deltas trained on a different base checkpoint (instead of a warning).
+    #[arg(long)]
+    pub strict: bool,
+
+    /// A folder to write a diffusers pipeline into, or a `.safetensors` single file.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `atomtune export`.
@@ -211,6 +235,20 @@ impl ModelArgs {
 pub struct DeltaArg {
     pub path: PathBuf,
     pub weight: f64,
+}
+
+impl DeltaArg {
+    /// Reads every `--delta`, with its weight; errors name the file.
+    pub fn read_all(args: &[DeltaArg]) -> anyhow::Result<Vec<(atoms::Delta, f64)>> {
+        use anyhow::Context;
+        args.iter()
+            .map(|d| {
+                let delta = atoms::Delta::read(&d.path)
+                    .with_context(|| format!("reading --delta {}", d.path.display()))?;
+                Ok((delta, d.weight))
+            })
+            .collect()
+    }
 }
 
 impl std::str::FromStr for DeltaArg {

@@ -176,7 +176,7 @@ pub fn fetch_config(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
 
 /// Downloads (or finds in the cache) what a pipeline needs; returns the snapshot folder, which
 /// is laid out like a local diffusers folder.
-pub(crate) fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBuf> {
+pub fn fetch_pipeline(repo_id: &str, opts: &LoadOptions) -> Result<PathBuf> {
     let f = Fetcher::open(repo_id, opts.revision.as_deref());
 
     let mut root: Option<PathBuf> = None;

@@ -201,6 +201,23 @@ impl Layers {
         Ok(())
     }
 
+    /// Every adapted layer's effective weight (base plus its adapters), computed now, in the
+    /// base weight's dtype: what a merged checkpoint stores.
+    pub fn effective_weights(&self) -> Result<BTreeMap<String, Tensor>> {
+        let names: Vec<(String, Tensor)> = {
+            let inner = self.inner.read().expect("lock");
+            inner
+                .adapters
+                .keys()
+                .map(|n| (n.clone(), inner.layers[n].weight.clone()))
+                .collect()
+        };
+        names
+            .into_iter()
+            .map(|(name, base)| Ok((name.clone(), self.compute_weight(&name, &base)?.detach())))
+            .collect()
+    }
+
     /// The names of the layers with adapters attached, in order.
     pub fn adapted(&self) -> Vec<String> {
         self.inner

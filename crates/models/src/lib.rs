@@ -28,6 +28,7 @@ pub mod config;
 mod error;
 pub mod hub;
 pub mod layers;
+pub mod merge;
 pub mod nn;
 pub mod pipeline;
 pub mod presets;

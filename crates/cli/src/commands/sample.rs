@@ -123,17 +123,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
-    let deltas: Vec<(Delta, f64)> = args
-        .deltas
-        .iter()
-        .map(|d| {
-            Ok((
-                Delta::read(&d.path)
-                    .with_context(|| format!("reading --delta {}", d.path.display()))?,
-                d.weight,
-            ))
-        })
-        .collect::<Result<_>>()?;
+    let deltas = crate::cli::DeltaArg::read_all(&args.deltas)?;
     let prompts = prompts(args, deltas.first().map(|(d, _)| d))?;
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
 

@@ -1,0 +1,63 @@
+//! `atomtune merge`: the base model with deltas baked in, as a diffusers folder or a single file.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use models::merge::{merge, MergeOutput, MergeSource};
+use models::{ModelSpec, StableDiffusion};
+use sample::pipeline::apply_deltas;
+
+use crate::cli::{DeltaArg, MergeArgs};
+use crate::device::DTypeArg;
+
+/// Runs `atomtune merge`.
+pub fn run(a: &MergeArgs) -> Result<ExitCode> {
+    let opts = a.model.load_options(DType::F32, Device::Cpu);
+    let source = match ModelSpec::parse(&a.model.model)? {
+        ModelSpec::SingleFile(p) => MergeSource::SingleFile(p),
+        ModelSpec::Local(p) => MergeSource::Folder(p),
+        ModelSpec::Hub(repo) => MergeSource::Folder(
+            models::hub::fetch_pipeline(&repo, &opts)
+                .with_context(|| format!("fetching --model {repo}"))?,
+        ),
+        ModelSpec::Random(p) => bail!("--model {p}: a random preset has no files to merge into"),
+    };
+    if a.out.exists() && !a.out.is_dir() && a.out.extension().is_none_or(|e| e != "safetensors") {
+        bail!(
+            "--out {}: give a folder, or a file ending in .safetensors",
+            a.out.display()
+        );
+    }
+    let dtype = match a.model.dtype {
+        DTypeArg::Auto | DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F32 => DType::F32,
+    };
+    let deltas = DeltaArg::read_all(&a.deltas)?;
+    let sd = StableDiffusion::load(&a.model.model, &opts)
+        .with_context(|| format!("loading --model {}", a.model.model))?;
+    for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
+        eprintln!("warning: {w}");
+    }
+    let baked = sd.unet.layers().effective_weights()?;
+    merge(
+        &source,
+        a.model.variant.as_deref(),
+        &MergeOutput {
+            family: sd.architecture,
+            unet: sd.unet.config(),
+            baked: &baked,
+            out: &a.out,
+            dtype,
+        },
+    )
+    .with_context(|| format!("writing --out {}", a.out.display()))?;
+    println!(
+        "wrote {} ({} layers changed by {} delta(s), {dtype:?})",
+        a.out.display(),
+        baked.len(),
+        deltas.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,160 @@
+//! `atomtune merge`: the merged model samples what base + delta samples, as a diffusers folder
+//! and as a single file (read back by our own single-file loader to the same weights).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use models::{LoadOptions, StableDiffusion};
+use sample::png_io::read_png;
+
+fn atomtune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_atomtune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn sample(extra: &[&str], out: &Path) -> Vec<u8> {
+    let mut args = vec![
+        "sample",
+        "--prompt",
+        "a photo of sks dog",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&atomtune(&args));
+    let png: PathBuf = std::fs::read_dir(out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    read_png(&png).unwrap().pixels
+}
+
+fn unet_weights(sd: &StableDiffusion) -> Vec<(String, Vec<f32>)> {
+    let l = sd.unet.layers();
+    l.names()
+        .into_iter()
+        .map(|n| {
+            let w = l
+                .get(&n)
+                .unwrap()
+                .weight
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (n, w)
+        })
+        .collect()
+}
+
+#[test]
+fn merged_models_sample_what_base_plus_delta_samples() {
+    let (Some(fx), Some(single), Some(photos)) = (
+        testutil::shared_path("fixtures/tiny-sd15-shape"),
+        testutil::shared_path("fixtures/single-file/tiny-sd15-shape.safetensors"),
+        testutil::shared_path("datasets/dreambooth/dog"),
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("photos");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
+    let run = tmp.path().join("run");
+    let (f, s) = (fx.to_str().unwrap(), single.to_str().unwrap());
+    ok(&atomtune(&[
+        "train",
+        "--model",
+        f,
+        "--images",
+        images.to_str().unwrap(),
+        "--class",
+        "dog",
+        "--out",
+        run.to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "2",
+        "--lr",
+        "0.02",
+        "--quiet",
+    ]));
+    let d = run.join("delta.safetensors");
+    let d = d.to_str().unwrap();
+    let folder = tmp.path().join("merged");
+    let file = tmp.path().join("merged.safetensors");
+    let file2 = tmp.path().join("merged-from-single.safetensors");
+    for (model, out) in [(f, &folder), (f, &file), (s, &file2)] {
+        let mut args = vec![
+            "merge",
+            "--model",
+            model,
+            "--delta",
+            d,
+            "--dtype",
+            "f32",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if model == s {
+            args.extend(["--model-config", f]);
+        }
+        ok(&atomtune(&args));
+    }
+    let with_delta = sample(&["--model", f, "--delta", d], &tmp.path().join("a"));
+    let base = sample(&["--model", f], &tmp.path().join("b"));
+    assert_ne!(with_delta, base, "the delta changes the image");
+    let merged = sample(
+        &["--model", folder.to_str().unwrap()],
+        &tmp.path().join("c"),
+    );
+    assert_eq!(merged, with_delta);
+    let merged_single = sample(
+        &["--model", file.to_str().unwrap(), "--model-config", f],
+        &tmp.path().join("d"),
+    );
+    assert_eq!(merged_single, with_delta);
+    // the single files read back to the merged folder's weights
+    let opts = LoadOptions {
+        model_config: Some(f.to_string()),
+        ..LoadOptions::default()
+    };
+    let want = unet_weights(
+        &StableDiffusion::load(folder.to_str().unwrap(), &LoadOptions::default()).unwrap(),
+    );
+    for p in [&file, &file2] {
+        let got = unet_weights(&StableDiffusion::load(p.to_str().unwrap(), &opts).unwrap());
+        assert!(got == want, "{}", p.display());
+    }
+    // a preset has no files
+    let o = atomtune(&[
+        "merge",
+        "--model",
+        "sd15-random",
+        "--delta",
+        d,
+        "--out",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no files to merge"));
+}
