@@ -91,48 +91,6 @@ impl Exported {
     }
 }
 
-/// What an adapter file in kohya / LyCORIS layout holds.
-#[derive(Clone, Debug)]
-pub struct AdapterFile {
-    /// Module name -> its kind: `diff` (LyCORIS full), `locon` (a LoRA on a conv), `lora` (on a
-    /// linear layer), or the suffix found for kinds atomtune does not read.
-    pub modules: std::collections::BTreeMap<String, String>,
-    /// The file's metadata.
-    pub metadata: HashMap<String, String>,
-}
-
-impl AdapterFile {
-    /// Reads the keys and metadata of a kohya / LyCORIS file (tensors are not loaded); keys
-    /// outside `lora_*` modules are not counted.
-    pub fn read(path: &std::path::Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::Safetensors(format!("{}: {e}", path.display())))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::Safetensors(format!("{}: {e}", path.display())))?;
-        let mut modules = std::collections::BTreeMap::new();
-        for (key, view) in st.tensors() {
-            let Some((module, suffix)) =
-                key.split_once('.').filter(|(m, _)| m.starts_with("lora_"))
-            else {
-                continue;
-            };
-            let kind = match suffix {
-                "diff" | "diff_b" => "diff".to_string(),
-                "lora_down.weight" if view.shape().len() == 4 => "locon".into(),
-                "lora_down.weight" => "lora".into(),
-                "lora_up.weight" | "alpha" => continue,
-                other => other.to_string(),
-            };
-            modules.insert(module.to_string(), kind);
-        }
-        Ok(AdapterFile {
-            modules,
-            metadata: meta.metadata().clone().unwrap_or_default(),
-        })
-    }
-}
-
 /// The kohya (`ss_*`) and SAI model-spec (`modelspec.*`) metadata A1111's and ComfyUI's lists
 /// read, for an export of `delta` (its base family, trigger) named `title`.
 pub fn metadata(

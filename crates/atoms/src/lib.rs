@@ -30,6 +30,7 @@ pub mod delta;
 pub mod export;
 pub mod fingerprint;
 pub mod io;
+pub mod kohya;
 
 pub use base::{BaseWeights, SafetensorsBase, TensorBase};
 pub use delta::{BaseFit, Delta, DeltaMeta};

@@ -238,12 +238,13 @@ pub struct DeltaArg {
 }
 
 impl DeltaArg {
-    /// Reads every `--delta`, with its weight; errors name the file.
-    pub fn read_all(args: &[DeltaArg]) -> anyhow::Result<Vec<(atoms::Delta, f64)>> {
+    /// Reads every `--delta` (an atomtune delta, or a kohya / LyCORIS LoRA, LoCon or diff
+    /// file), with its weight; errors name the file.
+    pub fn read_all(args: &[DeltaArg]) -> anyhow::Result<Vec<(atoms::kohya::AnyDelta, f64)>> {
         use anyhow::Context;
         args.iter()
             .map(|d| {
-                let delta = atoms::Delta::read(&d.path)
+                let delta = atoms::kohya::AnyDelta::read(&d.path)
                     .with_context(|| format!("reading --delta {}", d.path.display()))?;
                 Ok((delta, d.weight))
             })
@@ -287,11 +288,11 @@ pub struct SampleArgs {
     #[arg(long, value_name = "FILE")]
     pub prompts: Option<PathBuf>,
 
-    /// The trigger token for `{token}` in prompts (default: the first delta's).
+    /// The trigger token for `{token}` in prompts (default: the first atomtune delta's).
     #[arg(long)]
     pub token: Option<String>,
 
-    /// The class word for `{class}` in prompts (default: the first delta's).
+    /// The class word for `{class}` in prompts (default: the first atomtune delta's).
     #[arg(long = "class")]
     pub class_word: Option<String>,
 

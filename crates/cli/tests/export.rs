@@ -65,7 +65,7 @@ fn export_writes_locon_and_diff_files_that_inspect_describes() {
         out.contains("LoCon") && out.contains("relative error overall"),
         "{out}"
     );
-    let file = atoms::export::AdapterFile::read(&locon).unwrap();
+    let file = atoms::kohya::AdapterFile::read(&locon).unwrap();
     assert_eq!(file.modules.len(), 97, "every adapted conv");
     assert_eq!(file.metadata["ss_network_module"], "lycoris.kohya");
     assert_eq!(file.metadata["ss_base_model_version"], "sd_v1");
@@ -86,8 +86,8 @@ fn export_writes_locon_and_diff_files_that_inspect_describes() {
         "--out",
         diff.to_str().unwrap(),
     ]));
-    let file = atoms::export::AdapterFile::read(&diff).unwrap();
-    assert!(file.modules.values().all(|k| k == "diff"));
+    let file = atoms::kohya::AdapterFile::read(&diff).unwrap();
+    assert!(file.modules.values().all(|m| m.kind() == "diff"));
     let text = ok(&atomtune(&["inspect", diff.to_str().unwrap(), "--base", f]));
     assert!(
         text.contains("kohya / LyCORIS") && text.contains("97 diff"),

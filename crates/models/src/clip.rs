@@ -130,6 +130,7 @@ pub struct ClipTextModel {
     encoder: ClipEncoder,
     final_ln: LayerNorm,
     projection: Option<Linear>,
+    registry: Layers,
 }
 
 /// What the text encoder returns.
@@ -184,6 +185,7 @@ impl ClipTextModel {
                 .pp("position_embedding")
                 .get((c.max_position_embeddings, h), "weight")?,
             encoder: ClipEncoder::new(&w.pp("encoder"), c, layers)?,
+            registry: layers.clone(),
             final_ln: LayerNorm::new(&w.pp("final_layer_norm"), h, c.layer_norm_eps)?,
             projection,
             config: c.clone(),
@@ -193,6 +195,12 @@ impl ClipTextModel {
     /// Its config.
     pub fn config(&self) -> &ClipConfig {
         &self.config
+    }
+
+    /// Its linear layers, by transformers name (`text_model.encoder.layers.0.self_attn.q_proj`),
+    /// where adapters (a LoRA's text-encoder modules) attach.
+    pub fn layers(&self) -> &Layers {
+        &self.registry
     }
 
     /// Encodes token ids `[b, seq]` (u32 or i64).

@@ -27,6 +27,7 @@ pub mod clip;
 pub mod config;
 mod error;
 pub mod hub;
+pub mod kohya;
 pub mod layers;
 pub mod merge;
 pub mod nn;

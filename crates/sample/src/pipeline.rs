@@ -3,7 +3,7 @@
 //! `StableDiffusionPipeline` and `StableDiffusionXLPipeline`, so that a run from the same initial
 //! latents gives the same image.
 
-use atoms::Delta;
+use atoms::kohya::{AdapterFile, AnyDelta};
 use candle_core::{DType, Tensor};
 use models::{PromptEmbeds, StableDiffusion, TextTime};
 
@@ -219,27 +219,82 @@ impl<'a> Pipeline<'a> {
     }
 }
 
-/// Attaches deltas, each at its weight, to the model's UNet and bakes the effective weights.
-/// A delta that does not fit the architecture is an error; one trained on a different base of the
-/// same architecture is applied with a warning (an error with `strict`). Returns the warnings.
+/// Attaches deltas, each at its weight, and bakes the effective weights: atomtune deltas on the
+/// UNet, kohya / LyCORIS files (LoRA, LoCon, diff) on the UNet and text encoders their modules
+/// name. An atomtune delta that does not fit the architecture is an error; one trained on a
+/// different base of the same architecture is applied with a warning (an error with `strict`).
+/// A kohya file none of whose modules fit is an error; modules that fit nothing are listed in a
+/// warning. Returns the warnings.
 pub fn apply_deltas(
     sd: &StableDiffusion,
-    deltas: &[(Delta, f64)],
+    deltas: &[(AnyDelta, f64)],
     strict: bool,
 ) -> Result<Vec<String>> {
     let layers = sd.unet.layers();
     let mut warnings = Vec::new();
     for (delta, weight) in deltas {
-        let fit = delta.check_base(layers, strict)?;
-        if let Some(w) = fit.warning(delta) {
-            warnings.push(w);
-        }
-        for (name, adapter) in delta.adapters(layers)? {
-            layers.attach(&name, adapter, *weight)?;
+        match delta {
+            AnyDelta::Atomtune(delta) => {
+                let fit = delta.check_base(layers, strict)?;
+                if let Some(w) = fit.warning(delta) {
+                    warnings.push(w);
+                }
+                for (name, adapter) in delta.adapters(layers)? {
+                    layers.attach(&name, adapter, *weight)?;
+                }
+            }
+            AnyDelta::Kohya(file) => warnings.extend(apply_kohya(sd, file, *weight)?),
         }
     }
     layers.bake()?;
+    for enc in sd.text.iter() {
+        enc.model.layers().bake()?;
+    }
     Ok(warnings)
+}
+
+/// Attaches every module of a kohya / LyCORIS file that names a layer of `sd`.
+fn apply_kohya(sd: &StableDiffusion, file: &AdapterFile, weight: f64) -> Result<Vec<String>> {
+    let targets = models::kohya::module_targets(sd);
+    let mut unmatched = Vec::new();
+    for module in file.modules.keys() {
+        let Some((layers, layer)) = targets.get(module) else {
+            unmatched.push(module.clone());
+            continue;
+        };
+        let base = layers
+            .get(layer)
+            .map(|l| l.weight)
+            .ok_or_else(|| Error::Request(format!("layer `{layer}` vanished")))?;
+        let adapter = file
+            .adapter(module, &base)
+            .map_err(|e| Error::Request(format!("adapter module `{module}` on `{layer}`: {e}")))?;
+        layers.attach(layer, adapter, weight)?;
+    }
+    let n = file.modules.len();
+    if unmatched.len() == n {
+        return Err(Error::Request(format!(
+            "none of the {n} modules of the adapter file names a layer of `{}` (first: `{}`): is it for another model family?",
+            sd.id,
+            unmatched.first().map(String::as_str).unwrap_or("")
+        )));
+    }
+    Ok(if unmatched.is_empty() {
+        Vec::new()
+    } else {
+        let shown: Vec<&str> = unmatched.iter().take(5).map(String::as_str).collect();
+        vec![format!(
+            "{} of {n} adapter modules name no layer of `{}` and are left out: {}{}",
+            unmatched.len(),
+            sd.id,
+            shown.join(", "),
+            if unmatched.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        )]
+    })
 }
 
 /// Pixels of a raw decode: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`, row-major RGB, per image.

@@ -112,7 +112,7 @@ fn describe_layers(delta: &Delta) -> String {
 /// name a layer of that UNet.
 fn inspect_adapter(args: &InspectArgs) -> Result<ExitCode> {
     let path = &args.delta;
-    let file = atoms::export::AdapterFile::read(path)
+    let file = atoms::kohya::AdapterFile::read(path)
         .with_context(|| format!("reading {}", path.display()))?;
     if file.modules.is_empty() {
         anyhow::bail!(
@@ -121,8 +121,8 @@ fn inspect_adapter(args: &InspectArgs) -> Result<ExitCode> {
         );
     }
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
-    for k in file.modules.values() {
-        *kinds.entry(k.as_str()).or_default() += 1;
+    for m in file.modules.values() {
+        *kinds.entry(m.kind()).or_default() += 1;
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
     let m = |k: &str| file.metadata.get(k).cloned().unwrap_or_else(|| "-".into());

@@ -40,6 +40,13 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
     for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
         eprintln!("warning: {w}");
     }
+    if sd
+        .text
+        .iter()
+        .any(|e| !e.model.layers().adapted().is_empty())
+    {
+        bail!("an adapter file with text-encoder modules (lora_te*) cannot be merged yet: only UNet changes are written");
+    }
     let baked = sd.unet.layers().effective_weights()?;
     merge(
         &source,

@@ -124,7 +124,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
         bail!("--num-images must be at least 1");
     }
     let deltas = crate::cli::DeltaArg::read_all(&args.deltas)?;
-    let prompts = prompts(args, deltas.first().map(|(d, _)| d))?;
+    let prompts = prompts(args, deltas.iter().find_map(|(d, _)| d.atomtune()))?;
     let latents = args.latents.as_deref().map(read_latents).transpose()?;
 
     let (dev, dt) = device_and_dtype(&args.model)?;
