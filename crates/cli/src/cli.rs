@@ -82,7 +82,7 @@ pub struct ExportArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// The delta, `PATH[:WEIGHT]`.
+    /// The delta, `PATH[:WEIGHT]` (or a hub repo, `owner/name[:FILE.safetensors][:WEIGHT]`).
     #[arg(long)]
     pub delta: DeltaArg,
 
@@ -238,14 +238,42 @@ pub struct DeltaArg {
 }
 
 impl DeltaArg {
+    /// The local file: the path itself when it exists, else a hub repo's file
+    /// (`owner/name[:FILE.safetensors]`, fetched into or read from the Hugging Face cache).
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        use anyhow::Context;
+        if self.path.exists() {
+            return Ok(self.path.clone());
+        }
+        let text = self.path.to_string_lossy();
+        let (repo, file) = match text.split_once(':') {
+            Some((r, f)) => (r, Some(f)),
+            None => (text.as_ref(), None),
+        };
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2 || !parts.iter().all(|p| ok(p)) {
+            anyhow::bail!(
+                "--delta {text}: no such file, and not a hub repo (owner/name[:FILE.safetensors])"
+            );
+        }
+        models::hub::fetch_file(repo, file, None)
+            .with_context(|| format!("fetching --delta {text} from the hub"))
+    }
+
     /// Reads every `--delta` (an atomtune delta, or a kohya / LyCORIS LoRA, LoCon or diff
-    /// file), with its weight; errors name the file.
+    /// file; local or on the hub), with its weight; errors name the file.
     pub fn read_all(args: &[DeltaArg]) -> anyhow::Result<Vec<(atoms::kohya::AnyDelta, f64)>> {
         use anyhow::Context;
         args.iter()
             .map(|d| {
-                let delta = atoms::kohya::AnyDelta::read(&d.path)
-                    .with_context(|| format!("reading --delta {}", d.path.display()))?;
+                let path = d.resolve()?;
+                let delta = atoms::kohya::AnyDelta::read(&path)
+                    .with_context(|| format!("reading --delta {}", path.display()))?;
                 Ok((delta, d.weight))
             })
             .collect()
@@ -334,8 +362,10 @@ pub struct SampleArgs {
     #[arg(long, value_name = "FILE")]
     pub latents: Option<PathBuf>,
 
-    /// A delta to apply, with an optional weight (default 1); repeat to stack deltas.
-    #[arg(long = "delta", value_name = "PATH[:WEIGHT]")]
+    /// A delta to apply, with an optional weight (default 1); repeat to stack deltas. An
+    /// atomtune delta or a kohya / LyCORIS LoRA, LoCon or diff file; a local path or a hub repo,
+    /// `owner/name[:FILE.safetensors]`.
+    #[arg(long = "delta", value_name = "PATH|REPO[:WEIGHT]")]
     pub deltas: Vec<DeltaArg>,
 
     /// Refuse deltas trained on a different base checkpoint (instead of a warning).

@@ -148,6 +148,56 @@ pub fn fetch_files(
     })
 }
 
+/// A file of a hub repo (say a delta or LoRA repo), fetched into or read from the cache: `file`,
+/// or else the repo's one `.safetensors` file at its root (an error lists them when there are
+/// several).
+pub fn fetch_file(repo_id: &str, file: Option<&str>, revision: Option<&str>) -> Result<PathBuf> {
+    let f = Fetcher::open(repo_id, revision);
+    let name = match file {
+        Some(n) => n.to_string(),
+        None => {
+            let files: Vec<String> = match &f.listing {
+                Some(l) => l.clone(),
+                None => {
+                    return Err(Error::Hub {
+                        repo: repo_id.into(),
+                        file: "<repo listing>".into(),
+                        reason: format!(
+                        "the hub is unreachable ({}), so name the file: {repo_id}:FILE.safetensors",
+                        f.offline_reason.as_deref().unwrap_or("offline")
+                    ),
+                    })
+                }
+            };
+            let mut st: Vec<&String> = files
+                .iter()
+                .filter(|n| n.ends_with(".safetensors") && !n.contains('/'))
+                .collect();
+            match st.len() {
+                1 => st.remove(0).clone(),
+                0 => {
+                    return Err(Error::Hub {
+                        repo: repo_id.into(),
+                        file: "*.safetensors".into(),
+                        reason: "no .safetensors file at the repo's root".into(),
+                    })
+                }
+                _ => {
+                    return Err(Error::Hub {
+                        repo: repo_id.into(),
+                        file: "*.safetensors".into(),
+                        reason: format!(
+                            "several files; name one as {repo_id}:FILE: {}",
+                            st.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    })
+                }
+            }
+        }
+    };
+    f.get(&name)
+}
+
 /// Downloads (or finds in the cache) a pipeline repo's configs and tokenizers, not its weights:
 /// what a single-file checkpoint's `--model-config` reads. Returns the snapshot folder.
 pub fn fetch_config(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {

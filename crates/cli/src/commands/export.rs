@@ -22,7 +22,7 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     if a.rank == Some(0) {
         bail!("--rank 0: a LoCon needs rank 1 or more");
     }
-    let path = &a.delta.path;
+    let path = &a.delta.resolve()?;
     let delta = Delta::read(path).with_context(|| format!("reading --delta {}", path.display()))?;
     // The change is computed in f32 on the CPU: the export is exact up to f32.
     let sd = StableDiffusion::load(
