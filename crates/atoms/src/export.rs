@@ -23,7 +23,8 @@ pub enum Format {
     /// The exact change of each layer (`<module>.diff`), as large as the layers.
     Diff,
     /// A LoCon: each change at rank `rank`, or at the smallest rank whose relative error is at
-    /// most `max_error`.
+    /// most `max_error` (a layer whose LoCon at that rank would be no smaller than its exact
+    /// change is stored as a `.diff`).
     Locon {
         /// A fixed rank (capped at each layer's full rank).
         rank: Option<usize>,
@@ -238,6 +239,20 @@ pub fn export(changes: &[(String, Tensor)], format: Format) -> Result<Exported> 
             }
             Format::Locon { rank, max_error } => {
                 let (up, down, r, err) = low_rank(dw, rank, max_error)?;
+                let (co, n) = (dw.dim(0)?, dw.elem_count() / dw.dim(0)?);
+                if rank.is_none() && r * (co + n) >= co * n {
+                    // a LoCon of the rank the error asks for is no smaller than the exact
+                    // change: store the change (loaders read each module by its own keys)
+                    tensors.push((format!("{module}.diff"), dw.to_dtype(DType::F32)?));
+                    layers.push(LayerExport {
+                        layer: layer.clone(),
+                        module,
+                        rank: None,
+                        rel_error: 0.0,
+                        norm,
+                    });
+                    continue;
+                }
                 let dims = dw.dims();
                 let (up, down) = if dims.len() == 4 {
                     (

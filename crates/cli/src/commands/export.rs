@@ -62,12 +62,8 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     if let Format::Locon { .. } = format {
         println!("{:<60} {:>5} {:>10}", "layer", "rank", "rel. error");
         for l in &exported.layers {
-            println!(
-                "{:<60} {:>5} {:>10.2e}",
-                l.layer,
-                l.rank.unwrap_or(0),
-                l.rel_error
-            );
+            let rank = l.rank.map_or("diff".to_string(), |r| r.to_string());
+            println!("{:<60} {rank:>5} {:>10.2e}", l.layer, l.rel_error);
         }
     }
     println!(
