@@ -4,8 +4,9 @@
 //!
 //! The source's tensors are copied (converted to the chosen dtype) and each adapted UNet layer's
 //! weight is replaced by its effective weight. What can be written: folder -> folder, folder ->
-//! single file (SD 1.x: its text encoder keeps transformers' layout inside the file), single
-//! file -> single file (any family: only UNet keys change).
+//! single file (SD 1.x's text encoder keeps transformers' layout inside the file; SD 2.x's and
+//! SDXL's second are written in OpenCLIP's, q, k, v fused into `in_proj`, as many layers as the
+//! diffusers encoder has), single file -> single file (any family: only UNet keys change).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -207,12 +208,6 @@ fn folder_to_single(
     layout: &keys::UnetLayout,
     m: &MergeOutput<'_>,
 ) -> Result<()> {
-    if m.family != Architecture::Sd1 {
-        return Err(Error::Input(format!(
-            "writing an {} folder as a single file is not supported yet (its OpenCLIP text encoder needs re-fusing); merge into a folder instead",
-            m.family
-        )));
-    }
     let vae_cfg = crate::VaeConfig::read(&dir.join("vae/config.json"))?;
     let mut all = HashMap::new();
     let mut unet = component(dir, "unet", "diffusion_pytorch_model", variant)?;
@@ -237,8 +232,62 @@ fn folder_to_single(
         };
         all.insert(format!("{}{ldm}", keys::VAE), t);
     }
-    for (k, t) in component(dir, "text_encoder", "model", variant)? {
-        all.insert(format!("{}{k}", keys::CLIP_SD1), t);
+    let te = component(dir, "text_encoder", "model", variant)?;
+    match m.family {
+        Architecture::Sd1 => prefixed(&mut all, te, keys::CLIP_SD1),
+        Architecture::Sd2 => open_clip(&mut all, te, "cond_stage_model.model.")?,
+        Architecture::Sdxl => {
+            prefixed(&mut all, te, "conditioner.embedders.0.transformer.");
+            let te2 = component(dir, "text_encoder_2", "model", variant)?;
+            open_clip(&mut all, te2, "conditioner.embedders.1.model.")?;
+        }
     }
     save(&all, m.out, m.dtype)
+}
+
+fn prefixed(all: &mut HashMap<String, Tensor>, tensors: HashMap<String, Tensor>, prefix: &str) {
+    all.extend(
+        tensors
+            .into_iter()
+            .map(|(k, t)| (format!("{prefix}{k}"), t)),
+    );
+}
+
+/// A transformers CLIP text encoder written in OpenCLIP's layout under `prefix`: q, k, v fused
+/// back into `in_proj`, the projection transposed.
+fn open_clip(
+    all: &mut HashMap<String, Tensor>,
+    tensors: HashMap<String, Tensor>,
+    prefix: &str,
+) -> Result<()> {
+    let hidden = tensors
+        .get("text_model.final_layer_norm.weight")
+        .ok_or_else(|| Error::Input("the text encoder has no final_layer_norm".into()))?
+        .dim(0)?;
+    let mut fused: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
+    for (k, t) in tensors {
+        if k.ends_with("position_ids") {
+            continue;
+        }
+        let (file_key, take) = keys::open_clip(&k, hidden).ok_or_else(|| {
+            Error::Input(format!(
+                "text encoder tensor `{k}` has no OpenCLIP counterpart"
+            ))
+        })?;
+        match take {
+            Take::Rows(start, _) => fused.entry(file_key).or_default().push((start, t)),
+            Take::Transpose => {
+                all.insert(format!("{prefix}{file_key}"), t.t()?.contiguous()?);
+            }
+            Take::Whole | Take::Squeeze => {
+                all.insert(format!("{prefix}{file_key}"), t);
+            }
+        }
+    }
+    for (file_key, mut parts) in fused {
+        parts.sort_by_key(|(start, _)| *start);
+        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+        all.insert(format!("{prefix}{file_key}"), Tensor::cat(&parts, 0)?);
+    }
+    Ok(())
 }
