@@ -478,6 +478,21 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub prior_weight: f64,
 
+    /// Min-SNR loss weighting (Hang et al. 2023) with this gamma (5 is usual): each example's
+    /// loss times min(SNR, gamma)/SNR (v-prediction: /(SNR+1)), so easy high-SNR timesteps
+    /// count less.
+    #[arg(long, value_name = "GAMMA")]
+    pub min_snr_gamma: Option<f64>,
+
+    /// Offset noise: add this times a per-channel constant to each example's noise (0.05-0.1
+    /// is usual); helps very dark or bright images.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
+
+    /// Replace each example's caption by the empty text with this probability.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub caption_dropout: f64,
+
     /// Sampling steps for generated class images.
     #[arg(long, default_value_t = 25)]
     pub class_sample_steps: usize,

@@ -70,6 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 validation: None,
                 out: out.clone(),
                 loss_scale: Default::default(),
+                recipe: Default::default(),
             };
             let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {})?;
             let set = t.eval_set(&[100, 300, 500, 700, 900], 1)?;

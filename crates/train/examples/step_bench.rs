@@ -70,6 +70,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         validation: None,
         out: std::env::temp_dir().join("atomtune-step-bench"),
         loss_scale: Default::default(),
+        recipe: Default::default(),
     };
     let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {})?;
     let prepare_s = t0.elapsed().as_secs_f64();

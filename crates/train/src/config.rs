@@ -92,6 +92,8 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// The dynamic loss scale of f16 models (others train unscaled).
     pub loss_scale: LossScaleConfig,
+    /// Min-SNR, offset noise, caption dropout.
+    pub recipe: crate::Recipe,
 }
 
 impl TrainConfig {
@@ -135,6 +137,7 @@ impl TrainConfig {
             return bad("--validation-every must be at least 1".into());
         }
         self.adapter.validate()?;
+        self.recipe.validate()?;
         Ok(())
     }
 
@@ -163,6 +166,11 @@ impl TrainConfig {
                 .map(|p| (&p.class_prompt, p.num_class_images, p.weight)),
             self.token,
             self.class_word,
-        )
+        ) + &if self.recipe.is_default() {
+            // runs without recipe options keep the fingerprint they had before they existed
+            String::new()
+        } else {
+            format!("|{:?}", self.recipe)
+        }
     }
 }

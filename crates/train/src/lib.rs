@@ -21,6 +21,7 @@ pub mod lr;
 pub mod optim;
 pub mod plot;
 pub mod prior;
+pub mod recipe;
 pub mod trainer;
 
 pub use config::{PriorConfig, TrainConfig, ValidationConfig};
@@ -28,4 +29,5 @@ pub use error::{Error, Result};
 pub use loss_scale::{LossScaleConfig, LossScaler};
 pub use lr::LrSchedule;
 pub use optim::{AdamW, AdamWConfig};
+pub use recipe::Recipe;
 pub use trainer::{run, Event, Outcome, StepReport, Trainer};

@@ -109,6 +109,8 @@ pub struct Trainer<'a> {
     fingerprints: BTreeMap<String, String>,
     /// The dynamic loss scale, for f16 models.
     scaler: Option<LossScaler>,
+    /// The embedding of the empty caption, with caption dropout.
+    empty_text: Option<PromptEmbeds>,
 }
 
 fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
@@ -285,6 +287,14 @@ impl<'a> Trainer<'a> {
             Some(s) => LossScaler::from_state(cfg.loss_scale, s),
             None => LossScaler::new(cfg.loss_scale),
         });
+        let empty_text = if cfg.recipe.caption_dropout > 0.0 {
+            Some(sd.encode(&[""])?.0)
+        } else {
+            None
+        };
+        for (k, v) in cfg.recipe.entries() {
+            events(Event::Info(format!("recipe: {k} = {v}")));
+        }
         let params: usize = opt.vars().iter().map(|v| v.elem_count()).sum();
         events(Event::Info(format!(
             "{} on {} layers ({} trainable parameters)",
@@ -306,6 +316,7 @@ impl<'a> Trainer<'a> {
             step,
             fingerprints: BTreeMap::new(),
             scaler,
+            empty_text,
         })
     }
 
@@ -357,11 +368,19 @@ impl<'a> Trainer<'a> {
             }
         }
         let x0 = Tensor::cat(&zs, 0)?;
-        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids)?;
         let t: Vec<usize> = (0..zs.len())
             .map(|_| self.rng.below(self.schedule.len() as u64) as usize)
             .collect();
-        let eps = self.rng.randn(x0.dims(), DType::F32, x0.device())?;
+        // caption dropout over the whole batch (class examples too), drawn after the examples
+        if self.empty_text.is_some() {
+            for text in texts.iter_mut() {
+                if self.cfg.recipe.drop_caption(&mut self.rng) {
+                    *text = self.empty_text.clone().expect("checked");
+                }
+            }
+        }
+        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids)?;
+        let eps = self.cfg.recipe.noise(&mut self.rng, &x0)?;
         self.loss_on(&x0, &cond, &t, &eps, self.cfg.batch_size)
     }
 
@@ -389,7 +408,14 @@ impl<'a> Trainer<'a> {
             .unet
             .forward_with(&xt.to_dtype(dtype)?, &tt, &text.context, text_time.as_ref())?
             .to_dtype(DType::F32)?;
-        let per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let mut per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        if let Some(w) =
+            self.cfg
+                .recipe
+                .loss_weights(&self.schedule, self.prediction, t, x0.device())?
+        {
+            per_example = (per_example * w)?;
+        }
         let n = t.len();
         let inst = per_example.narrow(0, 0, n_instance)?.mean_all()?;
         if n > n_instance {
@@ -521,6 +547,9 @@ impl<'a> Trainer<'a> {
             ("instance_prompt", c.instance_text()),
             ("prior_preservation", c.prior.is_some().to_string()),
         ] {
+            meta.extra.insert(k.to_string(), v);
+        }
+        for (k, v) in c.recipe.entries() {
             meta.extra.insert(k.to_string(), v);
         }
         let delta = Delta::from_adapters(

@@ -61,6 +61,7 @@ fn config(images: &Path, out: &Path, method: Method, lr: f64, steps: usize) -> T
         validation: None,
         out: out.into(),
         loss_scale: Default::default(),
+        recipe: Default::default(),
     }
 }
 
@@ -142,12 +143,21 @@ fn losses(p: &Path) -> Vec<u64> {
 /// On SD 1.x and on SDXL (whose examples carry time ids).
 #[test]
 fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
-    for name in ["tiny-sd15-shape", "tiny-sdxl-shape"] {
-        resumed_run_ends_bit_identical(name);
+    let recipe = train::Recipe {
+        min_snr_gamma: Some(5.0),
+        noise_offset: 0.1,
+        caption_dropout: 0.3,
+    };
+    for (name, recipe) in [
+        ("tiny-sd15-shape", train::Recipe::default()),
+        ("tiny-sdxl-shape", train::Recipe::default()),
+        ("tiny-sd15-shape", recipe),
+    ] {
+        resumed_run_ends_bit_identical(name, recipe);
     }
 }
 
-fn resumed_run_ends_bit_identical(name: &str) {
+fn resumed_run_ends_bit_identical(name: &str, recipe: train::Recipe) {
     let Some(fx) = testutil::shared_path(&format!("fixtures/{name}")) else {
         return;
     };
@@ -160,6 +170,7 @@ fn resumed_run_ends_bit_identical(name: &str) {
         std::fs::copy(class_src.join(f), class_dir.path().join(f)).unwrap();
     }
     let base = |out: &Path, steps: usize| TrainConfig {
+        recipe,
         flip: true,
         center_crop: false,
         repeats: 2,
@@ -542,4 +553,139 @@ fn each_example_carries_its_photo_size_and_crop_as_time_ids() {
             }
         }
     }
+}
+
+/// Min-SNR weights each example's loss by min(SNR, gamma) / SNR (epsilon prediction), SNR from
+/// the scaled-linear schedule worked out here by hand; on a fixed evaluation set at one timestep
+/// the weighted loss is the plain one times that weight.
+#[test]
+fn min_snr_weights_the_loss_as_its_formula_says() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    // alpha_bar at t = 200 of SD's schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2
+    let t = 200usize;
+    let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let ab: f64 = (0..=t)
+        .map(|i| 1.0 - (a + (b - a) * i as f64 / 999.0).powi(2))
+        .product();
+    let snr = ab / (1.0 - ab);
+    let gamma = 0.5; // below this timestep's SNR: the weight is gamma / snr < 1
+    assert!(snr > gamma);
+    let want = gamma / snr;
+    let loss = |recipe: train::Recipe| {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            recipe,
+            ..config(imgs.path(), out.path(), Method::Atoms, 1e-3, 1)
+        };
+        let sd = load(&fx);
+        let tr = Trainer::prepare(&sd, cfg, None, &mut |_| {}).unwrap();
+        let set = tr.eval_set(&[t], 5).unwrap();
+        tr.eval_loss(&set).unwrap()
+    };
+    let plain = loss(train::Recipe::default());
+    let weighted = loss(train::Recipe {
+        min_snr_gamma: Some(gamma),
+        ..Default::default()
+    });
+    let ratio = weighted / plain;
+    assert!(
+        (ratio - want).abs() / want < 1e-4,
+        "ratio {ratio} vs {want}"
+    );
+    assert!(
+        (train::recipe::min_snr_weight(ab, 5.0, sample::schedulers::Prediction::Epsilon) - 1.0)
+            .abs()
+            < 1e-12,
+        "an SNR below gamma keeps its weight"
+    );
+}
+
+/// Offset noise is the standard noise plus `offset` times one draw per example and channel.
+#[test]
+fn offset_noise_adds_a_per_channel_constant() {
+    use candle_core::{DType, Device, Tensor};
+    let recipe = train::Recipe {
+        noise_offset: 0.1,
+        ..Default::default()
+    };
+    let x0 = Tensor::zeros((2, 4, 3, 5), DType::F32, &Device::Cpu).unwrap();
+    let got = recipe.noise(&mut sample::NoiseRng::new(9), &x0).unwrap();
+    let mut rng = sample::NoiseRng::new(9);
+    let eps = rng.randn(&[2, 4, 3, 5], DType::F32, &Device::Cpu).unwrap();
+    let off = rng.randn(&[2, 4, 1, 1], DType::F32, &Device::Cpu).unwrap();
+    let want = eps.broadcast_add(&(off * 0.1).unwrap()).unwrap();
+    let d = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    // off: the plain draw, nothing more
+    let plain = train::Recipe::default()
+        .noise(&mut sample::NoiseRng::new(9), &x0)
+        .unwrap();
+    let eps = sample::NoiseRng::new(9)
+        .randn(&[2, 4, 3, 5], DType::F32, &Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        (plain - eps)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    for bad in [
+        train::Recipe {
+            min_snr_gamma: Some(0.0),
+            ..Default::default()
+        },
+        train::Recipe {
+            noise_offset: -1.0,
+            ..Default::default()
+        },
+        train::Recipe {
+            caption_dropout: 1.5,
+            ..Default::default()
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
+
+/// With every caption dropped the model trains on the empty text: another loss than with the
+/// captions, and the delta records the option.
+#[test]
+fn caption_dropout_trains_on_the_empty_text_and_is_recorded() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let run = |p: f64| {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            recipe: train::Recipe {
+                caption_dropout: p,
+                ..Default::default()
+            },
+            ..config(imgs.path(), out.path(), Method::Atoms, 1e-3, 1)
+        };
+        let sd = load(&fx);
+        let never = AtomicBool::new(false);
+        train::run(&sd, cfg, None, &never, &mut |_| {}).unwrap();
+        let d = Delta::read(&out.path().join("delta.safetensors")).unwrap();
+        (
+            losses(&out.path().join("metrics.jsonl")),
+            d.meta().extra.get("caption_dropout").cloned(),
+        )
+    };
+    let (with, recorded) = run(1.0);
+    let (without, none) = run(0.0);
+    assert_ne!(with, without);
+    assert_eq!((recorded.as_deref(), none), (Some("1"), None));
 }

@@ -116,6 +116,11 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         }),
         out: a.out.clone(),
         loss_scale: Default::default(),
+        recipe: train::Recipe {
+            min_snr_gamma: a.min_snr_gamma,
+            noise_offset: a.noise_offset,
+            caption_dropout: a.caption_dropout,
+        },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
         None => None,
