@@ -2,8 +2,11 @@
 //! embeddings, UNet forward and backward to the adapters, AdamW), as one JSON line:
 //!
 //! ```text
-//! cargo run --release -p atomtune-train --example step_bench -- MODEL_DIR IMAGES_DIR METHOD LATENT STEPS
+//! cargo run --release -p atomtune-train --example step_bench -- MODEL_DIR IMAGES_DIR METHOD LATENT STEPS [RECIPE]
 //! ```
+//!
+//! `RECIPE`: `plain` (default), `min-snr` (gamma 5), `noise-offset` (0.1), `caption-dropout`
+//! (0.1) or `all`: what each training recipe option costs per step.
 //!
 //! `LATENT` is the latent side (the training resolution is 8x that). The median is over `STEPS`
 //! steps after two warm-up steps. `scripts/bench-train.sh` runs it next to the PyTorch peer.
@@ -38,6 +41,21 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let method: Method = a.get(2).map_or("atoms", |s| s.as_str()).parse()?;
     let latent: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
     let steps: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let recipe_name = a.get(5).cloned().unwrap_or_else(|| "plain".into());
+    let on = |name: &str| recipe_name == name || recipe_name == "all";
+    let recipe = train::Recipe {
+        min_snr_gamma: on("min-snr").then_some(5.0),
+        noise_offset: if on("noise-offset") { 0.1 } else { 0.0 },
+        caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
+    };
+    if !["plain", "min-snr", "noise-offset", "caption-dropout", "all"]
+        .contains(&recipe_name.as_str())
+    {
+        return Err(format!(
+            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout or all"
+        )
+        .into());
+    }
     let t0 = Instant::now();
     let sd = StableDiffusion::load(&model, &LoadOptions::default())?;
     let cfg = TrainConfig {
@@ -70,7 +88,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         validation: None,
         out: std::env::temp_dir().join("atomtune-step-bench"),
         loss_scale: Default::default(),
-        recipe: Default::default(),
+        recipe,
     };
     let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {})?;
     let prepare_s = t0.elapsed().as_secs_f64();
@@ -83,7 +101,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     times.sort_by(f64::total_cmp);
     println!(
-        "{{\"model\": \"{}\", \"method\": \"{method}\", \"latent\": {latent}, \"median_step_s\": {:.4}, \"min_step_s\": {:.4}, \"steps\": {steps}, \"prepare_s\": {prepare_s:.2}, \"peak_rss_gb\": {:.3}, \"threads\": {}}}",
+        "{{\"model\": \"{}\", \"method\": \"{method}\", \"recipe\": \"{recipe_name}\", \"latent\": {latent}, \"median_step_s\": {:.4}, \"min_step_s\": {:.4}, \"steps\": {steps}, \"prepare_s\": {prepare_s:.2}, \"peak_rss_gb\": {:.3}, \"threads\": {}}}",
         std::path::Path::new(&model).file_name().map_or(model.clone(), |f| f.to_string_lossy().into_owned()),
         times[times.len() / 2],
         times[0],
