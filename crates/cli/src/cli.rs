@@ -493,6 +493,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0, value_name = "P")]
     pub caption_dropout: f64,
 
+    /// Write the exponential moving average of the tuned parameters (this decay, 0.999 is
+    /// usual) as the delta; checkpoints keep the raw parameters too, so resume stays exact.
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
+
     /// Sampling steps for generated class images.
     #[arg(long, default_value_t = 25)]
     pub class_sample_steps: usize,

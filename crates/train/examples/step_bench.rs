@@ -6,7 +6,7 @@
 //! ```
 //!
 //! `RECIPE`: `plain` (default), `min-snr` (gamma 5), `noise-offset` (0.1), `caption-dropout`
-//! (0.1) or `all`: what each training recipe option costs per step.
+//! (0.1), `ema` (0.999) or `all`: what each training recipe option costs per step.
 //!
 //! `LATENT` is the latent side (the training resolution is 8x that). The median is over `STEPS`
 //! steps after two warm-up steps. `scripts/bench-train.sh` runs it next to the PyTorch peer.
@@ -47,6 +47,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         min_snr_gamma: on("min-snr").then_some(5.0),
         noise_offset: if on("noise-offset") { 0.1 } else { 0.0 },
         caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
+        ema: on("ema").then_some(0.999),
     };
     if !["plain", "min-snr", "noise-offset", "caption-dropout", "all"]
         .contains(&recipe_name.as_str())

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
+pub mod ema;
 mod error;
 pub mod loss_scale;
 pub mod lr;

@@ -1,5 +1,5 @@
 //! Training recipes users reach for first (kohya, diffusers' scripts): Min-SNR loss weighting,
-//! offset noise, caption dropout. Each is off by default, and a run without them draws the same
+//! offset noise, caption dropout, an EMA of the tuned parameters ([`crate::ema`]). Each is off by default, and a run without them draws the same
 //! random numbers as before they existed.
 
 use candle_core::{DType, Device, Tensor};
@@ -20,6 +20,9 @@ pub struct Recipe {
     pub noise_offset: f64,
     /// The probability that an example's caption is replaced by the empty text.
     pub caption_dropout: f64,
+    /// The decay of an exponential moving average of the tuned parameters, written as the delta
+    /// ([`crate::ema`]).
+    pub ema: Option<f64>,
 }
 
 impl Recipe {
@@ -36,6 +39,11 @@ impl Recipe {
         if !(self.noise_offset >= 0.0 && self.noise_offset.is_finite()) {
             return Err(Error::Config(
                 "--noise-offset must be a number >= 0 (0.05-0.1 is usual)".into(),
+            ));
+        }
+        if self.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
+            return Err(Error::Config(
+                "--ema must be a decay in (0, 1) (0.999 is usual)".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
@@ -62,6 +70,9 @@ impl Recipe {
         }
         if self.caption_dropout > 0.0 {
             v.push(("caption_dropout", self.caption_dropout.to_string()));
+        }
+        if let Some(d) = self.ema {
+            v.push(("ema", d.to_string()));
         }
         v
     }

@@ -6,7 +6,7 @@
 //! noise) comes from one seeded generator on the host, saved in checkpoints, so a resumed run
 //! ends bit-identical to an uninterrupted one on the CPU.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use crate::cache::LatentCache;
 use crate::checkpoint::{self, LoopState};
 use crate::config::TrainConfig;
 use crate::dataset::{self, ImageOptions};
+use crate::ema::Ema;
 use crate::loss_scale::LossScaler;
 use crate::optim::{collect_grads, grad_norm, AdamW};
 use crate::prior::{ensure_class_images, ClassImageOptions};
@@ -111,6 +112,8 @@ pub struct Trainer<'a> {
     scaler: Option<LossScaler>,
     /// The embedding of the empty caption, with caption dropout.
     empty_text: Option<PromptEmbeds>,
+    /// The moving average of the parameters, with `--ema`.
+    ema: Option<Ema>,
 }
 
 fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
@@ -280,8 +283,22 @@ impl<'a> Trainer<'a> {
             }
         };
         let mut opt = AdamW::new(layers.vars(), cfg.adamw)?;
-        if let Some(s) = opt_state {
+        let mut ema = cfg
+            .recipe
+            .ema
+            .map(|d| Ema::new(opt.vars(), d))
+            .transpose()?;
+        if let Some(mut s) = opt_state {
+            let averages: HashMap<String, Tensor> = s
+                .iter()
+                .filter(|(k, _)| k.starts_with(crate::ema::PREFIX))
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect();
+            s.retain(|k, _| !k.starts_with(crate::ema::PREFIX));
             opt.load_state(&s)?;
+            if let Some(e) = &mut ema {
+                e.load_state(&averages)?;
+            }
         }
         let scaler = (sd.unet.dtype() == DType::F16).then(|| match scale_state {
             Some(s) => LossScaler::from_state(cfg.loss_scale, s),
@@ -317,6 +334,7 @@ impl<'a> Trainer<'a> {
             fingerprints: BTreeMap::new(),
             scaler,
             empty_text,
+            ema,
         })
     }
 
@@ -478,6 +496,9 @@ impl<'a> Trainer<'a> {
         );
         if apply {
             self.opt.step(&acc, lr, clip / loss_scale.unwrap_or(1.0))?;
+            if let Some(e) = &mut self.ema {
+                e.update(self.opt.vars())?;
+            }
         }
         self.step += 1;
         Ok(StepReport {
@@ -561,6 +582,23 @@ impl<'a> Trainer<'a> {
         Ok(delta)
     }
 
+    /// The delta the run hands out: the moving average of the parameters with `--ema`, else
+    /// the parameters (checkpoints always hold the raw ones).
+    pub fn output_delta(&mut self) -> Result<Delta> {
+        let Some(e) = &self.ema else {
+            return self.delta();
+        };
+        let vars = self.opt.vars().to_vec();
+        let raw = e.swap_in(&vars)?;
+        // a delta's tensors share the variables' storage, which the restore overwrites in
+        // place: keep a copy of its bytes
+        let delta = self
+            .delta()
+            .and_then(|d| Ok(Delta::from_bytes(&d.to_bytes()?)?));
+        Ema::restore(&vars, &raw)?;
+        delta
+    }
+
     /// Writes a checkpoint of the current step under `OUT/checkpoints`.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let delta = self.delta()?;
@@ -574,12 +612,11 @@ impl<'a> Trainer<'a> {
             fingerprint: self.cfg.fingerprint(),
             loss_scale: self.scaler.as_ref().map(LossScaler::state),
         };
-        checkpoint::write(
-            &self.cfg.out.join("checkpoints"),
-            &delta,
-            &self.opt.state()?,
-            &state,
-        )
+        let mut tensors = self.opt.state()?;
+        if let Some(e) = &self.ema {
+            tensors.extend(e.state()?);
+        }
+        checkpoint::write(&self.cfg.out.join("checkpoints"), &delta, &tensors, &state)
     }
 
     /// Samples the validation prompt with the adapters as they are now; returns the PNGs.
@@ -763,7 +800,7 @@ pub fn run(
         }
     }
     let delta_path = out.join("delta.safetensors");
-    t.delta()?.write(&delta_path)?;
+    t.output_delta()?.write(&delta_path)?;
     crate::plot::write_loss_curve(&out.join("loss.png"), &read_losses(&metrics_path))?;
     Ok(Outcome {
         delta: delta_path,

@@ -147,6 +147,7 @@ fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
         min_snr_gamma: Some(5.0),
         noise_offset: 0.1,
         caption_dropout: 0.3,
+        ema: Some(0.9),
     };
     for (name, recipe) in [
         ("tiny-sd15-shape", train::Recipe::default()),
@@ -688,4 +689,55 @@ fn caption_dropout_trains_on_the_empty_text_and_is_recorded() {
     let (without, none) = run(0.0);
     assert_ne!(with, without);
     assert_eq!((recorded.as_deref(), none), (Some("1"), None));
+}
+
+/// `--ema`: the delta a run writes is the moving average of the parameters after each step,
+/// worked out here from the raw parameters of every step.
+#[test]
+fn the_ema_delta_is_the_moving_average_of_the_steps() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let out = tempfile::tempdir().unwrap();
+    let decay = 0.8;
+    let cfg = TrainConfig {
+        recipe: train::Recipe {
+            ema: Some(decay),
+            ..Default::default()
+        },
+        ..config(imgs.path(), out.path(), Method::Atoms, 1e-2, 4)
+    };
+    let sd = load(&fx);
+    let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {}).unwrap();
+    let flat = |d: &Delta| -> Vec<f32> {
+        let mut v = Vec::new();
+        for tensors in d.layers().values() {
+            for x in tensors.values() {
+                v.extend(x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
+        v
+    };
+    let mut ema = flat(&t.delta().unwrap());
+    for _ in 0..4 {
+        t.train_step().unwrap();
+        let raw = flat(&t.delta().unwrap());
+        for (e, r) in ema.iter_mut().zip(&raw) {
+            *e = decay as f32 * *e + (1.0 - decay as f32) * r;
+        }
+    }
+    let raw = flat(&t.delta().unwrap());
+    let got = flat(&t.output_delta().unwrap());
+    let err = got
+        .iter()
+        .zip(&ema)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = ema.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    assert!(
+        scale > 0.0 && err <= 1e-6 * scale.max(1.0),
+        "ema error {err} (scale {scale})"
+    );
+    assert_ne!(got, raw, "the average is not the last step");
+    // the raw parameters are untouched by writing the average
+    assert_eq!(flat(&t.delta().unwrap()), raw);
 }

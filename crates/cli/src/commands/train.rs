@@ -120,6 +120,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             min_snr_gamma: a.min_snr_gamma,
             noise_offset: a.noise_offset,
             caption_dropout: a.caption_dropout,
+            ema: a.ema,
         },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
