@@ -36,6 +36,7 @@ impl From<CheckpointArg> for models::Checkpointing {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Teach the model a subject from a folder of photos; writes a small delta file.
+    #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Generate images from prompts with a base model and any number of deltas; PNGs carry
     /// their generation parameters.
@@ -420,6 +421,16 @@ mod tests {
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+
+    /// A TOML file of flags (`max_steps = 400`, ...; every flag of train is a key); flags given
+    /// here override it. Each run writes its whole configuration to OUT/config.toml, so
+    /// `--config OUT/config.toml` repeats it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+
+    /// The run's effective configuration as TOML (filled in by main, written to OUT/config.toml).
+    #[arg(skip)]
+    pub effective_config: String,
 
     /// The folder of subject photos (3-10 are typical). `name.txt` beside `name.jpg` is that
     /// image's caption.

@@ -6,6 +6,7 @@
 mod base_model;
 mod cli;
 mod commands;
+mod config_file;
 mod device;
 mod format;
 mod progress;
@@ -13,11 +14,27 @@ mod progress;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
     models::tune_process();
-    let cli = cli::Cli::parse();
+    let cmd = cli::Cli::command();
+    // `train --config FILE` becomes the file's flags followed by the command line's.
+    let argv = match config_file::expand(std::env::args_os().collect(), &cmd) {
+        Ok(a) => a,
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| e.exit());
+    let mut cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let cli::Command::Train(t) = &mut cli.command {
+        t.effective_config = config_file::effective(&cmd, &matches);
+    }
     // The model runs on one of the compute threads (models::on_compute_thread says why).
     match models::on_compute_thread(move || commands::run(cli)) {
         Ok(code) => code,

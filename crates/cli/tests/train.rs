@@ -424,3 +424,89 @@ fn portable_kernels_train_the_same_run() {
         "{err}"
     );
 }
+
+/// `--config FILE.toml`: the run's own OUT/config.toml repeats it bit for bit; flags on the
+/// command line override the file; an unknown key is an error naming it.
+#[test]
+fn a_config_file_repeats_a_run_and_flags_override_it() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 2).is_none() {
+        return;
+    }
+    let a = tmp.path().join("a");
+    let mut args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "3",
+    );
+    args.extend(["--min-snr-gamma", "5", "--flip", "--lr", "0.003"]);
+    let o = atomtune(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("min_snr_gamma = 5") && cfg.contains("flip = true"),
+        "{cfg}"
+    );
+    // the same run from the file, into another folder given on the command line
+    let b = tmp.path().join("b");
+    let o = atomtune(&[
+        "train",
+        "--config",
+        a.join("config.toml").to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let losses = |d: &Path| -> Vec<String> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
+            .collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+    let bits = |d: &Path| -> Vec<Vec<u32>> {
+        let delta = Delta::read(&d.join("delta.safetensors")).unwrap();
+        delta
+            .layers()
+            .values()
+            .flat_map(|t| t.values())
+            .map(|x| {
+                x.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    assert!(bits(&a) == bits(&b), "the deltas differ");
+    // a flag overrides the file
+    let c = tmp.path().join("c");
+    let o = atomtune(&[
+        "train",
+        "--config",
+        a.join("config.toml").to_str().unwrap(),
+        "--out",
+        c.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(losses(&c).len(), 1);
+    // unknown keys are named
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "max_steps = 2\nmax_step = 3\n").unwrap();
+    let o = atomtune(&["train", "--config", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("unknown key `max_step`") && e.contains("bad.toml"),
+        "{e}"
+    );
+}

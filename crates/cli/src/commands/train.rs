@@ -136,6 +136,14 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         Some(dir) => Some(PathBuf::from(dir)),
     };
 
+    if !a.effective_config.is_empty() {
+        let path = a.out.join("config.toml");
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("creating --out {}", a.out.display()))?;
+        atoms::io::write_atomic(&path, a.effective_config.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+
     // Ctrl-C once: finish the step, checkpoint, write the delta, exit 0. Twice: stop at once.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register_conditional_shutdown(
