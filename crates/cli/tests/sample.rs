@@ -276,3 +276,86 @@ fn bad_flags_get_errors_that_name_them() {
         "{e}"
     );
 }
+
+/// Seeds wrap (`seed + i` overflowed in debug builds), and validation images carry the same
+/// infotext as `atomtune sample`'s.
+#[test]
+fn seeds_wrap_and_validation_images_carry_samples_infotext() {
+    let Some(fx) = fixture() else { return };
+    let Some(photos) = testutil::shared_path("datasets/dreambooth/dog") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    ok(&atomtune(&[
+        "sample",
+        "--model",
+        fx.to_str().unwrap(),
+        "--prompt",
+        "a dog",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "18446744073709551615",
+        "--num-images",
+        "2",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let seeds: Vec<String> = pngs(&out)
+        .iter()
+        .map(|p| {
+            let info = Infotext::parse(&read_png(p).unwrap().parameters.unwrap());
+            info.map()["Seed"].to_string()
+        })
+        .collect();
+    assert_eq!(seeds, vec!["18446744073709551615", "0"]);
+    let images = tmp.path().join("photos");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
+    let run = tmp.path().join("run");
+    ok(&atomtune(&[
+        "train",
+        "--model",
+        fx.to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+        "--class",
+        "dog",
+        "--out",
+        run.to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "1",
+        "--validation-prompt",
+        "a photo of {token} dog",
+        "--validation-every",
+        "1",
+        "--validation-steps",
+        "1",
+        "--quiet",
+    ]));
+    let v = pngs(&run.join("samples"));
+    let info = Infotext::parse(&read_png(&v[0]).unwrap().parameters.unwrap());
+    let m = info.map();
+    for key in [
+        "Steps",
+        "Sampler",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Model",
+        "Scheduler",
+        "Training step",
+        "Version",
+    ] {
+        assert!(m.contains_key(key), "{key} missing: {m:?}");
+    }
+    assert_eq!(info.prompt, "a photo of sks dog");
+}

@@ -33,6 +33,35 @@ fn quote(v: &str) -> String {
 }
 
 impl Infotext {
+    /// What an image made by `req` with `model` carries (every PNG atomtune writes: `sample`'s,
+    /// class images, validation images): steps, sampler, CFG scale, seed, size, model,
+    /// scheduler, then `extra` pairs (deltas, latents, training step...), then the version.
+    pub fn of_request(
+        req: &crate::Request,
+        model: &str,
+        extra: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        let mut params = vec![
+            ("Steps".to_string(), req.steps.to_string()),
+            ("Sampler".into(), req.scheduler.a1111_name().into()),
+            ("CFG scale".into(), req.guidance.to_string()),
+            ("Seed".into(), req.seed.to_string()),
+            ("Size".into(), format!("{}x{}", req.width, req.height)),
+            ("Model".into(), model.to_string()),
+            ("Scheduler".into(), req.scheduler.name().into()),
+        ];
+        params.extend(extra);
+        params.push((
+            "Version".into(),
+            format!("atomtune {}", env!("CARGO_PKG_VERSION")),
+        ));
+        Infotext {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
+            params,
+        }
+    }
+
     /// The `parameters` text.
     pub fn render(&self) -> String {
         let mut s = self.prompt.clone();

@@ -24,7 +24,7 @@ pub struct ClassImageOptions {
     pub guidance: f64,
     /// Image side in pixels.
     pub resolution: usize,
-    /// Seeds are `seed + index`.
+    /// Seeds are `seed + index` (wrapping).
     pub seed: u64,
 }
 
@@ -59,7 +59,7 @@ pub fn ensure_class_images(
                 break p;
             }
         };
-        let seed = o.seed + (index - 1) as u64;
+        let seed = o.seed.wrapping_add((index - 1) as u64);
         let req = Request {
             prompt: o.prompt.clone(),
             negative_prompt: None,
@@ -73,19 +73,7 @@ pub fn ensure_class_images(
         };
         let out = pipe.generate(&req, &mut |_| {})?;
         let (w, h, rgb) = to_rgb8(&out.image)?.remove(0);
-        let info = Infotext {
-            prompt: o.prompt.clone(),
-            negative_prompt: String::new(),
-            params: vec![
-                ("Steps".into(), o.steps.to_string()),
-                ("Sampler".into(), scheduler.a1111_name().into()),
-                ("CFG scale".into(), o.guidance.to_string()),
-                ("Seed".into(), seed.to_string()),
-                ("Size".into(), format!("{w}x{h}")),
-                ("Model".into(), sd.id.clone()),
-                ("Scheduler".into(), scheduler.name().into()),
-            ],
-        };
+        let info = Infotext::of_request(&req, &sd.id, []);
         png_io::write_png(&path, w, h, &rgb, &info.render())?;
         written.push(path);
         progress(k + 1, missing);

@@ -641,22 +641,13 @@ impl<'a> Trainer<'a> {
                 scheduler: pipe.default_scheduler().0,
                 width: self.cfg.resolution,
                 height: self.cfg.resolution,
-                seed: self.cfg.seed + i as u64,
+                seed: self.cfg.seed.wrapping_add(i as u64),
                 latents: None,
             };
             let g = pipe.generate(&req, &mut |_| {})?;
             let (w, h, rgb) = sample::pipeline::to_rgb8(&g.image)?.remove(0);
-            let info = sample::Infotext {
-                prompt: prompt.clone(),
-                negative_prompt: String::new(),
-                params: vec![
-                    ("Steps".into(), v.steps.to_string()),
-                    ("Seed".into(), req.seed.to_string()),
-                    ("Size".into(), format!("{w}x{h}")),
-                    ("Model".into(), self.sd.id.clone()),
-                    ("Training step".into(), self.step.to_string()),
-                ],
-            };
+            let step = ("Training step".to_string(), self.step.to_string());
+            let info = sample::Infotext::of_request(&req, &self.sd.id, [step]);
             let path = dir.join(format!("step-{:06}-{i}.png", self.step));
             sample::png_io::write_png(&path, w, h, &rgb, &info.render())?;
             out.push(path);

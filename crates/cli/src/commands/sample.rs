@@ -179,7 +179,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
     let mut first_info = None;
     for prompt in &prompts {
         for i in 0..args.num_images {
-            let s = seed + i as u64;
+            let s = seed.wrapping_add(i as u64);
             let req = Request {
                 prompt: prompt.clone(),
                 negative_prompt: args.negative_prompt.clone(),
@@ -206,31 +206,14 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
                 }
             }
             let (w, h, rgb) = to_rgb8(&out.image)?.remove(0);
-            let mut params = vec![
-                ("Steps".to_string(), args.steps.to_string()),
-                ("Sampler".into(), kind.a1111_name().into()),
-                ("CFG scale".into(), args.guidance.to_string()),
-                ("Seed".into(), s.to_string()),
-                ("Size".into(), format!("{w}x{h}")),
-                ("Model".into(), args.model.model.clone()),
-                ("Scheduler".into(), kind.name().into()),
-            ];
+            let mut extra = Vec::new();
             if !deltas_text.is_empty() {
-                params.push(("Deltas".into(), deltas_text.clone()));
+                extra.push(("Deltas".to_string(), deltas_text.clone()));
             }
             if let Some(l) = &args.latents {
-                params.push(("Latents".into(), l.display().to_string()));
+                extra.push(("Latents".into(), l.display().to_string()));
             }
-            params.push((
-                "Version".into(),
-                format!("atomtune {}", env!("CARGO_PKG_VERSION")),
-            ));
-            let info = Infotext {
-                prompt: prompt.clone(),
-                negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
-                params,
-            }
-            .render();
+            let info = Infotext::of_request(&req, &args.model.model, extra).render();
             let path: PathBuf = args.out.join(format!("{index:05}-{s}.png"));
             png_io::write_png(&path, w, h, &rgb, &info)?;
             rep.info(None, &format!("wrote {}", path.display()));
