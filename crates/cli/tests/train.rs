@@ -71,13 +71,12 @@ fn training_writes_a_small_delta_that_sample_can_use() {
     for f in ["delta.safetensors", "metrics.jsonl", "loss.png"] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    assert_eq!(
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        8
-    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    // the run's options, then one line per step
+    assert_eq!(metrics.lines().count(), 1 + 8);
+    let run: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(run["run"]["method"], "atoms");
+    assert_eq!(run["run"]["max_steps"], 8);
     let delta_path = out.join("delta.safetensors");
     let d = Delta::read(&delta_path).unwrap();
     assert_eq!(d.meta().steps, Some(8));
@@ -187,9 +186,10 @@ fn ctrl_c_leaves_a_checkpoint_and_a_delta_and_the_run_resumes() {
     let ck = train::checkpoint::read(&ck).unwrap();
     let d = Delta::read(&out.join("delta.safetensors")).unwrap();
     assert_eq!(d.meta().steps, Some(ck.state.step as u64));
+    // the run record, then a line per step
     assert_eq!(
         std::fs::read_to_string(&metrics).unwrap().lines().count(),
-        ck.state.step
+        1 + ck.state.step
     );
     // resume and finish a few more steps
     let target = (ck.state.step + 2).to_string();
@@ -280,6 +280,7 @@ fn gradient_checkpointing_trains_the_same_run() {
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
+            .skip(1)
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 v["loss"].as_f64().expect("a loss on every line")
@@ -378,6 +379,7 @@ fn portable_kernels_train_the_same_run() {
         let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
+            .skip(1)
             .map(|l| {
                 serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
                     .as_f64()
@@ -498,7 +500,7 @@ fn a_config_file_repeats_a_run_and_flags_override_it() {
         "1",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(losses(&c).len(), 1);
+    assert_eq!(losses(&c).len(), 1 + 1, "the run record and one step");
     // unknown keys are named
     let bad = tmp.path().join("bad.toml");
     std::fs::write(&bad, "max_steps = 2\nmax_step = 3\n").unwrap();

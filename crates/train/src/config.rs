@@ -104,6 +104,31 @@ impl TrainConfig {
             .replace("{class}", &self.class_word)
     }
 
+    /// The run's options as `metrics.jsonl`'s first line records them (`{"run": ...}`).
+    pub fn record(&self, base_model: &str) -> serde_json::Value {
+        let mut run = serde_json::json!({
+            "base_model": base_model,
+            "method": self.adapter.method.to_string(),
+            "targets": self.targets.to_string(),
+            "instance_prompt": self.instance_text(),
+            "resolution": self.resolution,
+            "lr": self.lr,
+            "lr_schedule": self.lr_schedule.to_string(),
+            "warmup_steps": self.warmup_steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_steps": self.max_steps,
+            "seed": self.seed,
+            "flip": self.flip,
+            "center_crop": self.center_crop,
+            "prior_preservation": self.prior.is_some(),
+        });
+        for (k, v) in self.recipe.entries() {
+            run[k] = serde_json::Value::String(v);
+        }
+        serde_json::json!({ "run": run })
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));

@@ -693,7 +693,8 @@ pub struct Outcome {
     pub checkpoint: Option<PathBuf>,
 }
 
-/// Keeps only the metrics of steps up to `step` (a resumed run rewrites what came after).
+/// Keeps the run record and the metrics of steps up to `step` (a resumed run rewrites what came
+/// after).
 fn trim_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
@@ -701,10 +702,10 @@ fn trim_metrics(path: &Path, step: usize) -> Result<()> {
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s as usize <= step)
+            let v = serde_json::from_str::<serde_json::Value>(l).ok();
+            v.as_ref().is_some_and(|v| v.get("run").is_some())
+                || v.and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s as usize <= step)
         })
         .collect();
     let mut out = kept.join("\n");
@@ -746,7 +747,9 @@ pub fn run(
     if resume.is_some() {
         trim_metrics(&metrics_path, t.step)?;
     } else {
-        atoms::io::write_atomic(&metrics_path, b"")?;
+        // the first line records the run's options
+        let first = format!("{}\n", t.cfg.record(&sd.id));
+        atoms::io::write_atomic(&metrics_path, first.as_bytes())?;
     }
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)

@@ -131,6 +131,7 @@ fn losses(p: &Path) -> Vec<u64> {
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
+        .skip(1) // the run's options
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
                 .as_f64()
