@@ -512,3 +512,53 @@ fn a_config_file_repeats_a_run_and_flags_override_it() {
         "{e}"
     );
 }
+
+/// A write that fails after training started (here the delta's path is taken by a folder, as a
+/// full disk would fail it) names the file, says the last checkpoint is intact and how to
+/// resume, and resuming then finishes the run; an --out that cannot be a folder is named.
+#[test]
+fn a_failed_write_names_the_file_and_the_checkpoint_to_resume_from() {
+    let Some(fx) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 1).is_none() {
+        return;
+    }
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(out.join("delta.safetensors")).unwrap();
+    let mut args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "2",
+    );
+    args.extend(["--checkpoint-every", "1"]);
+    let o = atomtune(&args);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("could not write")
+            && e.contains("delta.safetensors")
+            && e.contains("step-000002")
+            && e.contains("--resume latest"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(out.join("delta.safetensors")).unwrap();
+    args.extend(["--resume", "latest"]);
+    let o = atomtune(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("delta.safetensors").is_file());
+    // an --out under a file
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let bad = file.join("run");
+    let o = atomtune(&train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "1",
+    ));
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains(bad.to_str().unwrap()), "{e}");
+}

@@ -44,6 +44,17 @@ pub enum Error {
         /// The last good checkpoint, if any.
         last: String,
     },
+    /// Writing the run's output failed (a full disk, an unwritable folder) after training
+    /// started.
+    #[error("could not write {what}: {reason}\n{resume}")]
+    Write {
+        /// What was being written.
+        what: String,
+        /// Why it failed.
+        reason: String,
+        /// What is intact and how to go on.
+        resume: String,
+    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {

@@ -729,6 +729,22 @@ fn read_losses(path: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// A failed write of the run's output, saying what is intact and how to resume.
+fn write_failed(out: &Path, what: &str, e: Error) -> Error {
+    let resume = match checkpoint::latest(&out.join("checkpoints")) {
+        Some(p) => format!(
+            "the last checkpoint ({}) is intact: free some space or fix the folder, then run the same command again with --resume latest",
+            p.display()
+        ),
+        None => "no checkpoint was written yet: free some space or fix the folder, then run the same command again (add --checkpoint-every N to keep progress)".into(),
+    };
+    Error::Write {
+        what: what.into(),
+        reason: e.to_string(),
+        resume,
+    }
+}
+
 /// Runs a whole training: prepare (or resume), step to `max_steps` with checkpoints, validation
 /// and metrics, then write `OUT/delta.safetensors` and `OUT/loss.png`. When `stop` is set, the
 /// current step finishes, a checkpoint and the delta are written, and the run returns
@@ -768,11 +784,19 @@ pub fn run(
             line["loss_scale"] = scale.into();
             line["skipped"] = r.skipped.into();
         }
-        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        writeln!(metrics, "{line}").map_err(|e| {
+            write_failed(
+                &out,
+                &metrics_path.display().to_string(),
+                Error::io(&metrics_path, e),
+            )
+        })?;
         events(Event::Step(&r));
         let stopping = stop.load(Ordering::SeqCst);
         if t.cfg.checkpoint_every.is_some_and(|n| r.step % n == 0) || stopping {
-            let p = t.checkpoint()?;
+            let p = t.checkpoint().map_err(|e| {
+                write_failed(&out, &format!("the checkpoint of step {}", r.step), e)
+            })?;
             events(Event::Info(format!("checkpoint {}", p.display())));
             last_checkpoint = Some(p);
         }
@@ -794,8 +818,12 @@ pub fn run(
         }
     }
     let delta_path = out.join("delta.safetensors");
-    t.output_delta()?.write(&delta_path)?;
-    crate::plot::write_loss_curve(&out.join("loss.png"), &read_losses(&metrics_path))?;
+    t.output_delta()?
+        .write(&delta_path)
+        .map_err(|e| write_failed(&out, &delta_path.display().to_string(), e.into()))?;
+    let plot = out.join("loss.png");
+    crate::plot::write_loss_curve(&plot, &read_losses(&metrics_path))
+        .map_err(|e| write_failed(&out, &plot.display().to_string(), e))?;
     Ok(Outcome {
         delta: delta_path,
         steps: t.step,
