@@ -161,3 +161,67 @@ fn an_sdxl_single_file_round_trips_through_merge_and_the_loader() {
         .iter()
         .any(|k| k == "model.diffusion_model.label_emb.0.0.weight"));
 }
+
+/// The SD 2.x layout: a copy of tiny-sd15-shape whose text encoder is OpenCLIP's kind (exact
+/// GELU) is an SD 2.x model; written as a single file its encoder goes under
+/// `cond_stage_model.model.` with q, k, v fused, and reads back to the same embeddings.
+#[test]
+fn an_sd2_single_file_round_trips_through_merge_and_the_loader() {
+    use models::merge::{merge, MergeOutput, MergeSource};
+    let Some(src) = testutil::shared_path("fixtures/tiny-sd15-shape") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sd2");
+    copy_dir(&src, &dir);
+    let cfg = dir.join("text_encoder/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("\"quick_gelu\""));
+    // (the copy keeps the fixture's read-only mode: replace the file rather than write into it)
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"quick_gelu\"", "\"gelu\"")).unwrap();
+    let folder = StableDiffusion::load(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(folder.architecture, Architecture::Sd2);
+    let out = tmp.path().join("sd2.safetensors");
+    merge(
+        &MergeSource::Folder(dir.clone()),
+        None,
+        &MergeOutput {
+            family: folder.architecture,
+            unet: folder.unet.config(),
+            baked: &Default::default(),
+            out: &out,
+            dtype: candle_core::DType::F32,
+        },
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        model_config: Some(dir.display().to_string()),
+        ..LoadOptions::default()
+    };
+    let single = StableDiffusion::load(out.to_str().unwrap(), &opts).unwrap();
+    assert_eq!(single.architecture, Architecture::Sd2);
+    let (x, _) = single.encode(&["a photo of sks dog"]).unwrap();
+    let (y, _) = folder.encode(&["a photo of sks dog"]).unwrap();
+    assert_eq!(max_diff(&x.context, &y.context), 0.0);
+    let keys: Vec<String> = candle_core::safetensors::load(&out, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    assert!(keys
+        .iter()
+        .any(|k| k == "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"));
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
