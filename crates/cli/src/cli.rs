@@ -509,6 +509,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DECAY")]
     pub ema: Option<f64>,
 
+    /// Count the loss only where each photo's mask says: `name.mask.png` beside `name.jpg`
+    /// (white = learn), or else the photo's alpha channel; the mean over the mask on the latent
+    /// grid. Photos without a mask count everywhere.
+    #[arg(long)]
+    pub masked_loss: bool,
+
     /// Sampling steps for generated class images.
     #[arg(long, default_value_t = 25)]
     pub class_sample_steps: usize,

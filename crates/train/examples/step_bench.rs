@@ -48,6 +48,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         noise_offset: if on("noise-offset") { 0.1 } else { 0.0 },
         caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
         ema: on("ema").then_some(0.999),
+        masked_loss: false,
     };
     if !["plain", "min-snr", "noise-offset", "caption-dropout", "all"]
         .contains(&recipe_name.as_str())

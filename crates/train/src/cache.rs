@@ -29,6 +29,8 @@ pub struct CachedImage {
     pub original_size: (usize, usize),
     /// Where its center crop starts in the resized image, (top, left); (0, 0) when kept whole.
     pub crop: (usize, usize),
+    /// Its mask on the latent grid `[1, 1, h, w]` in 0..1, as is and mirrored (empty: none).
+    pub mask: Vec<Tensor>,
 }
 
 /// One training example drawn from the cache.
@@ -38,6 +40,8 @@ pub struct Drawn {
     pub latent: Tensor,
     /// SDXL's time ids of the example, `[1, 6]`: original size, crop top-left, target size.
     pub time_ids: Tensor,
+    /// Where the loss counts, `[1, 1, side, side]` in 0..1, for an image with a mask.
+    pub mask: Option<Tensor>,
 }
 
 /// Cached latents of a set of images and embeddings of their captions.
@@ -63,6 +67,26 @@ fn to_tensor(img: &RgbImage, device: &Device, dtype: DType) -> Result<Tensor> {
         .to_dtype(DType::F32)?;
     let t = ((t / 127.5)? - 1.0)?.unsqueeze(0)?;
     Ok(t.to_device(device)?.to_dtype(dtype)?)
+}
+
+/// A mask image (its first channel, 0..255) on an `lh x lw` latent grid: each cell the mean of
+/// the pixels it covers (area downsampling, as kohya's masked loss), in 0..1.
+fn latent_mask(m: &RgbImage, lh: usize, lw: usize, device: &Device) -> Result<Tensor> {
+    let (w, h) = (m.width() as usize, m.height() as usize);
+    let mut v = vec![0f32; lh * lw];
+    for (i, cell) in v.iter_mut().enumerate() {
+        let (cy, cx) = (i / lw, i % lw);
+        let (y0, y1) = (cy * h / lh, ((cy + 1) * h / lh).max(cy * h / lh + 1));
+        let (x0, x1) = (cx * w / lw, ((cx + 1) * w / lw).max(cx * w / lw + 1));
+        let mut sum = 0f32;
+        for y in y0..y1.min(h) {
+            for x in x0..x1.min(w) {
+                sum += m.get_pixel(x as u32, y as u32)[0] as f32 / 255.0;
+            }
+        }
+        *cell = sum / ((y1.min(h) - y0) * (x1.min(w) - x0)).max(1) as f32;
+    }
+    Ok(Tensor::from_vec(v, (1, 1, lh, lw), device)?)
 }
 
 impl LatentCache {
@@ -93,6 +117,15 @@ impl LatentCache {
                 mean.push(dist.mean.to_dtype(DType::F32)?);
                 std.push(dist.logvar.to_dtype(DType::F32)?.affine(0.5, 0.0)?.exp()?);
             }
+            let mut mask = Vec::new();
+            if let Some(m) = &img.mask {
+                let (_, _, lh, lw) = mean[0].dims4()?;
+                mask.push(latent_mask(m, lh, lw, &device)?);
+                if flip {
+                    let mirrored = image::imageops::flip_horizontal(m);
+                    mask.push(latent_mask(&mirrored, lh, lw, &device)?);
+                }
+            }
             let idx = match distinct.iter().position(|c| c == caption) {
                 Some(k) => k,
                 None => {
@@ -106,6 +139,7 @@ impl LatentCache {
                 caption: idx,
                 original_size: img.original_size,
                 crop: img.crop,
+                mask,
             });
             progress(i + 1, images.len());
         }
@@ -150,7 +184,7 @@ impl LatentCache {
                 0
             },
         );
-        self.example(i, &z, (dy, dx))
+        self.example(i, &z, (dy, dx), k)
     }
 
     /// The center crop of image `i`'s mean latent (not mirrored, not sampled): the fixed
@@ -159,17 +193,23 @@ impl LatentCache {
         let m = &self.images[i].mean[0];
         let (_, _, h, w) = m.dims4()?;
         let (dy, dx) = ((h - self.side.min(h)) / 2, (w - self.side.min(w)) / 2);
-        self.example(i, &(m * self.scaling)?, (dy, dx))
+        self.example(i, &(m * self.scaling)?, (dy, dx), 0)
     }
 
-    /// Image `i`'s example cut from latents `z` at latent offset `(dy, dx)`.
-    fn example(&self, i: usize, z: &Tensor, (dy, dx): (usize, usize)) -> Result<Drawn> {
+    /// Image `i`'s example cut from latents `z` (variant `k`: as is or mirrored) at latent
+    /// offset `(dy, dx)`.
+    fn example(&self, i: usize, z: &Tensor, (dy, dx): (usize, usize), k: usize) -> Result<Drawn> {
         let (_, _, h, w) = z.dims4()?;
         let (sh, sw) = (self.side.min(h), self.side.min(w));
         let img = &self.images[i];
         let f = self.factor;
         let crop = (img.crop.0 + dy * f, img.crop.1 + dx * f);
+        let mask = match img.mask.get(k) {
+            Some(m) => Some(m.narrow(2, dy, sh)?.narrow(3, dx, sw)?),
+            None => None,
+        };
         Ok(Drawn {
+            mask,
             latent: z.narrow(2, dy, sh)?.narrow(3, dx, sw)?,
             time_ids: TextTime::time_ids(img.original_size, crop, (sh * f, sw * f), z.device())?,
         })

@@ -27,6 +27,8 @@ pub struct ImageOptions {
     pub center_crop: bool,
     /// Warn about unreadable files and go on, instead of stopping.
     pub skip_bad: bool,
+    /// Read each image's mask (masked loss).
+    pub masks: bool,
 }
 
 /// One prepared training image.
@@ -42,10 +44,39 @@ pub struct TrainImage {
     pub original_size: (usize, usize),
     /// Where the center crop starts in the resized image, (top, left); (0, 0) when kept whole.
     pub crop: (usize, usize),
+    /// With masked loss: where to learn, 0..255 per pixel, prepared like `rgb` (from
+    /// `name.mask.png` beside the photo, white = learn, or else the photo's alpha channel).
+    pub mask: Option<RgbImage>,
 }
 
-/// Decodes one image file to RGB with its EXIF orientation applied.
-pub fn decode(path: &Path) -> Result<RgbImage> {
+/// The mask of the photo at `path`: `name.mask.png` beside it (its first channel; white =
+/// learn), else the photo's alpha channel, as RGB with the value in every channel; `None` when
+/// there is neither.
+pub fn mask_of(path: &Path) -> Result<Option<RgbImage>> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let beside = path.with_file_name(format!("{stem}.mask.png"));
+    if beside.is_file() {
+        let m = decode(&beside)?;
+        let mut out = m.clone();
+        for p in out.pixels_mut() {
+            *p = image::Rgb([p[0]; 3]);
+        }
+        return Ok(Some(out));
+    }
+    let img = decode_dynamic(path)?;
+    if !img.color().has_alpha() {
+        return Ok(None);
+    }
+    let rgba = img.to_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        *o = image::Rgb([p[3]; 3]);
+    }
+    Ok(Some(out))
+}
+
+/// Decodes one image file with its EXIF orientation applied.
+fn decode_dynamic(path: &Path) -> Result<DynamicImage> {
     let bad = |e: String| Error::BadImage {
         path: path.into(),
         reason: e,
@@ -58,6 +89,12 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
     let orientation = decoder.orientation().map_err(|e| bad(e.to_string()))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| bad(e.to_string()))?;
     img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Decodes one image file to RGB with its EXIF orientation applied.
+pub fn decode(path: &Path) -> Result<RgbImage> {
+    let img = decode_dynamic(path)?;
     Ok(if img.color().has_alpha() {
         // composite onto white: transparent backgrounds should not turn black
         let rgba = img.to_rgba8();
@@ -109,7 +146,13 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
+            // `name.mask.png` is the mask of `name.*`, not a photo
+            let is_mask = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.to_ascii_lowercase().ends_with(".mask.png"));
             p.is_file()
+                && !is_mask
                 && p.extension()
                     .and_then(|e| e.to_str())
                     .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
@@ -144,7 +187,30 @@ pub fn load_folder(
             Err(e) => return Err(Error::io(&caption_path, e)),
         };
         let (prepared, crop) = prepare(&rgb, opts.resolution, opts.center_crop);
+        let mask = if opts.masks {
+            match mask_of(&path)? {
+                Some(m) if m.dimensions() == rgb.dimensions() => {
+                    Some(prepare(&m, opts.resolution, opts.center_crop).0)
+                }
+                Some(m) => {
+                    return Err(Error::BadImage {
+                        path: path.clone(),
+                        reason: format!(
+                            "its mask is {}x{}, the photo {}x{}",
+                            m.width(),
+                            m.height(),
+                            rgb.width(),
+                            rgb.height()
+                        ),
+                    })
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
         out.push(TrainImage {
+            mask,
             original_size: (rgb.height() as usize, rgb.width() as usize),
             crop,
             rgb: prepared,
@@ -222,6 +288,7 @@ mod tests {
             resolution: 8,
             center_crop: true,
             skip_bad: false,
+            masks: false,
         };
         let e = load_folder(dir.path(), opts, &mut |_| {})
             .unwrap_err()
@@ -235,6 +302,7 @@ mod tests {
             dir.path(),
             ImageOptions {
                 skip_bad: true,
+                masks: false,
                 ..opts
             },
             &mut |w| warnings.push(w),

@@ -23,6 +23,9 @@ pub struct Recipe {
     /// The decay of an exponential moving average of the tuned parameters, written as the delta
     /// ([`crate::ema`]).
     pub ema: Option<f64>,
+    /// The loss counts only where each image's mask says (`name.mask.png` beside it, white =
+    /// learn, or its alpha channel), averaged over the mask on the latent grid.
+    pub masked_loss: bool,
 }
 
 impl Recipe {
@@ -73,6 +76,9 @@ impl Recipe {
         }
         if let Some(d) = self.ema {
             v.push(("ema", d.to_string()));
+        }
+        if self.masked_loss {
+            v.push(("masked_loss", "true".into()));
         }
         v
     }

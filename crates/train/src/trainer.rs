@@ -82,14 +82,37 @@ pub struct EvalSet {
 struct Conditioning {
     text: PromptEmbeds,
     time_ids: Tensor,
+    /// With masked loss: where each example's loss counts, `[b, 1, h, w]` in 0..1.
+    mask: Option<Tensor>,
 }
 
 impl Conditioning {
-    /// The batch of `parts` (text embeddings and time ids of one example each).
-    fn stack(text: &[&PromptEmbeds], time_ids: &[Tensor]) -> Result<Self> {
+    /// The batch of `parts` (text embeddings, time ids and masks of one example each); the
+    /// masks are kept when any example has one (the others count everywhere).
+    fn stack(
+        text: &[&PromptEmbeds],
+        time_ids: &[Tensor],
+        masks: &[Option<Tensor>],
+    ) -> Result<Self> {
+        let shape = masks.iter().flatten().next().map(|m| m.dims().to_vec());
+        let mask = match shape {
+            None => None,
+            Some(shape) => {
+                let device = time_ids[0].device();
+                let full: Vec<Tensor> = masks
+                    .iter()
+                    .map(|m| match m {
+                        Some(m) => Ok(m.clone()),
+                        None => Ok(Tensor::ones(shape.as_slice(), DType::F32, device)?),
+                    })
+                    .collect::<Result<_>>()?;
+                Some(Tensor::cat(&full, 0)?)
+            }
+        };
         Ok(Conditioning {
             text: PromptEmbeds::cat(text)?,
             time_ids: Tensor::cat(time_ids, 0)?,
+            mask,
         })
     }
 }
@@ -146,8 +169,22 @@ impl<'a> Trainer<'a> {
             resolution: cfg.resolution,
             center_crop: cfg.center_crop,
             skip_bad: cfg.skip_bad_images,
+            masks: cfg.recipe.masked_loss,
         };
         let images = dataset::load_folder(&cfg.images, opts, &mut |w| events(Event::Warn(w)))?;
+        if cfg.recipe.masked_loss {
+            let n = images.iter().filter(|i| i.mask.is_some()).count();
+            if n == 0 {
+                events(Event::Warn(
+                    "--masked-loss: no photo has a mask (name.mask.png beside it, or an alpha channel); the loss counts everywhere".into(),
+                ));
+            } else {
+                events(Event::Info(format!(
+                    "masked loss: {n} of {} photos have a mask",
+                    images.len()
+                )));
+            }
+        }
         let instance_text = cfg.instance_text();
         let captions: Vec<String> = images
             .iter()
@@ -184,8 +221,14 @@ impl<'a> Trainer<'a> {
                         p.class_dir.display()
                     )));
                 }
-                let mut class_images =
-                    dataset::load_folder(&p.class_dir, opts, &mut |w| events(Event::Warn(w)))?;
+                let mut class_images = dataset::load_folder(
+                    &p.class_dir,
+                    ImageOptions {
+                        masks: false,
+                        ..opts
+                    },
+                    &mut |w| events(Event::Warn(w)),
+                )?;
                 class_images.truncate(p.num_class_images);
                 let caps = vec![p.class_prompt.clone(); class_images.len()];
                 Some(LatentCache::build(
@@ -367,12 +410,14 @@ impl<'a> Trainer<'a> {
     /// One micro-batch's loss: `instance MSE + prior weight * class MSE`.
     fn micro_loss(&mut self) -> Result<Tensor> {
         let (mut zs, mut texts, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        let mut masks = Vec::new();
         for _ in 0..self.cfg.batch_size {
             let i = self.next_index();
             let flip = is_flip_index(&mut self.rng, self.cfg.flip);
             let d = self.instance.draw(i, flip, &mut self.rng)?;
             zs.push(d.latent);
             ids.push(d.time_ids);
+            masks.push(d.mask);
             texts.push(self.instance.embeddings[self.instance.images[i].caption].clone());
         }
         if let Some(prior) = &self.prior {
@@ -382,6 +427,7 @@ impl<'a> Trainer<'a> {
                 let d = prior.draw(j, flip, &mut self.rng)?;
                 zs.push(d.latent);
                 ids.push(d.time_ids);
+                masks.push(None);
                 texts.push(prior.embeddings[prior.images[j].caption].clone());
             }
         }
@@ -397,7 +443,7 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids)?;
+        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids, &masks)?;
         let eps = self.cfg.recipe.noise(&mut self.rng, &x0)?;
         self.loss_on(&x0, &cond, &t, &eps, self.cfg.batch_size)
     }
@@ -426,7 +472,18 @@ impl<'a> Trainer<'a> {
             .unet
             .forward_with(&xt.to_dtype(dtype)?, &tt, &text.context, text_time.as_ref())?
             .to_dtype(DType::F32)?;
-        let mut per_example = (pred - target)?.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let sq = (pred - target)?.sqr()?;
+        let mut per_example = match &cond.mask {
+            // the mean over where the mask is: sum(m * sq) / (sum(m) * channels); 0 where it
+            // is empty
+            Some(m) => {
+                let c = sq.dim(1)? as f64;
+                let num = sq.broadcast_mul(m)?.flatten_from(1)?.sum(D::Minus1)?;
+                let den = ((m.flatten_from(1)?.sum(D::Minus1)? * c)?.maximum(1e-12))?;
+                (num / den)?
+            }
+            None => sq.flatten_from(1)?.mean(D::Minus1)?,
+        };
         if let Some(w) =
             self.cfg
                 .recipe
@@ -518,10 +575,12 @@ impl<'a> Trainer<'a> {
     pub fn eval_set(&self, timesteps: &[usize], seed: u64) -> Result<EvalSet> {
         let mut rng = NoiseRng::new(seed);
         let (mut zs, mut texts, mut ids, mut ts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut masks = Vec::new();
         for (i, img) in self.instance.images.iter().enumerate() {
             let d = self.instance.center(i)?;
             for &t in timesteps {
                 zs.push(d.latent.clone());
+                masks.push(d.mask.clone());
                 ids.push(d.time_ids.clone());
                 texts.push(&self.instance.embeddings[img.caption]);
                 ts.push(t);
@@ -530,7 +589,7 @@ impl<'a> Trainer<'a> {
         let x0 = Tensor::cat(&zs, 0)?;
         Ok(EvalSet {
             noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
-            cond: Conditioning::stack(&texts, &ids)?,
+            cond: Conditioning::stack(&texts, &ids, &masks)?,
             x0,
             t: ts,
         })

@@ -149,6 +149,7 @@ fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
         noise_offset: 0.1,
         caption_dropout: 0.3,
         ema: Some(0.9),
+        masked_loss: false,
     };
     for (name, recipe) in [
         ("tiny-sd15-shape", train::Recipe::default()),
@@ -507,6 +508,7 @@ fn each_example_carries_its_photo_size_and_crop_as_time_ids() {
             resolution: 64,
             center_crop,
             skip_bad: false,
+            masks: false,
         };
         let images = load_folder(imgs.path(), opts, &mut |_| {}).unwrap();
         let captions = vec!["a photo of sks dog".to_string(); images.len()];
@@ -741,4 +743,57 @@ fn the_ema_delta_is_the_moving_average_of_the_steps() {
     assert_ne!(got, raw, "the average is not the last step");
     // the raw parameters are untouched by writing the average
     assert_eq!(flat(&t.delta().unwrap()), raw);
+}
+
+/// Writes `name.mask.png` beside photo `name.jpg` (512x512): white where `learn(x, y)`.
+fn write_mask(dir: &Path, name: &str, learn: impl Fn(u32, u32) -> bool) {
+    let m = image::GrayImage::from_fn(512, 512, |x, y| {
+        image::Luma([if learn(x, y) { 255 } else { 0 }])
+    });
+    m.save(dir.join(format!("{name}.mask.png"))).unwrap();
+}
+
+/// `--masked-loss`: the loss is the mean over where the mask is. With the left and the right
+/// half masked in turn, their mean is the unmasked loss (the same examples, timestep and noise);
+/// with a mask that is empty the loss and every gradient are zero; mask files are not photos.
+#[test]
+fn masked_loss_is_the_mean_where_the_mask_is() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(1) else { return };
+    let loss = |mask: Option<&dyn Fn(u32, u32) -> bool>| -> (f64, f64) {
+        let _ = std::fs::remove_file(imgs.path().join("00.mask.png"));
+        if let Some(m) = mask {
+            write_mask(imgs.path(), "00", m);
+        }
+        let out = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            recipe: train::Recipe {
+                masked_loss: mask.is_some(),
+                ..Default::default()
+            },
+            ..config(imgs.path(), out.path(), Method::Atoms, 1e-3, 1)
+        };
+        let sd = load(&fx);
+        let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {}).unwrap();
+        let set = t.eval_set(&[500], 3).unwrap();
+        let l = t.eval_loss(&set).unwrap();
+        let r = t.train_step().unwrap();
+        (l, r.grad_norm)
+    };
+    let (plain, _) = loss(None);
+    let (left, _) = loss(Some(&|x, _| x < 256));
+    let (right, _) = loss(Some(&|x, _| x >= 256));
+    let mean = (left + right) / 2.0;
+    assert!(
+        (mean - plain).abs() / plain < 1e-5,
+        "{left} and {right} average {mean}, unmasked {plain}"
+    );
+    assert!((left - right).abs() > 1e-6, "the halves differ");
+    let (zero, grad) = loss(Some(&|_, _| false));
+    assert_eq!((zero, grad), (0.0, 0.0));
+    assert_eq!(
+        train::dataset::image_files(imgs.path()).unwrap().len(),
+        1,
+        "a mask is not a photo"
+    );
 }

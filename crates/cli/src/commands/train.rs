@@ -121,6 +121,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             noise_offset: a.noise_offset,
             caption_dropout: a.caption_dropout,
             ema: a.ema,
+            masked_loss: a.masked_loss,
         },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
