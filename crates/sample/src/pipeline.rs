@@ -133,13 +133,9 @@ impl<'a> Pipeline<'a> {
         let Some(pooled) = &embeds.pooled else {
             return Ok(None);
         };
-        let b = pooled.dim(0)?;
         let ids = TextTime::time_ids((height, width), (0, 0), (height, width), pooled.device())?
-            .repeat((b, 1))?;
-        Ok(Some(TextTime {
-            text_embeds: pooled.clone(),
-            time_ids: ids,
-        }))
+            .repeat((pooled.dim(0)?, 1))?;
+        Ok(self.sd.text_time(embeds, &ids))
     }
 
     /// Runs one request; `progress` is called after each step.
