@@ -11,11 +11,9 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 
 use crate::dictionary::svd::top_eigenvectors;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The file's format.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,24 +69,7 @@ impl Exported {
 
     /// The safetensors file, with `metadata`.
     pub fn to_bytes(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
-        let data = self
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Ok((k.clone(), t.dims().to_vec(), bytes))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let views = data
-            .iter()
-            .map(|(k, shape, bytes)| {
-                let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map_err(|e| Error::Safetensors(e.to_string()))?;
-                Ok((k.as_str(), view))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
+        crate::io::safetensors_f32(self.tensors.iter().map(|(k, t)| (k.clone(), t)), metadata)
     }
 }
 

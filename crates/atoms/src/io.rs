@@ -5,6 +5,34 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// A safetensors file of `tensors` (name, tensor), every one stored as f32, with `metadata`.
+pub fn safetensors_f32<'a>(
+    tensors: impl IntoIterator<Item = (String, &'a candle_core::Tensor)>,
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    use safetensors::{tensor::TensorView, Dtype};
+    let data = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Ok((name, t.dims().to_vec(), bytes))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = data
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map_err(|e| Error::Safetensors(e.to_string()))?;
+            Ok((name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it over
 /// `path`: readers see the old file or the whole new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -13,24 +13,12 @@ use crate::{AdapterConfig, Error, Layout, Method, Result};
 impl Delta {
     /// The file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut data = Vec::new();
-        for (layer, tensors) in &self.layers {
-            for (suffix, t) in tensors {
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                data.push((format!("{layer}.{suffix}"), t.dims().to_vec(), bytes));
-            }
-        }
-        let views = data
-            .iter()
-            .map(|(name, shape, bytes)| {
-                let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map_err(|e| Error::Safetensors(e.to_string()))?;
-                Ok((name.as_str(), view))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(self.meta.to_metadata()))
-            .map_err(|e| Error::Safetensors(e.to_string()))
+        let tensors = self.layers.iter().flat_map(|(layer, tensors)| {
+            tensors
+                .iter()
+                .map(move |(suffix, t)| (format!("{layer}.{suffix}"), t))
+        });
+        crate::io::safetensors_f32(tensors, self.meta.to_metadata())
     }
 
     /// Writes the delta to `path` atomically (a temporary file renamed over `path`).
