@@ -193,6 +193,24 @@ pub struct ModelArgs {
     pub exact_f32: bool,
 }
 
+/// `--optimizer` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerArg {
+    /// AdamW at --lr.
+    Adamw,
+    /// Prodigy: the step size estimated, --lr its multiplier (default 1).
+    Prodigy,
+}
+
+impl From<OptimizerArg> for train::OptimizerKind {
+    fn from(a: OptimizerArg) -> Self {
+        match a {
+            OptimizerArg::Adamw => train::OptimizerKind::AdamW,
+            OptimizerArg::Prodigy => train::OptimizerKind::Prodigy,
+        }
+    }
+}
+
 /// `--prediction-type` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PredictionArg {
@@ -515,6 +533,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub masked_loss: bool,
 
+    /// The optimizer. `prodigy` (Mishchenko & Defazio 2023) estimates the step size itself:
+    /// --lr then multiplies its estimate and defaults to 1; it takes --adam-beta1/2 and
+    /// --weight-decay like AdamW.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+
     /// Sampling steps for generated class images.
     #[arg(long, default_value_t = 25)]
     pub class_sample_steps: usize,
@@ -555,7 +579,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "4x4")]
     pub block: String,
 
-    /// Peak learning rate (default: per method, from the sweep in README.md).
+    /// Peak learning rate (default: per method, from the sweep in README.md; 1 with
+    /// --optimizer prodigy).
     #[arg(long)]
     pub lr: Option<f64>,
 

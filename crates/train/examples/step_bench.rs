@@ -49,12 +49,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
         ema: on("ema").then_some(0.999),
         masked_loss: false,
+        optimizer: if on("prodigy") {
+            train::OptimizerKind::Prodigy
+        } else {
+            train::OptimizerKind::AdamW
+        },
     };
-    if !["plain", "min-snr", "noise-offset", "caption-dropout", "all"]
-        .contains(&recipe_name.as_str())
+    if ![
+        "plain",
+        "min-snr",
+        "noise-offset",
+        "caption-dropout",
+        "ema",
+        "prodigy",
+        "all",
+    ]
+    .contains(&recipe_name.as_str())
     {
         return Err(format!(
-            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout or all"
+            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy or all"
         )
         .into());
     }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
+use crate::prodigy::Prodigy;
 use crate::{Error, Result};
 
 /// AdamW's hyper-parameters.
@@ -112,6 +113,11 @@ impl AdamW {
     /// Restores a saved state; every shape must fit the parameters.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let bad = |reason: String| Error::Config(format!("optimizer state does not fit: {reason}"));
+        if state.contains_key("prodigy") {
+            return Err(bad(
+                "it is Prodigy's: the checkpoint was made with --optimizer prodigy".into(),
+            ));
+        }
         if state.len() != 2 * self.vars.len() + 1 {
             return Err(bad(format!(
                 "{} tensors for {} parameters",
@@ -143,6 +149,76 @@ impl AdamW {
             .unwrap_or(0)
             .max(0) as usize;
         Ok(())
+    }
+}
+
+/// Which optimizer a run uses (`--optimizer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// AdamW at the run's learning rate.
+    #[default]
+    AdamW,
+    /// Prodigy ([`crate::prodigy`]): AdamW with its step size estimated; the learning rate is a
+    /// multiplier of the estimate (1 is usual).
+    Prodigy,
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Prodigy => "prodigy",
+        })
+    }
+}
+
+/// The run's optimizer, whichever it is.
+pub enum Optimizer {
+    /// AdamW.
+    AdamW(AdamW),
+    /// Prodigy.
+    Prodigy(Prodigy),
+}
+
+impl Optimizer {
+    /// A fresh optimizer of `kind` over `vars` (Prodigy takes AdamW's betas, eps and decay).
+    pub fn new(kind: OptimizerKind, vars: Vec<Var>, config: AdamWConfig) -> Result<Self> {
+        Ok(match kind {
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(vars, config)?),
+            OptimizerKind::Prodigy => Optimizer::Prodigy(Prodigy::new(vars, config)?),
+        })
+    }
+
+    /// The parameters, in order.
+    pub fn vars(&self) -> &[Var] {
+        match self {
+            Optimizer::AdamW(o) => o.vars(),
+            Optimizer::Prodigy(o) => o.vars(),
+        }
+    }
+
+    /// One update (see each optimizer's `step`).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, scale: f64) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.step(grads, lr, scale),
+            Optimizer::Prodigy(o) => o.step(grads, lr, scale),
+        }
+    }
+
+    /// The state as named tensors, for a checkpoint.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Optimizer::AdamW(o) => o.state(),
+            Optimizer::Prodigy(o) => o.state(),
+        }
+    }
+
+    /// Restores a saved state.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.load_state(state),
+            Optimizer::Prodigy(o) => o.load_state(state),
+        }
     }
 }
 

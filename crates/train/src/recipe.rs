@@ -1,5 +1,6 @@
 //! Training recipes users reach for first (kohya, diffusers' scripts): Min-SNR loss weighting,
-//! offset noise, caption dropout, an EMA of the tuned parameters ([`crate::ema`]). Each is off by default, and a run without them draws the same
+//! offset noise, caption dropout, an EMA of the tuned parameters ([`crate::ema`]), masked loss,
+//! the Prodigy optimizer ([`crate::prodigy`]). Each is off by default, and a run without them draws the same
 //! random numbers as before they existed.
 
 use candle_core::{DType, Device, Tensor};
@@ -26,6 +27,8 @@ pub struct Recipe {
     /// The loss counts only where each image's mask says (`name.mask.png` beside it, white =
     /// learn, or its alpha channel), averaged over the mask on the latent grid.
     pub masked_loss: bool,
+    /// The optimizer.
+    pub optimizer: crate::OptimizerKind,
 }
 
 impl Recipe {
@@ -79,6 +82,9 @@ impl Recipe {
         }
         if self.masked_loss {
             v.push(("masked_loss", "true".into()));
+        }
+        if self.optimizer != crate::OptimizerKind::AdamW {
+            v.push(("optimizer", self.optimizer.to_string()));
         }
         v
     }

@@ -25,7 +25,7 @@ use crate::config::TrainConfig;
 use crate::dataset::{self, ImageOptions};
 use crate::ema::Ema;
 use crate::loss_scale::LossScaler;
-use crate::optim::{collect_grads, grad_norm, AdamW};
+use crate::optim::{collect_grads, grad_norm, Optimizer};
 use crate::prior::{ensure_class_images, ClassImageOptions};
 use crate::{Error, Result};
 
@@ -125,7 +125,7 @@ pub struct Trainer<'a> {
     prior: Option<LatentCache>,
     schedule: NoiseSchedule,
     prediction: Prediction,
-    opt: AdamW,
+    opt: Optimizer,
     rng: NoiseRng,
     order: Vec<usize>,
     pos: usize,
@@ -325,7 +325,7 @@ impl<'a> Trainer<'a> {
                 (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None, None)
             }
         };
-        let mut opt = AdamW::new(layers.vars(), cfg.adamw)?;
+        let mut opt = Optimizer::new(cfg.recipe.optimizer, layers.vars(), cfg.adamw)?;
         let mut ema = cfg
             .recipe
             .ema

@@ -149,12 +149,17 @@ fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
         noise_offset: 0.1,
         caption_dropout: 0.3,
         ema: Some(0.9),
-        masked_loss: false,
+        ..Default::default()
+    };
+    let prodigy = train::Recipe {
+        optimizer: train::OptimizerKind::Prodigy,
+        ..Default::default()
     };
     for (name, recipe) in [
         ("tiny-sd15-shape", train::Recipe::default()),
         ("tiny-sdxl-shape", train::Recipe::default()),
         ("tiny-sd15-shape", recipe),
+        ("tiny-sd15-shape", prodigy),
     ] {
         resumed_run_ends_bit_identical(name, recipe);
     }

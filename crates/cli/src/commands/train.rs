@@ -10,7 +10,7 @@ use atoms::{AdapterConfig, DictionaryKind, LassoOptions, Method};
 use models::{StableDiffusion, Targets};
 use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
 
-use crate::cli::TrainArgs;
+use crate::cli::{OptimizerArg, TrainArgs};
 use crate::device::{describe, device_and_dtype};
 use crate::format::bytes;
 use crate::progress::Reporter;
@@ -93,7 +93,11 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         }),
         adapter: adapter_config(a, method)?,
         targets,
-        lr: a.lr.unwrap_or_else(|| default_lr(method)),
+        lr: a.lr.unwrap_or_else(|| match a.optimizer {
+            // Prodigy's learning rate multiplies its own estimate of the step size
+            OptimizerArg::Prodigy => 1.0,
+            OptimizerArg::Adamw => default_lr(method),
+        }),
         lr_schedule: a.lr_schedule.parse()?,
         warmup_steps: a.warmup_steps,
         adamw: AdamWConfig {
@@ -122,6 +126,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             caption_dropout: a.caption_dropout,
             ema: a.ema,
             masked_loss: a.masked_loss,
+            optimizer: a.optimizer.into(),
         },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
