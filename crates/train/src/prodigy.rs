@@ -233,11 +233,11 @@ mod tests {
             let (d, dlr) = (self.d, self.d * lr);
             self.num *= beta3;
             let mut den = 0.0;
-            for k in 0..g.len() {
-                self.num += d / D0 * dlr * g[k] * (self.p0[k] - self.p[k]);
-                self.m[k] = c.beta1 * self.m[k] + d * (1.0 - c.beta1) * g[k];
-                self.v[k] = c.beta2 * self.v[k] + d * d * (1.0 - c.beta2) * g[k] * g[k];
-                self.s[k] = beta3 * self.s[k] + d / D0 * dlr * g[k];
+            for (k, &g) in g.iter().enumerate() {
+                self.num += d / D0 * dlr * g * (self.p0[k] - self.p[k]);
+                self.m[k] = c.beta1 * self.m[k] + d * (1.0 - c.beta1) * g;
+                self.v[k] = c.beta2 * self.v[k] + d * d * (1.0 - c.beta2) * g * g;
+                self.s[k] = beta3 * self.s[k] + d / D0 * dlr * g;
                 den += self.s[k].abs();
             }
             let d_hat = self.num / den;
