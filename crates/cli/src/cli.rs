@@ -533,6 +533,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub masked_loss: bool,
 
+    /// Keep each photo's aspect ratio: it goes to the bucket (sides multiples of 64, area about
+    /// --resolution^2, at most 4:1) nearest its shape that it covers, so it is never upscaled;
+    /// batches come from one bucket. The buckets and their counts are printed at the start.
+    #[arg(long)]
+    pub aspect_buckets: bool,
+
     /// The optimizer. `prodigy` (Mishchenko & Defazio 2023) estimates the step size itself:
     /// --lr then multiplies its estimate and defaults to 1; it takes --adam-beta1/2 and
     /// --weight-decay like AdamW.

@@ -49,6 +49,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
         ema: on("ema").then_some(0.999),
         masked_loss: false,
+        aspect_buckets: on("buckets"),
         optimizer: if on("prodigy") {
             train::OptimizerKind::Prodigy
         } else {
@@ -67,7 +68,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     .contains(&recipe_name.as_str())
     {
         return Err(format!(
-            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy or all"
+            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy, buckets or all"
         )
         .into());
     }

@@ -3,8 +3,9 @@
 //!
 //! Each image is encoded as it is and mirrored (when flips are on), keeping the latent
 //! distribution's mean and standard deviation; a training step samples `mean + std * noise` and,
-//! for images kept whole, crops a random `resolution / 8` square of the latents (a random crop of
-//! the image, done in latent space so it needs no VAE pass per step). Each drawn example carries
+//! for images kept whole, crops a random window of the training size (the resolution square or
+//! the photo's aspect bucket) out of the latents (a random crop of the image, done in latent
+//! space so it needs no VAE pass per step). Each drawn example carries
 //! SDXL's time ids: the photo's original size, where the crop starts (in the resized, possibly
 //! mirrored image, as diffusers' SDXL DreamBooth script records it), and the training size.
 
@@ -31,16 +32,19 @@ pub struct CachedImage {
     pub crop: (usize, usize),
     /// Its mask on the latent grid `[1, 1, h, w]` in 0..1, as is and mirrored (empty: none).
     pub mask: Vec<Tensor>,
+    /// The latent size of its examples, (height, width): the training size over the VAE's
+    /// downscale factor.
+    pub target: (usize, usize),
 }
 
 /// One training example drawn from the cache.
 #[derive(Clone, Debug)]
 pub struct Drawn {
-    /// The latent, `[1, c, side, side]`, times the VAE's scaling factor.
+    /// The latent, `[1, c, h, w]` (the image's target), times the VAE's scaling factor.
     pub latent: Tensor,
     /// SDXL's time ids of the example, `[1, 6]`: original size, crop top-left, target size.
     pub time_ids: Tensor,
-    /// Where the loss counts, `[1, 1, side, side]` in 0..1, for an image with a mask.
+    /// Where the loss counts, `[1, 1, h, w]` in 0..1, for an image with a mask.
     pub mask: Option<Tensor>,
 }
 
@@ -52,8 +56,6 @@ pub struct LatentCache {
     pub embeddings: Vec<PromptEmbeds>,
     /// The distinct captions, in the order of `embeddings`.
     pub captions: Vec<String>,
-    /// The latent side a training example has (`resolution / 8`).
-    pub side: usize,
     scaling: f64,
     /// Pixels per latent cell (the VAE's downscale factor).
     factor: usize,
@@ -96,7 +98,6 @@ impl LatentCache {
         sd: &StableDiffusion,
         images: &[TrainImage],
         captions: &[String],
-        resolution: usize,
         flip: bool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
@@ -140,6 +141,10 @@ impl LatentCache {
                 original_size: img.original_size,
                 crop: img.crop,
                 mask,
+                target: (
+                    img.size.0 / sd.vae.downscale(),
+                    img.size.1 / sd.vae.downscale(),
+                ),
             });
             progress(i + 1, images.len());
         }
@@ -151,7 +156,6 @@ impl LatentCache {
             images: cached,
             embeddings,
             captions: distinct,
-            side: resolution / sd.vae.downscale(),
             scaling: sd.vae.scaling_factor(),
             factor: sd.vae.downscale(),
         })
@@ -172,14 +176,15 @@ impl LatentCache {
         let noise = rng.randn(mean.dims(), DType::F32, mean.device())?;
         let z = ((mean + (std * noise)?)? * self.scaling)?;
         let (_, _, h, w) = z.dims4()?;
+        let (th, tw) = img.target;
         let (dy, dx) = (
-            if h > self.side {
-                rng.below((h - self.side + 1) as u64) as usize
+            if h > th {
+                rng.below((h - th + 1) as u64) as usize
             } else {
                 0
             },
-            if w > self.side {
-                rng.below((w - self.side + 1) as u64) as usize
+            if w > tw {
+                rng.below((w - tw + 1) as u64) as usize
             } else {
                 0
             },
@@ -192,7 +197,8 @@ impl LatentCache {
     pub fn center(&self, i: usize) -> Result<Drawn> {
         let m = &self.images[i].mean[0];
         let (_, _, h, w) = m.dims4()?;
-        let (dy, dx) = ((h - self.side.min(h)) / 2, (w - self.side.min(w)) / 2);
+        let (th, tw) = self.images[i].target;
+        let (dy, dx) = ((h - th.min(h)) / 2, (w - tw.min(w)) / 2);
         self.example(i, &(m * self.scaling)?, (dy, dx), 0)
     }
 
@@ -200,8 +206,8 @@ impl LatentCache {
     /// offset `(dy, dx)`.
     fn example(&self, i: usize, z: &Tensor, (dy, dx): (usize, usize), k: usize) -> Result<Drawn> {
         let (_, _, h, w) = z.dims4()?;
-        let (sh, sw) = (self.side.min(h), self.side.min(w));
         let img = &self.images[i];
+        let (sh, sw) = (img.target.0.min(h), img.target.1.min(w));
         let f = self.factor;
         let crop = (img.crop.0 + dy * f, img.crop.1 + dx * f);
         let mask = match img.mask.get(k) {

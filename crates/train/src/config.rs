@@ -147,6 +147,12 @@ impl TrainConfig {
                 self.resolution
             ));
         }
+        if self.recipe.aspect_buckets && self.resolution < crate::buckets::STEP {
+            return bad(format!(
+                "--aspect-buckets needs --resolution {} or more (bucket sides are multiples of it)",
+                crate::buckets::STEP
+            ));
+        }
         if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("--max-grad-norm must be > 0".into());
         }

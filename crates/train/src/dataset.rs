@@ -29,6 +29,9 @@ pub struct ImageOptions {
     pub skip_bad: bool,
     /// Read each image's mask (masked loss).
     pub masks: bool,
+    /// Keep each photo's aspect ratio: its training size is its bucket ([`crate::buckets`])
+    /// instead of a `resolution` square.
+    pub aspect_buckets: bool,
 }
 
 /// One prepared training image.
@@ -44,6 +47,8 @@ pub struct TrainImage {
     pub original_size: (usize, usize),
     /// Where the center crop starts in the resized image, (top, left); (0, 0) when kept whole.
     pub crop: (usize, usize),
+    /// The training size, (height, width) in pixels: the resolution square, or its bucket.
+    pub size: (usize, usize),
     /// With masked loss: where to learn, 0..255 per pixel, prepared like `rgb` (from
     /// `name.mask.png` beside the photo, white = learn, or else the photo's alpha channel).
     pub mask: Option<RgbImage>,
@@ -114,11 +119,21 @@ pub fn decode(path: &Path) -> Result<RgbImage> {
 /// Resizes so the short side is `resolution`, then center-crops to a square if asked; returns
 /// the image and where the crop starts, (top, left).
 pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> (RgbImage, (usize, usize)) {
+    prepare_to(img, (resolution, resolution), center_crop)
+}
+
+/// Resizes so the image just covers `width x height`, then center-crops to that size if asked;
+/// returns the image and where the crop starts, (top, left).
+pub fn prepare_to(
+    img: &RgbImage,
+    (width, height): (usize, usize),
+    center_crop: bool,
+) -> (RgbImage, (usize, usize)) {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let scale = resolution as f64 / w.min(h) as f64;
+    let scale = (width as f64 / w as f64).max(height as f64 / h as f64);
     let (nw, nh) = (
-        ((w as f64 * scale).round() as usize).max(resolution),
-        ((h as f64 * scale).round() as usize).max(resolution),
+        ((w as f64 * scale).round() as usize).max(width),
+        ((h as f64 * scale).round() as usize).max(height),
     );
     let resized = if (nw, nh) == (w, h) {
         img.clone()
@@ -128,15 +143,9 @@ pub fn prepare(img: &RgbImage, resolution: usize, center_crop: bool) -> (RgbImag
     if !center_crop {
         return (resized, (0, 0));
     }
-    let (x, y) = ((nw - resolution) / 2, (nh - resolution) / 2);
-    let crop = image::imageops::crop_imm(
-        &resized,
-        x as u32,
-        y as u32,
-        resolution as u32,
-        resolution as u32,
-    )
-    .to_image();
+    let (x, y) = ((nw - width) / 2, (nh - height) / 2);
+    let crop = image::imageops::crop_imm(&resized, x as u32, y as u32, width as u32, height as u32)
+        .to_image();
     (crop, (y, x))
 }
 
@@ -170,6 +179,7 @@ pub fn load_folder(
     warn: &mut dyn FnMut(String),
 ) -> Result<Vec<TrainImage>> {
     let mut out = Vec::new();
+    let buckets = crate::buckets::buckets(opts.resolution);
     for path in image_files(dir)? {
         let rgb = match decode(&path) {
             Ok(img) => img,
@@ -186,11 +196,16 @@ pub fn load_folder(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(&caption_path, e)),
         };
-        let (prepared, crop) = prepare(&rgb, opts.resolution, opts.center_crop);
+        let (width, height) = if opts.aspect_buckets {
+            crate::buckets::bucket_for((rgb.width() as usize, rgb.height() as usize), &buckets)
+        } else {
+            (opts.resolution, opts.resolution)
+        };
+        let (prepared, crop) = prepare_to(&rgb, (width, height), opts.center_crop);
         let mask = if opts.masks {
             match mask_of(&path)? {
                 Some(m) if m.dimensions() == rgb.dimensions() => {
-                    Some(prepare(&m, opts.resolution, opts.center_crop).0)
+                    Some(prepare_to(&m, (width, height), opts.center_crop).0)
                 }
                 Some(m) => {
                     return Err(Error::BadImage {
@@ -213,6 +228,7 @@ pub fn load_folder(
             mask,
             original_size: (rgb.height() as usize, rgb.width() as usize),
             crop,
+            size: (height, width),
             rgb: prepared,
             caption,
             path,
@@ -289,6 +305,7 @@ mod tests {
             center_crop: true,
             skip_bad: false,
             masks: false,
+            aspect_buckets: false,
         };
         let e = load_folder(dir.path(), opts, &mut |_| {})
             .unwrap_err()

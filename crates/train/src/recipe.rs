@@ -29,6 +29,8 @@ pub struct Recipe {
     pub masked_loss: bool,
     /// The optimizer.
     pub optimizer: crate::OptimizerKind,
+    /// Photos keep their aspect ratio in buckets ([`crate::buckets`]), batches drawn within one.
+    pub aspect_buckets: bool,
 }
 
 impl Recipe {
@@ -82,6 +84,9 @@ impl Recipe {
         }
         if self.masked_loss {
             v.push(("masked_loss", "true".into()));
+        }
+        if self.aspect_buckets {
+            v.push(("aspect_buckets", "true".into()));
         }
         if self.optimizer != crate::OptimizerKind::AdamW {
             v.push(("optimizer", self.optimizer.to_string()));

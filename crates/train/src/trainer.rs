@@ -72,6 +72,12 @@ pub struct StepReport {
 
 /// A fixed set of (latent, timestep, noise) to measure learning on.
 pub struct EvalSet {
+    /// One batch per latent shape (several with aspect buckets).
+    parts: Vec<EvalPart>,
+}
+
+/// Examples of one shape of an [`EvalSet`].
+struct EvalPart {
     x0: Tensor,
     cond: Conditioning,
     t: Vec<usize>,
@@ -139,6 +145,28 @@ pub struct Trainer<'a> {
     ema: Option<Ema>,
 }
 
+/// Prints the aspect buckets and their photo counts; warns of a bucket with fewer photos than a
+/// batch (its batches repeat photos).
+fn report_buckets(images: &[dataset::TrainImage], batch: usize, events: &mut dyn FnMut(Event<'_>)) {
+    let sizes: Vec<_> = images.iter().map(|i| (i.size.1, i.size.0)).collect();
+    let counts = crate::buckets::counts(&sizes);
+    let list: Vec<String> = counts
+        .iter()
+        .map(|((w, h), n)| format!("{w}x{h}: {n}"))
+        .collect();
+    events(Event::Info(format!(
+        "aspect buckets (WxH: photos) {}",
+        list.join(", ")
+    )));
+    for ((w, h), n) in counts {
+        if n < batch {
+            events(Event::Warn(format!(
+                "bucket {w}x{h} has {n} photo(s), fewer than --batch-size {batch}: its batches repeat them"
+            )));
+        }
+    }
+}
+
 fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
     flip && rng.unit() < 0.5
 }
@@ -170,6 +198,7 @@ impl<'a> Trainer<'a> {
             center_crop: cfg.center_crop,
             skip_bad: cfg.skip_bad_images,
             masks: cfg.recipe.masked_loss,
+            aspect_buckets: cfg.recipe.aspect_buckets,
         };
         let images = dataset::load_folder(&cfg.images, opts, &mut |w| events(Event::Warn(w)))?;
         if cfg.recipe.masked_loss {
@@ -184,6 +213,9 @@ impl<'a> Trainer<'a> {
                     images.len()
                 )));
             }
+        }
+        if cfg.recipe.aspect_buckets {
+            report_buckets(&images, cfg.batch_size, events);
         }
         let instance_text = cfg.instance_text();
         let captions: Vec<String> = images
@@ -225,6 +257,7 @@ impl<'a> Trainer<'a> {
                     &p.class_dir,
                     ImageOptions {
                         masks: false,
+                        aspect_buckets: false,
                         ..opts
                     },
                     &mut |w| events(Event::Warn(w)),
@@ -235,7 +268,6 @@ impl<'a> Trainer<'a> {
                     sd,
                     &class_images,
                     &caps,
-                    cfg.resolution,
                     cfg.flip,
                     &mut |done, total| {
                         events(Event::Phase {
@@ -247,20 +279,13 @@ impl<'a> Trainer<'a> {
                 )?)
             }
         };
-        let instance = LatentCache::build(
-            sd,
-            &images,
-            &captions,
-            cfg.resolution,
-            cfg.flip,
-            &mut |done, total| {
-                events(Event::Phase {
-                    name: "encoding images",
-                    done,
-                    total,
-                })
-            },
-        )?;
+        let instance = LatentCache::build(sd, &images, &captions, cfg.flip, &mut |done, total| {
+            events(Event::Phase {
+                name: "encoding images",
+                done,
+                total,
+            })
+        })?;
         let (path, text) = &sd.scheduler_config;
         let sc = SchedulerConfig::parse(path, text)?;
         let schedule = NoiseSchedule::from_config(&sc)?;
@@ -393,13 +418,15 @@ impl<'a> Trainer<'a> {
 
     fn next_index(&mut self) -> usize {
         if self.pos >= self.order.len() {
-            let n = self.instance.images.len();
-            let mut order: Vec<usize> = (0..n * self.cfg.repeats).map(|k| k % n).collect();
-            for i in (1..order.len()).rev() {
-                let j = self.rng.below(i as u64 + 1) as usize;
-                order.swap(i, j);
-            }
-            self.order = order;
+            let targets: Vec<(usize, usize)> =
+                self.instance.images.iter().map(|i| i.target).collect();
+            self.order = crate::buckets::epoch_order(
+                targets.len(),
+                self.cfg.repeats,
+                self.cfg.batch_size,
+                self.cfg.recipe.aspect_buckets.then_some(targets.as_slice()),
+                &mut self.rng,
+            );
             self.pos = 0;
         }
         let i = self.order[self.pos];
@@ -431,7 +458,6 @@ impl<'a> Trainer<'a> {
                 texts.push(prior.embeddings[prior.images[j].caption].clone());
             }
         }
-        let x0 = Tensor::cat(&zs, 0)?;
         let t: Vec<usize> = (0..zs.len())
             .map(|_| self.rng.below(self.schedule.len() as u64) as usize)
             .collect();
@@ -443,20 +469,50 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        let cond = Conditioning::stack(&texts.iter().collect::<Vec<_>>(), &ids, &masks)?;
-        let eps = self.cfg.recipe.noise(&mut self.rng, &x0)?;
-        self.loss_on(&x0, &cond, &t, &eps, self.cfg.batch_size)
+        // One UNet batch, or two when aspect buckets give the instance examples another shape
+        // than the (square) class images.
+        let n = zs.len();
+        let bs = self.cfg.batch_size;
+        let groups = if zs.iter().all(|z| z.dims() == zs[0].dims()) {
+            vec![0..n]
+        } else {
+            vec![0..bs, bs..n]
+        };
+        let mut per_example = Vec::new();
+        for g in groups {
+            let x0 = Tensor::cat(&zs[g.clone()], 0)?;
+            let text: Vec<&PromptEmbeds> = texts[g.clone()].iter().collect();
+            let cond = Conditioning::stack(&text, &ids[g.clone()], &masks[g.clone()])?;
+            let eps = self.cfg.recipe.noise(&mut self.rng, &x0)?;
+            per_example.push(self.per_example_loss(&x0, &cond, &t[g], &eps)?);
+        }
+        self.combine(&Tensor::cat(&per_example, 0)?, bs)
     }
 
-    /// The loss on given examples; the first `n_instance` are instance examples, the rest class
-    /// examples (weighted by the prior weight).
-    fn loss_on(
+    /// The batch loss of per-example losses `[n]`: the first `n_instance` are instance examples,
+    /// the rest class examples (weighted by the prior weight).
+    fn combine(&self, per_example: &Tensor, n_instance: usize) -> Result<Tensor> {
+        let n = per_example.dim(0)?;
+        let inst = per_example.narrow(0, 0, n_instance)?.mean_all()?;
+        if n > n_instance {
+            let w = self.cfg.prior.as_ref().map_or(1.0, |p| p.weight);
+            let class = per_example
+                .narrow(0, n_instance, n - n_instance)?
+                .mean_all()?;
+            Ok((inst + (class * w)?)?)
+        } else {
+            Ok(inst)
+        }
+    }
+
+    /// Each example's loss `[n]`: the MSE of the UNet's prediction to its target (over the
+    /// mask with masked loss), Min-SNR weighted when on.
+    fn per_example_loss(
         &self,
         x0: &Tensor,
         cond: &Conditioning,
         t: &[usize],
         eps: &Tensor,
-        n_instance: usize,
     ) -> Result<Tensor> {
         let xt = noise::add_noise(&self.schedule, x0, eps, t)?;
         let target = noise::target(&self.schedule, self.prediction, x0, eps, t)?;
@@ -491,17 +547,7 @@ impl<'a> Trainer<'a> {
         {
             per_example = (per_example * w)?;
         }
-        let n = t.len();
-        let inst = per_example.narrow(0, 0, n_instance)?.mean_all()?;
-        if n > n_instance {
-            let w = self.cfg.prior.as_ref().map_or(1.0, |p| p.weight);
-            let class = per_example
-                .narrow(0, n_instance, n - n_instance)?
-                .mean_all()?;
-            Ok((inst + (class * w)?)?)
-        } else {
-            Ok(inst)
-        }
+        Ok(per_example)
     }
 
     /// One optimizer step over `grad_accum` micro-batches. With an f16 model the loss is scaled
@@ -574,31 +620,44 @@ impl<'a> Trainer<'a> {
     /// `timesteps`, with noise from `seed`.
     pub fn eval_set(&self, timesteps: &[usize], seed: u64) -> Result<EvalSet> {
         let mut rng = NoiseRng::new(seed);
-        let (mut zs, mut texts, mut ids, mut ts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut masks = Vec::new();
+        let mut shapes: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
         for (i, img) in self.instance.images.iter().enumerate() {
-            let d = self.instance.center(i)?;
-            for &t in timesteps {
-                zs.push(d.latent.clone());
-                masks.push(d.mask.clone());
-                ids.push(d.time_ids.clone());
-                texts.push(&self.instance.embeddings[img.caption]);
-                ts.push(t);
-            }
+            shapes.entry(img.target).or_default().push(i);
         }
-        let x0 = Tensor::cat(&zs, 0)?;
-        Ok(EvalSet {
-            noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
-            cond: Conditioning::stack(&texts, &ids, &masks)?,
-            x0,
-            t: ts,
-        })
+        let mut parts = Vec::new();
+        for members in shapes.values() {
+            let (mut zs, mut texts, mut ids, mut ts) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut masks = Vec::new();
+            for &i in members {
+                let d = self.instance.center(i)?;
+                for &t in timesteps {
+                    zs.push(d.latent.clone());
+                    masks.push(d.mask.clone());
+                    ids.push(d.time_ids.clone());
+                    texts.push(&self.instance.embeddings[self.instance.images[i].caption]);
+                    ts.push(t);
+                }
+            }
+            let x0 = Tensor::cat(&zs, 0)?;
+            parts.push(EvalPart {
+                noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
+                cond: Conditioning::stack(&texts, &ids, &masks)?,
+                x0,
+                t: ts,
+            });
+        }
+        Ok(EvalSet { parts })
     }
 
     /// The loss on an evaluation set with the adapters as they are now.
     pub fn eval_loss(&self, set: &EvalSet) -> Result<f64> {
-        let l = self.loss_on(&set.x0, &set.cond, &set.t, &set.noise, set.t.len())?;
-        Ok(l.detach().to_scalar::<f32>()? as f64)
+        let mut per_example = Vec::new();
+        for p in &set.parts {
+            per_example.push(self.per_example_loss(&p.x0, &p.cond, &p.t, &p.noise)?);
+        }
+        let l = Tensor::cat(&per_example, 0)?.detach().mean_all()?;
+        Ok(l.to_scalar::<f32>()? as f64)
     }
 
     /// The adapters as a delta, with the run's metadata.

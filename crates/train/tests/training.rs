@@ -514,10 +514,11 @@ fn each_example_carries_its_photo_size_and_crop_as_time_ids() {
             center_crop,
             skip_bad: false,
             masks: false,
+            aspect_buckets: false,
         };
         let images = load_folder(imgs.path(), opts, &mut |_| {}).unwrap();
         let captions = vec!["a photo of sks dog".to_string(); images.len()];
-        let cache = LatentCache::build(&sd, &images, &captions, 64, true, &mut |_, _| {}).unwrap();
+        let cache = LatentCache::build(&sd, &images, &captions, true, &mut |_, _| {}).unwrap();
         let mut rng = sample::NoiseRng::new(3);
         for (i, img) in images.iter().enumerate() {
             let decoded = train::dataset::decode(&img.path).unwrap();
@@ -800,5 +801,115 @@ fn masked_loss_is_the_mean_where_the_mask_is() {
         train::dataset::image_files(imgs.path()).unwrap().len(),
         1,
         "a mask is not a photo"
+    );
+}
+
+/// `--aspect-buckets`: landscape, portrait, square and small photos keep their shapes (the
+/// encoded latents and drawn examples have their buckets' sizes, the time ids say so), none is
+/// upscaled, and a run with batches of two trains, printing the buckets and warning of one too
+/// small for a batch. On the SDXL fixture, with prior preservation (square class images).
+#[test]
+fn aspect_buckets_keep_each_photos_shape() {
+    use train::cache::LatentCache;
+    use train::dataset::{load_folder, ImageOptions};
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sdxl-shape") else {
+        return;
+    };
+    let Some(imgs) = photos(1) else { return };
+    let photo = train::dataset::decode(&imgs.path().join("00.jpg")).unwrap();
+    std::fs::remove_file(imgs.path().join("00.jpg")).unwrap();
+    // name, crop of the photo (x, y, w, h), the bucket (w, h) at resolution 256
+    let cases = [
+        ("land-a.png", (0, 50, 450, 300), (320, 192)),
+        ("land-b.png", (20, 80, 450, 300), (320, 192)),
+        ("portrait.png", (50, 0, 300, 450), (192, 320)),
+        ("square.png", (0, 0, 400, 400), (256, 256)),
+        // smaller than every bucket: its own size cut to multiples of 64
+        ("small.png", (0, 0, 150, 100), (128, 64)),
+    ];
+    for (name, (x, y, w, h), _) in cases {
+        image::imageops::crop_imm(&photo, x, y, w, h)
+            .to_image()
+            .save(imgs.path().join(name))
+            .unwrap();
+    }
+    let sd = load(&fx);
+    let f = sd.vae.downscale();
+    let opts = ImageOptions {
+        resolution: 256,
+        center_crop: false,
+        skip_bad: false,
+        masks: false,
+        aspect_buckets: true,
+    };
+    let images = load_folder(imgs.path(), opts, &mut |_| {}).unwrap();
+    let captions = vec!["a photo of sks dog".to_string(); images.len()];
+    let cache = LatentCache::build(&sd, &images, &captions, false, &mut |_, _| {}).unwrap();
+    let mut rng = sample::NoiseRng::new(1);
+    for (i, img) in images.iter().enumerate() {
+        let name = img.path.file_name().unwrap().to_str().unwrap();
+        let (_, crop, (bw, bh)) = cases.iter().find(|c| c.0 == name).unwrap();
+        assert_eq!(img.size, (*bh as usize, *bw as usize), "{name}");
+        let (rw, rh) = img.rgb.dimensions();
+        assert!(
+            rw >= *bw && rh >= *bh,
+            "{name}: {rw}x{rh} covers the bucket"
+        );
+        assert!(
+            rw <= crop.2 && rh <= crop.3,
+            "{name} was upscaled to {rw}x{rh}"
+        );
+        let d = cache.draw(i, false, &mut rng).unwrap();
+        assert_eq!(
+            d.latent.dims(),
+            &[1, 4, *bh as usize / f, *bw as usize / f],
+            "{name}"
+        );
+        let ids = d.time_ids.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!((ids[4], ids[5]), (*bh as f32, *bw as f32), "{name}");
+    }
+    // a run: batches of two from one bucket, class images (square) beside them
+    let class_dir = tempfile::tempdir().unwrap();
+    photo.save(class_dir.path().join("c.png")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        resolution: 256,
+        center_crop: false,
+        flip: true,
+        recipe: train::Recipe {
+            aspect_buckets: true,
+            ..Default::default()
+        },
+        prior: Some(PriorConfig {
+            class_prompt: "a photo of dog".into(),
+            class_dir: class_dir.path().into(),
+            num_class_images: 1,
+            weight: 1.0,
+            sample_steps: 2,
+        }),
+        ..config(imgs.path(), out.path(), Method::Atoms, 1e-3, 3)
+    };
+    let (mut infos, mut warns) = (Vec::new(), Vec::new());
+    let never = AtomicBool::new(false);
+    train::run(&sd, cfg, None, &never, &mut |e| match e {
+        train::Event::Info(s) => infos.push(s),
+        train::Event::Warn(s) => warns.push(s),
+        _ => {}
+    })
+    .unwrap();
+    let line = infos.iter().find(|l| l.contains("aspect buckets")).unwrap();
+    for b in ["128x64: 1", "192x320: 1", "256x256: 1", "320x192: 2"] {
+        assert!(line.contains(b), "{line}");
+    }
+    assert!(
+        warns
+            .iter()
+            .any(|w| w.contains("192x320") && w.contains("--batch-size 2")),
+        "{warns:?}"
+    );
+    let d = Delta::read(&out.path().join("delta.safetensors")).unwrap();
+    assert_eq!(
+        d.meta().extra.get("aspect_buckets").map(String::as_str),
+        Some("true")
     );
 }

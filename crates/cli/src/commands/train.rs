@@ -127,6 +127,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             ema: a.ema,
             masked_loss: a.masked_loss,
             optimizer: a.optimizer.into(),
+            aspect_buckets: a.aspect_buckets,
         },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
