@@ -473,13 +473,13 @@ impl<'a> Trainer<'a> {
         // than the (square) class images.
         let n = zs.len();
         let bs = self.cfg.batch_size;
-        let groups = if zs.iter().all(|z| z.dims() == zs[0].dims()) {
-            vec![0..n]
+        let groups: &[std::ops::Range<usize>] = if zs.iter().all(|z| z.dims() == zs[0].dims()) {
+            &[0..n]
         } else {
-            vec![0..bs, bs..n]
+            &[0..bs, bs..n]
         };
         let mut per_example = Vec::new();
-        for g in groups {
+        for g in groups.iter().cloned() {
             let x0 = Tensor::cat(&zs[g.clone()], 0)?;
             let text: Vec<&PromptEmbeds> = texts[g.clone()].iter().collect();
             let cond = Conditioning::stack(&text, &ids[g.clone()], &masks[g.clone()])?;
