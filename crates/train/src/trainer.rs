@@ -473,13 +473,13 @@ impl<'a> Trainer<'a> {
         // than the (square) class images.
         let n = zs.len();
         let bs = self.cfg.batch_size;
-        let groups: &[std::ops::Range<usize>] = if zs.iter().all(|z| z.dims() == zs[0].dims()) {
-            &[0..n]
+        let split = if zs.iter().all(|z| z.dims() == zs[0].dims()) {
+            n
         } else {
-            &[0..bs, bs..n]
+            bs
         };
         let mut per_example = Vec::new();
-        for g in groups.iter().cloned() {
+        for g in [0..split, split..n].into_iter().filter(|g| !g.is_empty()) {
             let x0 = Tensor::cat(&zs[g.clone()], 0)?;
             let text: Vec<&PromptEmbeds> = texts[g.clone()].iter().collect();
             let cond = Conditioning::stack(&text, &ids[g.clone()], &masks[g.clone()])?;
