@@ -67,6 +67,31 @@ impl Exported {
         }
     }
 
+    /// Bundles a delta's learned token embedding (pivotal tuning) the way A1111 (>= 1.7) and
+    /// ComfyUI read an embedding inside a LoRA file: `bundle_emb.<trigger>.string_to_param.*`
+    /// `[1, hidden]` for one text encoder (SD 1.x/2.x), `bundle_emb.<trigger>.clip_l` and
+    /// `.clip_g` for SDXL's two. The trigger is then the embedding's name in prompts.
+    pub fn bundle_embeddings(&mut self, delta: &crate::Delta) -> Result<()> {
+        let e = delta.embeddings();
+        if e.is_empty() {
+            return Ok(());
+        }
+        let trigger = delta.meta().trigger.clone().unwrap_or_default();
+        let names: &[(&str, &str)] = if e.len() == 1 {
+            &[("text_encoder", "string_to_param.*")]
+        } else {
+            &[("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")]
+        };
+        for (encoder, key) in names {
+            let row = e.get(*encoder).ok_or_else(|| {
+                crate::Error::meta("token embedding", format!("none for {encoder}"))
+            })?;
+            self.tensors
+                .push((format!("bundle_emb.{trigger}.{key}"), row.unsqueeze(0)?));
+        }
+        Ok(())
+    }
+
     /// The safetensors file, with `metadata`.
     pub fn to_bytes(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
         crate::io::safetensors_f32(self.tensors.iter().map(|(k, t)| (k.clone(), t)), metadata)

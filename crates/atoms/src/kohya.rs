@@ -50,6 +50,9 @@ pub struct AdapterFile {
     pub modules: BTreeMap<String, Module>,
     /// The file's metadata.
     pub metadata: HashMap<String, String>,
+    /// Bundled textual-inversion embeddings (`bundle_emb.<name>.<key>`: `string_to_param.*`
+    /// for SD 1.x/2.x, `clip_l` and `clip_g` for SDXL; `[n, hidden]`), by name then key.
+    pub embeddings: BTreeMap<String, BTreeMap<String, Tensor>>,
 }
 
 impl AdapterFile {
@@ -62,7 +65,19 @@ impl AdapterFile {
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| bad(e.to_string()))?;
         let mut parts: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        let mut embeddings: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
         for (key, t) in tensors {
+            if let Some((name, k)) = key
+                .strip_prefix("bundle_emb.")
+                .and_then(|rest| rest.split_once('.'))
+            {
+                let t = t.to_dtype(candle_core::DType::F32)?;
+                embeddings
+                    .entry(name.to_string())
+                    .or_default()
+                    .insert(k.to_string(), t);
+                continue;
+            }
             if let Some((module, suffix)) =
                 key.split_once('.').filter(|(m, _)| m.starts_with("lora_"))
             {
@@ -98,6 +113,7 @@ impl AdapterFile {
         Ok(AdapterFile {
             modules,
             metadata: meta.metadata().clone().unwrap_or_default(),
+            embeddings,
         })
     }
 

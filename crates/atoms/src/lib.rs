@@ -33,4 +33,4 @@ pub mod io;
 pub mod kohya;
 
 pub use base::{BaseWeights, SafetensorsBase, TensorBase};
-pub use delta::{BaseFit, Delta, DeltaMeta};
+pub use delta::{BaseFit, Delta, DeltaMeta, EMBEDDING_PREFIX};

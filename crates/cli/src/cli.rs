@@ -539,6 +539,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub aspect_buckets: bool,
 
+    /// Pivotal tuning: --token becomes a new token of every tokenizer with its own embedding
+    /// (one row per text encoder, started at --class's), trained with the adapters and stored in
+    /// the delta (768 numbers for SD 1.5, 2048 for SDXL); `atomtune sample` uses it whenever
+    /// the delta is loaded. The token may then be a new word such as `<sks>`.
+    #[arg(long)]
+    pub train_token_embedding: bool,
+
+    /// Learning rate of the token embedding (default 5e-4, textual inversion's usual range; 1
+    /// with --optimizer prodigy).
+    #[arg(long, requires = "train_token_embedding")]
+    pub embedding_lr: Option<f64>,
+
     /// The optimizer. `prodigy` (Mishchenko & Defazio 2023) estimates the step size itself:
     /// --lr then multiplies its estimate and defaults to 1; it takes --adam-beta1/2 and
     /// --weight-decay like AdamW.

@@ -107,3 +107,126 @@ fn export_writes_locon_and_diff_files_that_inspect_describes() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("neither an atomtune delta"));
 }
+
+/// The latents-free pixels of `atomtune sample` with `extra` flags (seed 3, 2 steps, 64x64).
+fn sample_pixels(model: &str, extra: &[&str], out: &std::path::Path) -> Vec<u8> {
+    let mut args = vec![
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a photo of <sks> dog",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "3",
+        "--out",
+    ];
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(extra);
+    ok(&atomtune(&args));
+    let png = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    sample::png_io::read_png(&png).unwrap().pixels
+}
+
+/// `--train-token-embedding` end to end: `inspect` shows the learned token, `export` bundles it
+/// as A1111 does (`bundle_emb.<trigger>.string_to_param.*`), and sampling with the exported
+/// diff reads it back to the same image as the delta; `merge` refuses a delta it cannot hold.
+#[test]
+fn a_learned_token_travels_in_the_delta_and_in_the_exported_file() {
+    let (Some(fx), Some(photos)) = (
+        testutil::shared_path("fixtures/tiny-sd15-shape"),
+        testutil::shared_path("datasets/dreambooth/dog"),
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("photos");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
+    let run = tmp.path().join("run");
+    let f = fx.to_str().unwrap();
+    ok(&atomtune(&[
+        "train",
+        "--model",
+        f,
+        "--images",
+        images.to_str().unwrap(),
+        "--class",
+        "dog",
+        "--token",
+        "<sks>",
+        "--train-token-embedding",
+        "--embedding-lr",
+        "0.05",
+        "--out",
+        run.to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "3",
+        "--quiet",
+    ]));
+    let delta = run.join("delta.safetensors");
+    let d = delta.to_str().unwrap();
+    let shown = ok(&atomtune(&["inspect", d]));
+    assert!(
+        shown.contains("embedding    a new token \"<sks>\", text_encoder [32]"),
+        "{shown}"
+    );
+    assert!(shown.contains("train_token_embedding true"), "{shown}");
+    let diff = tmp.path().join("sks.safetensors");
+    ok(&atomtune(&[
+        "export",
+        "--model",
+        f,
+        "--delta",
+        d,
+        "--format",
+        "diff",
+        "--out",
+        diff.to_str().unwrap(),
+    ]));
+    let file = atoms::kohya::AdapterFile::read(&diff).unwrap();
+    assert_eq!(
+        file.embeddings["<sks>"]["string_to_param.*"].dims(),
+        &[1, 32]
+    );
+    let shown = ok(&atomtune(&["inspect", diff.to_str().unwrap()]));
+    assert!(shown.contains("embedding    \"<sks>\" bundled"), "{shown}");
+    let a = sample_pixels(f, &["--delta", d], &tmp.path().join("a"));
+    let b = sample_pixels(
+        f,
+        &["--delta", diff.to_str().unwrap()],
+        &tmp.path().join("b"),
+    );
+    let base = sample_pixels(f, &[], &tmp.path().join("c"));
+    let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(
+        worst <= 1,
+        "the exported file samples {worst}/255 away from the delta"
+    );
+    assert_ne!(a, base, "the learned token changes the image");
+    let e = atomtune(&[
+        "merge",
+        "--model",
+        f,
+        "--delta",
+        d,
+        "--out",
+        tmp.path().join("merged").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("learned token"),
+        "{err}"
+    );
+}

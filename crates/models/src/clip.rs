@@ -4,6 +4,8 @@
 //! `text_projection` when the model has one. [`ClipEncoder`], the transformer layers, is shared
 //! with CLIP's vision tower (the evaluation's image encoder).
 
+use std::sync::{Arc, RwLock};
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{ClipActivation, ClipConfig};
@@ -131,6 +133,9 @@ pub struct ClipTextModel {
     final_ln: LayerNorm,
     projection: Option<Linear>,
     registry: Layers,
+    /// Learned rows past the vocabulary (pivotal tuning): id `vocab_size + k` reads row `k`,
+    /// `[hidden]` each. Shared by clones, like the adapters of `registry`.
+    extra: Arc<RwLock<Vec<Tensor>>>,
 }
 
 /// What the text encoder returns.
@@ -189,6 +194,7 @@ impl ClipTextModel {
             final_ln: LayerNorm::new(&w.pp("final_layer_norm"), h, c.layer_norm_eps)?,
             projection,
             config: c.clone(),
+            extra: Arc::default(),
         })
     }
 
@@ -201,6 +207,79 @@ impl ClipTextModel {
     /// where adapters (a LoRA's text-encoder modules) attach.
     pub fn layers(&self) -> &Layers {
         &self.registry
+    }
+
+    /// Appends a learned embedding row `[hidden]` (a trained token's; a `Var`'s tensor trains
+    /// it); returns its id, `vocab_size` plus the rows before it.
+    pub fn add_embedding(&self, row: &Tensor) -> Result<u32> {
+        let h = self.config.hidden_size;
+        if row.dims() != [h] {
+            return Err(Error::Input(format!(
+                "a token embedding of shape {:?} for a text encoder of width {h}",
+                row.dims()
+            )));
+        }
+        if !row.device().same_device(self.token_embedding.device()) {
+            return Err(Error::Input(
+                "a token embedding on another device than its text encoder".into(),
+            ));
+        }
+        let mut extra = self.extra.write().expect("embedding lock");
+        // kept as given (a trained variable's tensor updates in place), cast when read
+        extra.push(row.clone());
+        Ok((self.config.vocab_size + extra.len() - 1) as u32)
+    }
+
+    /// The learned rows, in id order.
+    pub fn added_embeddings(&self) -> Vec<Tensor> {
+        self.extra.read().expect("embedding lock").clone()
+    }
+
+    /// The mean of the vocabulary's rows `ids`, `[hidden]` in f32: a new token's start (from
+    /// its class word).
+    pub fn mean_embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() || ids.iter().any(|&i| i as usize >= self.config.vocab_size) {
+            return Err(Error::Input(format!(
+                "token ids {ids:?} are not in the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let idx = Tensor::new(ids, self.token_embedding.device())?;
+        Ok(self
+            .token_embedding
+            .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?
+            .mean(0)?)
+    }
+
+    /// The token embeddings of ids `[n]`: vocabulary rows, and learned rows past it.
+    fn embed(&self, flat: &Tensor) -> Result<Tensor> {
+        let extra = self.extra.read().expect("embedding lock");
+        let v = self.config.vocab_size as u32;
+        let ids = flat.to_vec1::<u32>()?;
+        if extra.is_empty() || ids.iter().all(|&i| i < v) {
+            return Ok(self.token_embedding.index_select(flat, 0)?);
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i >= v + extra.len() as u32) {
+            return Err(Error::Input(format!(
+                "token id {bad} is past the vocabulary ({v}) and its {} learned rows",
+                extra.len()
+            )));
+        }
+        let dev = flat.device();
+        let base_ids: Vec<u32> = ids.iter().map(|&i| if i < v { i } else { 0 }).collect();
+        let extra_ids: Vec<u32> = ids.iter().map(|&i| i.saturating_sub(v)).collect();
+        let is_extra: Vec<f32> = ids.iter().map(|&i| f32::from(u8::from(i >= v))).collect();
+        let n = ids.len();
+        let base = self
+            .token_embedding
+            .index_select(&Tensor::new(base_ids, dev)?, 0)?;
+        let rows = Tensor::stack(&extra, 0)?
+            .to_dtype(base.dtype())?
+            .index_select(&Tensor::new(extra_ids, dev)?, 0)?;
+        let m = Tensor::from_vec(is_extra, (n, 1), dev)?.to_dtype(base.dtype())?;
+        // base where the id is in the vocabulary, the learned row where it is past it
+        Ok((base.broadcast_mul(&(1.0 - &m)?)? + rows.broadcast_mul(&m)?)?)
     }
 
     /// Encodes token ids `[b, seq]` (u32 or i64).
@@ -216,21 +295,27 @@ impl ClipTextModel {
         let ids = ids.to_dtype(DType::U32)?;
         let flat = ids.flatten_all()?;
         let x = self
-            .token_embedding
-            .index_select(&flat, 0)?
+            .embed(&flat)?
             .reshape((b, n, c.hidden_size))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
         let (x, penultimate) = self.encoder.forward(&x, true)?;
         let last = self.final_ln.forward(&x)?;
         // As transformers: the first position of `eos_token_id` in each row; configs with the
         // legacy `eos_token_id = 2` (SD 1.x/2.x hub repos) use the position of the largest id,
-        // which is the end token in CLIP's vocabulary.
+        // which is the end token in CLIP's vocabulary (learned tokens past the vocabulary do not
+        // count: the rule means the end token).
         let ids_v = ids.to_vec2::<u32>()?;
+        let vocab = c.vocab_size as u32;
         let pos: Vec<usize> = ids_v
             .iter()
             .map(|row| {
                 if c.eos_token_id == 2 {
-                    let max = row.iter().copied().max().unwrap_or(0);
+                    let max = row
+                        .iter()
+                        .copied()
+                        .filter(|&t| t < vocab)
+                        .max()
+                        .unwrap_or(0);
                     row.iter().position(|&t| t == max).unwrap_or(0)
                 } else {
                     row.iter()

@@ -81,6 +81,9 @@ impl PromptEmbeds {
 }
 
 impl TextEncoders {
+    /// The encoders' diffusers folder names, first to last.
+    pub const NAMES: [&'static str; 2] = ["text_encoder", "text_encoder_2"];
+
     /// Whether this is SDXL's pair of encoders.
     pub fn is_dual(&self) -> bool {
         self.second.is_some()
@@ -89,6 +92,73 @@ impl TextEncoders {
     /// Every encoder, first to last.
     pub fn iter(&self) -> impl Iterator<Item = &TextEncoder> {
         std::iter::once(&self.first).chain(self.second.as_ref())
+    }
+
+    /// The tokenizer of every encoder, or an error naming the model that has none.
+    fn tokenizers(&self, model_id: &str) -> Result<Vec<&ClipTokenizer>> {
+        self.iter()
+            .map(|enc| {
+                enc.tokenizer.as_ref().ok_or_else(|| {
+                    Error::Input(format!(
+                        "model `{model_id}` has no tokenizer (random presets have no vocabulary); use a real model folder or hub id"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Makes `token` a new word of every tokenizer, read as `rows[k]` by encoder `k`: `[hidden]`
+    /// (pivotal tuning's learned embedding) or `[n, hidden]` (an embedding of `n` vectors).
+    pub fn add_token(&self, token: &str, rows: &[Tensor], model_id: &str) -> Result<()> {
+        let n = self.iter().count();
+        if rows.len() != n {
+            return Err(Error::Input(format!(
+                "token {token:?} has embeddings for {} text encoders, the model has {n}",
+                rows.len()
+            )));
+        }
+        let toks = self.tokenizers(model_id)?;
+        for tok in &toks {
+            if tok
+                .added_tokens()
+                .iter()
+                .any(|(t, _)| t.eq_ignore_ascii_case(token))
+            {
+                return Err(Error::Input(format!(
+                    "token {token:?} already has a learned embedding (two deltas with the same trigger?)"
+                )));
+            }
+        }
+        for (tok, (enc, rows)) in toks.into_iter().zip(self.iter().zip(rows)) {
+            let rows = match rows.rank() {
+                1 => vec![rows.clone()],
+                2 => (0..rows.dim(0)?)
+                    .map(|i| rows.get(i))
+                    .collect::<candle_core::Result<_>>()?,
+                _ => {
+                    return Err(Error::Input(format!(
+                        "token {token:?}: an embedding of shape {:?}, not [hidden] or [n, hidden]",
+                        rows.dims()
+                    )))
+                }
+            };
+            let ids = rows
+                .iter()
+                .map(|r| enc.model.add_embedding(r))
+                .collect::<Result<Vec<_>>>()?;
+            tok.add_token(token, &ids)?;
+        }
+        Ok(())
+    }
+
+    /// Each encoder's mean embedding of `word`'s tokens, `[hidden]` in f32: where a new token
+    /// starts (from the class word).
+    pub fn word_embedding(&self, word: &str, model_id: &str) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (tok, enc) in self.tokenizers(model_id)?.into_iter().zip(self.iter()) {
+            out.push(enc.model.mean_embedding(&tok.word_ids(word)?)?);
+        }
+        Ok(out)
     }
 
     /// Encodes `prompts` (padded to the tokenizers' length) on `device`; returns the embeddings
@@ -102,12 +172,8 @@ impl TextEncoders {
     ) -> Result<(PromptEmbeds, Vec<String>)> {
         let mut warnings = Vec::new();
         let mut outputs = Vec::new();
-        for (k, enc) in self.iter().enumerate() {
-            let tok = enc.tokenizer.as_ref().ok_or_else(|| {
-                Error::Input(format!(
-                    "model `{model_id}` has no tokenizer (random presets have no vocabulary); use a real model folder or hub id"
-                ))
-            })?;
+        let toks = self.tokenizers(model_id)?;
+        for (k, (enc, tok)) in self.iter().zip(toks).enumerate() {
             let mut ids = Vec::new();
             for p in prompts {
                 let t = tok.encode(p, true)?;

@@ -7,6 +7,7 @@
 //! with the `</w>` suffix) around the repo's vocabulary and merges.
 
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use serde_json::{json, Value};
 
@@ -33,6 +34,10 @@ pub struct ClipTokenizer {
     eos: u32,
     pad: u32,
     path: PathBuf,
+    /// Tokens added for learned embeddings (pivotal tuning), each with the id its text encoder
+    /// gives its row; matched as whole words, case-insensitively when the tokenizer lower-cases.
+    added: RwLock<Vec<(String, Vec<u32>)>>,
+    lower: bool,
 }
 
 fn token_text(v: &Value) -> Option<String> {
@@ -95,6 +100,8 @@ impl ClipTokenizer {
             max_length,
             tok,
             path: dir.to_path_buf(),
+            added: RwLock::new(Vec::new()),
+            lower,
         })
     }
 
@@ -138,6 +145,8 @@ impl ClipTokenizer {
             max_length: 77,
             tok,
             path,
+            added: RwLock::new(Vec::new()),
+            lower: true,
         })
     }
 
@@ -211,16 +220,92 @@ impl ClipTokenizer {
         self.pad
     }
 
+    /// Adds `text` as a word read as the ids `ids` (learned embedding rows: pivotal tuning, a
+    /// bundled textual inversion of several vectors). It must be one word of letters, digits
+    /// and `<>_-` not added before.
+    pub fn add_token(&self, text: &str, ids: &[u32]) -> Result<()> {
+        let bad = |reason: String| Error::Input(format!("token {text:?}: {reason}"));
+        if text.is_empty()
+            || !text
+                .chars()
+                .all(|c| c.is_alphanumeric() || "<>_-".contains(c))
+        {
+            return Err(bad(
+                "a learned token is one word of letters, digits and <>_- (e.g. sks or <sks>)"
+                    .into(),
+            ));
+        }
+        let mut added = self.added.write().expect("tokenizer lock");
+        let key = self.fold(text);
+        if added.iter().any(|(t, _)| *t == key) {
+            return Err(bad(
+                "it already has a learned embedding (two deltas with the same trigger?)".into(),
+            ));
+        }
+        added.push((key, ids.to_vec()));
+        Ok(())
+    }
+
+    /// The added words and their ids.
+    pub fn added_tokens(&self) -> Vec<(String, Vec<u32>)> {
+        self.added.read().expect("tokenizer lock").clone()
+    }
+
+    fn fold(&self, text: &str) -> String {
+        if self.lower {
+            text.to_lowercase()
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// The BPE ids of `text`, no start or end token.
+    fn bpe(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tok.encode(text, false).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            reason: format!("encoding {text:?}: {e}"),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The ids of `prompt`'s content: BPE between the added tokens, which are whole words
+    /// (bounded by anything but letters and digits) and keep their own ids.
+    fn content_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let added = self.added.read().expect("tokenizer lock");
+        if added.is_empty() {
+            return self.bpe(prompt);
+        }
+        let text = self.fold(prompt);
+        let is_word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+        let (mut ids, mut start, mut i) = (Vec::new(), 0, 0);
+        while i < text.len() {
+            let found = added.iter().find(|(t, _)| {
+                text[i..].starts_with(t.as_str())
+                    && !is_word(text[..i].chars().next_back())
+                    && !is_word(text[i + t.len()..].chars().next())
+            });
+            match found {
+                Some((t, own)) => {
+                    ids.extend(self.bpe(&text[start..i])?);
+                    ids.extend_from_slice(own);
+                    i += t.len();
+                    start = i;
+                }
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        ids.extend(self.bpe(&text[start..])?);
+        Ok(ids)
+    }
+
+    /// The ids of a word's tokens (no start or end token), added tokens left as text.
+    pub fn word_ids(&self, word: &str) -> Result<Vec<u32>> {
+        self.bpe(word)
+    }
+
     /// `[bos, tokens..., eos]`, truncated to the maximum length; padded to it when `pad`.
     pub fn encode(&self, prompt: &str, pad: bool) -> Result<Tokens> {
-        let enc = self
-            .tok
-            .encode(prompt, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                reason: format!("encoding {prompt:?}: {e}"),
-            })?;
-        let content = enc.get_ids();
+        let content = self.content_ids(prompt)?;
         let room = self.max_length - 2;
         let truncated_from = (content.len() > room).then_some(content.len());
         let mut ids = Vec::with_capacity(self.max_length);

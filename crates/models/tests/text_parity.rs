@@ -139,3 +139,87 @@ fn text_encoder_matches() {
         assert!(e < 1e-4, "{name}: uncond error {e}");
     }
 }
+
+/// Pivotal tuning's added tokens: one id each, whole words only, case-folded like the rest.
+#[test]
+fn added_tokens_are_whole_words_with_their_own_ids() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd-2block/tokenizer") else {
+        return;
+    };
+    let tok = ClipTokenizer::from_dir(&fx).unwrap();
+    tok.add_token("<sks>", &[49408]).unwrap();
+    tok.add_token("zwx", &[49409, 49410]).unwrap();
+    let enc = |p: &str| tok.encode(p, false).unwrap().ids;
+    assert_eq!(
+        enc("A photo of <SKS> dog"),
+        vec![49406, 320, 1125, 539, 49408, 1929, 49407]
+    );
+    assert_eq!(
+        enc("zwx, zwx"),
+        vec![49406, 49409, 49410, 267, 49409, 49410, 49407]
+    );
+    // inside a word it is no trigger
+    assert!(!enc("zwxdog").contains(&49409));
+    assert!(!enc("a zwxy").contains(&49409));
+    assert!(tok.add_token("<SKS>", &[49411]).is_err(), "added twice");
+    assert!(tok.add_token("two words", &[49411]).is_err());
+}
+
+/// The gradient of a learned token row through the text encoder equals central finite
+/// differences.
+#[test]
+fn a_learned_token_row_gets_the_gradient_of_finite_differences() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd15-shape") else {
+        return;
+    };
+    let cfg = ClipConfig::read(&fx.join("text_encoder/config.json")).unwrap();
+    let w = Weights::from_files(
+        &[fx.join("text_encoder/model.safetensors")],
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let te = ClipTextModel::new(&w, &cfg, &Layers::new("te")).unwrap();
+    let h = cfg.hidden_size;
+    let wave = |k: usize, s: f64| -> Tensor {
+        let v: Vec<f64> = (0..k)
+            .map(|i| ((i * 7 + 3) as f64 * s).sin() * 0.05)
+            .collect();
+        Tensor::from_vec(v, k, &Device::Cpu).unwrap()
+    };
+    let row = candle_core::Var::from_tensor(&wave(h, 0.37)).unwrap();
+    let id = te.add_embedding(row.as_tensor()).unwrap();
+    assert_eq!(id as usize, cfg.vocab_size);
+    let ids = Tensor::new(&[[49406u32, 320, id, 1929, 49407, 49407]], &Device::Cpu).unwrap();
+    let probe = wave(6 * h, 0.11).reshape((1, 6, h)).unwrap();
+    let loss = |t: &ClipTextModel| -> Tensor {
+        let o = t.forward(&ids).unwrap();
+        ((o.last_hidden_state * &probe).unwrap().sum_all().unwrap() + o.pooled.sum_all().unwrap())
+            .unwrap()
+    };
+    let g = loss(&te).backward().unwrap();
+    let grad = g.get(&row).expect("the row gets a gradient").clone();
+    let dir = wave(h, 0.53);
+    let analytic = (&grad * &dir)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let at = |s: f64| {
+        let r0 = row.as_tensor().copy().unwrap();
+        row.set(&(&r0 + (&dir * s).unwrap()).unwrap()).unwrap();
+        let l = loss(&te).to_scalar::<f64>().unwrap();
+        row.set(&r0).unwrap();
+        l
+    };
+    // the encoder's attention computes in f32 whatever the weights' dtype: a step well above
+    // f32's rounding (the loss is about 1), whose O(eps^2) truncation error is far below it
+    let eps = 1e-2;
+    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+    assert!(
+        (analytic - numeric).abs() <= 1e-3 * numeric.abs().max(1e-2),
+        "analytic {analytic} vs finite differences {numeric}"
+    );
+    assert!(analytic.abs() > 1e-6, "a zero gradient proves nothing");
+}

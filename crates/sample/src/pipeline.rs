@@ -238,6 +238,7 @@ pub fn apply_deltas(
                 for (name, adapter) in delta.adapters(layers)? {
                     layers.attach(&name, adapter, *weight)?;
                 }
+                add_token_embedding(sd, delta)?;
             }
             AnyDelta::Kohya(file) => warnings.extend(apply_kohya(sd, file, *weight)?),
         }
@@ -249,8 +250,61 @@ pub fn apply_deltas(
     Ok(warnings)
 }
 
-/// Attaches every module of a kohya / LyCORIS file that names a layer of `sd`.
+/// Makes a delta's trigger a new token read as its learned embedding (pivotal tuning), when it
+/// has one. The embedding is used as it is, whatever the delta's weight.
+fn add_token_embedding(sd: &StableDiffusion, delta: &atoms::Delta) -> Result<()> {
+    if delta.embeddings().is_empty() {
+        return Ok(());
+    }
+    let trigger = delta.meta().trigger.as_deref().unwrap_or_default();
+    let rows = models::TextEncoders::NAMES
+        .iter()
+        .take(sd.text.iter().count())
+        .map(|name| {
+            let row = delta.embeddings().get(*name).ok_or_else(|| {
+                Error::Request(format!(
+                    "the delta's token {trigger:?} has no embedding for {name} of `{}`",
+                    sd.id
+                ))
+            })?;
+            Ok(row.to_device(sd.unet.device())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    sd.text.add_token(trigger, &rows, &sd.id)?;
+    Ok(())
+}
+
+/// Makes each embedding bundled in a kohya file (`bundle_emb.<name>.*`) a word of the prompt.
+fn add_bundled_embeddings(sd: &StableDiffusion, file: &AdapterFile) -> Result<()> {
+    let keys: &[&[&str]] = if sd.text.is_dual() {
+        &[&["clip_l"], &["clip_g"]]
+    } else {
+        &[&["string_to_param.*", "clip_l"]]
+    };
+    for (name, vectors) in &file.embeddings {
+        let rows = keys
+            .iter()
+            .map(|options| {
+                let t = options.iter().find_map(|k| vectors.get(*k)).ok_or_else(|| {
+                    Error::Request(format!(
+                        "the adapter file's embedding {name:?} has no {} vectors for `{}` (it has {:?})",
+                        options[0],
+                        sd.id,
+                        vectors.keys().collect::<Vec<_>>()
+                    ))
+                })?;
+                Ok(t.to_device(sd.unet.device())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sd.text.add_token(name, &rows, &sd.id)?;
+    }
+    Ok(())
+}
+
+/// Attaches every module of a kohya / LyCORIS file that names a layer of `sd`, and adds its
+/// bundled embeddings.
 fn apply_kohya(sd: &StableDiffusion, file: &AdapterFile, weight: f64) -> Result<Vec<String>> {
+    add_bundled_embeddings(sd, file)?;
     let targets = models::kohya::module_targets(sd);
     let mut unmatched = Vec::new();
     for module in file.modules.keys() {

@@ -50,6 +50,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         ema: on("ema").then_some(0.999),
         masked_loss: false,
         aspect_buckets: on("buckets"),
+        token_embedding_lr: on("pivotal").then_some(5e-4),
         optimizer: if on("prodigy") {
             train::OptimizerKind::Prodigy
         } else {
@@ -68,7 +69,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     .contains(&recipe_name.as_str())
     {
         return Err(format!(
-            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy, buckets or all"
+            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy, buckets, pivotal or all"
         )
         .into());
     }

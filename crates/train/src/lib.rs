@@ -22,6 +22,7 @@ mod error;
 pub mod loss_scale;
 pub mod lr;
 pub mod optim;
+pub mod pivotal;
 pub mod plot;
 pub mod prior;
 pub mod prodigy;

@@ -31,6 +31,10 @@ pub struct Recipe {
     pub optimizer: crate::OptimizerKind,
     /// Photos keep their aspect ratio in buckets ([`crate::buckets`]), batches drawn within one.
     pub aspect_buckets: bool,
+    /// Pivotal tuning, at this learning rate: the trigger becomes a new token of every
+    /// tokenizer whose embedding row (one per text encoder, started at the class word's) trains
+    /// with the adapters and is stored in the delta.
+    pub token_embedding_lr: Option<f64>,
 }
 
 impl Recipe {
@@ -52,6 +56,14 @@ impl Recipe {
         if self.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
             return Err(Error::Config(
                 "--ema must be a decay in (0, 1) (0.999 is usual)".into(),
+            ));
+        }
+        if self
+            .token_embedding_lr
+            .is_some_and(|lr| !(lr >= 0.0 && lr.is_finite()))
+        {
+            return Err(Error::Config(
+                "--embedding-lr must be a finite number >= 0".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
@@ -87,6 +99,10 @@ impl Recipe {
         }
         if self.aspect_buckets {
             v.push(("aspect_buckets", "true".into()));
+        }
+        if let Some(lr) = self.token_embedding_lr {
+            v.push(("train_token_embedding", "true".into()));
+            v.push(("embedding_lr", lr.to_string()));
         }
         if self.optimizer != crate::OptimizerKind::AdamW {
             v.push(("optimizer", self.optimizer.to_string()));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use atoms::{Delta, DeltaMeta, LayerAdapter};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 use models::{PromptEmbeds, StableDiffusion};
 use sample::schedulers::{NoiseSchedule, Prediction, SchedulerConfig};
 use sample::{noise, NoiseRng, Pipeline, Request};
@@ -26,6 +26,7 @@ use crate::dataset::{self, ImageOptions};
 use crate::ema::Ema;
 use crate::loss_scale::LossScaler;
 use crate::optim::{collect_grads, grad_norm, Optimizer};
+use crate::pivotal::TokenEmbedding;
 use crate::prior::{ensure_class_images, ClassImageOptions};
 use crate::{Error, Result};
 
@@ -143,6 +144,8 @@ pub struct Trainer<'a> {
     empty_text: Option<PromptEmbeds>,
     /// The moving average of the parameters, with `--ema`.
     ema: Option<Ema>,
+    /// The trigger's trained embedding, with `--train-token-embedding`.
+    embedding: Option<TokenEmbedding>,
 }
 
 /// Prints the aspect buckets and their photo counts; warns of a bucket with fewer photos than a
@@ -308,7 +311,7 @@ impl<'a> Trainer<'a> {
             }
         };
 
-        let (rng, order, pos, step, opt_state, scale_state) = match resume {
+        let (rng, order, pos, step, opt_state, scale_state, resumed) = match resume {
             Some(dir) => {
                 let ck = checkpoint::read(dir)?;
                 if ck.state.fingerprint != cfg.fingerprint() {
@@ -333,6 +336,7 @@ impl<'a> Trainer<'a> {
                     ck.state.step,
                     Some(ck.optimizer),
                     ck.state.loss_scale,
+                    Some(ck.delta),
                 )
             }
             None => {
@@ -347,22 +351,40 @@ impl<'a> Trainer<'a> {
                     let base = layers.get(name).expect("selected layers exist").weight;
                     layers.attach(name, LayerAdapter::new(&cfg.adapter, name, &base)?, 1.0)?;
                 }
-                (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None, None)
+                (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None, None, None)
             }
         };
         let mut opt = Optimizer::new(cfg.recipe.optimizer, layers.vars(), cfg.adamw)?;
-        let mut ema = cfg
-            .recipe
-            .ema
-            .map(|d| Ema::new(opt.vars(), d))
-            .transpose()?;
+        let mut embedding = match cfg.recipe.token_embedding_lr {
+            Some(_) => Some(TokenEmbedding::attach(
+                sd,
+                &cfg.token,
+                &cfg.class_word,
+                resumed.as_ref(),
+                cfg.recipe.optimizer,
+                cfg.adamw,
+            )?),
+            None => None,
+        };
+        let tuned: Vec<Var> = opt
+            .vars()
+            .iter()
+            .chain(embedding.iter().flat_map(|e| e.opt.vars()))
+            .cloned()
+            .collect();
+        let mut ema = cfg.recipe.ema.map(|d| Ema::new(&tuned, d)).transpose()?;
         if let Some(mut s) = opt_state {
             let averages: HashMap<String, Tensor> = s
                 .iter()
                 .filter(|(k, _)| k.starts_with(crate::ema::PREFIX))
                 .map(|(k, t)| (k.clone(), t.clone()))
                 .collect();
-            s.retain(|k, _| !k.starts_with(crate::ema::PREFIX));
+            if let Some(e) = &mut embedding {
+                e.load_state(&s)?;
+            }
+            s.retain(|k, _| {
+                !k.starts_with(crate::ema::PREFIX) && !k.starts_with(crate::pivotal::PREFIX)
+            });
             opt.load_state(&s)?;
             if let Some(e) = &mut ema {
                 e.load_state(&averages)?;
@@ -387,6 +409,15 @@ impl<'a> Trainer<'a> {
             layers.adapted().len(),
             params
         )));
+        if let Some(e) = &embedding {
+            let n: usize = e.opt.vars().iter().map(|v| v.elem_count()).sum();
+            events(Event::Info(format!(
+                "token {:?}: a new token with its own embedding ({n} numbers over {} text encoder(s)), started at {:?}'s",
+                cfg.token,
+                e.opt.vars().len(),
+                cfg.class_word
+            )));
+        }
         Ok(Trainer {
             sd,
             cfg,
@@ -403,7 +434,28 @@ impl<'a> Trainer<'a> {
             scaler,
             empty_text,
             ema,
+            embedding,
         })
+    }
+
+    /// The text embedding of the instance cache's caption `k`: encoded now, through the
+    /// trained token embedding, under pivotal tuning; else the cached one.
+    fn caption(&self, k: usize) -> Result<PromptEmbeds> {
+        if self.embedding.is_some() {
+            Ok(self.sd.encode(&[self.instance.captions[k].as_str()])?.0)
+        } else {
+            Ok(self.instance.embeddings[k].clone())
+        }
+    }
+
+    /// Every tuned variable: the adapters', then the token embedding's.
+    fn tuned_vars(&self) -> Vec<Var> {
+        self.opt
+            .vars()
+            .iter()
+            .chain(self.embedding.iter().flat_map(|e| e.opt.vars()))
+            .cloned()
+            .collect()
     }
 
     /// Optimizer steps done.
@@ -445,7 +497,7 @@ impl<'a> Trainer<'a> {
             zs.push(d.latent);
             ids.push(d.time_ids);
             masks.push(d.mask);
-            texts.push(self.instance.embeddings[self.instance.images[i].caption].clone());
+            texts.push(self.caption(self.instance.images[i].caption)?);
         }
         if let Some(prior) = &self.prior {
             for _ in 0..self.cfg.batch_size {
@@ -555,7 +607,7 @@ impl<'a> Trainer<'a> {
     /// whose scaled gradients overflow is skipped ([`crate::loss_scale`]).
     pub fn train_step(&mut self) -> Result<StepReport> {
         let start = Instant::now();
-        let vars = self.opt.vars().to_vec();
+        let vars = self.tuned_vars();
         let accum = self.cfg.grad_accum;
         let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
         let mul = loss_scale.unwrap_or(1.0) / accum as f64;
@@ -598,9 +650,19 @@ impl<'a> Trainer<'a> {
             self.cfg.warmup_steps,
         );
         if apply {
-            self.opt.step(&acc, lr, clip / loss_scale.unwrap_or(1.0))?;
+            let scale = clip / loss_scale.unwrap_or(1.0);
+            let n = self.opt.vars().len();
+            self.opt.step(&acc[..n], lr, scale)?;
+            if let (Some(e), Some(peak)) = (&mut self.embedding, self.cfg.recipe.token_embedding_lr)
+            {
+                let c = &self.cfg;
+                let lr = c
+                    .lr_schedule
+                    .at(self.step, c.max_steps, peak, c.warmup_steps);
+                e.opt.step(&acc[n..], lr, scale)?;
+            }
             if let Some(e) = &mut self.ema {
-                e.update(self.opt.vars())?;
+                e.update(&vars)?;
             }
         }
         self.step += 1;
@@ -635,11 +697,12 @@ impl<'a> Trainer<'a> {
                     zs.push(d.latent.clone());
                     masks.push(d.mask.clone());
                     ids.push(d.time_ids.clone());
-                    texts.push(&self.instance.embeddings[self.instance.images[i].caption]);
+                    texts.push(self.caption(self.instance.images[i].caption)?);
                     ts.push(t);
                 }
             }
             let x0 = Tensor::cat(&zs, 0)?;
+            let texts: Vec<&PromptEmbeds> = texts.iter().collect();
             parts.push(EvalPart {
                 noise: rng.randn(x0.dims(), DType::F32, x0.device())?,
                 cond: Conditioning::stack(&texts, &ids, &masks)?,
@@ -691,11 +754,14 @@ impl<'a> Trainer<'a> {
         for (k, v) in c.recipe.entries() {
             meta.extra.insert(k.to_string(), v);
         }
-        let delta = Delta::from_adapters(
+        let mut delta = Delta::from_adapters(
             meta,
             attached.iter().map(|(n, a)| (n.as_str(), a.as_ref())),
             layers,
         )?;
+        if let Some(e) = &self.embedding {
+            delta = delta.with_embeddings(e.embeddings()?)?;
+        }
         self.fingerprints = delta.meta().fingerprints.clone();
         Ok(delta)
     }
@@ -706,7 +772,7 @@ impl<'a> Trainer<'a> {
         let Some(e) = &self.ema else {
             return self.delta();
         };
-        let vars = self.opt.vars().to_vec();
+        let vars = self.tuned_vars();
         let raw = e.swap_in(&vars)?;
         // a delta's tensors share the variables' storage, which the restore overwrites in
         // place: keep a copy of its bytes
@@ -732,6 +798,9 @@ impl<'a> Trainer<'a> {
         };
         let mut tensors = self.opt.state()?;
         if let Some(e) = &self.ema {
+            tensors.extend(e.state()?);
+        }
+        if let Some(e) = &self.embedding {
             tensors.extend(e.state()?);
         }
         checkpoint::write(&self.cfg.out.join("checkpoints"), &delta, &tensors, &state)

@@ -155,11 +155,17 @@ fn a_resumed_run_ends_bit_identical_to_a_straight_one() {
         optimizer: train::OptimizerKind::Prodigy,
         ..Default::default()
     };
+    let pivotal = train::Recipe {
+        token_embedding_lr: Some(1e-2),
+        ema: Some(0.9),
+        ..Default::default()
+    };
     for (name, recipe) in [
         ("tiny-sd15-shape", train::Recipe::default()),
         ("tiny-sdxl-shape", train::Recipe::default()),
         ("tiny-sd15-shape", recipe),
         ("tiny-sd15-shape", prodigy),
+        ("tiny-sdxl-shape", pivotal),
     ] {
         resumed_run_ends_bit_identical(name, recipe);
     }
@@ -912,4 +918,108 @@ fn aspect_buckets_keep_each_photos_shape() {
         d.meta().extra.get("aspect_buckets").map(String::as_str),
         Some("true")
     );
+}
+
+/// Samples `prompt` (2 Euler steps, 64x64, seed 5) with `sd` as it is; the latents.
+fn sample_latents(sd: &StableDiffusion, prompt: &str) -> Vec<f32> {
+    let pipe = sample::Pipeline::new(sd).unwrap();
+    let req = sample::Request {
+        prompt: prompt.into(),
+        negative_prompt: None,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: pipe.default_scheduler().0,
+        width: 64,
+        height: 64,
+        seed: 5,
+        latents: None,
+    };
+    let g = pipe.generate(&req, &mut |_| {}).unwrap();
+    g.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// `--train-token-embedding` with the atoms frozen (`--lr 0`): the trigger `<sks>` becomes a
+/// new token whose embedding (started at the class word's) trains alone and is stored in the
+/// delta; sampling with the delta moves the image where the prompt has the trigger, and only
+/// there (the atoms did not move).
+#[test]
+fn pivotal_tuning_moves_the_image_through_the_embedding_alone() {
+    let Some(fx) = fixture() else { return };
+    let Some(imgs) = photos(2) else { return };
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        token: "<sks>".into(),
+        recipe: train::Recipe {
+            token_embedding_lr: Some(5e-2),
+            ..Default::default()
+        },
+        ..config(imgs.path(), out.path(), Method::Atoms, 0.0, 4)
+    };
+    let sd = load(&fx);
+    let class_row = sd.text.word_embedding("dog", &sd.id).unwrap().remove(0);
+    let never = AtomicBool::new(false);
+    train::run(&sd, cfg, None, &never, &mut |_| {}).unwrap();
+    let delta = Delta::read(&out.path().join("delta.safetensors")).unwrap();
+    let row = &delta.embeddings()["text_encoder"];
+    let hidden = sd.text.first.model.config().hidden_size;
+    assert_eq!(row.dims(), &[hidden]);
+    assert_eq!(delta.embeddings().len(), 1, "one text encoder");
+    assert_eq!(delta.meta().trigger.as_deref(), Some("<sks>"));
+    let moved = (row - &class_row)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moved > 1e-3,
+        "the embedding stayed at the class word's ({moved})"
+    );
+
+    let with_trigger = "a photo of <sks> dog";
+    let base = load(&fx);
+    let (base_trigger, base_plain) = (
+        sample_latents(&base, with_trigger),
+        sample_latents(&base, "a photo of dog"),
+    );
+    let tuned = load(&fx);
+    sample::pipeline::apply_deltas(
+        &tuned,
+        &[(atoms::kohya::AnyDelta::Atomtune(Box::new(delta)), 1.0)],
+        false,
+    )
+    .unwrap();
+    let ids = tuned.text.first.tokenizer.as_ref().unwrap();
+    let tokens = ids.encode(with_trigger, false).unwrap().ids;
+    let vocab = tuned.text.first.model.config().vocab_size as u32;
+    assert_eq!(
+        tokens.iter().filter(|&&t| t == vocab).count(),
+        1,
+        "{tokens:?}"
+    );
+    let diff = sample_latents(&tuned, with_trigger)
+        .iter()
+        .zip(&base_trigger)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff > 1e-3,
+        "the learned token did not move the image ({diff})"
+    );
+    assert_eq!(
+        sample_latents(&tuned, "a photo of dog"),
+        base_plain,
+        "without the trigger the image is the base model's"
+    );
+    // a second delta with the same trigger is refused
+    let again = Delta::read(&out.path().join("delta.safetensors")).unwrap();
+    let e = sample::pipeline::apply_deltas(
+        &tuned,
+        &[(atoms::kohya::AnyDelta::Atomtune(Box::new(again)), 1.0)],
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("same trigger"), "{e}");
 }

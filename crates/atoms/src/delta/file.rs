@@ -6,18 +6,26 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
-use super::{Delta, DeltaMeta, LayerTensors};
+use super::{Delta, DeltaMeta, LayerTensors, EMBEDDING_PREFIX};
 use crate::adapter::lora;
 use crate::{AdapterConfig, Error, Layout, Method, Result};
 
 impl Delta {
     /// The file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let tensors = self.layers.iter().flat_map(|(layer, tensors)| {
-            tensors
-                .iter()
-                .map(move |(suffix, t)| (format!("{layer}.{suffix}"), t))
-        });
+        let tensors = self
+            .layers
+            .iter()
+            .flat_map(|(layer, tensors)| {
+                tensors
+                    .iter()
+                    .map(move |(suffix, t)| (format!("{layer}.{suffix}"), t))
+            })
+            .chain(
+                self.embeddings
+                    .iter()
+                    .map(|(enc, t)| (format!("{EMBEDDING_PREFIX}{enc}"), t)),
+            );
         crate::io::safetensors_f32(tensors, self.meta.to_metadata())
     }
 
@@ -46,7 +54,12 @@ impl Delta {
         };
         let method = meta.config.method;
         let mut layers: BTreeMap<String, LayerTensors> = BTreeMap::new();
+        let mut embeddings = BTreeMap::new();
         for (name, view) in st.iter() {
+            if let Some(encoder) = name.strip_prefix(EMBEDDING_PREFIX) {
+                embeddings.insert(encoder.to_string(), tensor_of(name, &view)?);
+                continue;
+            }
             let unexpected = || Error::UnexpectedTensor {
                 tensor: name.to_string(),
                 method: method.to_string(),
@@ -84,7 +97,12 @@ impl Delta {
                 format!("names layer `{extra}`, which has no tensors"),
             ));
         }
-        Ok(Delta { meta, layers })
+        Delta {
+            meta,
+            layers,
+            embeddings: BTreeMap::new(),
+        }
+        .with_embeddings(embeddings)
     }
 }
 

@@ -10,7 +10,10 @@
 //! | `lora` | `<layer>.lora_down` `[r, ci(, kh, kw)]`, `<layer>.lora_up` `[co, r(, 1, 1)]` |
 //! | `full` | `<layer>.diff`, shaped like the weight |
 //!
-//! and the metadata of [`DeltaMeta`]. The coefficients are never stored: they are recomputed from
+//! and the metadata of [`DeltaMeta`]. A delta trained with pivotal tuning also holds its trigger
+//! token's learned embedding, `token_embedding.<text encoder>` `[hidden]` per text encoder
+//! (`text_encoder`, and SDXL's `text_encoder_2`), read as a new token named by the metadata's
+//! trigger. The coefficients are never stored: they are recomputed from
 //! the base a delta is applied to (`alpha = Wr @ D0^T`), so atoms transfer to derived checkpoints
 //! the way LoRAs do, and no eigen-solver runs at load time.
 //!
@@ -42,7 +45,13 @@ pub type LayerTensors = BTreeMap<String, Tensor>;
 pub struct Delta {
     meta: DeltaMeta,
     layers: BTreeMap<String, LayerTensors>,
+    /// The trigger token's learned embedding per text encoder (`text_encoder`,
+    /// `text_encoder_2`), `[hidden]` each (pivotal tuning); empty without one.
+    embeddings: BTreeMap<String, Tensor>,
 }
+
+/// The prefix of a learned token embedding's tensor name: `token_embedding.<text encoder>`.
+pub const EMBEDDING_PREFIX: &str = "token_embedding.";
 
 /// How a delta fits a base it was checked against.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,7 +116,39 @@ impl Delta {
             meta.fingerprints.insert(name.to_string(), fp);
             layers.insert(name.to_string(), t);
         }
-        Ok(Delta { meta, layers })
+        Ok(Delta {
+            meta,
+            layers,
+            embeddings: BTreeMap::new(),
+        })
+    }
+
+    /// With the trigger token's learned embedding per text encoder (`text_encoder`,
+    /// `text_encoder_2`: `[hidden]` each; f32 on the CPU); the metadata must name the trigger.
+    pub fn with_embeddings(mut self, embeddings: BTreeMap<String, Tensor>) -> Result<Self> {
+        if !embeddings.is_empty() && self.meta.trigger.is_none() {
+            return Err(Error::meta(
+                "trigger",
+                "a delta with a token embedding must name its trigger",
+            ));
+        }
+        for (k, t) in embeddings {
+            let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            if t.rank() != 1 {
+                return Err(Error::TensorShape {
+                    tensor: format!("{EMBEDDING_PREFIX}{k}"),
+                    found: t.dims().to_vec(),
+                    expected: vec![],
+                });
+            }
+            self.embeddings.insert(k, t);
+        }
+        Ok(self)
+    }
+
+    /// The trigger token's learned embedding per text encoder (empty without one).
+    pub fn embeddings(&self) -> &BTreeMap<String, Tensor> {
+        &self.embeddings
     }
 
     /// The metadata.
@@ -137,7 +178,12 @@ impl Delta {
             .flat_map(|t| t.iter())
             .filter(|(s, _)| s.as_str() != "atoms")
             .map(|(_, t)| t.elem_count())
-            .sum()
+            .sum::<usize>()
+            + self
+                .embeddings
+                .values()
+                .map(Tensor::elem_count)
+                .sum::<usize>()
     }
 
     /// Checks that every layer exists in `base` and every tensor's shape fits its base weight.

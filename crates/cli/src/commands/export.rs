@@ -49,7 +49,8 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
             max_error: a.max_error,
         },
     };
-    let exported = export(&changes, format)?;
+    let mut exported = export(&changes, format)?;
+    exported.bundle_embeddings(&delta)?;
     let title = a
         .out
         .file_stem()

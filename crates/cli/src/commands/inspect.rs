@@ -140,6 +140,13 @@ fn inspect_adapter(args: &InspectArgs) -> Result<ExitCode> {
     )?;
     writeln!(out, "base version {}", m("ss_base_model_version"))?;
     writeln!(out, "trigger      {}", m("modelspec.trigger_phrase"))?;
+    for (name, vectors) in &file.embeddings {
+        let parts: Vec<String> = vectors
+            .iter()
+            .map(|(k, t)| format!("{k} {:?}", t.dims()))
+            .collect();
+        writeln!(out, "embedding    {name:?} bundled: {}", parts.join(", "))?;
+    }
     if let Some(e) = file.metadata.get("atomtune.relative_error") {
         writeln!(out, "made by      atomtune export (relative error {e})")?;
     }
@@ -200,6 +207,9 @@ fn write_text(
             .unwrap_or_default();
         writeln!(out, "trigger      {t}{class}")?;
     }
+    if !delta.embeddings().is_empty() {
+        writeln!(out, "embedding    {}", describe_embeddings(delta))?;
+    }
     let mut trained = Vec::new();
     if let Some(s) = meta.steps {
         trained.push(format!("{} steps", thousands(s as usize)));
@@ -230,6 +240,27 @@ fn write_text(
         Some(Fit::DoesNotFit(why)) => writeln!(out, "fits base    no: {why}")?,
     }
     Ok(())
+}
+
+/// The trigger's learned embedding: its size and norm per text encoder.
+fn describe_embeddings(delta: &Delta) -> String {
+    let parts: Vec<String> = delta
+        .embeddings()
+        .iter()
+        .map(|(enc, t)| {
+            let norm = t
+                .sqr()
+                .and_then(|x| x.sum_all())
+                .and_then(|x| x.to_scalar::<f32>())
+                .map_or(f32::NAN, f32::sqrt);
+            format!("{enc} [{}] (norm {norm:.3})", t.elem_count())
+        })
+        .collect();
+    format!(
+        "a new token {:?}, {}",
+        delta.meta().trigger.as_deref().unwrap_or(""),
+        parts.join(", ")
+    )
 }
 
 fn to_json(
@@ -270,5 +301,6 @@ fn to_json(
         "layers": layers,
         "metadata": meta.to_metadata(),
         "base_fit": fit,
+        "token_embedding": delta.embeddings().iter().map(|(k, t)| (k.clone(), t.elem_count())).collect::<BTreeMap<_, _>>(),
     })
 }

@@ -35,6 +35,17 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
         DTypeArg::F32 => DType::F32,
     };
     let deltas = DeltaArg::read_all(&a.deltas)?;
+    for (d, arg) in deltas.iter().zip(&a.deltas) {
+        if let atoms::kohya::AnyDelta::Atomtune(d) = &d.0 {
+            if !d.embeddings().is_empty() {
+                bail!(
+                    "--delta {}: it carries a learned token {:?} (--train-token-embedding), which a merged model cannot hold (its tokenizer has no such token); sample with --delta instead, or export it (A1111 reads the token from the exported file)",
+                    arg.path.display(),
+                    d.meta().trigger.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
     let sd = StableDiffusion::load(&a.model.model, &opts)
         .with_context(|| format!("loading --model {}", a.model.model))?;
     for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {

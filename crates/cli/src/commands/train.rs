@@ -128,6 +128,12 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             masked_loss: a.masked_loss,
             optimizer: a.optimizer.into(),
             aspect_buckets: a.aspect_buckets,
+            token_embedding_lr: a.train_token_embedding.then(|| {
+                a.embedding_lr.unwrap_or(match a.optimizer {
+                    OptimizerArg::Prodigy => 1.0,
+                    OptimizerArg::Adamw => 5e-4,
+                })
+            }),
         },
     };
     let resume: Option<PathBuf> = match a.resume.as_deref() {
