@@ -806,6 +806,36 @@ impl<'a> Trainer<'a> {
         checkpoint::write(&self.cfg.out.join("checkpoints"), &delta, &tensors, &state)
     }
 
+    /// What `loss.png` shows of the run whose metrics are at `metrics`: its steps, the steps
+    /// validation images were made after, a title naming the subject, method and base.
+    fn loss_curve(&self, metrics: &Path) -> crate::plot::LossCurve {
+        let c = &self.cfg;
+        let points =
+            crate::plot::read_points(&std::fs::read_to_string(metrics).unwrap_or_default());
+        let last = points.last().map_or(0, |p| p.step);
+        let validation_steps = match &c.validation {
+            Some(v) => (1..=last)
+                .filter(|s| s % v.every == 0 || *s == c.max_steps)
+                .collect(),
+            None => Vec::new(),
+        };
+        // the photo folder's name, when it says more than the class word
+        let subject = c
+            .images
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| *n != c.class_word)
+            .map_or(String::new(), |n| format!(" ({n})"));
+        crate::plot::LossCurve {
+            title: format!(
+                "{} {}{subject}: {} on {}",
+                c.token, c.class_word, c.adapter.method, self.sd.id
+            ),
+            points,
+            validation_steps,
+        }
+    }
+
     /// Samples the validation prompt with the adapters as they are now; returns the PNGs.
     pub fn validate(&self) -> Result<Vec<PathBuf>> {
         let Some(v) = &self.cfg.validation else {
@@ -903,19 +933,6 @@ fn trim_metrics(path: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
-fn read_losses(path: &Path) -> Vec<f64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()?
-                .get("loss")?
-                .as_f64()
-        })
-        .collect()
-}
-
 /// A failed write of the run's output, saying what is intact and how to resume.
 fn write_failed(out: &Path, what: &str, e: Error) -> Error {
     let resume = match checkpoint::latest(&out.join("checkpoints")) {
@@ -1009,7 +1026,7 @@ pub fn run(
         .write(&delta_path)
         .map_err(|e| write_failed(&out, &delta_path.display().to_string(), e.into()))?;
     let plot = out.join("loss.png");
-    crate::plot::write_loss_curve(&plot, &read_losses(&metrics_path))
+    crate::plot::write_loss_curve(&plot, &t.loss_curve(&metrics_path))
         .map_err(|e| write_failed(&out, &plot.display().to_string(), e))?;
     Ok(Outcome {
         delta: delta_path,
