@@ -6,7 +6,9 @@
 //! ```
 //!
 //! `RECIPE`: `plain` (default), `min-snr` (gamma 5), `noise-offset` (0.1), `caption-dropout`
-//! (0.1), `ema` (0.999) or `all`: what each training recipe option costs per step.
+//! (0.1), `ema` (0.999), `prodigy`, `buckets`, `pivotal` (token embedding, lr 5e-4),
+//! `masked` (a mask over the left half of each photo, written beside copies of them) or `all`:
+//! what each training recipe option costs per step.
 //!
 //! `LATENT` is the latent side (the training resolution is 8x that). The median is over `STEPS`
 //! steps after two warm-up steps. `scripts/bench-train.sh` runs it next to the PyTorch peer.
@@ -48,7 +50,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         noise_offset: if on("noise-offset") { 0.1 } else { 0.0 },
         caption_dropout: if on("caption-dropout") { 0.1 } else { 0.0 },
         ema: on("ema").then_some(0.999),
-        masked_loss: false,
+        masked_loss: on("masked"),
         aspect_buckets: on("buckets"),
         token_embedding_lr: on("pivotal").then_some(5e-4),
         optimizer: if on("prodigy") {
@@ -64,15 +66,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "caption-dropout",
         "ema",
         "prodigy",
+        "buckets",
+        "pivotal",
+        "masked",
         "all",
     ]
     .contains(&recipe_name.as_str())
     {
         return Err(format!(
-            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy, buckets, pivotal or all"
+            "RECIPE {recipe_name}: plain, min-snr, noise-offset, caption-dropout, ema, prodigy, buckets, pivotal, masked or all"
         )
         .into());
     }
+    let masked_copy = tempfile_dir_with_masks(&images, recipe.masked_loss)?;
+    let images = masked_copy.clone().unwrap_or(images);
     let t0 = Instant::now();
     let sd = StableDiffusion::load(&model, &LoadOptions::default())?;
     let cfg = TrainConfig {
@@ -125,5 +132,36 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         testutil::peak_rss_gb(),
         candle_core::utils::get_num_threads()
     );
+    if let Some(dir) = masked_copy {
+        std::fs::remove_dir_all(dir)?;
+    }
     Ok(())
+}
+
+/// With `on`, a copy of the photos of `images` in a fresh temporary folder, each with a mask
+/// over its left half (`name.mask.png`).
+fn tempfile_dir_with_masks(
+    images: &std::path::Path,
+    on: bool,
+) -> Result<Option<PathBuf>, Box<dyn std::error::Error>> {
+    if !on {
+        return Ok(None);
+    }
+    let dir =
+        std::env::temp_dir().join(format!("atomtune-step-bench-masks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for p in train::dataset::image_files(images)? {
+        let img = train::dataset::decode(&p)?;
+        let name = p.file_name().ok_or("a photo without a name")?;
+        std::fs::copy(&p, dir.join(name))?;
+        let (w, h) = img.dimensions();
+        let mask =
+            image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x < w / 2 { 255 } else { 0 }]));
+        let stem = p
+            .file_stem()
+            .ok_or("a photo without a name")?
+            .to_string_lossy();
+        mask.save(dir.join(format!("{stem}.mask.png")))?;
+    }
+    Ok(Some(dir))
 }

@@ -1,69 +1,15 @@
 //! Training on the tiny fixtures with real photos: learning happens, `--lr 0` changes nothing,
 //! a resumed run ends bit-identical, prior preservation makes exactly the missing class images.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use atoms::{AdapterConfig, Delta, Method};
-use models::{LoadOptions, StableDiffusion, Targets};
+use atoms::{Delta, Method};
+use models::{LoadOptions, StableDiffusion};
 use train::{AdamWConfig, LrSchedule, PriorConfig, TrainConfig, Trainer};
 
-fn fixture() -> Option<PathBuf> {
-    testutil::shared_path("fixtures/tiny-sd15-shape")
-}
-
-/// A folder with `n` photos of the DreamBooth `dog` subject (real JPEGs of odd sizes).
-fn photos(n: usize) -> Option<tempfile::TempDir> {
-    let src = testutil::shared_path("datasets/dreambooth/dog")?;
-    let dir = tempfile::tempdir().unwrap();
-    for i in 0..n {
-        let name = format!("{i:02}.jpg");
-        std::fs::copy(src.join(&name), dir.path().join(&name)).unwrap();
-    }
-    Some(dir)
-}
-
-fn load(fx: &Path) -> StableDiffusion {
-    StableDiffusion::load(fx.to_str().unwrap(), &LoadOptions::default()).unwrap()
-}
-
-fn config(images: &Path, out: &Path, method: Method, lr: f64, steps: usize) -> TrainConfig {
-    TrainConfig {
-        images: images.into(),
-        token: "sks".into(),
-        class_word: "dog".into(),
-        instance_prompt: "a photo of {token} {class}".into(),
-        resolution: 64,
-        center_crop: true,
-        flip: false,
-        repeats: 1,
-        skip_bad_images: false,
-        prior: None,
-        adapter: AdapterConfig {
-            rank: 4,
-            ..AdapterConfig::new(method)
-        },
-        targets: if method == Method::Lora {
-            Targets::Attn
-        } else {
-            Targets::Conv
-        },
-        lr,
-        lr_schedule: LrSchedule::Constant,
-        warmup_steps: 0,
-        adamw: AdamWConfig::default(),
-        grad_accum: 1,
-        max_grad_norm: Some(1.0),
-        batch_size: 2,
-        max_steps: steps,
-        seed: 7,
-        checkpoint_every: None,
-        validation: None,
-        out: out.into(),
-        loss_scale: Default::default(),
-        recipe: Default::default(),
-    }
-}
+mod common;
+use common::{config, fixture, load, photos};
 
 #[test]
 fn the_loss_goes_down_with_training_and_stays_put_at_lr_zero() {
