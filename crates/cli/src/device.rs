@@ -29,7 +29,10 @@ pub enum DTypeArg {
     F32,
     /// 16-bit floats.
     F16,
-    /// bfloat16 (matmuls and convs run in f32 on the CPU).
+    /// bfloat16. On the CPU, mixed precision as PyTorch's CPU autocast: weights, activations,
+    /// norms, the loss and gradients in f32, matrix products and convolutions with bf16 operands
+    /// and f32 sums on AVX512-BF16 (Zen 4, Sapphire Rapids and later); plain f32 on CPUs
+    /// without it.
     Bf16,
 }
 
@@ -100,8 +103,28 @@ pub fn device_and_dtype(a: &ModelArgs) -> Result<(Device, DType)> {
     if dev.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(!a.exact_f32);
     }
+    if dev.is_cpu() && a.dtype == DTypeArg::Bf16 {
+        if models::cpu_bf16::supported() {
+            models::cpu_bf16::set_enabled(true);
+        } else {
+            eprintln!(
+                "warning: --dtype bf16: this CPU has no AVX512-BF16 instructions; running in f32"
+            );
+        }
+        return Ok((dev, DType::F32));
+    }
     let dt = dtype(a.dtype, &dev);
     Ok((dev, dt))
+}
+
+/// The number format a run computes in, for messages: the dtype, and whether the CPU's matrix
+/// products run with bf16 operands.
+pub fn precision(dt: DType) -> String {
+    if models::cpu_bf16::active() && dt == DType::F32 {
+        "f32, bf16 matrix products".into()
+    } else {
+        format!("{dt:?}").to_lowercase()
+    }
 }
 
 /// A short name of a device for messages.

@@ -77,7 +77,7 @@ impl VitConfig {
             qkv_bias: v.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true),
             act,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

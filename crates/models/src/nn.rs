@@ -180,7 +180,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` `[channels]`.
     pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::Input(format!(
                 "{}: {channels} channels do not split into {groups} groups",
                 w.prefix()

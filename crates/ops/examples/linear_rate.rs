@@ -1,5 +1,6 @@
 //! The rate of `ops::linear::linear` (a linear layer's forward, f32) at SD 1.5 and SDXL shapes,
-//! to compare with PyTorch's `torch.nn.functional.linear` on the same machine:
+//! to compare with PyTorch's `torch.nn.functional.linear` on the same machine; on CPUs with
+//! AVX512-BF16 also with bf16 products ([`ops::cpu_bf16`]):
 //!
 //! ```text
 //! cargo run --release -p atomtune-ops --example linear_rate
@@ -27,14 +28,30 @@ fn main() -> candle_core::Result<()> {
             for _ in 0..2 {
                 ops::linear::linear(&x, &w, None).expect("linear");
             }
-            let runs = 5;
-            let t = Instant::now();
-            for _ in 0..runs {
+            let time = || {
+                let runs = 5;
+                let t = Instant::now();
+                for _ in 0..runs {
+                    ops::linear::linear(&x, &w, None).expect("linear");
+                }
+                t.elapsed().as_secs_f64() / runs as f64
+            };
+            let dt = time();
+            let rate = |dt: f64| 2.0 * (m * k * n) as f64 / dt / 1e12;
+            print!("{m} {k} {n} f32 {:.1} ms {:.3} TFLOP/s", dt * 1e3, rate(dt));
+            if ops::cpu_bf16::supported() {
+                ops::cpu_bf16::set_enabled(true);
                 ops::linear::linear(&x, &w, None).expect("linear");
+                let db = time();
+                ops::cpu_bf16::set_enabled(false);
+                print!(
+                    "  bf16 {:.1} ms {:.3} TFLOP/s ({:.2}x f32's time)",
+                    db * 1e3,
+                    rate(db),
+                    db / dt
+                );
             }
-            let dt = t.elapsed().as_secs_f64() / runs as f64;
-            let rate = 2.0 * (m * k * n) as f64 / dt / 1e12;
-            println!("{m} {k} {n} {:.1} ms {rate:.3} TFLOP/s", dt * 1e3);
+            println!();
         }
         Ok(())
     })

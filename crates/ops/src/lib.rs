@@ -26,7 +26,8 @@
 //! | GEGLU | [`geglu::geglu`] | one pass | candle ops |
 //!
 //! [`process`] holds the CPU process settings the fused kernels are tuned for; `cpu/` what the
-//! CPU kernels share (element types, the one wrapper around `gemm`, vectorised math).
+//! CPU kernels share (element types, the one wrapper around `gemm`, vectorised math);
+//! [`cpu_bf16`] the f32 products that run with bf16 operands where it is on.
 #![deny(missing_docs)]
 
 pub mod attention;
@@ -42,6 +43,7 @@ pub mod process;
 #[cfg(test)]
 mod test_support;
 
+pub use cpu::bf16 as cpu_bf16;
 pub use kernels::{Kernels, KERNELS_VAR};
 pub use process::{on_compute_thread, tune_process};
 

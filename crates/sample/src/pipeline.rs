@@ -142,7 +142,11 @@ impl<'a> Pipeline<'a> {
     pub fn generate(&self, req: &Request, progress: &mut dyn FnMut(Step<'_>)) -> Result<Generated> {
         let unet = &self.sd.unet;
         let f = self.sd.vae.downscale();
-        if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+        if req.width == 0
+            || req.height == 0
+            || !req.width.is_multiple_of(f)
+            || !req.height.is_multiple_of(f)
+        {
             return Err(Error::Request(format!(
                 "--width and --height must be positive multiples of {f}, not {}x{}",
                 req.width, req.height

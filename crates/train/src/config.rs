@@ -141,7 +141,7 @@ impl TrainConfig {
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr {} must be a finite number >= 0", self.lr));
         }
-        if self.resolution == 0 || self.resolution % 8 != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
             return bad(format!(
                 "--resolution {} must be a positive multiple of 8",
                 self.resolution

@@ -95,7 +95,7 @@ impl Dictionary {
     ) -> Result<Self> {
         let m = m.unwrap_or(d);
         check_m(m, d)?;
-        if d == 0 || filters.is_empty() || filters.len() % d != 0 {
+        if d == 0 || filters.is_empty() || !filters.len().is_multiple_of(d) {
             return Err(Error::invalid(
                 "filters",
                 filters.len(),
@@ -207,7 +207,7 @@ impl Dictionary {
     /// The coefficients `alpha [N, m]` of the filter matrix `filters [N, d]`, row-major: the
     /// projection `Wr @ D0^T` for SVD atoms, the sparse code for lasso atoms.
     pub fn coefficients(&self, filters: &[f64]) -> Result<Vec<f64>> {
-        if filters.len() % self.d != 0 {
+        if !filters.len().is_multiple_of(self.d) {
             return Err(Error::invalid(
                 "filters",
                 filters.len(),

@@ -11,7 +11,7 @@ use sample::pipeline::to_rgb8;
 use sample::{apply_deltas, png_io, Infotext, Pipeline, Request, SchedulerKind};
 
 use crate::cli::SampleArgs;
-use crate::device::{describe, device_and_dtype};
+use crate::device::{describe, device_and_dtype, precision};
 use crate::progress::Reporter;
 
 /// The prompts of a run: `--prompt`, or the lines of `--prompts` with `{token}` and `{class}`
@@ -131,9 +131,10 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
     rep.info(
         None,
         &format!(
-            "loading {} on {} ({dt:?})",
+            "loading {} on {} ({})",
             args.model.model,
-            describe(&dev)
+            describe(&dev),
+            precision(dt)
         ),
     );
     let opts = args.model.load_options(dt, dev);

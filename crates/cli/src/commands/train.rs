@@ -11,7 +11,7 @@ use models::{StableDiffusion, Targets};
 use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
 
 use crate::cli::{OptimizerArg, TrainArgs};
-use crate::device::{describe, device_and_dtype};
+use crate::device::{describe, device_and_dtype, precision};
 use crate::format::bytes;
 use crate::progress::Reporter;
 
@@ -59,7 +59,12 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     let (dev, dt) = device_and_dtype(&a.model)?;
     rep.info(
         None,
-        &format!("loading {} on {} ({dt:?})", a.model.model, describe(&dev)),
+        &format!(
+            "loading {} on {} ({})",
+            a.model.model,
+            describe(&dev),
+            precision(dt)
+        ),
     );
     let opts = a.model.load_options(dt, dev);
     let sd = StableDiffusion::load(&a.model.model, &opts)

@@ -50,6 +50,28 @@ impl<'a, T> Mat<'a, T> {
         }
     }
 
+    /// `(rows, cols)` as seen.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        let (r, c, _, _) = self.view();
+        (r, c)
+    }
+
+    /// `(column stride, row stride)` as seen: element `(i, j)` is at `i * rs + j * cs`.
+    pub(crate) fn strides(&self) -> (usize, usize) {
+        let (_, _, cs, rs) = self.view();
+        (cs as usize, rs as usize)
+    }
+
+    /// Element `(i, j)` as seen.
+    #[cfg(test)]
+    pub(crate) fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        let (_, _, cs, rs) = self.view();
+        self.data[i * rs as usize + j * cs as usize]
+    }
+
     /// Whether every element lies within `data`.
     fn fits(&self) -> bool {
         self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + self.cols <= self.data.len()
@@ -102,6 +124,10 @@ pub(crate) unsafe fn gemm<T: Float>(
     let (k2, n, b_cs, b_rs) = b.view();
     assert!(k == k2 && a.fits() && b.fits());
     let rs = if dst.rs == 0 { n } else { dst.rs };
+    // SAFETY: as below; bf16 products where they are on and the CPU has them.
+    if T::bf16_gemm(par, dst, a, b, scale, accumulate) {
+        return;
+    }
     // SAFETY: the assert checks the inputs lie within their slices, the caller the output.
     unsafe {
         gemm::gemm(

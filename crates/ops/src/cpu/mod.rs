@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
+pub mod bf16;
 pub(crate) mod fastmath;
 pub(crate) mod matmul;
 
@@ -39,12 +40,44 @@ pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
     fn sigmoid(self) -> Self {
         Self::one() / (Self::one() + (-self).exp())
     }
+
+    /// Runs [`matmul::gemm`]'s product in bf16 ([`bf16`]) where that is on for this type;
+    /// `false` when it is not (the caller then runs it as it is).
+    fn bf16_gemm(
+        _par: gemm::Parallelism,
+        _dst: matmul::Dst<Self>,
+        _a: matmul::Mat<'_, Self>,
+        _b: matmul::Mat<'_, Self>,
+        _scale: Self,
+        _accumulate: bool,
+    ) -> bool {
+        false
+    }
 }
 
 impl Float for f32 {
     #[inline(always)]
     fn sigmoid(self) -> f32 {
         fastmath::sigmoid(self)
+    }
+
+    fn bf16_gemm(
+        par: gemm::Parallelism,
+        dst: matmul::Dst<f32>,
+        a: matmul::Mat<'_, f32>,
+        b: matmul::Mat<'_, f32>,
+        scale: f32,
+        accumulate: bool,
+    ) -> bool {
+        if !bf16::active() {
+            return false;
+        }
+        let threads = match par {
+            gemm::Parallelism::Rayon(n) => n,
+            _ => 1,
+        };
+        // SAFETY: `matmul::gemm`'s caller vouches for `dst`; the inputs are checked there.
+        unsafe { bf16::gemm(threads, dst, a, b, scale, accumulate) }
     }
 }
 
