@@ -83,15 +83,34 @@ pub fn active() -> bool {
     enabled() && supported()
 }
 
-/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN), as its bits.
+/// Whether a product of `a (m x k)` and `b (k x n)` gains from bf16: packing converts every
+/// operand once, which a product repays only when each number takes part in enough
+/// multiply-adds. Attention's products (`k` or `n` the head width, 40-160) stay f32.
+pub(crate) fn worth_it((m, k): (usize, usize), (_, n): (usize, usize)) -> bool {
+    m >= 64 && n >= 64 && k >= 256
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN), in the high half of the
+/// result (the low half is garbage). Branch-free, so that packing loops vectorise.
 #[inline(always)]
-pub(crate) fn to_bf16(x: f32) -> u16 {
+fn round_high(x: f32) -> u32 {
     let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((b >> 16) & 1);
-    (b.wrapping_add(round) >> 16) as u16
+    // a NaN gets its quiet bit, so rounding cannot carry it into infinity
+    let b = if x.is_nan() { b | 0x0040_0000 } else { b };
+    b.wrapping_add(0x7fff + ((b >> 16) & 1))
+}
+
+/// Two numbers rounded to bf16 as one pair word: `lo` in the low half, `hi` in the high half
+/// (the order `vdpbf16ps` reads a pair in).
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    (round_high(hi) & 0xffff_0000) | (round_high(lo) >> 16)
+}
+
+/// `x` rounded to bf16, as its bits.
+#[cfg(test)]
+fn to_bf16(x: f32) -> u16 {
+    (round_high(x) >> 16) as u16
 }
 
 /// The f32 value of bf16 bits.
@@ -100,63 +119,122 @@ fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// A seen `rows x cols` matrix packed in panels of `w` rows: panel `p`, pair `q` of columns,
-/// row `r` of the panel at `((p * cp + q) * w + r) * 2 + (column % 2)` (`cp`: column pairs,
-/// rounded up), zero past the matrix. Panels are packed in parallel, each read in the order its
-/// memory runs.
-fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u16>, usize) {
+/// A seen `rows x cols` matrix packed in panels of `w` rows as pair words: panel `p`, pair `q`
+/// of columns, row `r` of the panel at `(p * cp + q) * w + r` (`cp`: column pairs, rounded up),
+/// zero past the matrix. Panels are packed in parallel; rows or columns adjacent in memory are
+/// read along their run.
+fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u32>, usize) {
+    debug_assert!(w <= 32);
     use rayon::prelude::*;
     let (rows, cols) = m.shape();
     let (cs, rs) = m.strides();
     let cp = cols.div_ceil(2);
-    let mut out = vec![0u16; rows.div_ceil(w) * cp * w * 2];
-    let panel_len = cp * w * 2;
-    let pack_panel = |(p, panel): (usize, &mut [u16])| {
-        let r_end = (rows - p * w).min(w);
-        if cs == 1 {
-            for r in 0..r_end {
-                let i = p * w + r;
-                let row = &m.data[i * rs..i * rs + cols];
-                let mut pairs = row.chunks_exact(2);
-                for (q, pair) in pairs.by_ref().enumerate() {
-                    let o = (q * w + r) * 2;
-                    panel[o] = to_bf16(pair[0]);
-                    panel[o + 1] = to_bf16(pair[1]);
+    let mut out = vec![0u32; rows.div_ceil(w) * cp * w];
+    let d = m.data;
+    let parallel = rows * cols >= 1 << 16;
+    if rs == 1 {
+        // Rows adjacent: each pair of columns is two runs of `rows` numbers, read straight
+        // through and dealt out to the panels (pairs in parallel: they write apart).
+        let panels = rows.div_ceil(w);
+        let dst = SendPtr(out.as_mut_ptr());
+        let pack_pair = |q: usize| {
+            let j = 2 * q;
+            let lo = &d[j * cs..j * cs + rows];
+            let hi = (j + 1 < cols).then(|| &d[(j + 1) * cs..(j + 1) * cs + rows]);
+            for p in 0..panels {
+                let (r0, r_end) = (p * w, (rows - p * w).min(w));
+                // SAFETY: panel `p`, pair `q` is `w` words of `out` that only this task writes.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add((p * cp + q) * w), r_end)
+                };
+                match hi {
+                    Some(hi) => {
+                        for ((o, &l), &h) in o.iter_mut().zip(&lo[r0..]).zip(&hi[r0..]) {
+                            *o = pair(l, h);
+                        }
+                    }
+                    None => {
+                        for (o, &l) in o.iter_mut().zip(&lo[r0..]) {
+                            *o = pair(l, 0.0);
+                        }
+                    }
                 }
-                if let [last] = pairs.remainder() {
-                    panel[((cols / 2) * w + r) * 2] = to_bf16(*last);
+            }
+        };
+        if parallel {
+            (0..cp).into_par_iter().with_min_len(8).for_each(pack_pair);
+        } else {
+            (0..cp).for_each(pack_pair);
+        }
+        return (out, cp);
+    }
+    let pack_panel = |(p, panel): (usize, &mut [u32])| {
+        let (r0, r_end) = (p * w, (rows - p * w).min(w));
+        if cs == 1 {
+            // each row is a run of `cols` numbers: 16 pairs of each row at a time into a tile
+            // (vectorised), then the tile out a pair at a time, `w` words in a row
+            const T: usize = 16;
+            let mut tile = [[0u32; T]; 32];
+            for q0 in (0..cp).step_by(T) {
+                let tq = T.min(cp - q0);
+                for (r, words) in tile.iter_mut().enumerate().take(r_end) {
+                    let start = (r0 + r) * rs + 2 * q0;
+                    let run = &d[start..start + (2 * tq).min(cols - 2 * q0)];
+                    let mut pairs = run.chunks_exact(2);
+                    for (o, two) in words.iter_mut().zip(pairs.by_ref()) {
+                        *o = pair(two[0], two[1]);
+                    }
+                    if let [last] = pairs.remainder() {
+                        words[tq - 1] = pair(*last, 0.0);
+                    }
+                }
+                for q in 0..tq {
+                    let dst = &mut panel[(q0 + q) * w..(q0 + q) * w + r_end];
+                    for (r, o) in dst.iter_mut().enumerate() {
+                        *o = tile[r][q];
+                    }
                 }
             }
         } else {
-            for j in 0..cols {
-                let base = ((j / 2) * w) * 2 + j % 2;
-                for r in 0..r_end {
-                    panel[base + r * 2] = to_bf16(m.data[(p * w + r) * rs + j * cs]);
+            for r in 0..r_end {
+                for q in 0..cp {
+                    let at = |j: usize| {
+                        if j < cols {
+                            d[(r0 + r) * rs + j * cs]
+                        } else {
+                            0.0
+                        }
+                    };
+                    panel[q * w + r] = pair(at(2 * q), at(2 * q + 1));
                 }
             }
         }
     };
-    if rows * cols >= 1 << 16 {
-        out.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(pack_panel);
+    if parallel {
+        out.par_chunks_mut(cp * w).enumerate().for_each(pack_panel);
     } else {
-        out.chunks_mut(panel_len).enumerate().for_each(pack_panel);
+        out.chunks_mut(cp * w).enumerate().for_each(pack_panel);
     }
     (out, cp)
 }
 
-/// A raw pointer that may cross to the pool's threads: each task writes its own columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks write disjoint parts of the destination (see `gemm`).
-unsafe impl Send for SendPtr {}
+/// A raw pointer that may cross to the pool's threads: each task writes its own part (the
+/// destination's columns in `gemm`, a pair's words in `pack`).
+struct SendPtr<T>(*mut T);
+// SAFETY: the tasks write disjoint parts of what it points to (see its uses).
+unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -198,10 +276,10 @@ pub(crate) unsafe fn gemm(
             let add = accumulate || q0 > 0;
             for i0 in (0..row_panels).step_by(MC / MR) {
                 for p in p0..p1 {
-                    let bpanel = &pb[(p * kp + q0) * NR * 2..(p * kp + q1) * NR * 2];
+                    let bpanel = &pb[(p * kp + q0) * NR..(p * kp + q1) * NR];
                     let (c0, cols) = (p * NR, NR.min(n - p * NR));
                     for i in i0..(i0 + MC / MR).min(row_panels) {
-                        let apanel = &pa[(i * kp + q0) * MR * 2..(i * kp + q1) * MR * 2];
+                        let apanel = &pa[(i * kp + q0) * MR..(i * kp + q1) * MR];
                         let (r0, rows) = (i * MR, MR.min(m - i * MR));
                         // SAFETY: `supported()` checked the instructions; the panels hold
                         // `q1 - q0` pairs; the block lies within `dst` (rows < m, columns < n).
@@ -244,14 +322,14 @@ pub(crate) unsafe fn gemm(
 /// `rows x cols` of it (the packed panels are zero past the matrix).
 ///
 /// # Safety
-/// AVX512-BF16 and AVX512F must be present; `a` holds `pairs * MR * 2` numbers, `b`
-/// `pairs * NR * 2`; `c` is valid for `rows` rows of `cols` writes, `rs` apart.
+/// AVX512-BF16 and AVX512F must be present; `a` holds `pairs * MR` pair words, `b`
+/// `pairs * NR`; `c` is valid for `rows` rows of `cols` writes, `rs` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
-    a: &[u16],
-    b: &[u16],
+    a: &[u32],
+    b: &[u32],
     pairs: usize,
     c: *mut f32,
     rs: usize,
@@ -265,10 +343,9 @@ unsafe fn kernel(
     for q in 0..pairs {
         // SAFETY: within the panels (the caller's promise); unaligned loads.
         unsafe {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR * 2).cast()));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR * 2 + 32).cast()));
-            let arow = pa.add(q * MR * 2).cast::<i32>();
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR + 16).cast()));
+            let arow = pa.add(q * MR).cast::<i32>();
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x: __m512bh =
                     std::mem::transmute(_mm512_set1_epi32(arow.add(r).read_unaligned()));
@@ -306,8 +383,8 @@ unsafe fn kernel(
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
-    _: &[u16],
-    _: &[u16],
+    _: &[u32],
+    _: &[u32],
     _: usize,
     _: *mut f32,
     _: usize,

@@ -69,7 +69,7 @@ impl Float for f32 {
         scale: f32,
         accumulate: bool,
     ) -> bool {
-        if !bf16::active() {
+        if !bf16::active() || !bf16::worth_it(a.shape(), b.shape()) {
             return false;
         }
         let threads = match par {
