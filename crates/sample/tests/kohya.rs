@@ -156,3 +156,53 @@ fn kohya_modules_apply_as_w_plus_up_down_alpha_over_rank() {
         .to_string();
     assert!(e.contains("none of the 1 modules"), "{e}");
 }
+
+/// A kohya LoRA / LoCon file (linear and conv modules of the UNet, four of the text encoder,
+/// each with its own rank and alpha) at weight 0.7 gives what diffusers' `load_lora_weights`
+/// and `fuse_lora(lora_scale=0.7)` give: the UNet's output on the fixture's reference inputs and
+/// the text encoder's last hidden state, within 1e-4 of their scale
+/// (`tests/data/kohya`, made by `scripts/make-kohya-reference.py`).
+#[test]
+fn a_kohya_file_applies_as_diffusers_load_lora_weights_does() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd15-shape") else {
+        return;
+    };
+    let data = testutil::data_path("kohya");
+    let want =
+        candle_core::safetensors::load(data.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(fx.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let sd = StableDiffusion::load(fx.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let file = AnyDelta::read(&data.join("lora.safetensors")).unwrap();
+    let warnings = apply_deltas(&sd, &[(file, 0.7)], false).unwrap();
+    assert!(
+        warnings.is_empty(),
+        "every module names a layer: {warnings:?}"
+    );
+    let rel = |a: &Tensor, b: &Tensor| {
+        let s = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        max_diff(a, b) / s
+    };
+    let unet = sd
+        .unet
+        .forward(
+            &r["unet.sample"],
+            &r["unet.timestep"],
+            &r["unet.encoder_hidden_states"],
+        )
+        .unwrap();
+    let e = rel(&unet, &want["unet.out"]);
+    assert!(e < 1e-4, "UNet output {e} from diffusers'");
+    assert!(
+        rel(&unet, &r["unet.out"]) > 1e-2,
+        "the file changes the UNet"
+    );
+    let te = sd.text.first.model.forward(&r["text.input_ids"]).unwrap();
+    let e = rel(&te.last_hidden_state, &want["text.last_hidden_state"]);
+    assert!(e < 1e-4, "text encoder output {e} from diffusers'");
+}
