@@ -179,7 +179,15 @@ impl ClipTextModel {
         projection: Option<Linear>,
     ) -> Result<Self> {
         let c = config;
-        let w = w.pp("text_model");
+        // transformers 5.6 and later save `CLIPTextModel` flattened (`embeddings.*`, not
+        // `text_model.embeddings.*`); `CLIPTextModelWithProjection` keeps the wrapper
+        let w = if w.contains("embeddings.token_embedding.weight")
+            && !w.contains("text_model.embeddings.token_embedding.weight")
+        {
+            w.clone()
+        } else {
+            w.pp("text_model")
+        };
         let h = c.hidden_size;
         let e = w.pp("embeddings");
         // Older checkpoints also store the position ids buffer; it is 0..n and not needed.

@@ -223,3 +223,42 @@ fn a_learned_token_row_gets_the_gradient_of_finite_differences() {
     );
     assert!(analytic.abs() > 1e-6, "a zero gradient proves nothing");
 }
+
+/// transformers 5.6 and later save `CLIPTextModel` without its `text_model.` prefix: such a file
+/// loads to the same encoder.
+#[test]
+fn a_flattened_text_encoder_file_loads_the_same() {
+    let Some(fx) = testutil::shared_path("fixtures/tiny-sd15-shape") else {
+        return;
+    };
+    let src = fx.join("text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
+    let flat: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.strip_prefix("text_model.").unwrap_or(k).to_string(),
+                t.clone(),
+            )
+        })
+        .collect();
+    assert!(flat.contains_key("embeddings.token_embedding.weight"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    candle_core::safetensors::save(&flat, &path).unwrap();
+    let cfg = ClipConfig::read(&fx.join("text_encoder/config.json")).unwrap();
+    let out = |p: &Path| {
+        let w = Weights::from_files(&[p.to_path_buf()], DType::F32, &Device::Cpu).unwrap();
+        let te = ClipTextModel::new(&w, &cfg, &Layers::new("te")).unwrap();
+        w.check_all_used().unwrap();
+        let ids = Tensor::new(&[[49406u32, 320, 1125, 539, 49407]], &Device::Cpu).unwrap();
+        te.forward(&ids)
+            .unwrap()
+            .last_hidden_state
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(out(&path), out(&src));
+}
