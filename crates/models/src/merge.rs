@@ -28,10 +28,11 @@ pub enum MergeSource {
 }
 
 /// `tensors` to `path` as safetensors in `dtype`, through a temporary file renamed over it.
-fn save(tensors: &HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<()> {
+/// Each tensor is converted as the map is consumed, so the originals go as their copies come.
+fn save(tensors: HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<()> {
     let converted = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -111,7 +112,7 @@ pub fn merge(source: &MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -
         (MergeSource::SingleFile(file), true) => {
             let mut t = load(file)?;
             replace_unet(&mut t, m.baked, |layer| ldm_unet_key(&layout, layer))?;
-            save(&t, m.out, m.dtype)
+            save(t, m.out, m.dtype)
         }
         (MergeSource::SingleFile(_), false) => Err(Error::Input(
             "a single-file model merges into a single file: give an --out ending in .safetensors"
@@ -166,11 +167,7 @@ fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> R
         if sub == "unet" {
             replace_unet(&mut t, m.baked, |l| Ok(format!("{l}.weight")))?;
         }
-        save(
-            &t,
-            &out.join(sub).join(format!("{stem}.safetensors")),
-            dtype,
-        )?;
+        save(t, &out.join(sub).join(format!("{stem}.safetensors")), dtype)?;
     }
     Ok(())
 }
@@ -232,17 +229,32 @@ fn folder_to_single(
         };
         all.insert(format!("{}{ldm}", keys::VAE), t);
     }
-    let te = component(dir, "text_encoder", "model", variant)?;
+    let te = with_text_model_prefix(component(dir, "text_encoder", "model", variant)?);
     match m.family {
         Architecture::Sd1 => prefixed(&mut all, te, keys::CLIP_SD1),
         Architecture::Sd2 => open_clip(&mut all, te, "cond_stage_model.model.")?,
         Architecture::Sdxl => {
             prefixed(&mut all, te, "conditioner.embedders.0.transformer.");
-            let te2 = component(dir, "text_encoder_2", "model", variant)?;
+            let te2 = with_text_model_prefix(component(dir, "text_encoder_2", "model", variant)?);
             open_clip(&mut all, te2, "conditioner.embedders.1.model.")?;
         }
     }
-    save(&all, m.out, m.dtype)
+    save(all, m.out, m.dtype)
+}
+
+/// A text encoder's tensors under transformers' `text_model.` prefix, which single files keep:
+/// transformers 5.6 and later save `CLIPTextModel` without it (`text_projection` stays outside).
+fn with_text_model_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .map(|(k, t)| {
+            if k.starts_with("text_model.") || k.starts_with("text_projection") {
+                (k, t)
+            } else {
+                (format!("text_model.{k}"), t)
+            }
+        })
+        .collect()
 }
 
 fn prefixed(all: &mut HashMap<String, Tensor>, tensors: HashMap<String, Tensor>, prefix: &str) {

@@ -59,12 +59,15 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
         bail!("an adapter file with text-encoder modules (lora_te*) cannot be merged yet: only UNet changes are written");
     }
     let baked = sd.unet.layers().effective_weights()?;
+    let (family, unet) = (sd.architecture, sd.unet.config().clone());
+    // the model is done with: its memory goes before the files are read again to be written
+    drop(sd);
     merge(
         &source,
         a.model.variant.as_deref(),
         &MergeOutput {
-            family: sd.architecture,
-            unet: sd.unet.config(),
+            family,
+            unet: &unet,
             baked: &baked,
             out: &a.out,
             dtype,
