@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use crate::prodigy::Prodigy;
-use crate::{Error, Result};
+use crate::Result;
 
 /// AdamW's hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,57 +98,93 @@ impl AdamW {
     /// The state as named tensors (`m.<i>`, `v.<i>` in the parameters' dtype, `step`), for a
     /// checkpoint.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
-            out.insert(format!("m.{i}"), m.to_device(&candle_core::Device::Cpu)?);
-            out.insert(format!("v.{i}"), v.to_device(&candle_core::Device::Cpu)?);
-        }
-        out.insert(
-            "step".into(),
-            Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?,
-        );
-        Ok(out)
+        saved::write(&[("m", &self.m), ("v", &self.v)], self.step)
     }
 
     /// Restores a saved state; every shape must fit the parameters.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let bad = |reason: String| Error::Config(format!("optimizer state does not fit: {reason}"));
         if state.contains_key("prodigy") {
-            return Err(bad(
+            return Err(saved::unfit(
                 "it is Prodigy's: the checkpoint was made with --optimizer prodigy".into(),
             ));
         }
-        if state.len() != 2 * self.vars.len() + 1 {
-            return Err(bad(format!(
+        self.step = saved::read(
+            state,
+            &self.vars,
+            &mut [("m", &mut self.m), ("v", &mut self.v)],
+            0,
+        )?;
+        Ok(())
+    }
+}
+
+/// Saving and restoring an optimizer's per-parameter tensors (`<name>.<i>`) and step count, as
+/// AdamW and Prodigy both do.
+pub(crate) mod saved {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Tensor, Var};
+
+    use crate::{Error, Result};
+
+    /// The error of a saved state that does not fit the parameters.
+    pub(crate) fn unfit(reason: String) -> Error {
+        Error::Config(format!("optimizer state does not fit: {reason}"))
+    }
+
+    /// `lists` as `<name>.<i>` tensors on the CPU, with `step`.
+    pub(crate) fn write(
+        lists: &[(&str, &[Tensor])],
+        step: usize,
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, list) in lists {
+            for (i, t) in list.iter().enumerate() {
+                out.insert(format!("{name}.{i}"), t.to_device(&Device::Cpu)?);
+            }
+        }
+        out.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
+        Ok(out)
+    }
+
+    /// Fills `lists` from `state` (each `<name>.<i>` shaped like `vars[i]`, onto its device and
+    /// dtype), which must hold exactly those, `step` and `extra` more; returns the step.
+    pub(crate) fn read(
+        state: &HashMap<String, Tensor>,
+        vars: &[Var],
+        lists: &mut [(&str, &mut Vec<Tensor>)],
+        extra: usize,
+    ) -> Result<usize> {
+        if state.len() != lists.len() * vars.len() + 1 + extra {
+            return Err(unfit(format!(
                 "{} tensors for {} parameters",
                 state.len(),
-                self.vars.len()
+                vars.len()
             )));
         }
-        for (i, var) in self.vars.iter().enumerate() {
-            for (name, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+        for (name, list) in lists.iter_mut() {
+            for (i, var) in vars.iter().enumerate() {
                 let t = state
                     .get(&format!("{name}.{i}"))
-                    .ok_or_else(|| bad(format!("no `{name}.{i}`")))?;
+                    .ok_or_else(|| unfit(format!("no `{name}.{i}`")))?;
                 if t.dims() != var.dims() {
-                    return Err(bad(format!(
+                    return Err(unfit(format!(
                         "`{name}.{i}` has shape {:?}, the parameter {:?}",
                         t.dims(),
                         var.dims()
                     )));
                 }
-                *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
+                list[i] = t.to_dtype(var.dtype())?.to_device(var.device())?;
             }
         }
-        let step = state.get("step").ok_or_else(|| bad("no `step`".into()))?;
-        self.step = step
+        let step = state.get("step").ok_or_else(|| unfit("no `step`".into()))?;
+        Ok(step
             .flatten_all()?
             .to_vec1::<i64>()?
             .first()
             .copied()
             .unwrap_or(0)
-            .max(0) as usize;
-        Ok(())
+            .max(0) as usize)
     }
 }
 

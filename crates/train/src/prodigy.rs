@@ -16,8 +16,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::optim::AdamWConfig;
-use crate::{Error, Result};
+use crate::optim::{saved, AdamWConfig};
+use crate::Result;
 
 /// Prodigy's starting estimate of `d` (the authors' default).
 pub const D0: f64 = 1e-6;
@@ -141,72 +141,48 @@ impl Prodigy {
     /// The state as named tensors (`m.<i>`, `v.<i>`, `s.<i>`, `p0.<i>`, `step`, and `prodigy` =
     /// `[d, d_max, numerator]` in f64), for a checkpoint.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
-        let cpu = Device::Cpu;
-        let mut out = HashMap::new();
-        for (name, list) in [
-            ("m", &self.m),
-            ("v", &self.v),
-            ("s", &self.s),
-            ("p0", &self.p0),
-        ] {
-            for (i, t) in list.iter().enumerate() {
-                out.insert(format!("{name}.{i}"), t.to_device(&cpu)?);
-            }
-        }
-        out.insert("step".into(), Tensor::new(&[self.step as i64], &cpu)?);
+        let mut out = saved::write(
+            &[
+                ("m", &self.m),
+                ("v", &self.v),
+                ("s", &self.s),
+                ("p0", &self.p0),
+            ],
+            self.step,
+        )?;
         out.insert(
             "prodigy".into(),
-            Tensor::new(&[self.d, self.d_max, self.numerator], &cpu)?,
+            Tensor::new(&[self.d, self.d_max, self.numerator], &Device::Cpu)?,
         );
         Ok(out)
     }
 
     /// Restores a saved state; every shape must fit the parameters.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let bad = |reason: String| Error::Config(format!("optimizer state does not fit: {reason}"));
         let scalars = state.get("prodigy").ok_or_else(|| {
-            bad("no `prodigy` scalars: the checkpoint was made with another --optimizer".into())
+            saved::unfit(
+                "no `prodigy` scalars: the checkpoint was made with another --optimizer".into(),
+            )
         })?;
-        if state.len() != 4 * self.vars.len() + 2 {
-            return Err(bad(format!(
-                "{} tensors for {} parameters",
-                state.len(),
-                self.vars.len()
+        let sc = scalars.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let [d, d_max, numerator] = sc[..] else {
+            return Err(saved::unfit(format!(
+                "`prodigy` holds {} values, not 3",
+                sc.len()
             )));
-        }
-        for (i, var) in self.vars.iter().enumerate() {
-            for (name, list) in [
+        };
+        self.step = saved::read(
+            state,
+            &self.vars,
+            &mut [
                 ("m", &mut self.m),
                 ("v", &mut self.v),
                 ("s", &mut self.s),
                 ("p0", &mut self.p0),
-            ] {
-                let t = state
-                    .get(&format!("{name}.{i}"))
-                    .ok_or_else(|| bad(format!("no `{name}.{i}`")))?;
-                if t.dims() != var.dims() {
-                    return Err(bad(format!(
-                        "`{name}.{i}` has shape {:?}, the parameter {:?}",
-                        t.dims(),
-                        var.dims()
-                    )));
-                }
-                list[i] = t.to_dtype(var.dtype())?.to_device(var.device())?;
-            }
-        }
-        let sc = scalars.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let [d, d_max, numerator] = sc[..] else {
-            return Err(bad(format!("`prodigy` holds {} values, not 3", sc.len())));
-        };
+            ],
+            1,
+        )?;
         (self.d, self.d_max, self.numerator) = (d, d_max, numerator);
-        let step = state.get("step").ok_or_else(|| bad("no `step`".into()))?;
-        self.step = step
-            .flatten_all()?
-            .to_vec1::<i64>()?
-            .first()
-            .copied()
-            .unwrap_or(0)
-            .max(0) as usize;
         Ok(())
     }
 }
