@@ -96,12 +96,21 @@ pub struct TrainConfig {
     pub recipe: crate::Recipe,
 }
 
+/// `text` with `{token}` and `{class}` filled in.
+pub fn fill(text: &str, token: &str, class_word: &str) -> String {
+    text.replace("{token}", token)
+        .replace("{class}", class_word)
+}
+
 impl TrainConfig {
+    /// `text` with this run's `{token}` and `{class}` filled in.
+    pub fn fill(&self, text: &str) -> String {
+        fill(text, &self.token, &self.class_word)
+    }
+
     /// The instance prompt with `{token}` and `{class}` filled in.
     pub fn instance_text(&self) -> String {
-        self.instance_prompt
-            .replace("{token}", &self.token)
-            .replace("{class}", &self.class_word)
+        self.fill(&self.instance_prompt)
     }
 
     /// The run's options as `metrics.jsonl`'s first line records them (`{"run": ...}`).

@@ -170,6 +170,15 @@ fn report_buckets(images: &[dataset::TrainImage], batch: usize, events: &mut dyn
     }
 }
 
+/// The adapters' variables, then the token embedding's.
+fn tuned_vars(opt: &Optimizer, embedding: Option<&TokenEmbedding>) -> Vec<Var> {
+    opt.vars()
+        .iter()
+        .chain(embedding.into_iter().flat_map(|e| e.opt.vars()))
+        .cloned()
+        .collect()
+}
+
 fn is_flip_index(rng: &mut NoiseRng, flip: bool) -> bool {
     flip && rng.unit() < 0.5
 }
@@ -366,13 +375,11 @@ impl<'a> Trainer<'a> {
             )?),
             None => None,
         };
-        let tuned: Vec<Var> = opt
-            .vars()
-            .iter()
-            .chain(embedding.iter().flat_map(|e| e.opt.vars()))
-            .cloned()
-            .collect();
-        let mut ema = cfg.recipe.ema.map(|d| Ema::new(&tuned, d)).transpose()?;
+        let mut ema = cfg
+            .recipe
+            .ema
+            .map(|d| Ema::new(&tuned_vars(&opt, embedding.as_ref()), d))
+            .transpose()?;
         if let Some(mut s) = opt_state {
             let averages: HashMap<String, Tensor> = s
                 .iter()
@@ -450,12 +457,7 @@ impl<'a> Trainer<'a> {
 
     /// Every tuned variable: the adapters', then the token embedding's.
     fn tuned_vars(&self) -> Vec<Var> {
-        self.opt
-            .vars()
-            .iter()
-            .chain(self.embedding.iter().flat_map(|e| e.opt.vars()))
-            .cloned()
-            .collect()
+        tuned_vars(&self.opt, self.embedding.as_ref())
     }
 
     /// Optimizer steps done.
@@ -844,10 +846,7 @@ impl<'a> Trainer<'a> {
         let pipe = Pipeline::new(self.sd)?;
         let dir = self.cfg.out.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let prompt = v
-            .prompt
-            .replace("{token}", &self.cfg.token)
-            .replace("{class}", &self.cfg.class_word);
+        let prompt = self.cfg.fill(&v.prompt);
         let mut out = Vec::new();
         for i in 0..v.num_images {
             let req = Request {

@@ -75,10 +75,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     let resolution = a
         .resolution
         .unwrap_or_else(|| sd.unet.config().sample_size.unwrap_or(64) * sd.vae.downscale());
-    let fill = |s: &str| {
-        s.replace("{token}", &a.token)
-            .replace("{class}", &a.class_word)
-    };
+    let fill = |s: &str| train::config::fill(s, &a.token, &a.class_word);
     let cfg = TrainConfig {
         images: a.images.clone(),
         token: a.token.clone(),
