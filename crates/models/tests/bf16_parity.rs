@@ -3,38 +3,17 @@
 //! UNet's output, and the training loss and gradients. One test in its own binary: the switch is
 //! process-wide.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use atoms::{AdapterConfig, LayerAdapter, Method};
-use candle_core::{DType, Device, Tensor};
-use models::{Layers, Unet, UnetConfig, Weights};
+use candle_core::Tensor;
 
-fn fixture(name: &str) -> Option<PathBuf> {
-    testutil::fixture(name, &["unet", "reference.safetensors"])
-}
-
-fn load_unet(dir: &Path) -> Unet {
-    let cfg = UnetConfig::read(&dir.join("unet/config.json")).unwrap();
-    let w = Weights::from_files(
-        &[dir.join("unet/diffusion_pytorch_model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    Unet::new(&w, &cfg, &Layers::new(dir.display().to_string())).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
-}
+mod common;
+use common::{fixture, load_unet, reference, rel_err};
 
 /// The UNet's output, the loss and the 7 gradients of the fixture's training step.
 fn run(dir: &Path) -> (Tensor, f32, Vec<(String, Tensor)>) {
-    let r =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let r = reference(dir);
     let unet = load_unet(dir);
     let out = unet
         .forward(
@@ -84,8 +63,7 @@ fn bf16_products_stay_within_bf16_tolerance_of_diffusers() {
     }
     for name in ["tiny-sd-2block", "tiny-sd15-shape"] {
         let Some(dir) = fixture(name) else { return };
-        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-            .unwrap();
+        let r = reference(&dir);
         models::cpu_bf16::set_enabled(false);
         let (out32, _, _) = run(&dir);
         models::cpu_bf16::set_enabled(true);

@@ -1,56 +1,13 @@
 //! The UNet against diffusers on the reference fixtures (`../shared/fixtures`, see its README):
 //! outputs within 1e-4 of the output's scale, and the training loss and gradients.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use models::{Kernels, Layers, Unet, UnetConfig, Weights};
 
 const FIXTURES: [&str; 2] = ["tiny-sd-2block", "tiny-sd15-shape"];
 
-fn fixture(name: &str) -> Option<PathBuf> {
-    testutil::fixture(name, &["unet", "reference.safetensors"])
-}
-
-fn reference(dir: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn load_unet(dir: &std::path::Path) -> Unet {
-    let cfg = UnetConfig::read(&dir.join("unet/config.json")).unwrap();
-    let w = Weights::from_files(
-        &[dir.join("unet/diffusion_pytorch_model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let unet = Unet::new(&w, &cfg, &Layers::new(dir.display().to_string())).unwrap();
-    w.check_all_used().unwrap();
-    unet
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let d = (&a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / s.max(1e-12)
-}
+mod common;
+use common::{fixture, load_unet, reference, rel_err};
 
 #[test]
 fn time_embedding_matches_diffusers() {
