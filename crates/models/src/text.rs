@@ -118,16 +118,9 @@ impl TextEncoders {
             )));
         }
         let toks = self.tokenizers(model_id)?;
+        // every tokenizer takes it before any encoder gets a row
         for tok in &toks {
-            if tok
-                .added_tokens()
-                .iter()
-                .any(|(t, _)| t.eq_ignore_ascii_case(token))
-            {
-                return Err(Error::Input(format!(
-                    "token {token:?} already has a learned embedding (two deltas with the same trigger?)"
-                )));
-            }
+            tok.check_new_token(token)?;
         }
         for (tok, (enc, rows)) in toks.into_iter().zip(self.iter().zip(rows)) {
             let rows = match rows.rank() {

@@ -224,25 +224,36 @@ impl ClipTokenizer {
     /// bundled textual inversion of several vectors). It must be one word of letters, digits
     /// and `<>_-` not added before.
     pub fn add_token(&self, text: &str, ids: &[u32]) -> Result<()> {
-        let bad = |reason: String| Error::Input(format!("token {text:?}: {reason}"));
+        self.check_new_token(text)?;
+        let mut added = self.added.write().expect("tokenizer lock");
+        let key = self.fold(text);
+        added.push((key, ids.to_vec()));
+        Ok(())
+    }
+
+    /// Whether `text` can be added as a word ([`ClipTokenizer::add_token`]): one word of
+    /// letters, digits and `<>_-`, not added before.
+    pub fn check_new_token(&self, text: &str) -> Result<()> {
+        let bad = |reason: &str| Err(Error::Input(format!("token {text:?}: {reason}")));
         if text.is_empty()
             || !text
                 .chars()
                 .all(|c| c.is_alphanumeric() || "<>_-".contains(c))
         {
-            return Err(bad(
-                "a learned token is one word of letters, digits and <>_- (e.g. sks or <sks>)"
-                    .into(),
-            ));
+            return bad(
+                "a learned token is one word of letters, digits and <>_- (e.g. sks or <sks>)",
+            );
         }
-        let mut added = self.added.write().expect("tokenizer lock");
         let key = self.fold(text);
-        if added.iter().any(|(t, _)| *t == key) {
-            return Err(bad(
-                "it already has a learned embedding (two deltas with the same trigger?)".into(),
-            ));
+        if self
+            .added
+            .read()
+            .expect("tokenizer lock")
+            .iter()
+            .any(|(t, _)| *t == key)
+        {
+            return bad("it already has a learned embedding (two deltas with the same trigger?)");
         }
-        added.push((key, ids.to_vec()));
         Ok(())
     }
 
