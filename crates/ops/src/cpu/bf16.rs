@@ -172,7 +172,9 @@ fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u32>, usize) {
     }
     let pack_panel = |(p, panel): (usize, &mut [u32])| {
         let (r0, r_end) = (p * w, (rows - p * w).min(w));
-        if cs == 1 {
+        // a `Mat` runs along its rows or its columns: columns were handled above
+        debug_assert_eq!(cs, 1);
+        {
             // each row is a run of `cols` numbers: 16 pairs of each row at a time into a tile
             // (vectorised), then the tile out a pair at a time, `w` words in a row
             const T: usize = 16;
@@ -195,19 +197,6 @@ fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u32>, usize) {
                     for (r, o) in dst.iter_mut().enumerate() {
                         *o = tile[r][q];
                     }
-                }
-            }
-        } else {
-            for r in 0..r_end {
-                for q in 0..cp {
-                    let at = |j: usize| {
-                        if j < cols {
-                            d[(r0 + r) * rs + j * cs]
-                        } else {
-                            0.0
-                        }
-                    };
-                    panel[q * w + r] = pair(at(2 * q), at(2 * q + 1));
                 }
             }
         }
