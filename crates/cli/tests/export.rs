@@ -15,24 +15,25 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-#[test]
-fn export_writes_locon_and_diff_files_that_inspect_describes() {
-    let (Some(fx), Some(photos)) = (
-        testutil::shared_path("fixtures/tiny-sd15-shape"),
-        testutil::shared_path("datasets/dreambooth/dog"),
-    ) else {
-        return;
-    };
+/// A temporary folder with `photos/00.jpg` (a DreamBooth dog photo), and the tiny-sd15-shape
+/// fixture; `None` without `../shared`.
+fn tiny_fixture() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+    let fx = testutil::shared_path("fixtures/tiny-sd15-shape")?;
+    let photos = testutil::shared_path("datasets/dreambooth/dog")?;
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("photos");
     std::fs::create_dir_all(&images).unwrap();
     std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
-    let run = tmp.path().join("run");
-    let f = fx.to_str().unwrap();
-    ok(&atomtune(&[
+    Some((tmp, fx))
+}
+
+/// `atomtune train` on `tmp/photos` at 64x64 into `tmp/run` with `extra` flags; the delta.
+fn train(tmp: &tempfile::TempDir, model: &str, extra: &[&str]) -> std::path::PathBuf {
+    let (images, run) = (tmp.path().join("photos"), tmp.path().join("run"));
+    let mut args = vec![
         "train",
         "--model",
-        f,
+        model,
         "--images",
         images.to_str().unwrap(),
         "--class",
@@ -41,13 +42,20 @@ fn export_writes_locon_and_diff_files_that_inspect_describes() {
         run.to_str().unwrap(),
         "--resolution",
         "64",
-        "--max-steps",
-        "2",
-        "--lr",
-        "0.01",
         "--quiet",
-    ]));
-    let delta = run.join("delta.safetensors");
+    ];
+    args.extend_from_slice(extra);
+    ok(&atomtune(&args));
+    run.join("delta.safetensors")
+}
+
+#[test]
+fn export_writes_locon_and_diff_files_that_inspect_describes() {
+    let Some((tmp, fx)) = tiny_fixture() else {
+        return;
+    };
+    let f = fx.to_str().unwrap();
+    let delta = train(&tmp, f, &["--max-steps", "2", "--lr", "0.01"]);
     let d = delta.to_str().unwrap();
     let locon = tmp.path().join("sks-dog.safetensors");
     let out = ok(&atomtune(&[
@@ -142,40 +150,23 @@ fn sample_pixels(model: &str, extra: &[&str], out: &std::path::Path) -> Vec<u8> 
 /// diff reads it back to the same image as the delta; `merge` refuses a delta it cannot hold.
 #[test]
 fn a_learned_token_travels_in_the_delta_and_in_the_exported_file() {
-    let (Some(fx), Some(photos)) = (
-        testutil::shared_path("fixtures/tiny-sd15-shape"),
-        testutil::shared_path("datasets/dreambooth/dog"),
-    ) else {
+    let Some((tmp, fx)) = tiny_fixture() else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("photos");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
-    let run = tmp.path().join("run");
     let f = fx.to_str().unwrap();
-    ok(&atomtune(&[
-        "train",
-        "--model",
+    let delta = train(
+        &tmp,
         f,
-        "--images",
-        images.to_str().unwrap(),
-        "--class",
-        "dog",
-        "--token",
-        "<sks>",
-        "--train-token-embedding",
-        "--embedding-lr",
-        "0.05",
-        "--out",
-        run.to_str().unwrap(),
-        "--resolution",
-        "64",
-        "--max-steps",
-        "3",
-        "--quiet",
-    ]));
-    let delta = run.join("delta.safetensors");
+        &[
+            "--token",
+            "<sks>",
+            "--train-token-embedding",
+            "--embedding-lr",
+            "0.05",
+            "--max-steps",
+            "3",
+        ],
+    );
     let d = delta.to_str().unwrap();
     let shown = ok(&atomtune(&["inspect", d]));
     assert!(
