@@ -1,53 +1,8 @@
 //! `atomtune export` end to end: a trained delta written as a LoCon and as a diff, with the
 //! kohya / model-spec metadata UIs list, and `inspect` on the result.
 
-use std::process::{Command, Output};
-
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A temporary folder with `photos/00.jpg` (a DreamBooth dog photo), and the tiny-sd15-shape
-/// fixture; `None` without `../shared`.
-fn tiny_fixture() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
-    let fx = testutil::shared_path("fixtures/tiny-sd15-shape")?;
-    let photos = testutil::shared_path("datasets/dreambooth/dog")?;
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("photos");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
-    Some((tmp, fx))
-}
-
-/// `atomtune train` on `tmp/photos` at 64x64 into `tmp/run` with `extra` flags; the delta.
-fn train(tmp: &tempfile::TempDir, model: &str, extra: &[&str]) -> std::path::PathBuf {
-    let (images, run) = (tmp.path().join("photos"), tmp.path().join("run"));
-    let mut args = vec![
-        "train",
-        "--model",
-        model,
-        "--images",
-        images.to_str().unwrap(),
-        "--class",
-        "dog",
-        "--out",
-        run.to_str().unwrap(),
-        "--resolution",
-        "64",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    ok(&atomtune(&args));
-    run.join("delta.safetensors")
-}
+mod common;
+use common::{atomtune, ok, tiny_fixture, train};
 
 #[test]
 fn export_writes_locon_and_diff_files_that_inspect_describes() {

@@ -2,22 +2,12 @@
 //! and as a single file (read back by our own single-file loader to the same weights).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use models::{LoadOptions, StableDiffusion};
 use sample::png_io::read_png;
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{atomtune, ok, tiny_fixture, train};
 
 fn sample(extra: &[&str], out: &Path) -> Vec<u8> {
     let mut args = vec![
@@ -67,38 +57,14 @@ fn unet_weights(sd: &StableDiffusion) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn merged_models_sample_what_base_plus_delta_samples() {
-    let (Some(fx), Some(single), Some(photos)) = (
-        testutil::shared_path("fixtures/tiny-sd15-shape"),
+    let (Some((tmp, fx)), Some(single)) = (
+        tiny_fixture(),
         testutil::shared_path("fixtures/single-file/tiny-sd15-shape.safetensors"),
-        testutil::shared_path("datasets/dreambooth/dog"),
     ) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let images = tmp.path().join("photos");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(photos.join("00.jpg"), images.join("00.jpg")).unwrap();
-    let run = tmp.path().join("run");
     let (f, s) = (fx.to_str().unwrap(), single.to_str().unwrap());
-    ok(&atomtune(&[
-        "train",
-        "--model",
-        f,
-        "--images",
-        images.to_str().unwrap(),
-        "--class",
-        "dog",
-        "--out",
-        run.to_str().unwrap(),
-        "--resolution",
-        "64",
-        "--max-steps",
-        "2",
-        "--lr",
-        "0.02",
-        "--quiet",
-    ]));
-    let d = run.join("delta.safetensors");
+    let d = train(&tmp, f, &["--max-steps", "2", "--lr", "0.02"]);
     let d = d.to_str().unwrap();
     let folder = tmp.path().join("merged");
     let file = tmp.path().join("merged.safetensors");
