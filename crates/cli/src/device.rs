@@ -23,9 +23,10 @@ pub enum DeviceArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     /// On a GPU: bf16 where it runs bf16 (NVIDIA Ampere or later, Apple M2 or later), else f16
-    /// (trained with a dynamic loss scale). f32 on the CPU.
+    /// (trained with a dynamic loss scale). On the CPU: bf16's mixed precision where the CPU has
+    /// AVX512-BF16 (unless `ATOMTUNE_CPU_BF16=0`), else f32.
     Auto,
-    /// 32-bit floats.
+    /// 32-bit floats, matrix products included.
     F32,
     /// 16-bit floats.
     F16,
@@ -71,6 +72,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
 /// The dtype `arg` names on `device`.
 pub fn dtype(arg: DTypeArg, device: &Device) -> DType {
     match arg {
+        // bf16's mixed precision keeps f32 tensors on the CPU (`device_and_dtype`)
         DTypeArg::Auto if device.is_cpu() => DType::F32,
         DTypeArg::Auto if runs_bf16(device) => DType::BF16,
         DTypeArg::Auto => DType::F16,
@@ -103,14 +105,19 @@ pub fn device_and_dtype(a: &ModelArgs) -> Result<(Device, DType)> {
     if dev.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(!a.exact_f32);
     }
-    if dev.is_cpu() && a.dtype == DTypeArg::Bf16 {
-        if models::cpu_bf16::supported() {
-            models::cpu_bf16::set_enabled(true);
-        } else {
-            eprintln!(
-                "warning: --dtype bf16: this CPU has no AVX512-BF16 instructions; running in f32"
-            );
-        }
+    if dev.is_cpu() && matches!(a.dtype, DTypeArg::Auto | DTypeArg::Bf16 | DTypeArg::F32) {
+        let bf16 = match a.dtype {
+            DTypeArg::Auto => models::cpu_bf16::auto(),
+            DTypeArg::Bf16 if !models::cpu_bf16::supported() => {
+                eprintln!(
+                    "warning: --dtype bf16: this CPU has no AVX512-BF16 instructions; running in f32"
+                );
+                false
+            }
+            DTypeArg::Bf16 => true,
+            _ => false,
+        };
+        models::cpu_bf16::set_enabled(bf16);
         return Ok((dev, DType::F32));
     }
     let dt = dtype(a.dtype, &dev);

@@ -1,19 +1,15 @@
 //! `atomtune eval` end to end with the tiny evaluation models: prompts read from the PNGs that
 //! `atomtune sample` writes (trigger dropped) or from a file, a table, and the JSON.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 fn shared(rel: &str) -> Option<PathBuf> {
     testutil::shared_path(rel)
 }
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 #[test]
 fn eval_scores_sampled_pngs_against_photos_and_writes_json() {

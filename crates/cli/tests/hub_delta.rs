@@ -1,11 +1,12 @@
 //! `--delta owner/name[:FILE]` reads a delta from a hub repo through the Hugging Face cache,
 //! offline (the hub endpoint points at a closed port).
 
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
 
 fn atomtune(args: &[&str], home: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
+    common::command(args)
         .env("HF_HOME", home)
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
         .output()

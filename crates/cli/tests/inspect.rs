@@ -1,20 +1,17 @@
 //! `atomtune inspect` end to end: a tiny UNet-shaped base on disk, a delta made by the library,
 //! and the binary run on them.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use atoms::{AdapterConfig, Delta, DeltaMeta, LayerAdapter, Method, TensorBase};
 use candle_core::{Device, Tensor};
 use testutil::{unet_convs, UnetShape};
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -21,6 +21,8 @@ fn the_protocol_script_runs_end_to_end_in_tiny_mode() {
             .args(["--tiny", "--out", out.to_str().unwrap()])
             .args(["--data", data.parent().unwrap().to_str().unwrap()])
             .env("ATOMTUNE", env!("CARGO_BIN_EXE_atomtune"))
+            // f32 products whatever the CPU, as the other CLI tests (tests/common)
+            .env("ATOMTUNE_CPU_BF16", "0")
             .env("ATOMTUNE_SHARED", testutil::shared_dir())
             .output()
             .unwrap()

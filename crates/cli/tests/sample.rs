@@ -1,7 +1,9 @@
 //! `atomtune sample` end to end on the tiny-sd15-shape fixture.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use atoms::{Adapter, AdapterConfig, Delta, DeltaMeta, LayerAdapter, Method};
 use models::{LoadOptions, StableDiffusion, Targets};
@@ -12,12 +14,7 @@ fn fixture() -> Option<PathBuf> {
     testutil::shared_path("fixtures/tiny-sd15-shape")
 }
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 fn ok(o: &Output) {
     assert!(
@@ -199,10 +196,7 @@ fn deltas_change_the_image_weight_zero_does_not_and_two_stack() {
             args.push("--delta".into());
             args.push(d.clone());
         }
-        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = common::command(&args).output().unwrap();
         ok(&o);
         pixels(&pngs(&dir)[0])
     };
@@ -358,4 +352,48 @@ fn seeds_wrap_and_validation_images_carry_samples_infotext() {
         assert!(m.contains_key(key), "{key} missing: {m:?}");
     }
     assert_eq!(info.prompt, "a photo of sks dog");
+}
+
+/// `--dtype auto` on the CPU runs bf16 products where the CPU has AVX512-BF16 (by
+/// `/proc/cpuinfo`'s flags), unless `ATOMTUNE_CPU_BF16=0`; `--dtype f32` runs f32 anywhere.
+#[test]
+fn dtype_auto_runs_bf16_products_where_the_cpu_has_them() {
+    let Some(fx) = fixture() else { return };
+    let has_bf16 =
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_bf16"));
+    let run = |dtype: &str, var: Option<&str>| -> String {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = common::command([
+            "sample",
+            "--model",
+            fx.to_str().unwrap(),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--dtype",
+            dtype,
+            "--out",
+            out.path().to_str().unwrap(),
+        ]);
+        match var {
+            Some(v) => c.env("ATOMTUNE_CPU_BF16", v),
+            None => c.env_remove("ATOMTUNE_CPU_BF16"),
+        };
+        let o = c.output().unwrap();
+        ok(&o);
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let products = "f32, bf16 matrix products)";
+    let auto = run("auto", None);
+    assert_eq!(auto.contains(products), has_bf16, "{auto}");
+    assert!(has_bf16 || auto.contains("(f32)"), "{auto}");
+    let kept = run("auto", Some("0"));
+    assert!(kept.contains("(f32)"), "{kept}");
+    let f32 = run("f32", Some("1"));
+    assert!(f32.contains("(f32)"), "{f32}");
 }

@@ -1,8 +1,10 @@
 //! SDXL end to end on the tiny-sdxl-shape fixture: `train` writes a delta that `inspect`
 //! describes and `sample --delta` uses; a delta of one family is refused on the other.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use atoms::Delta;
 use sample::png_io::read_png;
@@ -21,12 +23,7 @@ fn photos(dir: &Path, n: usize) -> Option<()> {
     Some(())
 }
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

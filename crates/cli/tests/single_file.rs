@@ -1,17 +1,13 @@
 //! A single-file checkpoint (A1111 / ComfyUI layout) works wherever a model does: it samples
 //! the same image as its diffusers folder, and trains.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use sample::png_io::read_png;
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 fn sample(model: &[&str], out: &Path) -> PathBuf {
     let mut args = vec!["sample"];

@@ -1,7 +1,9 @@
 //! `atomtune train` end to end on the tiny-sd15-shape fixture with real photos.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atoms::Delta;
@@ -21,12 +23,7 @@ fn photos(dir: &Path, n: usize) -> Option<()> {
     Some(())
 }
 
-fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::atomtune;
 
 fn train_args<'a>(fx: &'a str, images: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
@@ -116,10 +113,7 @@ fn training_writes_a_small_delta_that_sample_can_use() {
             args.push("--delta".into());
             args.push(d);
         }
-        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = common::command(&args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let f = std::fs::read_dir(&dir)
             .unwrap()
@@ -152,8 +146,7 @@ fn ctrl_c_leaves_a_checkpoint_and_a_delta_and_the_run_resumes() {
         out.to_str().unwrap(),
         "100000",
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(&args)
+    let child = common::command(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -370,8 +363,7 @@ fn portable_kernels_train_the_same_run() {
         let at = args.iter().position(|a| *a == "--resolution").unwrap();
         args[at + 1] = "128";
         args.extend_from_slice(extra);
-        let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
-            .args(&args)
+        let o = common::command(&args)
             .env("ATOMTUNE_KERNELS", kernels)
             .output()
             .unwrap();
@@ -412,8 +404,7 @@ fn portable_kernels_train_the_same_run() {
             "{name}: weight changes differ by {rel}"
         );
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(["inspect", "nothing.safetensors"])
+    let o = common::command(["inspect", "nothing.safetensors"])
         .env("ATOMTUNE_KERNELS", "gpu")
         .output()
         .unwrap();

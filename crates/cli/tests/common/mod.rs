@@ -2,13 +2,21 @@
 //! trained on.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::process::{Command, Output};
 
+/// The binary with `args`, as the tests run it: `--dtype auto` kept to f32 products
+/// (`ATOMTUNE_CPU_BF16=0`), so that outputs compare with diffusers' f32 references on any CPU
+/// (bf16's mixed precision has tests of its own).
+pub fn command<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_atomtune"));
+    c.args(args).env("ATOMTUNE_CPU_BF16", "0");
+    c
+}
+
+/// Runs the binary with `args` ([`command`]) to its end.
 pub fn atomtune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_atomtune"))
-        .args(args)
-        .output()
-        .unwrap()
+    command(args).output().unwrap()
 }
 
 pub fn ok(o: &Output) -> String {

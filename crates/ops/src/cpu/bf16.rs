@@ -80,6 +80,12 @@ pub fn supported() -> bool {
     }
 }
 
+/// Whether `--dtype auto` runs bf16 products on the CPU: where it has the instructions, unless
+/// `ATOMTUNE_CPU_BF16=0` keeps it in f32.
+pub fn auto() -> bool {
+    supported() && std::env::var(VAR).as_deref() != Ok("0")
+}
+
 /// Whether f32 products run in bf16 now: turned on and supported.
 pub fn active() -> bool {
     enabled() && supported()
