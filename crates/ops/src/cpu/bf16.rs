@@ -131,13 +131,25 @@ fn from_bf16(h: u16) -> f32 {
 /// of columns, row `r` of the panel at `(p * cp + q) * w + r` (`cp`: column pairs, rounded up),
 /// zero past the matrix. Panels are packed in parallel; rows or columns adjacent in memory are
 /// read along their run.
-fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u32>, usize) {
+fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
     debug_assert!(w <= 32);
     use rayon::prelude::*;
     let (rows, cols) = m.shape();
     let (cs, rs) = m.strides();
     let cp = cols.div_ceil(2);
-    let mut out = vec![0u32; rows.div_ceil(w) * cp * w];
+    // Every word is written below but the last panel's rows past the matrix, zeroed here
+    // (`out` comes from an earlier product: see `Scratch`).
+    let len = rows.div_ceil(w) * cp * w;
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out.truncate(len);
+    if rows % w != 0 {
+        let (p, r_end) = (rows / w, rows % w);
+        for q in 0..cp {
+            out[(p * cp + q) * w + r_end..(p * cp + q + 1) * w].fill(0);
+        }
+    }
     let d = m.data;
     let parallel = rows * cols >= 1 << 16;
     if rs == 1 {
@@ -215,6 +227,30 @@ fn pack(m: &Mat<'_, f32>, w: usize) -> (Vec<u32>, usize) {
     (out, cp)
 }
 
+/// The packing buffers of the last product on this thread, reused by the next: a fresh buffer
+/// of SD 1.5's sizes (up to 60 MB) costs a zeroing pass and a page fault per 4 KB, about 3% of a
+/// sampling step. A product started while another is packing on the same thread (a rayon task
+/// run while waiting) finds the slot empty and allocates its own.
+#[derive(Default)]
+struct Scratch {
+    a: Vec<u32>,
+    b: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::default();
+}
+
+impl Scratch {
+    fn take() -> Scratch {
+        SCRATCH.with(std::cell::Cell::take)
+    }
+
+    fn put_back(self) {
+        SCRATCH.with(|s| s.set(self));
+    }
+}
+
 /// A raw pointer that may cross to the pool's threads: each task writes its own part (the
 /// destination's columns in `gemm`, a pair's words in `pack`).
 struct SendPtr<T>(*mut T);
@@ -258,9 +294,10 @@ pub(crate) unsafe fn gemm(
     if m == 0 || n == 0 {
         return true;
     }
-    let (pa, kp) = pack(&a, MR);
+    let scratch = Scratch::take();
+    let (pa, kp) = pack(&a, MR, scratch.a);
     // `b` seen transposed: its columns are the rows of the panels
-    let (pb, _) = pack(&b.t(), NR);
+    let (pb, _) = pack(&b.t(), NR, scratch.b);
     let col_panels = n.div_ceil(NR);
     let out = SendPtr(dst.ptr);
     // GotoBLAS's order: a `KC`-deep block of `MC` rows of `a` (in L2) meets each `KC x NR`
@@ -312,6 +349,7 @@ pub(crate) unsafe fn gemm(
             }
         });
     }
+    Scratch { a: pa, b: pb }.put_back();
     true
 }
 
@@ -420,6 +458,25 @@ mod tests {
         (0..n)
             .map(|i| ((i as f32 * s).sin() * 3.0) + 0.25)
             .collect()
+    }
+
+    /// A reused packing buffer full of NaN pairs packs as a fresh one does: every word is
+    /// written or zeroed (the panels' padding included), for each orientation and edge.
+    #[test]
+    fn packing_into_a_used_buffer_leaves_nothing_of_it() {
+        for &(rows, cols, w) in &[(13, 7, MR), (12, 8, MR), (33, 5, NR), (70, 601, NR)] {
+            let v = wave(rows * cols, 0.3);
+            for m in [Mat::new(&v, rows, cols), Mat::new(&v, cols, rows).t()] {
+                let (fresh, cp) = pack(&m, w, Vec::new());
+                assert_eq!(fresh.len(), rows.div_ceil(w) * cp * w);
+                for used in [
+                    vec![u32::MAX; fresh.len()],
+                    vec![u32::MAX; 2 * fresh.len() + 5],
+                ] {
+                    assert_eq!(pack(&m, w, used).0, fresh, "{rows}x{cols} in panels of {w}");
+                }
+            }
+        }
     }
 
     /// Against an f64 product of the same bf16-rounded operands: exact up to f32 sums, so
