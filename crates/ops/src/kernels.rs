@@ -138,6 +138,41 @@ pub(crate) fn fused(inputs: &[&Tensor]) -> Result<bool> {
     Ok(fits && Kernels::current()? == Kernels::Fused)
 }
 
+/// Whether `w` is a bf16 weight beside f32 input `x`: the CPU's mixed precision keeps frozen
+/// weights in bf16 (half the memory) and computes in f32.
+pub(crate) fn is_bf16_weight(x: &Tensor, w: &Tensor) -> bool {
+    x.dtype() == DType::F32 && w.dtype() == DType::BF16
+}
+
+/// The weight an op on `x` runs with, and whether its fused CPU kernel runs it. A bf16 `w`
+/// beside f32 `x` ([`is_bf16_weight`]) reaches the fused kernels as it is (they read it as f32,
+/// one layer at a time, so the graph keeps the bf16 tensor only); the portable path gets an f32
+/// copy. It must be frozen: gradients are f32, for f32 parameters. `others`: the op's further
+/// inputs, in `x`'s dtype.
+pub(crate) fn weight_and_path<'a>(
+    x: &Tensor,
+    w: &'a Tensor,
+    others: &[&Tensor],
+) -> Result<(std::borrow::Cow<'a, Tensor>, bool)> {
+    use std::borrow::Cow;
+    let mut inputs = vec![x];
+    inputs.extend_from_slice(others);
+    if !is_bf16_weight(x, w) {
+        inputs.push(w);
+        return Ok((Cow::Borrowed(w), fused(&inputs)?));
+    }
+    if w.track_op() {
+        candle_core::bail!(
+            "a bf16 weight beside f32 input must be frozen; a trained weight is f32"
+        );
+    }
+    if fused(&inputs)? {
+        Ok((Cow::Borrowed(w), true))
+    } else {
+        Ok((Cow::Owned(w.to_dtype(x.dtype())?), false))
+    }
+}
+
 /// A layer's bias as the ops take it: `(frozen, tracked)`. A frozen bias (every bias of a model
 /// being tuned) is added inside the op, so that the graph keeps the layer's output once; a
 /// tracked one is added afterwards by candle, so that its gradient flows.

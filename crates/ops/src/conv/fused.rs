@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::ConvConfig;
 use crate::cpu::matmul::dense;
-use crate::cpu::{float_op, slices, task_len, Float};
+use crate::cpu::{float_op, slices, task_len, weights, Float};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64).
@@ -272,7 +272,7 @@ impl CustomOp2 for Conv {
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
             Self::forward(
                 slices::<F>(s1, l1)?,
-                slices::<F>(s2, l2)?,
+                &weights::<F>(s2, l2)?,
                 bias.as_deref(),
                 b,
                 &g,
@@ -357,11 +357,10 @@ impl candle_core::CustomOp2 for InputGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = l2.dims()[0];
-        let dx = float_op!(
-            s1.dtype(),
-            "atomtune-conv2d backward",
-            |F| Conv::input_grad(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo,)
-        );
+        // the gradient's dtype: the kernel may be a bf16 weight beside f32 activations
+        let dx = float_op!(s2.dtype(), "atomtune-conv2d backward", |F| {
+            Conv::input_grad(&weights::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)
+        });
         let g = &self.geo;
         Ok((dx, Shape::from((b, g.c, g.h, g.w))))
     }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
 use super::{ConvConfig, FilterTransform};
 use crate::cpu::matmul::{dense, dense_serial};
-use crate::cpu::{float_op, slices, task_len, Float};
+use crate::cpu::{float_op, slices, task_len, weights, Float};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64): `third` is `T` itself, or, with
@@ -254,8 +254,8 @@ impl CustomOp3 for TransformedConv {
         let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
-            let (x, w) = (slices::<F>(s1, l1)?, slices::<F>(s2, l2)?);
-            Self::forward((x, w, &t), bias.as_deref(), b, &g)
+            let (x, w) = (slices::<F>(s1, l1)?, weights::<F>(s2, l2)?);
+            Self::forward((x, &w, &t), bias.as_deref(), b, &g)
         });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
@@ -356,7 +356,7 @@ impl CustomOp3 for TransformedConvGrad {
         let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {
             TransformedConv::backward(
                 slices::<F>(s1, l1)?,
-                slices::<F>(s2, l2)?,
+                &weights::<F>(s2, l2)?,
                 &t.to_vec1::<F>()?,
                 slices::<F>(s3, l3)?,
                 b,

@@ -86,10 +86,11 @@ impl FilterTransform {
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvConfig) -> Result<Tensor> {
     check(x, w, bias, cfg)?;
     let (frozen, tracked) = kernels::split_bias(bias);
-    let y = if kernels::fused(&[x, w])? {
-        fused::conv2d(x, w, frozen, cfg)?
+    let (w, fused) = kernels::weight_and_path(x, w, &[])?;
+    let y = if fused {
+        fused::conv2d(x, &w, frozen, cfg)?
     } else {
-        portable::conv2d(x, w, frozen, cfg)?
+        portable::conv2d(x, &w, frozen, cfg)?
     };
     add_bias(y, tracked)
 }
@@ -151,10 +152,11 @@ pub fn conv2d_transformed(
         }
     };
     let (frozen, tracked) = kernels::split_bias(bias);
-    let y = if kernels::fused(&[x, w, third])? {
-        fused_transformed::conv2d_transformed(x, w, frozen, third, atoms, cfg)?
+    let (w, fused) = kernels::weight_and_path(x, w, &[third])?;
+    let y = if fused {
+        fused_transformed::conv2d_transformed(x, &w, frozen, third, atoms, cfg)?
     } else {
-        portable::conv2d_transformed(x, w, frozen, third, atoms, cfg)?
+        portable::conv2d_transformed(x, &w, frozen, third, atoms, cfg)?
     };
     add_bias(y, tracked)
 }
@@ -196,7 +198,8 @@ fn check(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: ConvConfig) -> Resu
     if c != c2 || h + 2 * p < kh || wd + 2 * p < kw || cfg.stride == 0 {
         candle_core::bail!("conv2d: input {xs:?} does not fit kernel {ws:?} at {cfg:?}");
     }
-    if x.dtype() != w.dtype() || bias.is_some_and(|b| b.dtype() != x.dtype()) {
+    let w_fits = w.dtype() == x.dtype() || kernels::is_bf16_weight(x, w);
+    if !w_fits || bias.is_some_and(|b| b.dtype() != x.dtype()) {
         candle_core::bail!(
             "conv2d: input {:?}, kernel {:?} and bias {:?} differ in dtype",
             x.dtype(),
@@ -278,6 +281,45 @@ mod tests {
             let g = (yp * &m).unwrap().sum_all().unwrap().backward().unwrap();
             let dxp = g.get(&xp).unwrap().narrow(3, 0, 7).unwrap();
             assert!(rel(&dx, &dxp) < 1e-5, "{kernels}");
+        }
+    }
+
+    /// A frozen bf16 kernel beside f32 input (the CPU's bf16 weights) acts as its f32 value,
+    /// forward and in every gradient, on both kernels, plain and transformed (with the kernel
+    /// smaller and larger than the columns); a tracked one is refused.
+    #[test]
+    fn a_bf16_kernel_beside_f32_input_acts_as_its_f32_value() {
+        for kernels in Kernels::ALL {
+            for (o, s) in [(4, 1), (40, 2)] {
+                let x = Var::from_tensor(&randn(&[2, 3, 7, 7], DType::F32)).unwrap();
+                let w16 = randn(&[o, 3, 3, 3], DType::F32)
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let w32 = w16.to_dtype(DType::F32).unwrap();
+                let bias = randn(&[o], DType::F32);
+                let t = Var::from_tensor(&randn(&[9, 9], DType::F32)).unwrap();
+                let ft = FilterTransform::Matrix(t.as_tensor().clone());
+                let run = |w: &Tensor| {
+                    kernels.scope(|| {
+                        let a = conv2d(&x, w, Some(&bias), cfg(s, 1)).unwrap();
+                        let b = conv2d_transformed(&x, w, Some(&bias), &ft, cfg(s, 1)).unwrap();
+                        let loss = (a.sqr().unwrap().sum_all().unwrap()
+                            + b.sqr().unwrap().sum_all().unwrap())
+                        .unwrap();
+                        let g = loss.backward().unwrap();
+                        [a, b, g.get(&x).unwrap().clone(), g.get(&t).unwrap().clone()]
+                    })
+                };
+                let (got, want) = (run(&w16), run(&w32));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.dtype(), DType::F32);
+                    let e = rel(g, w);
+                    assert!(e < 1e-6, "{kernels} o {o}: output {i} differs by {e}");
+                }
+                let tracked = Var::from_tensor(&w16).unwrap();
+                let err = conv2d(&x, &tracked, None, cfg(1, 1)).unwrap_err();
+                assert!(err.to_string().contains("frozen"), "{err}");
+            }
         }
     }
 

@@ -2,6 +2,8 @@
 //! candle's CPU storage ([`slices`]), how finely they split work over threads ([`task_len`]),
 //! the one wrapper around the `gemm` crate ([`matmul`]) and vectorised f32 math ([`fastmath`]).
 
+use std::borrow::Cow;
+
 use candle_core::{CpuStorage, Layout, Tensor};
 
 pub mod bf16;
@@ -35,6 +37,9 @@ pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
         <Self as num_traits::NumCast>::from(x).unwrap_or_else(Self::nan)
     }
 
+    /// `x` in this type (exact: bf16 numbers are f32 numbers with a shorter mantissa).
+    fn from_bf16(x: half::bf16) -> Self;
+
     /// `1 / (1 + e^-x)`.
     #[inline(always)]
     fn sigmoid(self) -> Self {
@@ -56,6 +61,11 @@ pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
 }
 
 impl Float for f32 {
+    #[inline(always)]
+    fn from_bf16(x: half::bf16) -> f32 {
+        x.to_f32()
+    }
+
     #[inline(always)]
     fn sigmoid(self) -> f32 {
         fastmath::sigmoid(self)
@@ -81,7 +91,12 @@ impl Float for f32 {
     }
 }
 
-impl Float for f64 {}
+impl Float for f64 {
+    #[inline(always)]
+    fn from_bf16(x: half::bf16) -> f64 {
+        x.to_f64()
+    }
+}
 
 /// The numbers of a contiguous CPU tensor, as the slice its layout covers.
 pub(crate) fn slices<'a, T: candle_core::WithDType>(
@@ -92,6 +107,27 @@ pub(crate) fn slices<'a, T: candle_core::WithDType>(
         candle_core::bail!("atomtune's CPU kernels need contiguous inputs");
     };
     Ok(&T::cpu_storage_as_slice(s)?[a..z])
+}
+
+/// The numbers of a contiguous CPU tensor as `T`: borrowed when it holds `T`; converted (in
+/// parallel) when it holds bf16, which is how a frozen weight kept in bf16 beside f32
+/// activations reaches a kernel (the conversion lives for one op, a layer at a time).
+pub(crate) fn weights<'a, T: Float + candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<Cow<'a, [T]>> {
+    use rayon::prelude::*;
+    let CpuStorage::BF16(all) = s else {
+        return Ok(Cow::Borrowed(slices::<T>(s, l)?));
+    };
+    let Some((a, z)) = l.contiguous_offsets() else {
+        candle_core::bail!("atomtune's CPU kernels need contiguous inputs");
+    };
+    let mut out = vec![T::zero(); z - a];
+    out.par_chunks_mut(1 << 14)
+        .zip(all[a..z].par_chunks(1 << 14))
+        .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = T::from_bf16(v)));
+    Ok(Cow::Owned(out))
 }
 
 /// How many items of `item` numbers each a parallel task takes, so that a task holds at least

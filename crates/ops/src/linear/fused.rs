@@ -5,7 +5,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape,
 
 use super::dims;
 use crate::cpu::matmul::dense;
-use crate::cpu::{float_op, slices, Float};
+use crate::cpu::{float_op, slices, weights, Float};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64), with a frozen bias added in the
@@ -55,7 +55,7 @@ impl CustomOp2 for Linear {
             let bias = self.bias.as_ref().map(|b| b.to_vec1::<F>()).transpose()?;
             forward(
                 slices::<F>(s1, l1)?,
-                slices::<F>(s2, l2)?,
+                &weights::<F>(s2, l2)?,
                 bias.as_deref(),
                 mkn,
             )

@@ -24,7 +24,7 @@ mod portable;
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (_, _, dout) = dims(x.dims(), w.dims())?;
     let same = |t: &Tensor| t.dtype() == x.dtype();
-    if !same(w) || bias.is_some_and(|b| !same(b)) {
+    if !(same(w) || kernels::is_bf16_weight(x, w)) || bias.is_some_and(|b| !same(b)) {
         candle_core::bail!(
             "linear: input {:?}, weight {:?} and bias {:?} differ in dtype",
             x.dtype(),
@@ -42,10 +42,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
     }
     let (frozen, tracked) = kernels::split_bias(bias);
-    let y = if kernels::fused(&[x, w])? {
-        fused::linear(x, w, frozen)?
+    let (w, fused) = kernels::weight_and_path(x, w, &[])?;
+    let y = if fused {
+        fused::linear(x, &w, frozen)?
     } else {
-        portable::linear(x, w, frozen)?
+        portable::linear(x, &w, frozen)?
     };
     match tracked {
         Some(b) => y.broadcast_add(b),
@@ -79,7 +80,10 @@ fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<
     let dy = dy.detach().to_dtype(x.dtype())?.reshape((m, dout))?;
     let dx = x
         .track_op()
-        .then(|| dy.matmul(&w.detach())?.reshape(x.dims()))
+        .then(|| {
+            dy.matmul(&w.detach().to_dtype(x.dtype())?)?
+                .reshape(x.dims())
+        })
         .transpose()?;
     let dw = w
         .track_op()
@@ -94,6 +98,33 @@ mod tests {
     use crate::test_support::{max_rel, randn, weighted_grads};
     use crate::Kernels;
     use candle_core::{DType, Var};
+
+    /// A frozen bf16 weight beside f32 input acts as its f32 value, forward and backward, on
+    /// both kernels; a tracked one is refused.
+    #[test]
+    fn a_bf16_weight_beside_f32_input_acts_as_its_f32_value() {
+        for kernels in Kernels::ALL {
+            let x = Var::from_tensor(&randn(&[3, 5, 7], DType::F32)).unwrap();
+            let w16 = randn(&[6, 7], DType::F32).to_dtype(DType::BF16).unwrap();
+            let w32 = w16.to_dtype(DType::F32).unwrap();
+            let b = randn(&[6], DType::F32);
+            let run = |w: &Tensor| {
+                kernels.scope(|| {
+                    let y = linear(&x, w, Some(&b)).unwrap();
+                    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    [y, g.get(&x).unwrap().clone()]
+                })
+            };
+            let (got, want) = (run(&w16), run(&w32));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let e = max_rel(g, w);
+                assert!(e < 1e-6, "{kernels}: output {i} differs by {e}");
+            }
+            let tracked = Var::from_tensor(&w16).unwrap();
+            let err = linear(&x, &tracked, None).unwrap_err();
+            assert!(err.to_string().contains("frozen"), "{err}");
+        }
+    }
 
     #[test]
     fn each_kernel_equals_candles_matmul_forward_and_backward() {
