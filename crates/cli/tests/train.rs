@@ -553,3 +553,50 @@ fn a_failed_write_names_the_file_and_the_checkpoint_to_resume_from() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains(bad.to_str().unwrap()), "{e}");
 }
+
+/// `--dtype bf16` on the CPU keeps conv and linear weights in bf16, but the delta it trains
+/// records the base as loaded: `inspect --base --strict` in f32 and in bf16 sees the same
+/// weights.
+#[test]
+fn a_bf16_run_fingerprints_its_base_as_an_f32_run_does() {
+    let Some(fx) = fixture() else { return };
+    if !std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_bf16")) {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    if photos(&images, 1).is_none() {
+        return;
+    }
+    let out = tmp.path().join("run");
+    let mut args = train_args(
+        fx.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "2",
+    );
+    args.extend(["--dtype", "bf16"]);
+    let o = atomtune(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let delta = out.join("delta.safetensors");
+    let inspect = [
+        "inspect",
+        delta.to_str().unwrap(),
+        "--base",
+        fx.to_str().unwrap(),
+        "--strict",
+    ];
+    for bf16 in ["0", "1"] {
+        let o = common::command(inspect)
+            .env("ATOMTUNE_CPU_BF16", bf16)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && text.contains("(same base weights)"),
+            "ATOMTUNE_CPU_BF16={bf16}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -23,7 +23,8 @@
 //! for `train` also per phase (forward to the loss, backward, update: `median_phase_s`, as the
 //! PyTorch peer reports them), the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
 //! `--checkpointing` checkpoints every block, `--checkpointing-selective` the selected ones
-//! ([`models::Checkpointing`]), `--dtype bf16` stores the weights in bf16;
+//! ([`models::Checkpointing`]), `--dtype bf16` stores the weights in bf16 (and with
+//! `ATOMTUNE_CPU_BF16=1`, f32 activations, conv and linear weights are bf16 as `atomtune` keeps them);
 //! with `SD15_BENCH_MEM=1` the peak and current RSS go to stderr before each step and after each
 //! forward.
 
@@ -240,7 +241,10 @@ fn run() -> models::Result<()> {
         a.model.unet_config(),
     )?;
     let unet = Unet::new(
-        &Weights::random(0, a.dtype, &dev).pp("unet"),
+        // as `atomtune`: bf16's mixed precision keeps conv and linear weights in bf16
+        &Weights::random(0, a.dtype, &dev)
+            .with_bf16_weights(models::cpu_bf16::active())
+            .pp("unet"),
         &cfg,
         &Layers::new(a.model.name()),
     )?;
@@ -263,7 +267,7 @@ fn run() -> models::Result<()> {
         };
         let layers = unet.layers();
         for name in layers.select(targets) {
-            let w = layers.get(&name).expect("registered").weight;
+            let w = layers.base_weight(&name)?;
             let adapter = LayerAdapter::new(&AdapterConfig::new(a.method), &name, &w)?;
             vars.extend(atoms::Adapter::vars(&adapter));
             layers.attach(&name, adapter, 1.0)?;

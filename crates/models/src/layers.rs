@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
 use atoms::{Adapter, LayerAdapter};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
@@ -30,8 +30,10 @@ pub enum LayerKind {
 pub struct LayerInfo {
     /// Conv or linear.
     pub kind: LayerKind,
-    /// The frozen base weight.
+    /// The frozen base weight, as the layer keeps it (bf16 in the CPU's mixed precision).
     pub weight: Tensor,
+    /// Where the original of a weight kept in bf16 is read again from ([`Layers::base_weight`]).
+    original: Option<crate::weights::Weights>,
 }
 
 struct Attached {
@@ -111,15 +113,36 @@ impl Layers {
         self.inner.write().expect("lock").architecture = Some(name.to_string());
     }
 
-    pub(crate) fn register(&self, name: &str, kind: LayerKind, weight: &Tensor) {
+    /// Registers layer `name`; `original`: where to read the weight as loaded when `weight` is
+    /// a bf16 copy of it.
+    pub(crate) fn register(
+        &self,
+        name: &str,
+        kind: LayerKind,
+        weight: &Tensor,
+        original: Option<crate::weights::Weights>,
+    ) {
         let mut inner = self.inner.write().expect("lock");
         inner.layers.insert(
             name.to_string(),
             LayerInfo {
                 kind,
                 weight: weight.clone(),
+                original,
             },
         );
+    }
+
+    /// Layer `name`'s base weight as loaded: for a weight kept in bf16, the original read
+    /// again (so that adapters are built, and deltas fingerprint their base, as in f32).
+    pub fn base_weight(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .get(name)
+            .ok_or_else(|| Error::Atoms(atoms::Error::UnknownLayer { layer: name.into() }))?;
+        match &info.original {
+            Some(w) => w.get(info.weight.dims(), "weight"),
+            None => Ok(info.weight),
+        }
     }
 
     /// Every registered layer's name, in order.
@@ -299,6 +322,16 @@ impl Layers {
 
     fn compute_weight(&self, name: &str, base: &Tensor) -> Result<Tensor> {
         let attached = self.adapters(name);
+        // A base kept in bf16 beside f32 activations: an adapted weight is f32 (W + dW in
+        // bf16 would lose most of dW).
+        let widened;
+        let base = if base.dtype() == DType::BF16 && !attached.is_empty() && base.device().is_cpu()
+        {
+            widened = base.to_dtype(DType::F32)?;
+            &widened
+        } else {
+            base
+        };
         match attached.as_slice() {
             [] => Ok(base.clone()),
             [(a, scale)] => Ok(a.effective_weight(base, *scale)?),
@@ -329,11 +362,12 @@ impl atoms::BaseWeights for Layers {
     }
 
     fn weight(&self, layer: &str) -> atoms::Result<Tensor> {
-        self.get(layer)
-            .map(|i| i.weight)
-            .ok_or_else(|| atoms::Error::UnknownLayer {
-                layer: layer.into(),
-            })
+        self.base_weight(layer).map_err(|e| match e {
+            Error::Atoms(e) => e,
+            other => atoms::Error::Candle(candle_core::Error::Msg(format!(
+                "re-reading the base weight of `{layer}`: {other}"
+            ))),
+        })
     }
 }
 

@@ -23,12 +23,33 @@ pub(crate) fn compute_dtype(dtype: DType, device: &candle_core::Device) -> DType
     }
 }
 
+/// `w` as a conv or linear op computing in `dt` takes it: a bf16 weight stays bf16 beside f32
+/// (the ops read it as f32 themselves, so no f32 copy outlives the op); else in `dt`.
+fn weight_in(w: &Tensor, dt: DType) -> Result<Tensor> {
+    if dt == DType::F32 && w.dtype() == DType::BF16 {
+        Ok(w.clone())
+    } else {
+        Ok(w.to_dtype(dt)?)
+    }
+}
+
+/// A conv or linear layer's weight `name` at `w`, kept in bf16 where `w` says so
+/// ([`Weights::with_bf16_weights`]), with the source to read its original from in that case.
+fn load_weight(w: &Weights, shape: impl Into<candle_core::Shape>) -> Result<(Tensor, bool)> {
+    let weight = w.get(shape, "weight")?;
+    if w.bf16_weights() && weight.dtype() == DType::F32 {
+        Ok((weight.to_dtype(DType::BF16)?, true))
+    } else {
+        Ok((weight, false))
+    }
+}
+
 /// `x @ w^T + bias` for `x [..., din]`, `w [dout, din]` and `bias [dout]`, in
 /// [`compute_dtype`], returned in `x`'s dtype.
 fn linear_fwd(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
     let b = bias.map(|b| b.to_dtype(dt)).transpose()?;
-    let y = ops::linear::linear(&x.to_dtype(dt)?, &w.to_dtype(dt)?, b.as_ref())?;
+    let y = ops::linear::linear(&x.to_dtype(dt)?, &weight_in(w, dt)?, b.as_ref())?;
     Ok(y.to_dtype(x.dtype())?)
 }
 
@@ -91,13 +112,18 @@ impl Conv2d {
     /// prefix, which is also the layer's name in `layers`.
     pub fn new(w: &Weights, layers: &Layers, spec: Conv2dSpec) -> Result<Self> {
         let k = spec.kernel;
-        let weight = w.get((spec.cout, spec.cin, k, k), "weight")?;
+        let (weight, rounded) = load_weight(w, (spec.cout, spec.cin, k, k))?;
         let bias = if spec.bias {
             Some(w.get(spec.cout, "bias")?)
         } else {
             None
         };
-        layers.register(w.prefix(), LayerKind::Conv, &weight);
+        layers.register(
+            w.prefix(),
+            LayerKind::Conv,
+            &weight,
+            rounded.then(|| w.clone()),
+        );
         Ok(Conv2d {
             name: w.prefix().to_string(),
             weight,
@@ -117,7 +143,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = compute_dtype(x.dtype(), x.device());
         let xc = x.to_dtype(dt)?;
-        let w = self.weight.to_dtype(dt)?;
+        let w = weight_in(&self.weight, dt)?;
         let b = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
         // An adapter's W' = Wr T runs as a conv with the base weight and T; T stays in the
         // adapter's dtype (f32 for a half-precision model: T = I + a small update would lose the
@@ -126,7 +152,7 @@ impl Conv2d {
             Some(t) => ops::conv::conv2d_transformed(&xc, &w, b.as_ref(), &t, self.conv)?,
             None => {
                 let w = self.layers.weight(&self.name, &self.weight)?;
-                ops::conv::conv2d(&xc, &w.to_dtype(dt)?, b.as_ref(), self.conv)?
+                ops::conv::conv2d(&xc, &weight_in(&w, dt)?, b.as_ref(), self.conv)?
             }
         };
         Ok(y.to_dtype(x.dtype())?)
@@ -145,13 +171,18 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` `[dout, din]` (and `bias` `[dout]` if `bias`) at `w`'s prefix.
     pub fn new(w: &Weights, layers: &Layers, din: usize, dout: usize, bias: bool) -> Result<Self> {
-        let weight = w.get((dout, din), "weight")?;
+        let (weight, rounded) = load_weight(w, (dout, din))?;
         let bias = if bias {
             Some(w.get(dout, "bias")?)
         } else {
             None
         };
-        layers.register(w.prefix(), LayerKind::Linear, &weight);
+        layers.register(
+            w.prefix(),
+            LayerKind::Linear,
+            &weight,
+            rounded.then(|| w.clone()),
+        );
         Ok(Linear {
             name: w.prefix().to_string(),
             weight,

@@ -37,6 +37,10 @@ pub struct LoadOptions {
     /// `epsilon` or `v_prediction`: overrides the scheduler config's prediction type (single
     /// files cannot say which; SD 2.x files default to v-prediction).
     pub prediction_type: Option<String>,
+    /// With `dtype` f32: conv and linear weights kept in bf16, the CPU's mixed precision
+    /// ([`Weights::with_bf16_weights`]; `atomtune --dtype bf16`, and `auto` where the CPU has
+    /// AVX512-BF16).
+    pub bf16_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +53,7 @@ impl Default for LoadOptions {
             seed: 0,
             model_config: None,
             prediction_type: None,
+            bf16_weights: false,
         }
     }
 }
@@ -248,7 +253,8 @@ impl StableDiffusion {
     /// The architecture of `preset` with random weights seeded by `opts.seed`.
     pub fn random(preset: Preset, opts: &LoadOptions) -> Result<Self> {
         let name = |f: &str| PathBuf::from(format!("<{}>/{f}", preset.name()));
-        let w = Weights::random(opts.seed, opts.dtype, &opts.device);
+        let w = Weights::random(opts.seed, opts.dtype, &opts.device)
+            .with_bf16_weights(opts.bf16_weights);
         let unet_cfg = UnetConfig::parse(&name("unet/config.json"), preset.unet_config())?;
         let vae_cfg = VaeConfig::parse(&name("vae/config.json"), preset.vae_config())?;
         let te_cfg = ClipConfig::parse(
@@ -404,7 +410,7 @@ impl ModelIndex {
 /// `.safetensors.index.json` lists.
 pub(crate) fn weights(dir: &Path, stem: &str, opts: &LoadOptions) -> Result<Weights> {
     let files = weight_files(dir, stem, opts.variant.as_deref())?;
-    Weights::from_files(&files, opts.dtype, &opts.device)
+    Ok(Weights::from_files(&files, opts.dtype, &opts.device)?.with_bf16_weights(opts.bf16_weights))
 }
 
 /// The weight files of a component folder (see [`weights`]).

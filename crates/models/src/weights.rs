@@ -55,6 +55,8 @@ struct Inner {
     /// Shared by the copies [`Weights::with_dtype`] makes, as is `used`.
     source: Arc<Source>,
     dtype: DType,
+    /// Conv and linear weights kept in bf16 ([`Weights::with_bf16_weights`]).
+    bf16_weights: bool,
     device: Device,
     used: Arc<Mutex<BTreeSet<String>>>,
 }
@@ -119,6 +121,7 @@ impl Weights {
             inner: Arc::new(Inner {
                 source: Arc::new(source),
                 dtype,
+                bf16_weights: false,
                 device: device.clone(),
                 used: Arc::default(),
             }),
@@ -152,11 +155,34 @@ impl Weights {
             inner: Arc::new(Inner {
                 source: self.inner.source.clone(),
                 dtype,
+                bf16_weights: self.inner.bf16_weights,
                 device: self.inner.device.clone(),
                 used: self.inner.used.clone(),
             }),
             prefix: self.prefix.clone(),
         }
+    }
+
+    /// The same, keeping the weights of convs and linears in bf16 when `on` and they load as
+    /// f32: the CPU's mixed precision, whose kernels read them as f32 a layer at a time (half
+    /// the memory of the weights; their products round them to bf16 anyway). Norms, biases and
+    /// embeddings stay as loaded.
+    pub fn with_bf16_weights(&self, on: bool) -> Self {
+        Weights {
+            inner: Arc::new(Inner {
+                source: self.inner.source.clone(),
+                dtype: self.inner.dtype,
+                bf16_weights: on,
+                device: self.inner.device.clone(),
+                used: self.inner.used.clone(),
+            }),
+            prefix: self.prefix.clone(),
+        }
+    }
+
+    /// Whether conv and linear weights are kept in bf16 ([`Weights::with_bf16_weights`]).
+    pub fn bf16_weights(&self) -> bool {
+        self.inner.bf16_weights && self.inner.dtype == DType::F32
     }
 
     /// The same source at `prefix.name`.

@@ -357,7 +357,7 @@ impl<'a> Trainer<'a> {
                     )));
                 }
                 for name in &targets {
-                    let base = layers.get(name).expect("selected layers exist").weight;
+                    let base = layers.base_weight(name)?;
                     layers.attach(name, LayerAdapter::new(&cfg.adapter, name, &base)?, 1.0)?;
                 }
                 (NoiseRng::new(cfg.seed), Vec::new(), 0, 0, None, None, None)

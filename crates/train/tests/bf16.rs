@@ -1,11 +1,11 @@
-//! Training with bf16 matrix products on the CPU (`--dtype bf16`, `ops::cpu_bf16`) on the tiny
-//! fixture: 20 steps track the f32 run's losses, and learning happens. One test in its own
+//! Training with bf16 matrix products and bf16 conv and linear weights on the CPU (`--dtype
+//! bf16`, `ops::cpu_bf16`) on the tiny fixture: 20 steps track the f32 run's losses, and learning happens. One test in its own
 //! binary: the switch is process-wide.
 
 mod common;
 
 use atoms::Method;
-use common::{config, fixture, load, photos};
+use common::{config, fixture, photos};
 use train::Trainer;
 
 /// The losses of `steps` training steps from the same seed, and the evaluation loss before and
@@ -14,7 +14,12 @@ fn run(bf16: bool, steps: usize) -> (Vec<f64>, f64, f64) {
     let (fx, imgs) = (fixture().unwrap(), photos(3).unwrap());
     let out = tempfile::tempdir().unwrap();
     models::cpu_bf16::set_enabled(bf16);
-    let sd = load(&fx);
+    // as `atomtune` runs bf16: conv and linear weights kept in bf16 too
+    let opts = models::LoadOptions {
+        bf16_weights: bf16,
+        ..Default::default()
+    };
+    let sd = models::StableDiffusion::load(fx.to_str().unwrap(), &opts).unwrap();
     let cfg = config(imgs.path(), out.path(), Method::Atoms, 3e-3, steps);
     let mut t = Trainer::prepare(&sd, cfg, None, &mut |_| {}).unwrap();
     let set = t.eval_set(&[150, 450, 750], 1).unwrap();

@@ -204,6 +204,7 @@ impl StableDiffusion {
                 opts.dtype,
                 &opts.device,
             )
+            .with_bf16_weights(opts.bf16_weights)
         };
 
         let layout = keys::UnetLayout {

@@ -17,13 +17,19 @@ pub fn reference(dir: &std::path::Path) -> HashMap<String, Tensor> {
 }
 
 pub fn load_unet(dir: &std::path::Path) -> Unet {
+    load_unet_with(dir, false)
+}
+
+/// [`load_unet`], with conv and linear weights kept in bf16 when `bf16_weights`.
+pub fn load_unet_with(dir: &std::path::Path, bf16_weights: bool) -> Unet {
     let cfg = UnetConfig::read(&dir.join("unet/config.json")).unwrap();
     let w = Weights::from_files(
         &[dir.join("unet/diffusion_pytorch_model.safetensors")],
         DType::F32,
         &Device::Cpu,
     )
-    .unwrap();
+    .unwrap()
+    .with_bf16_weights(bf16_weights);
     let unet = Unet::new(&w, &cfg, &Layers::new(dir.display().to_string())).unwrap();
     w.check_all_used().unwrap();
     unet
