@@ -30,10 +30,10 @@ pub enum DTypeArg {
     F32,
     /// 16-bit floats.
     F16,
-    /// bfloat16. On the CPU, mixed precision as PyTorch's CPU autocast: weights, activations,
-    /// norms, the loss and gradients in f32, matrix products and convolutions with bf16 operands
-    /// and f32 sums on AVX512-BF16 (Zen 4, Sapphire Rapids and later); plain f32 on CPUs
-    /// without it.
+    /// bfloat16. On the CPU, mixed precision as PyTorch's CPU autocast: conv and linear
+    /// weights kept in bf16, activations, norms, the loss and gradients in f32, matrix products
+    /// and convolutions with bf16 operands and f32 sums on AVX512-BF16 (Zen 4, Sapphire Rapids
+    /// and later); plain f32 on CPUs without it.
     Bf16,
 }
 
@@ -128,7 +128,7 @@ pub fn device_and_dtype(a: &ModelArgs) -> Result<(Device, DType)> {
 /// products run with bf16 operands.
 pub fn precision(dt: DType) -> String {
     if models::cpu_bf16::active() && dt == DType::F32 {
-        "f32, bf16 matrix products".into()
+        "f32 activations, bf16 weights and matrix products".into()
     } else {
         format!("{dt:?}").to_lowercase()
     }

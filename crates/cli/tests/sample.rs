@@ -388,7 +388,7 @@ fn dtype_auto_runs_bf16_products_where_the_cpu_has_them() {
         ok(&o);
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
-    let products = "f32, bf16 matrix products)";
+    let products = "f32 activations, bf16 weights and matrix products)";
     let auto = run("auto", None);
     assert_eq!(auto.contains(products), has_bf16, "{auto}");
     assert!(has_bf16 || auto.contains("(f32)"), "{auto}");
