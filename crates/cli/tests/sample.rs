@@ -359,8 +359,7 @@ fn seeds_wrap_and_validation_images_carry_samples_infotext() {
 #[test]
 fn dtype_auto_runs_bf16_products_where_the_cpu_has_them() {
     let Some(fx) = fixture() else { return };
-    let has_bf16 =
-        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_bf16"));
+    let has_bf16 = common::cpu_has_avx512_bf16();
     let run = |dtype: &str, var: Option<&str>| -> String {
         let out = tempfile::tempdir().unwrap();
         let mut c = common::command([

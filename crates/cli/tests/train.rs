@@ -560,7 +560,7 @@ fn a_failed_write_names_the_file_and_the_checkpoint_to_resume_from() {
 #[test]
 fn a_bf16_run_fingerprints_its_base_as_an_f32_run_does() {
     let Some(fx) = fixture() else { return };
-    if !std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_bf16")) {
+    if !common::cpu_has_avx512_bf16() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return;
     }

@@ -14,6 +14,12 @@ pub fn command<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Command {
     c
 }
 
+/// Whether this CPU has AVX512-BF16, by the kernel's list of flags (not by the code under
+/// test); false where there is no `/proc/cpuinfo`.
+pub fn cpu_has_avx512_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" avx512_bf16"))
+}
+
 /// Runs the binary with `args` ([`command`]) to its end.
 pub fn atomtune(args: &[&str]) -> Output {
     command(args).output().unwrap()
