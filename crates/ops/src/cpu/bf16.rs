@@ -67,12 +67,13 @@ pub fn enabled() -> bool {
     }
 }
 
-/// Whether the CPU has the instructions (AVX512-BF16 with AVX512F).
+/// Whether the CPU has the instructions (AVX512-BF16 with AVX512F and AVX512BW).
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -188,6 +189,7 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
         }
         return (out, cp);
     }
+    let simd = supported();
     let pack_panel = |(p, panel): (usize, &mut [u32])| {
         let (r0, r_end) = (p * w, (rows - p * w).min(w));
         // a `Mat` runs along its rows or its columns: columns were handled above
@@ -202,6 +204,11 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
                 for (r, words) in tile.iter_mut().enumerate().take(r_end) {
                     let start = (r0 + r) * rs + 2 * q0;
                     let run = &d[start..start + (2 * tq).min(cols - 2 * q0)];
+                    if let (true, Ok(run)) = (simd, <&[f32; 2 * T]>::try_from(run)) {
+                        // SAFETY: `simd` says the CPU has the instructions.
+                        unsafe { pairs16(run, words) };
+                        continue;
+                    }
                     let mut pairs = run.chunks_exact(2);
                     for (o, two) in words.iter_mut().zip(pairs.by_ref()) {
                         *o = pair(two[0], two[1]);
@@ -225,6 +232,48 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
         out.chunks_mut(cp * w).enumerate().for_each(pack_panel);
     }
     (out, cp)
+}
+
+/// 32 numbers rounded to bf16 (as [`pair`] rounds them) as 16 pair words: four integer
+/// operations and one permutation per 16 numbers, where the scalar loop does each in turn.
+///
+/// # Safety
+/// AVX512F and AVX512BW must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pairs16(x: &[f32; 32], out: &mut [u32; 16]) {
+    use std::arch::x86_64::*;
+    // the high 16 bits of each of 32 rounded words, in order: odd 16-bit lanes of both halves
+    const HIGH: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            idx[i] = 2 * i as u16 + 1;
+            i += 1;
+        }
+        idx
+    };
+    // SAFETY: the caller's promise; unaligned loads and store of whole arrays.
+    unsafe {
+        let round = |v: __m512| {
+            let b = _mm512_castps_si512(v);
+            // a NaN gets its quiet bit, so rounding cannot carry it into infinity
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let b = _mm512_mask_or_epi32(b, nan, b, _mm512_set1_epi32(0x0040_0000));
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
+        };
+        let lo = round(_mm512_loadu_ps(x.as_ptr()));
+        let hi = round(_mm512_loadu_ps(x.as_ptr().add(16)));
+        let idx = _mm512_loadu_si512(HIGH.as_ptr().cast());
+        let words = _mm512_permutex2var_epi16(lo, idx, hi);
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs16(_: &[f32; 32], _: &mut [u32; 16]) {
+    unreachable!("supported() is false off x86_64")
 }
 
 /// The packing buffers of the last product on this thread, reused by the next: a fresh buffer
@@ -458,6 +507,47 @@ mod tests {
         (0..n)
             .map(|i| ((i as f32 * s).sin() * 3.0) + 0.25)
             .collect()
+    }
+
+    /// The vector rounding of 32 numbers equals the scalar one on ties (both ways), carries,
+    /// the largest finite number, infinities, NaNs, denormals and signed zeros.
+    #[test]
+    fn vector_rounding_equals_scalar_rounding() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let bits = [
+            0x3f80_8000u32, // 1 + 2^-8: a tie, rounds to even (down)
+            0x3f81_8000,    // a tie that rounds up
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff, // the largest finite: rounds to infinity
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0001,
+            0xffa0_0000, // a signalling NaN stays NaN
+            0x7f80_0001, // so does one whose payload rounding would carry into infinity
+            0x0000_0001,
+            0x8000_8000,
+            0x0000_0000,
+            0x8000_0000,
+            0x3fff_ffff,
+        ];
+        let x: Vec<f32> = (0..32)
+            .map(|i| f32::from_bits(bits[i % bits.len()] ^ ((i as u32 / 14) << 31)))
+            .collect();
+        let mut got = [0u32; 16];
+        // SAFETY: `supported()` holds.
+        unsafe { pairs16(x.as_slice().try_into().unwrap(), &mut got) };
+        for (j, &g) in got.iter().enumerate() {
+            assert_eq!(
+                g,
+                pair(x[2 * j], x[2 * j + 1]),
+                "pair {j}: {:?}",
+                &x[2 * j..2 * j + 2]
+            );
+        }
     }
 
     /// A reused packing buffer full of NaN pairs packs as a fresh one does: every word is
