@@ -231,7 +231,8 @@ impl PredictionArg {
 }
 
 impl ModelArgs {
-    /// How to load the model on `device` in `dtype`.
+    /// How to load the model on `device` in `dtype`, every weight as stored (what `merge` and
+    /// `export` write from).
     pub fn load_options(
         &self,
         dtype: candle_core::DType,
@@ -239,17 +240,29 @@ impl ModelArgs {
     ) -> models::LoadOptions {
         models::LoadOptions {
             dtype,
+            device,
             variant: self.variant.clone(),
             revision: self.revision.clone(),
             seed: 0,
             model_config: self.model_config.clone(),
             prediction_type: self.prediction_type.map(|p| p.config_name().to_string()),
-            // bf16's mixed precision on the CPU (`device_and_dtype` turned it on) keeps conv and
-            // linear weights in bf16 too: half their memory, the same products
-            bf16_weights: device.is_cpu()
-                && dtype == candle_core::DType::F32
-                && models::cpu_bf16::active(),
-            device,
+            bf16_weights: false,
+        }
+    }
+
+    /// [`ModelArgs::load_options`] for a model that computes (`train`, `sample`): under bf16's
+    /// mixed precision on the CPU (`device_and_dtype` turned it on), conv and linear weights are
+    /// kept in bf16 too (half their memory; the products round them to bf16 anyway).
+    pub fn compute_options(
+        &self,
+        dtype: candle_core::DType,
+        device: candle_core::Device,
+    ) -> models::LoadOptions {
+        let bf16_weights =
+            device.is_cpu() && dtype == candle_core::DType::F32 && models::cpu_bf16::active();
+        models::LoadOptions {
+            bf16_weights,
+            ..self.load_options(dtype, device)
         }
     }
 }

@@ -86,6 +86,24 @@ fn merged_models_sample_what_base_plus_delta_samples() {
         }
         ok(&atomtune(&args));
     }
+    // bf16 products for the process change nothing: a merge writes the weights as stored
+    let file3 = tmp.path().join("merged-bf16-env.safetensors");
+    let o = common::command([
+        "merge",
+        "--model",
+        f,
+        "--delta",
+        d,
+        "--dtype",
+        "f32",
+        "--out",
+        file3.to_str().unwrap(),
+    ])
+    .env("ATOMTUNE_CPU_BF16", "1")
+    .output()
+    .unwrap();
+    ok(&o);
+    assert!(std::fs::read(&file3).unwrap() == std::fs::read(&file).unwrap());
     let with_delta = sample(&["--model", f, "--delta", d], &tmp.path().join("a"));
     let base = sample(&["--model", f], &tmp.path().join("b"));
     assert_ne!(with_delta, base, "the delta changes the image");

@@ -137,7 +137,7 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
             precision(dt)
         ),
     );
-    let opts = args.model.load_options(dt, dev);
+    let opts = args.model.compute_options(dt, dev);
     let sd = StableDiffusion::load(&args.model.model, &opts)
         .with_context(|| format!("loading --model {}", args.model.model))?;
     for w in apply_deltas(&sd, &deltas, args.strict).context("applying --delta")? {

@@ -66,7 +66,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
             precision(dt)
         ),
     );
-    let opts = a.model.load_options(dt, dev);
+    let opts = a.model.compute_options(dt, dev);
     let sd = StableDiffusion::load(&a.model.model, &opts)
         .with_context(|| format!("loading --model {}", a.model.model))?;
     if let Some(mode) = a.gradient_checkpointing {
