@@ -36,12 +36,9 @@ fn weight_in(w: &Tensor, dt: DType) -> Result<Tensor> {
 /// A conv or linear layer's weight `name` at `w`, kept in bf16 where `w` says so
 /// ([`Weights::with_bf16_weights`]), with the source to read its original from in that case.
 fn load_weight(w: &Weights, shape: impl Into<candle_core::Shape>) -> Result<(Tensor, bool)> {
-    let weight = w.get(shape, "weight")?;
-    if w.bf16_weights() && weight.dtype() == DType::F32 {
-        Ok((weight.to_dtype(DType::BF16)?, true))
-    } else {
-        Ok((weight, false))
-    }
+    let weight = w.get_kept(shape, "weight")?;
+    let rounded = w.bf16_weights() && weight.dtype() == DType::BF16;
+    Ok((weight, rounded))
 }
 
 /// `x @ w^T + bias` for `x [..., din]`, `w [dout, din]` and `bias [dout]`, in

@@ -247,6 +247,37 @@ impl Weights {
         self.inner.used.lock().expect("lock").insert(key);
     }
 
+    /// A conv or linear weight `prefix.name` as the layer keeps it: [`Weights::get`], in bf16
+    /// where [`Weights::bf16_weights`] says so. An f32 tensor of a `.safetensors` file is rounded
+    /// straight from the mapped file, so that loading never holds its f32 copy (which left the
+    /// heap at f32's size plus bf16's when SD 1.5 loaded).
+    pub fn get_kept(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        if !self.bf16_weights() {
+            return self.get(shape, name);
+        }
+        if let Source::Files { st, .. } = &*self.inner.source {
+            let key = self.key(name);
+            if let Ok(view) = st.get(&key) {
+                if view.dtype() == safetensors::Dtype::F32 && view.shape() == shape.dims() {
+                    let v: Vec<half::bf16> = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                        .collect();
+                    self.inner.used.lock().expect("lock").insert(key);
+                    return Ok(Tensor::from_vec(v, shape, &self.inner.device)?);
+                }
+            }
+        }
+        let t = self.get(shape, name)?;
+        Ok(if t.dtype() == DType::F32 {
+            t.to_dtype(DType::BF16)?
+        } else {
+            t
+        })
+    }
+
     /// The tensor `prefix.name`, which must have `shape`.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();

@@ -16,6 +16,8 @@ use common::{fixture, load_unet_with, reference, rel_err};
 fn run(dir: &Path, bf16_weights: bool) -> (Tensor, f32, Vec<(String, Tensor)>) {
     let r = reference(dir);
     let unet = load_unet_with(dir, bf16_weights);
+    // what callers feed it: f32, also when its conv and linear weights are kept in bf16
+    assert_eq!(unet.dtype(), DType::F32);
     let out = unet
         .forward(
             &r["unet.sample"],

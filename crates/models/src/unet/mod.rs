@@ -61,6 +61,9 @@ pub struct Unet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     layers: Layers,
+    /// The dtype it computes in: its weights' as loaded (f32 when the CPU's mixed precision keeps
+    /// conv and linear weights in bf16).
+    dtype: DType,
 }
 
 impl Unet {
@@ -149,6 +152,7 @@ impl Unet {
             )?);
         }
         Ok(Unet {
+            dtype: w.dtype(),
             config: c.clone(),
             time_1,
             time_2,
@@ -177,9 +181,10 @@ impl Unet {
         self.conv_out.weight().device()
     }
 
-    /// The dtype of its weights.
+    /// The dtype it computes in, that of its inputs: its weights' as loaded (f32 also where the
+    /// CPU's mixed precision keeps conv and linear weights in bf16).
     pub fn dtype(&self) -> DType {
-        self.conv_out.weight().dtype()
+        self.dtype
     }
 
     /// Its adaptable layers.
