@@ -33,12 +33,19 @@ fn weight_in(w: &Tensor, dt: DType) -> Result<Tensor> {
     }
 }
 
-/// A conv or linear layer's weight `name` at `w`, kept in bf16 where `w` says so
-/// ([`Weights::with_bf16_weights`]), with the source to read its original from in that case.
-fn load_weight(w: &Weights, shape: impl Into<candle_core::Shape>) -> Result<(Tensor, bool)> {
+/// A conv or linear layer's `weight` at `w`, kept in bf16 where `w` says so
+/// ([`Weights::with_bf16_weights`]), registered in `layers` under `w`'s prefix (with `w` to
+/// read the original from when it was rounded).
+fn load_weight(
+    w: &Weights,
+    layers: &Layers,
+    kind: LayerKind,
+    shape: impl Into<candle_core::Shape>,
+) -> Result<Tensor> {
     let weight = w.get_kept(shape, "weight")?;
     let rounded = w.bf16_weights() && weight.dtype() == DType::BF16;
-    Ok((weight, rounded))
+    layers.register(w.prefix(), kind, &weight, rounded.then(|| w.clone()));
+    Ok(weight)
 }
 
 /// `x @ w^T + bias` for `x [..., din]`, `w [dout, din]` and `bias [dout]`, in
@@ -109,18 +116,12 @@ impl Conv2d {
     /// prefix, which is also the layer's name in `layers`.
     pub fn new(w: &Weights, layers: &Layers, spec: Conv2dSpec) -> Result<Self> {
         let k = spec.kernel;
-        let (weight, rounded) = load_weight(w, (spec.cout, spec.cin, k, k))?;
+        let weight = load_weight(w, layers, LayerKind::Conv, (spec.cout, spec.cin, k, k))?;
         let bias = if spec.bias {
             Some(w.get(spec.cout, "bias")?)
         } else {
             None
         };
-        layers.register(
-            w.prefix(),
-            LayerKind::Conv,
-            &weight,
-            rounded.then(|| w.clone()),
-        );
         Ok(Conv2d {
             name: w.prefix().to_string(),
             weight,
@@ -168,18 +169,12 @@ pub struct Linear {
 impl Linear {
     /// Loads `weight` `[dout, din]` (and `bias` `[dout]` if `bias`) at `w`'s prefix.
     pub fn new(w: &Weights, layers: &Layers, din: usize, dout: usize, bias: bool) -> Result<Self> {
-        let (weight, rounded) = load_weight(w, (dout, din))?;
+        let weight = load_weight(w, layers, LayerKind::Linear, (dout, din))?;
         let bias = if bias {
             Some(w.get(dout, "bias")?)
         } else {
             None
         };
-        layers.register(
-            w.prefix(),
-            LayerKind::Linear,
-            &weight,
-            rounded.then(|| w.clone()),
-        );
         Ok(Linear {
             name: w.prefix().to_string(),
             weight,

@@ -151,16 +151,7 @@ impl Weights {
     /// The same source and prefix, loading tensors as `dtype` (a VAE kept in f32 inside a
     /// half-precision model). Keys used through either count as used for both.
     pub fn with_dtype(&self, dtype: DType) -> Self {
-        Weights {
-            inner: Arc::new(Inner {
-                source: self.inner.source.clone(),
-                dtype,
-                bf16_weights: self.inner.bf16_weights,
-                device: self.inner.device.clone(),
-                used: self.inner.used.clone(),
-            }),
-            prefix: self.prefix.clone(),
-        }
+        self.with(dtype, self.inner.bf16_weights)
     }
 
     /// The same, keeping the weights of convs and linears in bf16 when `on` and they load as
@@ -168,11 +159,16 @@ impl Weights {
     /// the memory of the weights; their products round them to bf16 anyway). Norms, biases and
     /// embeddings stay as loaded.
     pub fn with_bf16_weights(&self, on: bool) -> Self {
+        self.with(self.inner.dtype, on)
+    }
+
+    /// The same source, prefix and record of used keys, loading as `dtype` and `bf16_weights`.
+    fn with(&self, dtype: DType, bf16_weights: bool) -> Self {
         Weights {
             inner: Arc::new(Inner {
                 source: self.inner.source.clone(),
-                dtype: self.inner.dtype,
-                bf16_weights: on,
+                dtype,
+                bf16_weights,
                 device: self.inner.device.clone(),
                 used: self.inner.used.clone(),
             }),
@@ -249,8 +245,7 @@ impl Weights {
 
     /// A conv or linear weight `prefix.name` as the layer keeps it: [`Weights::get`], in bf16
     /// where [`Weights::bf16_weights`] says so. An f32 tensor of a `.safetensors` file is rounded
-    /// straight from the mapped file, so that loading never holds its f32 copy (which left the
-    /// heap at f32's size plus bf16's when SD 1.5 loaded).
+    /// straight from the mapped file, without an f32 copy first.
     pub fn get_kept(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();
         if !self.bf16_weights() {
