@@ -687,17 +687,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub validation_prompt: Option<String>,
 
-    /// Steps between validation samples.
-    #[arg(long, default_value_t = 100)]
-    pub validation_every: usize,
+    /// Steps between validation samples [default: 100]; needs --validation-prompt.
+    #[arg(long)]
+    pub validation_every: Option<usize>,
 
-    /// Sampling steps of validation images.
-    #[arg(long, default_value_t = 20)]
-    pub validation_steps: usize,
+    /// Sampling steps of validation images [default: 20]; needs --validation-prompt.
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
 
-    /// Validation images each time.
-    #[arg(long, default_value_t = 1)]
-    pub num_validation_images: usize,
+    /// Validation images each time [default: 1]; needs --validation-prompt.
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
 
     /// No progress bars or log lines (warnings and errors still print).
     #[arg(long)]

@@ -248,6 +248,32 @@ fn a_corrupt_image_is_named_or_skipped() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no images found"));
 }
 
+/// A validation option without `--validation-prompt` is refused, before the model loads, naming
+/// both flags (it was silently ignored).
+#[test]
+fn validation_options_need_a_validation_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for flag in [
+        "--validation-every",
+        "--validation-steps",
+        "--num-validation-images",
+    ] {
+        let mut args = train_args(
+            "no-such-model",
+            images.to_str().unwrap(),
+            tmp.path().to_str().unwrap(),
+            "1",
+        );
+        args.extend([flag, "2"]);
+        let o = atomtune(&args);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(flag) && e.contains("--validation-prompt"), "{e}");
+    }
+}
+
 /// `--gradient-checkpointing` (selective) and `--gradient-checkpointing=all` train the same run:
 /// the same losses step by step (to float rounding; the recomputed blocks sum some gradients in
 /// another order); an unknown mode is refused with the ones there are.

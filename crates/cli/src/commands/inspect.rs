@@ -226,8 +226,11 @@ fn write_text(
     if !trained.is_empty() {
         writeln!(out, "trained      {}", trained.join(", "))?;
     }
-    for (k, v) in &meta.extra {
-        writeln!(out, "{k:<12} {v}")?;
+    // the run's options, a column of their own (their names are longer than the labels)
+    let width = meta.extra.keys().map(|k| k.len()).max().unwrap_or(0);
+    for (i, (k, v)) in meta.extra.iter().enumerate() {
+        let label = if i == 0 { "options" } else { "" };
+        writeln!(out, "{label:<12} {k:<width$}  {v}")?;
     }
     match fit {
         None => {}

@@ -56,6 +56,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
     if !a.images.is_dir() {
         bail!("--images {}: no such folder", a.images.display());
     }
+    let validation = validation(a)?;
     let (dev, dt) = device_and_dtype(&a.model)?;
     rep.info(
         None,
@@ -114,12 +115,7 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         max_steps: a.max_steps,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every.filter(|&n| n > 0),
-        validation: a.validation_prompt.as_ref().map(|p| ValidationConfig {
-            prompt: p.clone(),
-            every: a.validation_every,
-            steps: a.validation_steps,
-            num_images: a.num_validation_images,
-        }),
+        validation,
         out: a.out.clone(),
         loss_scale: Default::default(),
         recipe: train::Recipe {
@@ -240,4 +236,26 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The validation samples asked for; a validation option without `--validation-prompt` is an
+/// error rather than ignored.
+fn validation(a: &TrainArgs) -> Result<Option<ValidationConfig>> {
+    let Some(prompt) = &a.validation_prompt else {
+        let given = [
+            ("--validation-every", a.validation_every),
+            ("--validation-steps", a.validation_steps),
+            ("--num-validation-images", a.num_validation_images),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
+            bail!("{flag} needs --validation-prompt: the prompt to sample during training");
+        }
+        return Ok(None);
+    };
+    Ok(Some(ValidationConfig {
+        prompt: prompt.clone(),
+        every: a.validation_every.unwrap_or(100),
+        steps: a.validation_steps.unwrap_or(20),
+        num_images: a.num_validation_images.unwrap_or(1),
+    }))
 }
