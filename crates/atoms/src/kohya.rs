@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use crate::adapter::{FullAdapter, LoraAdapter};
-use crate::{AdapterConfig, Error, LayerAdapter, Method, Result};
+use crate::{Block, Error, LayerAdapter, Layout, Result};
 
 /// One module of the file.
 #[derive(Clone, Debug)]
@@ -125,7 +125,9 @@ impl AdapterFile {
             .ok_or_else(|| Error::UnknownLayer {
                 layer: module.into(),
             })?;
-        let layout = AdapterConfig::new(Method::Lora).layout(base.dims())?;
+        // a file's LoRA or diff is whole-matrix: no filter blocks, so any linear shape fits
+        // (atoms' default 4x4 blocks refused a [37, 32] layer)
+        let layout = Layout::from_shape(base.dims(), Block { rows: 1, cols: 1 })?;
         match m {
             Module::Diff(d) => Ok(LayerAdapter::Full(FullAdapter::from_diff(
                 layout,

@@ -63,8 +63,9 @@ pub struct MergeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// A delta to bake in, with an optional weight (default 1); repeat to stack deltas.
-    #[arg(long = "delta", value_name = "PATH[:WEIGHT]", required = true)]
+    /// A delta to bake in, with an optional weight (default 1); repeat to stack deltas. Without
+    /// one, the model is written as it is: a folder to a single file, or to another dtype.
+    #[arg(long = "delta", value_name = "PATH[:WEIGHT]")]
     pub deltas: Vec<DeltaArg>,
 
     /// Refuse deltas trained on a different base checkpoint (instead of a warning).

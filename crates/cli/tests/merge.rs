@@ -142,3 +142,144 @@ fn merged_models_sample_what_base_plus_delta_samples() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no files to merge"));
 }
+
+/// Seeded values in [-0.5, 0.5) of `shape`.
+fn seeded(shape: &[usize], seed: u64) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = (i as u64 + 7).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(31);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// A kohya LoRA file at `path` of rank 2 on each `(module, out, in)`.
+fn write_lora(path: &Path, modules: &[(&str, usize, usize)]) {
+    let mut t = std::collections::HashMap::new();
+    for (i, (m, out, inp)) in modules.iter().enumerate() {
+        let seed = 10 * i as u64;
+        t.insert(format!("{m}.lora_down.weight"), seeded(&[2, *inp], seed));
+        t.insert(format!("{m}.lora_up.weight"), seeded(&[*out, 2], seed + 1));
+    }
+    candle_core::safetensors::save(&t, path).unwrap();
+}
+
+/// A text-encoder layer's weight in a model.
+fn text_weight(model: &str, opts: &LoadOptions, encoder: usize, layer: &str) -> Vec<f32> {
+    let sd = StableDiffusion::load(model, opts).unwrap();
+    let e = sd.text.iter().nth(encoder).unwrap();
+    let w = e.model.layers().get(layer).unwrap().weight;
+    w.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// A community LoRA with text-encoder modules merges into each layout (it was refused): the
+/// merged models sample what base + LoRA samples, on SD 1.x (folder, single file from the folder
+/// and from a single file) and on SDXL, whose second encoder a single file holds in OpenCLIP's
+/// layout: its k projection goes into the middle rows of the fused `in_proj`.
+#[test]
+fn text_encoder_loras_merge_into_every_layout() {
+    let (Some((tmp, fx)), Some(single), Some(xl)) = (
+        tiny_fixture(),
+        testutil::shared_path("fixtures/single-file/tiny-sd15-shape.safetensors"),
+        testutil::shared_path("fixtures/tiny-sdxl-shape"),
+    ) else {
+        return;
+    };
+    let (f, s, x) = (
+        fx.to_str().unwrap(),
+        single.to_str().unwrap(),
+        xl.to_str().unwrap(),
+    );
+    let lora = tmp.path().join("lora.safetensors");
+    write_lora(
+        &lora,
+        &[
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                32,
+                32,
+            ),
+            ("lora_te_text_model_encoder_layers_1_mlp_fc1", 37, 32),
+            ("lora_unet_conv_in", 32, 4 * 9),
+        ],
+    );
+    let l = lora.to_str().unwrap();
+    let merge = |model: &str, delta: &str, out: &Path, config: Option<&str>| {
+        let mut args = vec!["merge", "--model", model, "--dtype", "f32"];
+        args.extend(["--out", out.to_str().unwrap()]);
+        if !delta.is_empty() {
+            args.extend(["--delta", delta]);
+        }
+        if let Some(c) = config {
+            args.extend(["--model-config", c]);
+        }
+        ok(&atomtune(&args));
+    };
+    let folder = tmp.path().join("sd1-folder");
+    let file = tmp.path().join("sd1-file.safetensors");
+    let file2 = tmp.path().join("sd1-from-single.safetensors");
+    merge(f, l, &folder, None);
+    merge(f, l, &file, None);
+    merge(s, l, &file2, Some(f));
+    let with_lora = sample(&["--model", f, "--delta", l], &tmp.path().join("a"));
+    assert_ne!(with_lora, sample(&["--model", f], &tmp.path().join("b")));
+    for (i, m) in [&folder, &file, &file2].into_iter().enumerate() {
+        let m = m.to_str().unwrap();
+        let mut args = vec!["--model", m];
+        if m.ends_with(".safetensors") {
+            args.extend(["--model-config", f]);
+        }
+        let got = sample(&args, &tmp.path().join(format!("sd1-{i}")));
+        assert!(got == with_lora, "{m}");
+    }
+
+    // SDXL: both encoders, the second's k projection inside OpenCLIP's fused in_proj
+    let k = "text_model.encoder.layers.1.self_attn.k_proj";
+    write_lora(
+        &lora,
+        &[
+            (
+                "lora_te1_text_model_encoder_layers_0_self_attn_v_proj",
+                32,
+                32,
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_1_self_attn_k_proj",
+                32,
+                32,
+            ),
+        ],
+    );
+    let (a, plain, c) = (
+        tmp.path().join("xl-a.safetensors"),
+        tmp.path().join("xl-plain.safetensors"),
+        tmp.path().join("xl-c.safetensors"),
+    );
+    let xl_folder = tmp.path().join("xl-folder");
+    merge(x, l, &xl_folder, None);
+    merge(x, l, &a, None);
+    merge(x, "", &plain, None);
+    merge(plain.to_str().unwrap(), l, &c, Some(x));
+    let opts = LoadOptions {
+        model_config: Some(x.to_string()),
+        ..LoadOptions::default()
+    };
+    let folders = LoadOptions::default();
+    let want = text_weight(xl_folder.to_str().unwrap(), &folders, 1, k);
+    assert_ne!(want, text_weight(x, &folders, 1, k), "the LoRA changes k");
+    for m in [&a, &c] {
+        assert!(
+            text_weight(m.to_str().unwrap(), &opts, 1, k) == want,
+            "{}",
+            m.display()
+        );
+    }
+    let with_lora = sample(&["--model", x, "--delta", l], &tmp.path().join("xa"));
+    let merged = sample(
+        &["--model", c.to_str().unwrap(), "--model-config", x],
+        &tmp.path().join("xc"),
+    );
+    assert!(merged == with_lora);
+}

@@ -2,11 +2,12 @@
 //! component under its standard file name) or a single-file checkpoint in the original LDM
 //! layout that A1111, ComfyUI and diffusers' `from_single_file` load.
 //!
-//! The source's tensors are copied (converted to the chosen dtype) and each adapted UNet layer's
-//! weight is replaced by its effective weight. What can be written: folder -> folder, folder ->
-//! single file (SD 1.x's text encoder keeps transformers' layout inside the file; SD 2.x's and
-//! SDXL's second are written in OpenCLIP's, q, k, v fused into `in_proj`, as many layers as the
-//! diffusers encoder has), single file -> single file (any family: only UNet keys change).
+//! The source's tensors are copied (converted to the chosen dtype) and each adapted layer's
+//! weight (UNet and text encoders) is replaced by its effective weight. What can be written:
+//! folder -> folder, folder -> single file (SD 1.x's text encoder keeps transformers' layout
+//! inside the file; SD 2.x's and SDXL's second are written in OpenCLIP's, q, k, v fused into
+//! `in_proj`, as many layers as the diffusers encoder has), single file -> single file (any
+//! family: only adapted layers' keys change, a q, k or v projection as its rows of `in_proj`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -79,15 +80,42 @@ const COMPONENTS: [(&str, &str); 4] = [
     ("text_encoder_2", "model"),
 ];
 
+/// The adapted layers' effective weights, by component: layer (diffusers / transformers module
+/// name) -> weight.
+#[derive(Debug, Default)]
+pub struct Baked {
+    /// The UNet's.
+    pub unet: BTreeMap<String, Tensor>,
+    /// Each text encoder's, in the model's order (`text_encoder`, then SDXL's `text_encoder_2`).
+    pub text: Vec<BTreeMap<String, Tensor>>,
+}
+
+impl Baked {
+    /// How many layers change.
+    pub fn len(&self) -> usize {
+        self.unet.len() + self.text.iter().map(BTreeMap::len).sum::<usize>()
+    }
+
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn text_encoder(&self, i: usize) -> &BTreeMap<String, Tensor> {
+        static NONE: BTreeMap<String, Tensor> = BTreeMap::new();
+        self.text.get(i).unwrap_or(&NONE)
+    }
+}
+
 /// What a merge writes: the model's family and UNet config (for single-file key names), the
-/// adapted UNet layers' effective weights, where, and in which dtype.
+/// adapted layers' effective weights, where, and in which dtype.
 pub struct MergeOutput<'a> {
     /// The model's family.
     pub family: Architecture,
     /// Its UNet config.
     pub unet: &'a crate::UnetConfig,
-    /// UNet layer -> effective weight.
-    pub baked: &'a BTreeMap<String, Tensor>,
+    /// The effective weights of the adapted layers.
+    pub baked: &'a Baked,
     /// A single file when it ends in `.safetensors`, else a diffusers folder.
     pub out: &'a Path,
     /// The dtype of every tensor written.
@@ -109,11 +137,7 @@ pub fn merge(source: &MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -
     match (source, single_out) {
         (MergeSource::Folder(dir), false) => folder_to_folder(dir, variant, m),
         (MergeSource::Folder(dir), true) => folder_to_single(dir, variant, &layout, m),
-        (MergeSource::SingleFile(file), true) => {
-            let mut t = load(file)?;
-            replace_unet(&mut t, m.baked, |layer| ldm_unet_key(&layout, layer))?;
-            save(t, m.out, m.dtype)
-        }
+        (MergeSource::SingleFile(file), true) => single_to_single(file, &layout, m),
         (MergeSource::SingleFile(_), false) => Err(Error::Input(
             "a single-file model merges into a single file: give an --out ending in .safetensors"
                 .into(),
@@ -121,39 +145,109 @@ pub fn merge(source: &MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -
     }
 }
 
-fn ldm_unet_key(layout: &keys::UnetLayout, layer: &str) -> Result<String> {
-    keys::unet(&format!("{layer}.weight"), layout)
-        .map(|k| format!("{}{k}", keys::UNET))
-        .ok_or_else(|| {
+fn single_to_single(file: &Path, layout: &keys::UnetLayout, m: &MergeOutput<'_>) -> Result<()> {
+    let mut t = load(file)?;
+    replace(&mut t, &m.baked.unet, |layer| {
+        let k = keys::unet(&format!("{layer}.weight"), layout).ok_or_else(|| {
             Error::Input(format!(
                 "UNet layer `{layer}` has no single-file counterpart"
             ))
-        })
+        })?;
+        Ok((format!("{}{k}", keys::UNET), Take::Whole))
+    })?;
+    let (first, second) = (m.baked.text_encoder(0), m.baked.text_encoder(1));
+    match m.family {
+        Architecture::Sd1 => replace(&mut t, first, |l| {
+            Ok((format!("{}{l}.weight", keys::CLIP_SD1), Take::Whole))
+        })?,
+        Architecture::Sd2 => replace_open_clip(&mut t, first, "cond_stage_model.model.")?,
+        Architecture::Sdxl => {
+            replace(&mut t, first, |l| {
+                Ok((
+                    format!("conditioner.embedders.0.transformer.{l}.weight"),
+                    Take::Whole,
+                ))
+            })?;
+            replace_open_clip(&mut t, second, "conditioner.embedders.1.model.")?;
+        }
+    }
+    save(t, m.out, m.dtype)
 }
 
-/// Replaces each baked layer's weight in `tensors`, at the key `key_of` gives; the key must be
-/// there with the same shape.
-fn replace_unet(
+/// Replaces a text encoder's baked layers in a file holding it in OpenCLIP's layout under
+/// `prefix`.
+fn replace_open_clip(
     tensors: &mut HashMap<String, Tensor>,
     baked: &BTreeMap<String, Tensor>,
-    key_of: impl Fn(&str) -> Result<String>,
+    prefix: &str,
+) -> Result<()> {
+    replace(tensors, baked, |layer| {
+        // every layer the mapping fuses (q, k, v) is square: its width is the encoder's
+        let hidden = baked[layer].dim(0)?;
+        let (k, take) = keys::open_clip(&format!("{layer}.weight"), hidden).ok_or_else(|| {
+            Error::Input(format!(
+                "text encoder layer `{layer}` has no OpenCLIP counterpart"
+            ))
+        })?;
+        Ok((format!("{prefix}{k}"), take))
+    })
+}
+
+/// Replaces each baked layer's weight in `tensors` at the key `key_of` gives, taken as it says
+/// (the whole tensor, or its rows of a fused one); the key must be there with room for it.
+fn replace(
+    tensors: &mut HashMap<String, Tensor>,
+    baked: &BTreeMap<String, Tensor>,
+    key_of: impl Fn(&str) -> Result<(String, Take)>,
 ) -> Result<()> {
     for (layer, w) in baked {
-        let key = key_of(layer)?;
+        let (key, take) = key_of(layer)?;
         let old = tensors.get(&key).ok_or_else(|| {
             Error::Input(format!(
                 "the source has no `{key}` for the adapted layer `{layer}`"
             ))
         })?;
-        let w = w.to_device(&Device::Cpu)?;
-        let w = if old.dims() == w.dims() {
-            w
-        } else {
-            w.reshape(old.dims())?
+        let w = w.to_device(&Device::Cpu)?.to_dtype(old.dtype())?;
+        let new = match take {
+            Take::Rows(start, len) => {
+                let rows = old.dim(0)?;
+                if start + len > rows || w.dim(0)? != len {
+                    return Err(Error::Input(format!(
+                        "`{key}` has {rows} rows: no room for the adapted layer `{layer}` at rows {start}..{}",
+                        start + len
+                    )));
+                }
+                let mut parts = vec![old.narrow(0, 0, start)?, w];
+                parts.push(old.narrow(0, start + len, rows - start - len)?);
+                Tensor::cat(&parts, 0)?
+            }
+            Take::Transpose => w.t()?.contiguous()?,
+            Take::Whole | Take::Squeeze => w,
         };
-        tensors.insert(key, w);
+        let new = if old.dims() == new.dims() {
+            new
+        } else {
+            new.reshape(old.dims())?
+        };
+        tensors.insert(key, new);
     }
     Ok(())
+}
+
+/// Replaces a text encoder's baked layers in its diffusers-folder tensors, whose keys may lack
+/// the `text_model.` prefix (transformers 5.6 and later).
+fn replace_text(
+    tensors: &mut HashMap<String, Tensor>,
+    baked: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let unprefixed = !tensors.keys().any(|k| k.starts_with("text_model."));
+    replace(tensors, baked, |l| {
+        let key = match l.strip_prefix("text_model.") {
+            Some(rest) if unprefixed => rest,
+            _ => l,
+        };
+        Ok((format!("{key}.weight"), Take::Whole))
+    })
 }
 
 fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> Result<()> {
@@ -164,8 +258,13 @@ fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> R
             continue;
         }
         let mut t = component(dir, sub, stem, variant)?;
-        if sub == "unet" {
-            replace_unet(&mut t, m.baked, |l| Ok(format!("{l}.weight")))?;
+        match sub {
+            "unet" => replace(&mut t, &m.baked.unet, |l| {
+                Ok((format!("{l}.weight"), Take::Whole))
+            })?,
+            "text_encoder" => replace_text(&mut t, m.baked.text_encoder(0))?,
+            "text_encoder_2" => replace_text(&mut t, m.baked.text_encoder(1))?,
+            _ => {}
         }
         save(t, &out.join(sub).join(format!("{stem}.safetensors")), dtype)?;
     }
@@ -208,7 +307,9 @@ fn folder_to_single(
     let vae_cfg = crate::VaeConfig::read(&dir.join("vae/config.json"))?;
     let mut all = HashMap::new();
     let mut unet = component(dir, "unet", "diffusion_pytorch_model", variant)?;
-    replace_unet(&mut unet, m.baked, |l| Ok(format!("{l}.weight")))?;
+    replace(&mut unet, &m.baked.unet, |l| {
+        Ok((format!("{l}.weight"), Take::Whole))
+    })?;
     for (k, t) in unet {
         let ldm = keys::unet(&k, layout).ok_or_else(|| {
             Error::Input(format!("UNet tensor `{k}` has no single-file counterpart"))
@@ -229,13 +330,18 @@ fn folder_to_single(
         };
         all.insert(format!("{}{ldm}", keys::VAE), t);
     }
-    let te = with_text_model_prefix(component(dir, "text_encoder", "model", variant)?);
+    let text = |i: usize, sub: &str| -> Result<HashMap<String, Tensor>> {
+        let mut t = with_text_model_prefix(component(dir, sub, "model", variant)?);
+        replace_text(&mut t, m.baked.text_encoder(i))?;
+        Ok(t)
+    };
+    let te = text(0, "text_encoder")?;
     match m.family {
         Architecture::Sd1 => prefixed(&mut all, te, keys::CLIP_SD1),
         Architecture::Sd2 => open_clip(&mut all, te, "cond_stage_model.model.")?,
         Architecture::Sdxl => {
             prefixed(&mut all, te, "conditioner.embedders.0.transformer.");
-            let te2 = with_text_model_prefix(component(dir, "text_encoder_2", "model", variant)?);
+            let te2 = text(1, "text_encoder_2")?;
             open_clip(&mut all, te2, "conditioner.embedders.1.model.")?;
         }
     }

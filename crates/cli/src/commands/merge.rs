@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use models::merge::{merge, MergeOutput, MergeSource};
+use models::merge::{merge, Baked, MergeOutput, MergeSource};
 use models::{ModelSpec, StableDiffusion};
 use sample::pipeline::apply_deltas;
 
@@ -51,14 +51,14 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
     for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
         eprintln!("warning: {w}");
     }
-    if sd
-        .text
-        .iter()
-        .any(|e| !e.model.layers().adapted().is_empty())
-    {
-        bail!("an adapter file with text-encoder modules (lora_te*) cannot be merged yet: only UNet changes are written");
-    }
-    let baked = sd.unet.layers().effective_weights()?;
+    let baked = Baked {
+        unet: sd.unet.layers().effective_weights()?,
+        text: sd
+            .text
+            .iter()
+            .map(|e| e.model.layers().effective_weights())
+            .collect::<models::Result<_>>()?,
+    };
     let (family, unet) = (sd.architecture, sd.unet.config().clone());
     // the model is done with: its memory goes before the files are read again to be written
     drop(sd);
