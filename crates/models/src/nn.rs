@@ -44,7 +44,7 @@ fn load_weight(
 ) -> Result<Tensor> {
     let weight = w.get_kept(shape, "weight")?;
     let rounded = w.bf16_weights() && weight.dtype() == DType::BF16;
-    layers.register(w.prefix(), kind, &weight, rounded.then(|| w.clone()));
+    layers.register(w.prefix(), kind, &weight, rounded.then(|| w.reopening()));
     Ok(weight)
 }
 

@@ -176,7 +176,7 @@ pub struct Vae {
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
-    /// Where the weights came from, to build the f32 copy from.
+    /// Where the weights came from (files mapped again when read), to build the f32 copy from.
     weights: Weights,
     /// The f32 copy a half-precision VAE falls back to when it gives NaN, built on first need.
     upcast: OnceLock<Box<Vae>>,
@@ -301,7 +301,7 @@ impl Vae {
             )?,
         };
         Ok(Vae {
-            weights: w.clone(),
+            weights: w.reopening(),
             upcast: OnceLock::new(),
             quant_conv: if c.use_quant_conv {
                 Some(Conv2d::new(

@@ -20,17 +20,26 @@ enum Source {
     Files {
         st: MmapedSafetensors,
         label: String,
+        paths: Vec<PathBuf>,
     },
     /// A single-file (original LDM layout) checkpoint read under diffusers names.
     Mapped {
         st: Arc<MmapedSafetensors>,
         label: String,
+        path: PathBuf,
         map: KeyMap,
         /// The file-key prefixes of this component (what [`Weights::check_all_used`] checks).
         scope: Vec<String>,
     },
     Random {
         seed: u64,
+    },
+    /// The files of `Files` (`map: None`) or `Mapped`, mapped again for each read and unmapped
+    /// after it ([`Weights::reopening`]).
+    Reopen {
+        paths: Vec<PathBuf>,
+        label: String,
+        map: Option<KeyMap>,
     },
 }
 
@@ -106,7 +115,8 @@ impl Weights {
             path: paths.first().cloned().unwrap_or_default(),
             reason: format!("not a valid safetensors file: {e}"),
         })?;
-        Ok(Self::new(Source::Files { st, label }, dtype, device))
+        let paths = paths.to_vec();
+        Ok(Self::new(Source::Files { st, label, paths }, dtype, device))
     }
 
     /// Seeded random values: a key's tensor depends only on `seed` and the key. Matrices and
@@ -129,10 +139,12 @@ impl Weights {
         }
     }
 
-    /// One component of a single-file checkpoint `st` (named `label` in messages), read under
-    /// diffusers names through `map`; `scope` are the file-key prefixes the component owns.
+    /// One component of the single-file checkpoint `path`, mapped as `st` (named `label` in
+    /// messages), read under diffusers names through `map`; `scope` are the file-key prefixes
+    /// the component owns.
     pub fn mapped(
         st: Arc<MmapedSafetensors>,
+        path: PathBuf,
         label: impl Into<String>,
         map: KeyMap,
         scope: &[&str],
@@ -141,11 +153,63 @@ impl Weights {
     ) -> Self {
         let source = Source::Mapped {
             st,
+            path,
             label: label.into(),
             map,
             scope: scope.iter().map(|s| s.to_string()).collect(),
         };
         Self::new(source, dtype, device)
+    }
+
+    /// The same tensors at the same prefix, read from files mapped for each read and unmapped
+    /// after it: what a layer keeps to read its original weight again (a weight kept in bf16),
+    /// without holding the mapping, and the pages it read, for the life of the model.
+    pub fn reopening(&self) -> Self {
+        let source = match &*self.inner.source {
+            Source::Files { paths, label, .. } => Source::Reopen {
+                paths: paths.clone(),
+                label: label.clone(),
+                map: None,
+            },
+            Source::Mapped {
+                path, label, map, ..
+            } => Source::Reopen {
+                paths: vec![path.clone()],
+                label: label.clone(),
+                map: Some(map.clone()),
+            },
+            Source::Random { .. } | Source::Reopen { .. } => return self.clone(),
+        };
+        let mut w = Self::new(source, self.inner.dtype, &self.inner.device);
+        w.prefix = self.prefix.clone();
+        w
+    }
+
+    /// A `Reopen` source's files mapped again, at this prefix.
+    fn reopened(&self, paths: &[PathBuf], map: &Option<KeyMap>) -> Result<Self> {
+        let mut w = match map {
+            None => Self::from_files(paths, self.inner.dtype, &self.inner.device)?,
+            Some(map) => {
+                let path = paths.first().cloned().unwrap_or_default();
+                // SAFETY: as in `from_files`.
+                let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| Error::Config {
+                    path: path.clone(),
+                    reason: format!("not a valid safetensors file: {e}"),
+                })?;
+                let label = self.label();
+                Self::mapped(
+                    Arc::new(st),
+                    path,
+                    label,
+                    map.clone(),
+                    &[],
+                    self.inner.dtype,
+                    &self.inner.device,
+                )
+            }
+        };
+        w.prefix = self.prefix.clone();
+        Ok(w)
     }
 
     /// The same source and prefix, loading tensors as `dtype` (a VAE kept in f32 inside a
@@ -214,7 +278,9 @@ impl Weights {
 
     fn label(&self) -> String {
         match &*self.inner.source {
-            Source::Files { label, .. } | Source::Mapped { label, .. } => label.clone(),
+            Source::Files { label, .. }
+            | Source::Mapped { label, .. }
+            | Source::Reopen { label, .. } => label.clone(),
             Source::Random { seed } => format!("random weights (seed {seed})"),
         }
     }
@@ -227,6 +293,9 @@ impl Weights {
                 map(&self.key(name)).is_some_and(|(k, _)| st.get(&k).is_ok())
             }
             Source::Random { .. } => true,
+            Source::Reopen { paths, map, .. } => {
+                self.reopened(paths, map).is_ok_and(|w| w.contains(name))
+            }
         }
     }
 
@@ -299,6 +368,9 @@ impl Weights {
                 return Ok(t.to_dtype(self.inner.dtype)?);
             }
             Source::Random { seed } => random_tensor(*seed, &key, &shape, &self.inner.device)?,
+            Source::Reopen { paths, map, .. } => {
+                return self.reopened(paths, map)?.get(shape, name);
+            }
         };
         self.inner.used.lock().expect("lock").insert(key);
         Ok(t.to_dtype(self.inner.dtype)?)
@@ -355,7 +427,7 @@ impl Weights {
         let (st, scope): (&MmapedSafetensors, &[String]) = match &*self.inner.source {
             Source::Files { st, .. } => (st, &[]),
             Source::Mapped { st, scope, .. } => (st, scope),
-            Source::Random { .. } => return Ok(()),
+            Source::Random { .. } | Source::Reopen { .. } => return Ok(()),
         };
         let used = self.inner.used.lock().expect("lock");
         let mut extra: Vec<String> = st

@@ -198,6 +198,7 @@ impl StableDiffusion {
         let part = |m: KeyMap, scope: &[&str]| {
             Weights::mapped(
                 st.clone(),
+                path.to_path_buf(),
                 label.clone(),
                 m,
                 scope,
