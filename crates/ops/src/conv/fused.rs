@@ -103,31 +103,51 @@ impl Geo {
         self.ho * self.wo
     }
 
+    /// Output rows per band of the forward: all of them while the im2col matrix of
+    /// `elem`-byte numbers fits `budget` bytes.
+    fn band_rows(&self, elem: usize, budget: usize) -> usize {
+        let row = self.k() * self.wo * elem;
+        (budget / row.max(1)).clamp(1, self.ho.max(1))
+    }
+
     /// A 1x1 stride-1 unpadded conv reads the input as its own im2col matrix.
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 }
 
-/// `cols [c kh kw, ho wo]` of one image `x [c, h, w]`, rows in parallel.
-fn im2col<T: Float>(x: &[T], g: &Geo, cols: &mut [T]) {
-    cols.par_chunks_mut(g.npix())
-        .with_min_len(task_len(g.npix()))
+/// The most bytes an im2col matrix of the forward takes: above it, the output is computed in
+/// bands of rows (a VAE's full-resolution conv at 512x512, 256 channels, would take 2.4 GB at
+/// once; at 1024x1024, 9.6 GB). The UNet's convs stay whole at SD 1.5's and SDXL's sizes (at
+/// most 189 MB).
+const COLS_BUDGET: usize = 256 << 20;
+
+/// `cols [c kh kw, (oy1 - oy0) wo]` of output rows `oy0..oy1` of one image `x [c, h, w]`, rows
+/// of `cols` in parallel.
+fn im2col<T: Float>(x: &[T], g: &Geo, (oy0, oy1): (usize, usize), cols: &mut [T]) {
+    let n = (oy1 - oy0) * g.wo;
+    cols.par_chunks_mut(n)
+        .with_min_len(task_len(n))
         .enumerate()
-        .for_each(|(row, out)| im2col_row(x, g, row, out));
+        .for_each(|(row, out)| im2col_band(x, g, row, (oy0, oy1), out));
 }
 
 /// Row `row` = `(c, i, j)` of the im2col matrix of one image `x [c, h, w]`: input channel `c`
 /// read at kernel offset `(i, j)` for every output pixel, zero where that falls in the padding.
 pub(super) fn im2col_row<T: Float>(x: &[T], g: &Geo, row: usize, out: &mut [T]) {
+    im2col_band(x, g, row, (0, g.ho), out)
+}
+
+/// [`im2col_row`] for the output rows `oy0..oy1` only.
+fn im2col_band<T: Float>(x: &[T], g: &Geo, row: usize, (oy0, oy1): (usize, usize), out: &mut [T]) {
     let kk = g.kh * g.kw;
     let (c, i, j) = (row / kk, (row % kk) / g.kw, row % g.kw);
     let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
     // Output columns whose input column ox s + j - p lies inside [0, w).
     let ox0 = g.p.saturating_sub(j).div_ceil(g.s).min(g.wo);
     let ox1 = (g.w + g.p).saturating_sub(j).div_ceil(g.s).clamp(ox0, g.wo);
-    for oy in 0..g.ho {
-        let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
+    for oy in oy0..oy1 {
+        let dst = &mut out[(oy - oy0) * g.wo..(oy - oy0 + 1) * g.wo];
         let iy = (oy * g.s + i) as isize - g.p as isize;
         if iy < 0 || iy >= g.h as isize || ox0 == ox1 {
             dst.fill(T::zero());
@@ -195,22 +215,71 @@ impl Conv {
         b: usize,
         g: &Geo,
     ) -> Vec<T> {
+        Self::forward_in_bands(x, w, bias, b, g, COLS_BUDGET)
+    }
+
+    /// [`Conv::forward`] with im2col matrices of at most `budget` bytes (but one output row).
+    fn forward_in_bands<T: Float>(
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        b: usize,
+        g: &Geo,
+        budget: usize,
+    ) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
         let mut y = output(bias, b, g.o, npix);
-        each_image_cols(x, b, g, |bi, cols| {
-            // SAFETY: y_b is [o, npix], w is [o, k], cols [k, npix].
-            unsafe {
-                dense(
-                    &mut y[bi * g.o * npix..(bi + 1) * g.o * npix],
-                    w,
-                    cols,
-                    (g.o, npix, k),
-                    false,
-                    false,
-                    bias.is_some(),
-                )
-            };
-        });
+        let band = g.band_rows(std::mem::size_of::<T>(), budget);
+        if g.is_pointwise() || band == g.ho {
+            each_image_cols(x, b, g, |bi, cols| {
+                // SAFETY: y_b is [o, npix], w is [o, k], cols [k, npix].
+                unsafe {
+                    dense(
+                        &mut y[bi * g.o * npix..(bi + 1) * g.o * npix],
+                        w,
+                        cols,
+                        (g.o, npix, k),
+                        false,
+                        false,
+                        bias.is_some(),
+                    )
+                };
+            });
+            return y;
+        }
+        // in bands of output rows: each band's im2col, its product into a band of y (gathered
+        // into a buffer and back, as y's band is strided)
+        let mut cols = vec![T::zero(); k * band * g.wo];
+        let mut yband = vec![T::zero(); g.o * band * g.wo];
+        for (xb, yb) in x
+            .chunks_exact(g.c * g.h * g.w)
+            .zip(y.chunks_exact_mut(g.o * npix))
+            .take(b)
+        {
+            for oy0 in (0..g.ho).step_by(band) {
+                let oy1 = (oy0 + band).min(g.ho);
+                let (n, at) = ((oy1 - oy0) * g.wo, oy0 * g.wo);
+                im2col(xb, g, (oy0, oy1), &mut cols[..k * n]);
+                for (dst, src) in yband.chunks_exact_mut(n).zip(yb.chunks_exact(npix)) {
+                    dst.copy_from_slice(&src[at..at + n]);
+                }
+                // SAFETY: yband is [o, n], w is [o, k], cols [k, n].
+                unsafe {
+                    dense(
+                        &mut yband[..g.o * n],
+                        w,
+                        &cols[..k * n],
+                        (g.o, n, k),
+                        false,
+                        false,
+                        bias.is_some(),
+                    )
+                };
+                for (src, dst) in yband.chunks_exact(n).zip(yb.chunks_exact_mut(npix)) {
+                    dst[at..at + n].copy_from_slice(src);
+                }
+            }
+        }
         y
     }
 
@@ -248,7 +317,7 @@ fn each_image_cols<T: Float>(x: &[T], b: usize, g: &Geo, mut f: impl FnMut(usize
         if g.is_pointwise() {
             f(bi, xb);
         } else {
-            im2col(xb, g, &mut cols);
+            im2col(xb, g, (0, g.ho), &mut cols);
             f(bi, &cols);
         }
     }
@@ -390,5 +459,48 @@ impl candle_core::CustomOp2 for KernelGrad {
             Conv::kernel_grad(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)
         });
         Ok((dw, Shape::from(self.kernel.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seeded values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| {
+                let x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5);
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The forward in bands of output rows (one row, three rows, a band as large as the
+    /// budget allows) equals the forward in one piece, with and without bias, strides 1 and 2.
+    #[test]
+    fn a_forward_in_bands_equals_the_whole() {
+        let (b, c, h, w, o) = (2, 3, 11, 7, 5);
+        let x = values(b * c * h * w, 1);
+        let wt = values(o * c * 9, 2);
+        let bias = values(o, 3);
+        for stride in [1, 2] {
+            let cfg = ConvConfig { stride, padding: 1 };
+            let g = Geo::new(&[b, c, h, w], &[o, c, 3, 3], cfg).unwrap();
+            for bias in [None, Some(bias.as_slice())] {
+                let whole = Conv::forward_in_bands(&x, &wt, bias, b, &g, usize::MAX);
+                let row = g.k() * g.wo * 4;
+                for budget in [1, 3 * row, (g.ho - 1) * row] {
+                    assert!(g.band_rows(4, budget) < g.ho);
+                    let banded = Conv::forward_in_bands(&x, &wt, bias, b, &g, budget);
+                    let diff = whole
+                        .iter()
+                        .zip(&banded)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff < 1e-5, "stride {stride} budget {budget}: {diff}");
+                }
+            }
+        }
     }
 }
