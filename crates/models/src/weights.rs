@@ -329,6 +329,7 @@ impl Weights {
                         .chunks_exact(4)
                         .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
                         .collect();
+                    release_pages(view.data());
                     self.inner.used.lock().expect("lock").insert(key);
                     return Ok(Tensor::from_vec(v, shape, &self.inner.device)?);
                 }
@@ -361,7 +362,9 @@ impl Weights {
                         expected: shape.dims().to_vec(),
                     });
                 }
-                st.load(&key, &self.inner.device)?
+                let t = st.load(&key, &self.inner.device)?;
+                release_pages(view.data());
+                t
             }
             Source::Mapped { st, map, .. } => {
                 let t = self.mapped_tensor(st, map, &key, &shape)?;
@@ -396,6 +399,7 @@ impl Weights {
             .map_err(|_| missing(format!("{file_key} (for {key})")))?;
         let found = view.shape().to_vec();
         let t = st.load(&file_key, &self.inner.device)?;
+        release_pages(view.data());
         let t = match take {
             Take::Whole => t,
             Take::Squeeze if found.len() == 4 && found[2..] == [1, 1] => {
@@ -447,6 +451,31 @@ impl Weights {
             }),
         }
     }
+}
+
+/// Takes the pages of `bytes`, a tensor's bytes in a read-only file mapping that have just been
+/// copied out, out of the process's resident set (`madvise(MADV_DONTNEED)`): otherwise a load
+/// keeps every page of the files it read resident until the mapping goes, and a model's peak
+/// RSS counts its files on top of its tensors. The data stays valid: a later read faults the
+/// pages back in from the file (the page cache).
+fn release_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions; madvise is given whole pages of a live mapping
+        // (`bytes` borrows it), read-only and file-backed, so dropping its pages loses nothing.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+            let start = bytes.as_ptr() as usize;
+            // only the pages wholly inside `bytes`: its neighbours' may be in use elsewhere
+            let first = start.div_ceil(page) * page;
+            let end = (start + bytes.len()) / page * page;
+            if end > first {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
 }
 
 fn random_tensor(seed: u64, key: &str, shape: &Shape, device: &Device) -> Result<Tensor> {
