@@ -69,7 +69,8 @@ fn merged_models_sample_what_base_plus_delta_samples() {
     let folder = tmp.path().join("merged");
     let file = tmp.path().join("merged.safetensors");
     let file2 = tmp.path().join("merged-from-single.safetensors");
-    for (model, out) in [(f, &folder), (f, &file), (s, &file2)] {
+    let folder2 = tmp.path().join("merged-folder-from-single");
+    for (model, out) in [(f, &folder), (f, &file), (s, &file2), (s, &folder2)] {
         let mut args = vec![
             "merge",
             "--model",
@@ -112,6 +113,23 @@ fn merged_models_sample_what_base_plus_delta_samples() {
         &tmp.path().join("c"),
     );
     assert_eq!(merged, with_delta);
+    // the folder written from the single file: the same images, and a folder diffusers' layout
+    let merged_from_single = sample(
+        &["--model", folder2.to_str().unwrap()],
+        &tmp.path().join("c2"),
+    );
+    assert_eq!(merged_from_single, with_delta);
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(folder2.join(f).is_file(), "{f}");
+    }
     let merged_single = sample(
         &["--model", file.to_str().unwrap(), "--model-config", f],
         &tmp.path().join("d"),
@@ -129,6 +147,8 @@ fn merged_models_sample_what_base_plus_delta_samples() {
         let got = unet_weights(&StableDiffusion::load(p.to_str().unwrap(), &opts).unwrap());
         assert!(got == want, "{}", p.display());
     }
+    let from_single = StableDiffusion::load(folder2.to_str().unwrap(), &LoadOptions::default());
+    assert!(unet_weights(&from_single.unwrap()) == want);
     // a preset has no files
     let o = atomtune(&[
         "merge",
@@ -176,7 +196,7 @@ fn text_weight(model: &str, opts: &LoadOptions, encoder: usize, layer: &str) -> 
 
 /// A community LoRA with text-encoder modules merges into each layout (it was refused): the
 /// merged models sample what base + LoRA samples, on SD 1.x (folder, single file from the folder
-/// and from a single file) and on SDXL, whose second encoder a single file holds in OpenCLIP's
+/// and from a single file, folder from a single file) and on SDXL, whose second encoder a single file holds in OpenCLIP's
 /// layout: its k projection goes into the middle rows of the fused `in_proj`.
 #[test]
 fn text_encoder_loras_merge_into_every_layout() {
@@ -223,9 +243,11 @@ fn text_encoder_loras_merge_into_every_layout() {
     merge(f, l, &folder, None);
     merge(f, l, &file, None);
     merge(s, l, &file2, Some(f));
+    let folder2 = tmp.path().join("sd1-folder-from-single");
+    merge(s, l, &folder2, Some(f));
     let with_lora = sample(&["--model", f, "--delta", l], &tmp.path().join("a"));
     assert_ne!(with_lora, sample(&["--model", f], &tmp.path().join("b")));
-    for (i, m) in [&folder, &file, &file2].into_iter().enumerate() {
+    for (i, m) in [&folder, &file, &file2, &folder2].into_iter().enumerate() {
         let m = m.to_str().unwrap();
         let mut args = vec!["--model", m];
         if m.ends_with(".safetensors") {

@@ -7,7 +7,9 @@
 //! folder -> folder, folder -> single file (SD 1.x's text encoder keeps transformers' layout
 //! inside the file; SD 2.x's and SDXL's second are written in OpenCLIP's, q, k, v fused into
 //! `in_proj`, as many layers as the diffusers encoder has), single file -> single file (any
-//! family: only adapted layers' keys change, a q, k or v projection as its rows of `in_proj`).
+//! family: only adapted layers' keys change, a q, k or v projection as its rows of `in_proj`),
+//! single file -> folder (its tensors as loading reads them under diffusers names, beside the
+//! configs of `--model-config` or the built-in ones with the CLIP tokenizer).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ pub enum MergeSource {
     Folder(PathBuf),
     /// A single-file checkpoint.
     SingleFile(PathBuf),
+    /// A single-file checkpoint read as a folder holds it (to write a folder).
+    SingleFileAsFolder(crate::single_file::AsFolder),
 }
 
 /// `tensors` to `path` as safetensors in `dtype`, through a temporary file renamed over it.
@@ -123,7 +127,7 @@ pub struct MergeOutput<'a> {
 }
 
 /// Writes `source` (its `variant` files, for a folder) with the deltas baked in.
-pub fn merge(source: &MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -> Result<()> {
+pub fn merge(source: MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -> Result<()> {
     let single_out = m.out.extension().is_some_and(|e| e == "safetensors");
     let layout = keys::UnetLayout {
         layers_per_block: m.unet.layers_per_block,
@@ -135,13 +139,15 @@ pub fn merge(source: &MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) -
             .collect(),
     };
     match (source, single_out) {
-        (MergeSource::Folder(dir), false) => folder_to_folder(dir, variant, m),
-        (MergeSource::Folder(dir), true) => folder_to_single(dir, variant, &layout, m),
-        (MergeSource::SingleFile(file), true) => single_to_single(file, &layout, m),
-        (MergeSource::SingleFile(_), false) => Err(Error::Input(
-            "a single-file model merges into a single file: give an --out ending in .safetensors"
-                .into(),
-        )),
+        (MergeSource::Folder(dir), false) => folder_to_folder(&dir, variant, m),
+        (MergeSource::Folder(dir), true) => folder_to_single(&dir, variant, &layout, m),
+        (MergeSource::SingleFile(file), true) => single_to_single(&file, &layout, m),
+        (MergeSource::SingleFileAsFolder(f), false) => single_to_folder(f, m),
+        (MergeSource::SingleFile(_), false) | (MergeSource::SingleFileAsFolder(_), true) => {
+            Err(Error::Input(
+                "a single file merges into a folder from its tensors as a folder holds them (StableDiffusion::load_single_file_as_folder), into a single file from its path".into(),
+            ))
+        }
     }
 }
 
@@ -267,6 +273,46 @@ fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> R
             _ => {}
         }
         save(t, &out.join(sub).join(format!("{stem}.safetensors")), dtype)?;
+    }
+    Ok(())
+}
+
+/// A single file's tensors, under diffusers names, and its configs and tokenizers as a diffusers
+/// folder.
+fn single_to_folder(f: crate::single_file::AsFolder, m: &MergeOutput<'_>) -> Result<()> {
+    if let Some(dir) = &f.config_dir {
+        copy_configs(dir, m.out)?;
+    }
+    for (rel, text) in &f.files {
+        let path = m.out.join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    for (sub, mut t) in f.tensors {
+        let stem = match sub {
+            "unet" => {
+                replace(&mut t, &m.baked.unet, |l| {
+                    Ok((format!("{l}.weight"), Take::Whole))
+                })?;
+                "diffusion_pytorch_model"
+            }
+            "text_encoder" => {
+                replace_text(&mut t, m.baked.text_encoder(0))?;
+                "model"
+            }
+            "text_encoder_2" => {
+                replace_text(&mut t, m.baked.text_encoder(1))?;
+                "model"
+            }
+            _ => "diffusion_pytorch_model",
+        };
+        save(
+            t,
+            &m.out.join(sub).join(format!("{stem}.safetensors")),
+            m.dtype,
+        )?;
     }
     Ok(())
 }

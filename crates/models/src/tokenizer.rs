@@ -48,6 +48,32 @@ fn token_text(v: &Value) -> Option<String> {
     }
 }
 
+/// CLIP's vocabulary and merges, built into the binary (`assets/clip-tokenizer`).
+const VOCAB: &str = include_str!("../../../assets/clip-tokenizer/vocab.json");
+const MERGES: &str = include_str!("../../../assets/clip-tokenizer/merges.txt");
+
+/// The files of a transformers `CLIPTokenizer` folder for the built-in tokenizer padding with
+/// `pad`: file name -> contents.
+pub(crate) fn builtin_files(pad: &str) -> Vec<(&'static str, String)> {
+    let special = serde_json::json!({
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": pad,
+        "unk_token": "<|endoftext|>",
+    });
+    let mut config = special.clone();
+    config["model_max_length"] = 77.into();
+    config["do_lower_case"] = true.into();
+    config["tokenizer_class"] = "CLIPTokenizer".into();
+    let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("a JSON value");
+    vec![
+        ("vocab.json", VOCAB.to_string()),
+        ("merges.txt", MERGES.to_string()),
+        ("special_tokens_map.json", json(&special)),
+        ("tokenizer_config.json", json(&config)),
+    ]
+}
+
 impl ClipTokenizer {
     /// Loads a diffusers `tokenizer/` folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -128,8 +154,6 @@ impl ClipTokenizer {
     /// (`assets/clip-tokenizer`), padding with `pad` (`<|endoftext|>` for OpenAI CLIP encoders,
     /// `!` for OpenCLIP ones): what a single-file checkpoint uses without a `--model-config`.
     pub fn builtin(pad: &str) -> Result<Self> {
-        const VOCAB: &str = include_str!("../../../assets/clip-tokenizer/vocab.json");
-        const MERGES: &str = include_str!("../../../assets/clip-tokenizer/merges.txt");
         let path = PathBuf::from("<built-in CLIP tokenizer>");
         let tok = Self::build_bpe(VOCAB, MERGES, true, &path)?;
         let id = |text: &str| {

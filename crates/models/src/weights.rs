@@ -68,7 +68,12 @@ struct Inner {
     bf16_weights: bool,
     device: Device,
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Where every tensor read is also put, by key ([`Weights::recording_into`]).
+    record: Option<Record>,
 }
+
+/// Tensors as read, by key (diffusers names for a single file).
+pub type Record = Arc<Mutex<std::collections::HashMap<String, Tensor>>>;
 
 /// A source of named tensors, at a key prefix.
 #[derive(Clone)]
@@ -134,6 +139,7 @@ impl Weights {
                 bf16_weights: false,
                 device: device.clone(),
                 used: Arc::default(),
+                record: None,
             }),
             prefix: String::new(),
         }
@@ -159,6 +165,14 @@ impl Weights {
             scope: scope.iter().map(|s| s.to_string()).collect(),
         };
         Self::new(source, dtype, device)
+    }
+
+    /// The same, also putting every tensor it reads into `record` under its key: the tensors of
+    /// a single file under diffusers names, as loading it reads them (to write it as a folder).
+    pub fn recording_into(&self, record: Record) -> Self {
+        let mut w = self.with(self.inner.dtype, self.inner.bf16_weights);
+        Arc::get_mut(&mut w.inner).expect("just made").record = Some(record);
+        w
     }
 
     /// The same tensors at the same prefix, read from files mapped for each read and unmapped
@@ -235,6 +249,7 @@ impl Weights {
                 bf16_weights,
                 device: self.inner.device.clone(),
                 used: self.inner.used.clone(),
+                record: self.inner.record.clone(),
             }),
             prefix: self.prefix.clone(),
         }
@@ -345,6 +360,14 @@ impl Weights {
 
     /// The tensor `prefix.name`, which must have `shape`.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let t = self.read(shape, name)?;
+        if let Some(r) = &self.inner.record {
+            r.lock().expect("lock").insert(self.key(name), t.clone());
+        }
+        Ok(t)
+    }
+
+    fn read(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let shape: Shape = shape.into();
         let key = self.key(name);
         let t = match &*self.inner.source {

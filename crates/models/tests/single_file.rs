@@ -121,7 +121,7 @@ fn an_sdxl_single_file_round_trips_through_merge_and_the_loader() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("xl.safetensors");
     merge(
-        &MergeSource::Folder(dir.clone()),
+        MergeSource::Folder(dir.clone()),
         None,
         &MergeOutput {
             family: folder.architecture,
@@ -184,7 +184,7 @@ fn an_sd2_single_file_round_trips_through_merge_and_the_loader() {
     assert_eq!(folder.architecture, Architecture::Sd2);
     let out = tmp.path().join("sd2.safetensors");
     merge(
-        &MergeSource::Folder(dir.clone()),
+        MergeSource::Folder(dir.clone()),
         None,
         &MergeOutput {
             family: folder.architecture,

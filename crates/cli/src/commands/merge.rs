@@ -46,8 +46,21 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
             }
         }
     }
-    let sd = StableDiffusion::load(&a.model.model, &opts)
-        .with_context(|| format!("loading --model {}", a.model.model))?;
+    let single_out = a.out.extension().is_some_and(|e| e == "safetensors");
+    let (sd, source) = match source {
+        // a folder from a single file: its tensors as a folder holds them, read by the load
+        MergeSource::SingleFile(p) if !single_out => {
+            let (sd, folder) =
+                StableDiffusion::load_single_file_as_folder(&p, &a.model.model, &opts)
+                    .with_context(|| format!("loading --model {}", a.model.model))?;
+            (sd, MergeSource::SingleFileAsFolder(folder))
+        }
+        source => {
+            let sd = StableDiffusion::load(&a.model.model, &opts)
+                .with_context(|| format!("loading --model {}", a.model.model))?;
+            (sd, source)
+        }
+    };
     for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
         eprintln!("warning: {w}");
     }
@@ -63,7 +76,7 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
     // the model is done with: its memory goes before the files are read again to be written
     drop(sd);
     merge(
-        &source,
+        source,
         a.model.variant.as_deref(),
         &MergeOutput {
             family,

@@ -11,8 +11,11 @@
 
 pub mod keys;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use candle_core::Tensor;
 
 use candle_core::safetensors::MmapedSafetensors;
 
@@ -21,7 +24,7 @@ use crate::config::{ClipConfig, UnetConfig, UpBlock, VaeConfig};
 use crate::pipeline::LoadOptions;
 use crate::presets::Preset;
 use crate::text::{TextEncoder, TextEncoders};
-use crate::weights::{KeyMap, Take, Weights};
+use crate::weights::{KeyMap, Record, Take, Weights};
 use crate::{ClipTextModel, ClipTokenizer, Error, Layers, Result, StableDiffusion, Unet, Vae};
 
 /// Whether `model` names a single-file checkpoint.
@@ -128,6 +131,93 @@ impl Configs {
     }
 }
 
+/// A single-file checkpoint as a diffusers folder holds it
+/// ([`StableDiffusion::load_single_file_as_folder`]).
+#[derive(Clone, Debug, Default)]
+pub struct AsFolder {
+    /// Each component's tensors (`unet`, `vae`, `text_encoder`, `text_encoder_2`) under
+    /// diffusers names.
+    pub tensors: BTreeMap<&'static str, HashMap<String, Tensor>>,
+    /// The folder with the configs and tokenizers used (`--model-config`), if any: its files
+    /// other than weights belong beside the tensors.
+    pub config_dir: Option<PathBuf>,
+    /// Files to write (over the config folder's): folder-relative path -> contents.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Where a single file's configs came from.
+enum ConfigSource {
+    Folder(PathBuf),
+    Builtin(Preset),
+}
+
+/// The files beside the tensors of a folder for configs `c`: the scheduler config as used
+/// (`--prediction-type` applied), and, for built-in configs, every config, the tokenizers
+/// and `model_index.json`.
+fn folder_files(
+    c: &Configs,
+    source: &ConfigSource,
+    family: Architecture,
+) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    files.insert(
+        "scheduler/scheduler_config.json".into(),
+        c.scheduler.1.clone(),
+    );
+    let ConfigSource::Builtin(preset) = source else {
+        return Ok(files);
+    };
+    let xl = family == Architecture::Sdxl;
+    files.insert("unet/config.json".into(), preset.unet_config().into());
+    files.insert("vae/config.json".into(), preset.vae_config().into());
+    files.insert(
+        "text_encoder/config.json".into(),
+        preset.text_encoder_config().into(),
+    );
+    if let Some(t) = preset.text_encoder_2_config() {
+        files.insert("text_encoder_2/config.json".into(), t.into());
+    }
+    let pad = |cfg: &ClipConfig| match cfg.hidden_act {
+        crate::config::ClipActivation::Gelu => "!",
+        crate::config::ClipActivation::QuickGelu => "<|endoftext|>",
+    };
+    let mut tokenizers = vec![("tokenizer", pad(&c.text))];
+    if let Some(t2) = &c.text_2 {
+        tokenizers.push(("tokenizer_2", pad(t2)));
+    }
+    for (dir, pad) in tokenizers {
+        for (name, text) in crate::tokenizer::builtin_files(pad) {
+            files.insert(format!("{dir}/{name}"), text);
+        }
+    }
+    let scheduler: serde_json::Value =
+        serde_json::from_str(&c.scheduler.1).map_err(|e| Error::Config {
+            path: c.scheduler.0.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+    let mut index = serde_json::json!({
+        "_class_name": if xl { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" },
+        "scheduler": ["diffusers", scheduler["_class_name"].as_str().unwrap_or("DDIMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    if xl {
+        index["text_encoder_2"] =
+            serde_json::json!(["transformers", "CLIPTextModelWithProjection"]);
+        index["tokenizer_2"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+        index["force_zeros_for_empty_prompt"] = serde_json::json!(c.force_zeros_for_empty_prompt);
+    } else {
+        index["requires_safety_checker"] = serde_json::json!(false);
+        index["safety_checker"] = serde_json::json!([null, null]);
+        index["feature_extractor"] = serde_json::json!([null, null]);
+    }
+    let text = serde_json::to_string_pretty(&index).expect("a JSON value");
+    files.insert("model_index.json".into(), text);
+    Ok(files)
+}
+
 /// The public configs for a family (SD 2.x: 2.1 at 768, v-prediction, or 2.1-base with
 /// epsilon).
 fn preset_for(family: Architecture, prediction: Option<&str>) -> Preset {
@@ -162,7 +252,28 @@ impl StableDiffusion {
     /// Loads a single-file checkpoint (see the module docs) with `opts.model_config` and
     /// `opts.prediction_type`; `id` names it in messages.
     pub fn load_single_file(path: &Path, id: &str, opts: &LoadOptions) -> Result<Self> {
-        Self::single_file(path, id, opts).map_err(|e| match (&opts.model_config, &e) {
+        Self::single_file(path, id, opts, None)
+    }
+
+    /// [`StableDiffusion::load_single_file`], with the checkpoint as a diffusers folder holds
+    /// it: each component's tensors under diffusers names, and the config and tokenizer files.
+    pub fn load_single_file_as_folder(
+        path: &Path,
+        id: &str,
+        opts: &LoadOptions,
+    ) -> Result<(Self, AsFolder)> {
+        let mut folder = AsFolder::default();
+        let sd = Self::single_file(path, id, opts, Some(&mut folder))?;
+        Ok((sd, folder))
+    }
+
+    fn single_file(
+        path: &Path,
+        id: &str,
+        opts: &LoadOptions,
+        folder: Option<&mut AsFolder>,
+    ) -> Result<Self> {
+        Self::read_single_file(path, id, opts, folder).map_err(|e| match (&opts.model_config, &e) {
             (None, Error::KeyShape { .. } | Error::MissingKey { .. }) => Error::Input(format!(
                 "{e}\nthe file does not fit the public configs of its family; name the configs it was made with: --model-config DIR|HUB_ID"
             )),
@@ -170,7 +281,12 @@ impl StableDiffusion {
         })
     }
 
-    fn single_file(path: &Path, id: &str, opts: &LoadOptions) -> Result<Self> {
+    fn read_single_file(
+        path: &Path,
+        id: &str,
+        opts: &LoadOptions,
+        folder: Option<&mut AsFolder>,
+    ) -> Result<Self> {
         // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
         // rewrites the file while it is open.
         let st = Arc::new(
@@ -180,23 +296,31 @@ impl StableDiffusion {
             })?,
         );
         let fam = family(&st, path)?;
-        let mut c = match &opts.model_config {
+        let (mut c, source) = match &opts.model_config {
             Some(cfg) => {
                 let dir = if Path::new(cfg).is_dir() {
                     PathBuf::from(cfg)
                 } else {
                     crate::hub::fetch_config(cfg, opts.revision.as_deref())?
                 };
-                Configs::from_folder(&dir)?
+                (Configs::from_folder(&dir)?, ConfigSource::Folder(dir))
             }
-            None => Configs::builtin(preset_for(fam, opts.prediction_type.as_deref()))?,
+            None => {
+                let preset = preset_for(fam, opts.prediction_type.as_deref());
+                (Configs::builtin(preset)?, ConfigSource::Builtin(preset))
+            }
         };
         if let Some(p) = &opts.prediction_type {
             c.scheduler.1 = with_prediction(&c.scheduler.0, &c.scheduler.1, p)?;
         }
+        let records: [Record; 4] = Default::default();
+        let recording = folder.is_some();
+        let files = recording
+            .then(|| folder_files(&c, &source, fam))
+            .transpose()?;
         let label = path.display().to_string();
-        let part = |m: KeyMap, scope: &[&str]| {
-            Weights::mapped(
+        let part = |m: KeyMap, scope: &[&str], component: usize| {
+            let w = Weights::mapped(
                 st.clone(),
                 path.to_path_buf(),
                 label.clone(),
@@ -205,7 +329,12 @@ impl StableDiffusion {
                 opts.dtype,
                 &opts.device,
             )
-            .with_bf16_weights(opts.bf16_weights)
+            .with_bf16_weights(opts.bf16_weights);
+            if recording {
+                w.recording_into(records[component].clone())
+            } else {
+                w
+            }
         };
 
         let layout = keys::UnetLayout {
@@ -225,6 +354,7 @@ impl StableDiffusion {
                 ))
             }),
             &[keys::UNET],
+            0,
         );
         let layers = Layers::new(id);
         let unet = Unet::new(&w, &c.unet, &layers)?;
@@ -234,6 +364,7 @@ impl StableDiffusion {
         let w = part(
             map(move |k| keys::vae(k, blocks).map(|(f, t)| (format!("{}{f}", keys::VAE), t))),
             &[keys::VAE],
+            1,
         );
         let vae = Vae::new(&w, &c.vae)?;
         w.check_all_used()?;
@@ -249,6 +380,7 @@ impl StableDiffusion {
                             .map(|(f, t)| (format!("cond_stage_model.model.{f}"), t))
                     }),
                     &[],
+                    2,
                 );
                 ClipTextModel::new(&w, &c.text, &te_layers("text_encoder"))?
             }
@@ -260,6 +392,7 @@ impl StableDiffusion {
                 let w = part(
                     map(move |k| Some((format!("{prefix}{k}"), Take::Whole))),
                     &[prefix],
+                    2,
                 );
                 let m = ClipTextModel::new(&w, &c.text, &te_layers("text_encoder"))?;
                 w.check_all_used()?;
@@ -275,6 +408,7 @@ impl StableDiffusion {
                             .map(|(f, t)| (format!("conditioner.embedders.1.model.{f}"), t))
                     }),
                     &[],
+                    3,
                 );
                 Some(TextEncoder {
                     tokenizer: Some(tok),
@@ -301,6 +435,19 @@ impl StableDiffusion {
             });
         }
         layers.set_architecture(architecture.name());
+        if let Some(folder) = folder {
+            let names = ["unet", "vae", "text_encoder", "text_encoder_2"];
+            for (name, r) in names.into_iter().zip(records) {
+                let tensors = std::mem::take(&mut *r.lock().expect("lock"));
+                if !tensors.is_empty() {
+                    folder.tensors.insert(name, tensors);
+                }
+            }
+            folder.files = files.unwrap_or_default();
+            if let ConfigSource::Folder(dir) = source {
+                folder.config_dir = Some(dir);
+            }
+        }
         Ok(StableDiffusion {
             id: id.to_string(),
             architecture,
@@ -310,5 +457,64 @@ impl StableDiffusion {
             vae,
             scheduler_config: c.scheduler,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in configs written as a folder read back as the same configs and tokenizers
+    /// (padding as the built-in ones do: SDXL's second with "!"), under a pipeline class of the
+    /// family, for SD 1.5 and SDXL.
+    #[test]
+    fn built_in_configs_written_as_a_folder_read_back_the_same() {
+        for (preset, family) in [
+            (Preset::Sd15, Architecture::Sd1),
+            (Preset::Sdxl, Architecture::Sdxl),
+        ] {
+            let c = Configs::builtin(preset).unwrap();
+            let files = folder_files(&c, &ConfigSource::Builtin(preset), family).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            for (rel, text) in &files {
+                let p = dir.path().join(rel);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, text).unwrap();
+            }
+            let back = Configs::from_folder(dir.path()).unwrap();
+            assert_eq!(back.unet, c.unet, "{preset}");
+            assert_eq!(back.vae, c.vae, "{preset}");
+            assert_eq!(back.text, c.text, "{preset}");
+            assert_eq!(back.text_2, c.text_2, "{preset}");
+            assert_eq!(back.scheduler.1, c.scheduler.1, "{preset}");
+            let prompt = "a photo of sks dog, Ünïcode & punctuation!";
+            let pairs = [
+                (Some(&back.tokenizers.0), Some(&c.tokenizers.0)),
+                (back.tokenizers.1.as_ref(), c.tokenizers.1.as_ref()),
+            ];
+            for (got, want) in pairs {
+                let (Some(got), Some(want)) = (got, want) else {
+                    assert!(got.is_none() && want.is_none(), "{preset}");
+                    continue;
+                };
+                let (g, w) = (
+                    got.encode(prompt, true).unwrap(),
+                    want.encode(prompt, true).unwrap(),
+                );
+                assert_eq!(g.ids, w.ids, "{preset}");
+            }
+            let index: serde_json::Value =
+                serde_json::from_str(&files["model_index.json"]).unwrap();
+            let class = if family == Architecture::Sdxl {
+                "StableDiffusionXLPipeline"
+            } else {
+                "StableDiffusionPipeline"
+            };
+            assert_eq!(index["_class_name"], class);
+            assert_eq!(
+                files.contains_key("tokenizer_2/vocab.json"),
+                family == Architecture::Sdxl
+            );
+        }
     }
 }
