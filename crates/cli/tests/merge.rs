@@ -149,6 +149,18 @@ fn merged_models_sample_what_base_plus_delta_samples() {
     }
     let from_single = StableDiffusion::load(folder2.to_str().unwrap(), &LoadOptions::default());
     assert!(unet_weights(&from_single.unwrap()) == want);
+    // the model's own folder as --out is refused before anything is written (the config copy
+    // truncated the source's files)
+    let own = tmp.path().join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    let index = std::fs::read(fx.join("model_index.json")).unwrap();
+    std::fs::write(own.join("model_index.json"), &index).unwrap();
+    let o = own.to_str().unwrap();
+    let out = atomtune(&["merge", "--model", o, "--delta", d, "--out", o]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("is the model itself"), "{e}");
+    assert_eq!(std::fs::read(own.join("model_index.json")).unwrap(), index);
     // a preset has no files
     let o = atomtune(&[
         "merge",

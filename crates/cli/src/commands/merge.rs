@@ -29,6 +29,15 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
             a.out.display()
         );
     }
+    if let ModelSpec::Local(dir) | ModelSpec::SingleFile(dir) = ModelSpec::parse(&a.model.model)? {
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        if same(&dir).is_some() && same(&dir) == same(&a.out) {
+            bail!(
+                "--out {} is the model itself: a merge reads it while writing, so write elsewhere",
+                a.out.display()
+            );
+        }
+    }
     let dtype = match a.model.dtype {
         DTypeArg::Auto | DTypeArg::F16 => DType::F16,
         DTypeArg::Bf16 => DType::BF16,
