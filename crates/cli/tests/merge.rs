@@ -177,13 +177,7 @@ fn merged_models_sample_what_base_plus_delta_samples() {
 
 /// Seeded values in [-0.5, 0.5) of `shape`.
 fn seeded(shape: &[usize], seed: u64) -> candle_core::Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| {
-            let x = (i as u64 + 7).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(31);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect();
+    let v = testutil::seeded_values(shape.iter().product(), seed);
     candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
 }
 

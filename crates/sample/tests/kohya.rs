@@ -10,13 +10,7 @@ use models::{LoadOptions, StableDiffusion};
 use sample::apply_deltas;
 
 fn seeded(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| {
-            let x = (i as u64 + 7).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(31);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect();
+    let v = testutil::seeded_values(shape.iter().product(), seed);
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 

@@ -7,10 +7,22 @@
 //! - [`data_path`]: small files committed under `tests/data/`;
 //! - [`unet_convs`]: the convolution weights of a diffusers `UNet2DConditionModel` with SD 1.x
 //!   block structure, listed from its config the way diffusers builds them;
-//! - [`peak_rss_gb`], [`status_gb`]: the process's memory, for the benchmark programs.
+//! - [`peak_rss_gb`], [`status_gb`]: the process's memory, for the benchmark programs;
+//! - [`seeded_values`]: numbers for tests that need some nobody chose.
 #![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
+
+/// `n` seeded values in [-0.5, 0.5), the same for the same seed: inputs and adapter files for
+/// tests that need numbers nobody chose.
+pub fn seeded_values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let x = (i + 7).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(31);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

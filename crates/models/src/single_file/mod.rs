@@ -101,11 +101,6 @@ impl Configs {
             &name("text_encoder/config.json"),
             preset.text_encoder_config(),
         )?;
-        // OpenCLIP encoders (SD 2.x's, SDXL's second) pad with "!", OpenAI CLIP's with the end.
-        let pad = |c: &ClipConfig| match c.hidden_act {
-            crate::config::ClipActivation::Gelu => "!",
-            crate::config::ClipActivation::QuickGelu => "<|endoftext|>",
-        };
         let text_2 = preset
             .text_encoder_2_config()
             .map(|t| ClipConfig::parse(&name("text_encoder_2/config.json"), t))
@@ -177,10 +172,6 @@ fn folder_files(
     if let Some(t) = preset.text_encoder_2_config() {
         files.insert("text_encoder_2/config.json".into(), t.into());
     }
-    let pad = |cfg: &ClipConfig| match cfg.hidden_act {
-        crate::config::ClipActivation::Gelu => "!",
-        crate::config::ClipActivation::QuickGelu => "<|endoftext|>",
-    };
     let mut tokenizers = vec![("tokenizer", pad(&c.text))];
     if let Some(t2) = &c.text_2 {
         tokenizers.push(("tokenizer_2", pad(t2)));
@@ -216,6 +207,15 @@ fn folder_files(
     let text = serde_json::to_string_pretty(&index).expect("a JSON value");
     files.insert("model_index.json".into(), text);
     Ok(files)
+}
+
+/// The pad token of an encoder's built-in tokenizer: OpenCLIP encoders (SD 2.x's, SDXL's
+/// second) pad with "!", OpenAI CLIP's with the end token.
+fn pad(c: &ClipConfig) -> &'static str {
+    match c.hidden_act {
+        crate::config::ClipActivation::Gelu => "!",
+        crate::config::ClipActivation::QuickGelu => "<|endoftext|>",
+    }
 }
 
 /// The public configs for a family (SD 2.x: 2.1 at 768, v-prediction, or 2.1-base with
