@@ -54,11 +54,29 @@ fn save(tensors: HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::Config {
+/// The tensors of `path`, each converted to `dtype` as it is read from the mapped file (whose
+/// pages are let go once copied): a component is held once, in the dtype it is written in,
+/// not as the file's bytes plus their tensors (candle's `safetensors::load` reads the whole
+/// file into memory first).
+fn load(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let invalid = |e: candle_core::Error| Error::Config {
         path: path.into(),
         reason: format!("not a valid safetensors file: {e}"),
-    })
+    };
+    // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
+    // rewrites the file while it is open.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(invalid)?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = st
+                .load(&name, &Device::Cpu)
+                .map_err(invalid)?
+                .to_dtype(dtype)?;
+            crate::weights::release_pages(view.data());
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// A component's weights in a folder: every `.safetensors` file of `dir/sub` (one file or
@@ -68,10 +86,11 @@ fn component(
     sub: &str,
     stem: &str,
     variant: Option<&str>,
+    dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in crate::pipeline::weight_files(&dir.join(sub), stem, variant)? {
-        all.extend(load(&f)?);
+        all.extend(load(&f, dtype)?);
     }
     Ok(all)
 }
@@ -152,7 +171,7 @@ pub fn merge(source: MergeSource, variant: Option<&str>, m: &MergeOutput<'_>) ->
 }
 
 fn single_to_single(file: &Path, layout: &keys::UnetLayout, m: &MergeOutput<'_>) -> Result<()> {
-    let mut t = load(file)?;
+    let mut t = load(file, m.dtype)?;
     replace(&mut t, &m.baked.unet, |layer| {
         let k = keys::unet(&format!("{layer}.weight"), layout).ok_or_else(|| {
             Error::Input(format!(
@@ -263,7 +282,7 @@ fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> R
         if !dir.join(sub).is_dir() {
             continue;
         }
-        let mut t = component(dir, sub, stem, variant)?;
+        let mut t = component(dir, sub, stem, variant, dtype)?;
         match sub {
             "unet" => replace(&mut t, &m.baked.unet, |l| {
                 Ok((format!("{l}.weight"), Take::Whole))
@@ -352,7 +371,7 @@ fn folder_to_single(
 ) -> Result<()> {
     let vae_cfg = crate::VaeConfig::read(&dir.join("vae/config.json"))?;
     let mut all = HashMap::new();
-    let mut unet = component(dir, "unet", "diffusion_pytorch_model", variant)?;
+    let mut unet = component(dir, "unet", "diffusion_pytorch_model", variant, m.dtype)?;
     replace(&mut unet, &m.baked.unet, |l| {
         Ok((format!("{l}.weight"), Take::Whole))
     })?;
@@ -363,7 +382,7 @@ fn folder_to_single(
         all.insert(format!("{}{ldm}", keys::UNET), t);
     }
     let blocks = vae_cfg.block_out_channels.len();
-    for (k, t) in component(dir, "vae", "diffusion_pytorch_model", variant)? {
+    for (k, t) in component(dir, "vae", "diffusion_pytorch_model", variant, m.dtype)? {
         let (ldm, take) = keys::vae(&k, blocks).ok_or_else(|| {
             Error::Input(format!("VAE tensor `{k}` has no single-file counterpart"))
         })?;
@@ -377,7 +396,7 @@ fn folder_to_single(
         all.insert(format!("{}{ldm}", keys::VAE), t);
     }
     let text = |i: usize, sub: &str| -> Result<HashMap<String, Tensor>> {
-        let mut t = with_text_model_prefix(component(dir, sub, "model", variant)?);
+        let mut t = with_text_model_prefix(component(dir, sub, "model", variant, m.dtype)?);
         replace_text(&mut t, m.baked.text_encoder(i))?;
         Ok(t)
     };

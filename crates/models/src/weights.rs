@@ -481,7 +481,7 @@ impl Weights {
 /// keeps every page of the files it read resident until the mapping goes, and a model's peak
 /// RSS counts its files on top of its tensors. The data stays valid: a later read faults the
 /// pages back in from the file (the page cache).
-fn release_pages(bytes: &[u8]) {
+pub(crate) fn release_pages(bytes: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions; madvise is given whole pages of a live mapping
