@@ -232,6 +232,29 @@ impl PredictionArg {
 }
 
 impl ModelArgs {
+    /// The flags that name this model (`--model` and, where given, its config, variant,
+    /// revision and prediction type) as a shell command line: what a printed hint repeats.
+    pub fn flags(&self) -> String {
+        let mut out = format!("--model {}", crate::format::shell_word(&self.model));
+        let named = [
+            ("--model-config", self.model_config.clone()),
+            ("--variant", self.variant.clone()),
+            ("--revision", self.revision.clone()),
+            (
+                "--prediction-type",
+                self.prediction_type
+                    .and_then(|p| clap::ValueEnum::to_possible_value(&p))
+                    .map(|v| v.get_name().to_string()),
+            ),
+        ];
+        for (flag, value) in named {
+            if let Some(v) = value {
+                out.push_str(&format!(" {flag} {}", crate::format::shell_word(&v)));
+            }
+        }
+        out
+    }
+
     /// How to load the model on `device` in `dtype`, every weight as stored (what `merge` and
     /// `export` write from).
     pub fn load_options(

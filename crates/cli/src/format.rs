@@ -28,6 +28,17 @@ pub fn bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
+/// `s` as one word of a POSIX shell command line: as it is when it is made of characters no
+/// shell treats specially, else in single quotes.
+pub fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-:@+=,%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +52,25 @@ mod tests {
         assert_eq!(bytes(100), "100 B");
         assert_eq!(bytes(3482), "3.4 KiB");
         assert_eq!(bytes(5 << 20), "5.0 MiB");
+    }
+
+    /// What the shell reads back from a word is the string itself.
+    #[cfg(unix)]
+    #[test]
+    fn shell_words_read_back_as_themselves() {
+        for s in [
+            "a photo of <sks> dog",
+            "it's \"quoted\" $HOME `x`",
+            "",
+            "plain/path-1.safetensors",
+            "tab\there",
+        ] {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf %s {}", shell_word(s))])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), s);
+        }
+        assert_eq!(shell_word("org/model-1.5"), "org/model-1.5");
     }
 }

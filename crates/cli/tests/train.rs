@@ -68,6 +68,28 @@ fn training_writes_a_small_delta_that_sample_can_use() {
     for f in ["delta.safetensors", "metrics.jsonl", "loss.png"] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
+    // the printed hint runs as it is in a shell (with small-image flags added)
+    let hint = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("atomtune "))
+        .unwrap();
+    let hinted = tmp.path().join("hinted");
+    let line = format!(
+        "'{}' {hint} --steps 1 --width 64 --height 64 --quiet --out '{}'",
+        env!("CARGO_BIN_EXE_atomtune"),
+        hinted.display()
+    );
+    let o = Command::new("sh")
+        .args(["-c", &line])
+        .env("ATOMTUNE_CPU_BF16", "0")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&hinted).unwrap().count(), 1);
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     // the run's options, then one line per step
     assert_eq!(metrics.lines().count(), 1 + 8);

@@ -12,7 +12,7 @@ use train::{AdamWConfig, Event, PriorConfig, TrainConfig, ValidationConfig};
 
 use crate::cli::{OptimizerArg, TrainArgs};
 use crate::device::{describe, device_and_dtype, precision};
-use crate::format::bytes;
+use crate::format::{bytes, shell_word};
 use crate::progress::Reporter;
 
 /// Default learning rates per method, chosen by the sweep in README.md ("Choosing the defaults").
@@ -226,13 +226,13 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "wrote {} ({}) after {} steps. Try it:\n  atomtune sample --model {} --delta {} --prompt \"{}\"",
+            "wrote {} ({}) after {} steps. Try it:\n  atomtune sample {} --delta {} --prompt {}",
             outcome.delta.display(),
             bytes(size),
             outcome.steps,
-            a.model.model,
-            outcome.delta.display(),
-            fill(&a.instance_prompt)
+            a.model.flags(),
+            shell_word(&outcome.delta.display().to_string()),
+            shell_word(&fill(&a.instance_prompt))
         );
     }
     Ok(ExitCode::SUCCESS)
