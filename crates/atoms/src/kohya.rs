@@ -58,7 +58,7 @@ pub struct AdapterFile {
 impl AdapterFile {
     /// Reads a file; keys outside `lora_*` modules are not counted.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::map(path)?;
         let bad = |e: String| Error::Safetensors(format!("{}: {e}", path.display()));
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;

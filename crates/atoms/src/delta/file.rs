@@ -36,8 +36,7 @@ impl Delta {
 
     /// Reads and checks the delta file at `path` (see [`Delta::from_bytes`]).
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&crate::io::map(path)?)
     }
 
     /// Parses a delta file and checks everything that needs no base: the format and version,
