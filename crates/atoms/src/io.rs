@@ -57,6 +57,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The bytes of the file at `path`, memory-mapped: a safetensors header is read without
+/// reading the tensors behind it (a 2 GB adapter file that is not a delta is told apart by
+/// its first page), and tensors are copied out of the mapping once, not from a copy of it.
+pub fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
+    // rewrites the file while it is open.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,14 +91,4 @@ mod tests {
         let e = write_atomic(&dir.path().join("missing/x.bin"), b"x").unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
     }
-}
-
-/// The bytes of the file at `path`, memory-mapped: a safetensors header is read without
-/// reading the tensors behind it (a 2 GB adapter file that is not a delta is told apart by
-/// its first page), and tensors are copied out of the mapping once, not from a copy of it.
-pub fn map(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
-    // rewrites the file while it is open.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
