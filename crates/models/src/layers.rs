@@ -226,28 +226,33 @@ impl Layers {
         Ok(())
     }
 
-    /// Every adapted layer's effective weight (base plus its adapters), computed now, in the
-    /// base weight's dtype: what a merged checkpoint stores.
+    /// Every adapted layer's effective weight (base plus its adapters), in the dtype of the
+    /// weight as loaded, from that weight (an f32 original where the layer keeps bf16): what a
+    /// merged checkpoint stores.
     pub fn effective_weights(&self) -> Result<BTreeMap<String, Tensor>> {
-        // a layer baked for inference has it already (a second copy took as much memory
-        // again as the adapted weights: 2.4 GB for SD 1.5's convs in `atomtune merge`)
-        let names: Vec<(String, Tensor, Option<Tensor>)> = {
+        // A layer baked for inference from the weight as loaded has it already (a second copy
+        // took as much memory again as the adapted weights: 2.4 GB for SD 1.5's convs in
+        // `atomtune merge`). One kept in bf16 starts again from its f32 original: exact.
+        let names: Vec<(String, Option<Tensor>)> = {
             let inner = self.inner.read().expect("lock");
             inner
                 .adapters
                 .keys()
                 .map(|n| {
-                    let baked = inner.baked.get(n).cloned();
-                    (n.clone(), inner.layers[n].weight.clone(), baked)
+                    let exact = inner.layers[n].original.is_none();
+                    let baked = inner.baked.get(n).filter(|_| exact).cloned();
+                    (n.clone(), baked)
                 })
                 .collect()
         };
         names
             .into_iter()
-            .map(|(name, base, baked)| {
+            .map(|(name, baked)| {
                 let w = match baked {
                     Some(w) => w,
-                    None => self.compute_weight(&name, &base)?.detach(),
+                    None => self
+                        .compute_weight(&name, &self.base_weight(&name)?)?
+                        .detach(),
                 };
                 Ok((name, w))
             })

@@ -230,6 +230,22 @@ pub fn apply_deltas(
     deltas: &[(AnyDelta, f64)],
     strict: bool,
 ) -> Result<Vec<String>> {
+    let warnings = attach_deltas(sd, deltas, strict)?;
+    sd.unet.layers().bake()?;
+    for enc in sd.text.iter() {
+        enc.model.layers().bake()?;
+    }
+    Ok(warnings)
+}
+
+/// [`apply_deltas`] without computing the effective weights for inference: what `merge` needs,
+/// which takes each adapted layer's exact effective weight once
+/// ([`models::Layers::effective_weights`]) and never runs the model.
+pub fn attach_deltas(
+    sd: &StableDiffusion,
+    deltas: &[(AnyDelta, f64)],
+    strict: bool,
+) -> Result<Vec<String>> {
     let layers = sd.unet.layers();
     let mut warnings = Vec::new();
     for (delta, weight) in deltas {
@@ -246,10 +262,6 @@ pub fn apply_deltas(
             }
             AnyDelta::Kohya(file) => warnings.extend(apply_kohya(sd, file, *weight)?),
         }
-    }
-    layers.bake()?;
-    for enc in sd.text.iter() {
-        enc.model.layers().bake()?;
     }
     Ok(warnings)
 }
@@ -316,10 +328,8 @@ fn apply_kohya(sd: &StableDiffusion, file: &AdapterFile, weight: f64) -> Result<
             unmatched.push(module.clone());
             continue;
         };
-        let base = layers
-            .get(layer)
-            .map(|l| l.weight)
-            .ok_or_else(|| Error::Request(format!("layer `{layer}` vanished")))?;
+        // the weight as stored (an f32 original, where the layer keeps bf16)
+        let base = layers.base_weight(layer)?;
         let adapter = file
             .adapter(module, &base)
             .map_err(|e| Error::Request(format!("adapter module `{module}` on `{layer}`: {e}")))?;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use models::merge::{merge, Baked, MergeOutput, MergeSource};
 use models::{ModelSpec, StableDiffusion};
-use sample::pipeline::apply_deltas;
+use sample::pipeline::attach_deltas;
 
 use crate::cli::{DeltaArg, MergeArgs};
 use crate::device::DTypeArg;
@@ -64,13 +64,20 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
                     .with_context(|| format!("loading --model {}", a.model.model))?;
             (sd, MergeSource::SingleFileAsFolder(folder))
         }
+        // The files are read again to be written: the model is only where the adapted layers'
+        // effective weights come from, which start from each f32 original. Its weights can
+        // stay in bf16 meanwhile (half the memory; it never runs).
         source => {
+            let opts = models::LoadOptions {
+                bf16_weights: true,
+                ..opts.clone()
+            };
             let sd = StableDiffusion::load(&a.model.model, &opts)
                 .with_context(|| format!("loading --model {}", a.model.model))?;
             (sd, source)
         }
     };
-    for w in apply_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
+    for w in attach_deltas(&sd, &deltas, a.strict).context("applying --delta")? {
         eprintln!("warning: {w}");
     }
     let baked = Baked {
