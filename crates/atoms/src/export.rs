@@ -96,6 +96,12 @@ impl Exported {
     pub fn to_bytes(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
         crate::io::safetensors_f32(self.tensors.iter().map(|(k, t)| (k.clone(), t)), metadata)
     }
+
+    /// The file [`Exported::to_bytes`] makes, written to `path` atomically and streamed from
+    /// the tensors (an exact diff of SD 1.5's convs is 2.4 GB); returns its size.
+    pub fn write(&self, path: &std::path::Path, metadata: HashMap<String, String>) -> Result<u64> {
+        crate::io::write_safetensors_f32(path, &self.tensors, metadata)
+    }
 }
 
 /// The kohya (`ss_*`) and SAI model-spec (`modelspec.*`) metadata A1111's and ComfyUI's lists

@@ -24,12 +24,15 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     }
     let path = &a.delta.resolve()?;
     let delta = Delta::read(path).with_context(|| format!("reading --delta {}", path.display()))?;
-    // The change is computed in f32 on the CPU: the export is exact up to f32.
-    let sd = StableDiffusion::load(
-        &a.model.model,
-        &a.model.load_options(DType::F32, Device::Cpu),
-    )
-    .with_context(|| format!("loading --model {}", a.model.model))?;
+    // The change is computed in f32 on the CPU from each adapted layer's weight as stored
+    // (read again from the file): exact up to f32. The model never runs, so the weights it
+    // keeps can be bf16 (half the memory).
+    let opts = models::LoadOptions {
+        bf16_weights: true,
+        ..a.model.load_options(DType::F32, Device::Cpu)
+    };
+    let sd = StableDiffusion::load(&a.model.model, &opts)
+        .with_context(|| format!("loading --model {}", a.model.model))?;
     let layers = sd.unet.layers();
     let fit = delta
         .check_base(layers, false)
@@ -39,9 +42,13 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     }
     let mut changes = Vec::new();
     for (name, adapter) in delta.adapters(layers)? {
-        let base = layers.get(&name).context("a layer of the delta")?.weight;
-        changes.push((name, adapter.delta_weight(&base, a.delta.weight)?));
+        let base = layers.base_weight(&name)?;
+        // detached: the change would otherwise hold its graph (W' and the base) alive
+        let dw = adapter.delta_weight(&base, a.delta.weight)?.detach();
+        changes.push((name, dw));
     }
+    // the changes are all that is needed of the model from here
+    drop(sd);
     let format = match a.format {
         ExportFormat::Diff => Format::Diff,
         ExportFormat::Locon => Format::Locon {
@@ -57,8 +64,8 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let meta = metadata(delta.meta(), &exported, format, &title);
-    let file = exported.to_bytes(meta)?;
-    atoms::io::write_atomic(&a.out, &file)
+    let size = exported
+        .write(&a.out, meta)
         .with_context(|| format!("writing --out {}", a.out.display()))?;
     if let Format::Locon { .. } = format {
         println!("{:<60} {:>5} {:>10}", "layer", "rank", "rel. error");
@@ -70,7 +77,7 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     println!(
         "wrote {} ({}, {} modules, {}; relative error overall {:.2e})",
         a.out.display(),
-        bytes(file.len() as u64),
+        bytes(size),
         exported.layers.len(),
         match a.format {
             ExportFormat::Diff => "exact diff",
