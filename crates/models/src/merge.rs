@@ -32,7 +32,7 @@ pub enum MergeSource {
     SingleFileAsFolder(crate::single_file::AsFolder),
 }
 
-/// `tensors` to `path` as safetensors in `dtype`, through a temporary file renamed over it.
+/// `tensors` to `path` as safetensors in `dtype`, written atomically ([`atoms::io::write_atomic_with`]).
 /// Each tensor is converted as the map is consumed, so the originals go as their copies come.
 fn save(tensors: HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<()> {
     let converted = tensors
@@ -41,17 +41,12 @@ fn save(tensors: HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<(
         .collect::<Result<HashMap<_, _>>>()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.atomtune-tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("merged")
-    ));
-    candle_core::safetensors::save(&converted, &tmp).map_err(|e| Error::Config {
-        path: path.into(),
-        reason: format!("could not write: {e}"),
+    atoms::io::write_atomic_with(path, |tmp| {
+        candle_core::safetensors::save(&converted, tmp).map_err(|e| {
+            atoms::Error::Safetensors(format!("{}: could not write: {e}", path.display()))
+        })
     })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    Ok(())
 }
 
 /// The tensors of `path`, each converted to `dtype` as it is read from the mapped file (whose
