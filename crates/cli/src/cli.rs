@@ -255,8 +255,7 @@ impl ModelArgs {
         out
     }
 
-    /// How to load the model on `device` in `dtype`, every weight as stored (what `merge` and
-    /// `export` write from).
+    /// How to load the model on `device` in `dtype`, every weight as stored.
     pub fn load_options(
         &self,
         dtype: candle_core::DType,
@@ -271,6 +270,17 @@ impl ModelArgs {
             model_config: self.model_config.clone(),
             prediction_type: self.prediction_type.map(|p| p.config_name().to_string()),
             bf16_weights: false,
+        }
+    }
+
+    /// How to load a model that never runs but whose adapted layers' weights are taken
+    /// (`merge`, `export`): f32 on the CPU, conv and linear weights kept in bf16 meanwhile (half
+    /// their memory); `models::Layers::base_weight` reads each one's f32 original again, so what
+    /// is computed from them is exact.
+    pub fn base_options(&self) -> models::LoadOptions {
+        models::LoadOptions {
+            bf16_weights: true,
+            ..self.load_options(candle_core::DType::F32, candle_core::Device::Cpu)
         }
     }
 

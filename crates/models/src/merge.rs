@@ -254,6 +254,23 @@ fn replace(
     Ok(())
 }
 
+/// Replaces the baked layers of diffusers component `sub` (`unet`, `text_encoder`,
+/// `text_encoder_2`; others have none) in its tensors, under diffusers names.
+fn replace_component(
+    tensors: &mut HashMap<String, Tensor>,
+    sub: &str,
+    baked: &Baked,
+) -> Result<()> {
+    match sub {
+        "unet" => replace(tensors, &baked.unet, |l| {
+            Ok((format!("{l}.weight"), Take::Whole))
+        }),
+        "text_encoder" => replace_text(tensors, baked.text_encoder(0)),
+        "text_encoder_2" => replace_text(tensors, baked.text_encoder(1)),
+        _ => Ok(()),
+    }
+}
+
 /// Replaces a text encoder's baked layers in its diffusers-folder tensors, whose keys may lack
 /// the `text_model.` prefix (transformers 5.6 and later).
 fn replace_text(
@@ -278,14 +295,7 @@ fn folder_to_folder(dir: &Path, variant: Option<&str>, m: &MergeOutput<'_>) -> R
             continue;
         }
         let mut t = component(dir, sub, stem, variant, dtype)?;
-        match sub {
-            "unet" => replace(&mut t, &m.baked.unet, |l| {
-                Ok((format!("{l}.weight"), Take::Whole))
-            })?,
-            "text_encoder" => replace_text(&mut t, m.baked.text_encoder(0))?,
-            "text_encoder_2" => replace_text(&mut t, m.baked.text_encoder(1))?,
-            _ => {}
-        }
+        replace_component(&mut t, sub, m.baked)?;
         save(t, &out.join(sub).join(format!("{stem}.safetensors")), dtype)?;
     }
     Ok(())
@@ -305,23 +315,11 @@ fn single_to_folder(f: crate::single_file::AsFolder, m: &MergeOutput<'_>) -> Res
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     }
     for (sub, mut t) in f.tensors {
-        let stem = match sub {
-            "unet" => {
-                replace(&mut t, &m.baked.unet, |l| {
-                    Ok((format!("{l}.weight"), Take::Whole))
-                })?;
-                "diffusion_pytorch_model"
-            }
-            "text_encoder" => {
-                replace_text(&mut t, m.baked.text_encoder(0))?;
-                "model"
-            }
-            "text_encoder_2" => {
-                replace_text(&mut t, m.baked.text_encoder(1))?;
-                "model"
-            }
-            _ => "diffusion_pytorch_model",
-        };
+        replace_component(&mut t, sub, m.baked)?;
+        let stem = COMPONENTS
+            .iter()
+            .find(|(c, _)| *c == sub)
+            .map_or("diffusion_pytorch_model", |(_, stem)| stem);
         save(
             t,
             &m.out.join(sub).join(format!("{stem}.safetensors")),
@@ -367,9 +365,7 @@ fn folder_to_single(
     let vae_cfg = crate::VaeConfig::read(&dir.join("vae/config.json"))?;
     let mut all = HashMap::new();
     let mut unet = component(dir, "unet", "diffusion_pytorch_model", variant, m.dtype)?;
-    replace(&mut unet, &m.baked.unet, |l| {
-        Ok((format!("{l}.weight"), Take::Whole))
-    })?;
+    replace_component(&mut unet, "unet", m.baked)?;
     for (k, t) in unet {
         let ldm = keys::unet(&k, layout).ok_or_else(|| {
             Error::Input(format!("UNet tensor `{k}` has no single-file counterpart"))
@@ -390,18 +386,18 @@ fn folder_to_single(
         };
         all.insert(format!("{}{ldm}", keys::VAE), t);
     }
-    let text = |i: usize, sub: &str| -> Result<HashMap<String, Tensor>> {
+    let text = |sub: &str| -> Result<HashMap<String, Tensor>> {
         let mut t = with_text_model_prefix(component(dir, sub, "model", variant, m.dtype)?);
-        replace_text(&mut t, m.baked.text_encoder(i))?;
+        replace_component(&mut t, sub, m.baked)?;
         Ok(t)
     };
-    let te = text(0, "text_encoder")?;
+    let te = text("text_encoder")?;
     match m.family {
         Architecture::Sd1 => prefixed(&mut all, te, keys::CLIP_SD1),
         Architecture::Sd2 => open_clip(&mut all, te, "cond_stage_model.model.")?,
         Architecture::Sdxl => {
             prefixed(&mut all, te, "conditioner.embedders.0.transformer.");
-            let te2 = text(1, "text_encoder_2")?;
+            let te2 = text("text_encoder_2")?;
             open_clip(&mut all, te2, "conditioner.embedders.1.model.")?;
         }
     }

@@ -345,8 +345,8 @@ impl Weights {
                         .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
                         .collect();
                     release_pages(view.data());
-                    self.inner.used.lock().expect("lock").insert(key);
-                    return Ok(Tensor::from_vec(v, shape, &self.inner.device)?);
+                    self.inner.used.lock().expect("lock").insert(key.clone());
+                    return Ok(self.recorded(key, Tensor::from_vec(v, shape, &self.inner.device)?));
                 }
             }
         }
@@ -361,10 +361,15 @@ impl Weights {
     /// The tensor `prefix.name`, which must have `shape`.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let t = self.read(shape, name)?;
+        Ok(self.recorded(self.key(name), t))
+    }
+
+    /// `t`, also put into the record under `key` when recording ([`Weights::recording_into`]).
+    fn recorded(&self, key: String, t: Tensor) -> Tensor {
         if let Some(r) = &self.inner.record {
-            r.lock().expect("lock").insert(self.key(name), t.clone());
+            r.lock().expect("lock").insert(key, t.clone());
         }
-        Ok(t)
+        t
     }
 
     fn read(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
@@ -485,11 +490,11 @@ pub(crate) fn release_pages(bytes: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions; madvise is given whole pages of a live mapping
-        // (`bytes` borrows it), read-only and file-backed, so dropping its pages loses nothing.
+        // (`bytes` borrows it), read-only and file-backed, so dropping its pages loses nothing:
+        // a later read faults them in again. Pages only partly inside `bytes` are left alone.
         unsafe {
             let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
             let start = bytes.as_ptr() as usize;
-            // only the pages wholly inside `bytes`: its neighbours' may be in use elsewhere
             let first = start.div_ceil(page) * page;
             let end = (start + bytes.len()) / page * page;
             if end > first {

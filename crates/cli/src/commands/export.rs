@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use atoms::export::{export, metadata, Format};
 use atoms::{Adapter, Delta};
-use candle_core::{DType, Device};
 use models::StableDiffusion;
 
 use crate::cli::{ExportArgs, ExportFormat};
@@ -24,14 +23,9 @@ pub fn run(a: &ExportArgs) -> Result<ExitCode> {
     }
     let path = &a.delta.resolve()?;
     let delta = Delta::read(path).with_context(|| format!("reading --delta {}", path.display()))?;
-    // The change is computed in f32 on the CPU from each adapted layer's weight as stored
-    // (read again from the file): exact up to f32. The model never runs, so the weights it
-    // keeps can be bf16 (half the memory).
-    let opts = models::LoadOptions {
-        bf16_weights: true,
-        ..a.model.load_options(DType::F32, Device::Cpu)
-    };
-    let sd = StableDiffusion::load(&a.model.model, &opts)
+    // The change is computed in f32 on the CPU from each adapted layer's weight as stored:
+    // exact up to f32.
+    let sd = StableDiffusion::load(&a.model.model, &a.model.base_options())
         .with_context(|| format!("loading --model {}", a.model.model))?;
     let layers = sd.unet.layers();
     let fit = delta

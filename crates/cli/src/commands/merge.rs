@@ -65,14 +65,9 @@ pub fn run(a: &MergeArgs) -> Result<ExitCode> {
             (sd, MergeSource::SingleFileAsFolder(folder))
         }
         // The files are read again to be written: the model is only where the adapted layers'
-        // effective weights come from, which start from each f32 original. Its weights can
-        // stay in bf16 meanwhile (half the memory; it never runs).
+        // effective weights come from.
         source => {
-            let opts = models::LoadOptions {
-                bf16_weights: true,
-                ..opts.clone()
-            };
-            let sd = StableDiffusion::load(&a.model.model, &opts)
+            let sd = StableDiffusion::load(&a.model.model, &a.model.base_options())
                 .with_context(|| format!("loading --model {}", a.model.model))?;
             (sd, source)
         }
