@@ -1,5 +1,7 @@
 //! The fused CPU linear layer: one gemm that reads `W` transposed in place, forward, and in the
-//! backward `dy W` for a tracked input and `dy^T x` for a tracked weight.
+//! backward `dy W` for a tracked input and `dy^T x` for a tracked weight, each one gemm that
+//! reads its operands in place (so a bf16 weight reaches the bf16 kernel unwidened by candle,
+//! and no transposed copy is made).
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
@@ -72,6 +74,75 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        super::grads(x, w, dy)
+        let dy = dy.detach().contiguous()?;
+        let dx = x
+            .track_op()
+            .then(|| {
+                w.detach()
+                    .apply_op2_no_bwd(&dy, &Grad::Input)?
+                    .reshape(x.dims())
+            })
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| {
+                x.detach()
+                    .contiguous()?
+                    .apply_op2_no_bwd(&dy, &Grad::Weight)
+            })
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// A gradient of the layer as an op on `(w, dy)` (`dx = dy W`, `[m, din]`) or `(x, dy)`
+/// (`dW = dy^T x`, `[dout, din]`).
+enum Grad {
+    Input,
+    Weight,
+}
+
+/// `dy b` (`[m, n]` from `dy [m, k]`, `b [k, n]`) or, when `dy_t`, `dy^T b` (`dy [k, m]`).
+fn gradient<T: Float>(dy: &[T], b: &[T], (m, n, k): (usize, usize, usize), dy_t: bool) -> Vec<T> {
+    let mut g = vec![T::zero(); m * n];
+    // SAFETY: the shapes are the op's: dy and b hold the matrices, g holds m x n.
+    unsafe { dense(&mut g, dy, b, (m, n, k), dy_t, false, false) };
+    g
+}
+
+impl CustomOp2 for Grad {
+    fn name(&self) -> &'static str {
+        match self {
+            Grad::Input => "atomtune-linear-input-grad",
+            Grad::Weight => "atomtune-linear-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dout = *l2.dims().last().expect("dy has the output's rank");
+        let m = l2.shape().elem_count() / dout.max(1);
+        let din = match self {
+            Grad::Input => l1.dims()[1],
+            Grad::Weight => *l1.dims().last().expect("x has a rank"),
+        };
+        // the gradient's dtype is dy's: the weight may be a bf16 weight beside f32 activations
+        let g = float_op!(s2.dtype(), "atomtune-linear backward", |F| {
+            let dy = slices::<F>(s2, l2)?;
+            match self {
+                Grad::Input => gradient(dy, &weights::<F>(s1, l1)?, (m, din, dout), false),
+                Grad::Weight => gradient(dy, slices::<F>(s1, l1)?, (dout, din, m), true),
+            }
+        });
+        let shape = match self {
+            Grad::Input => Shape::from((m, din)),
+            Grad::Weight => Shape::from((dout, din)),
+        };
+        Ok((g, shape))
     }
 }
