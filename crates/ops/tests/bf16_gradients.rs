@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 fn wave(n: usize, s: f64, phase: f64) -> Vec<f32> {
     (0..n)
         .map(|i| {
-            (s * ((i as f64) * 0.7071 + phase).sin() * (1.0 + 0.3 * (i as f64 * 0.13).cos())) as f32
+            (s * ((i as f64) * 0.7 + phase).sin() * (1.0 + 0.3 * (i as f64 * 0.13).cos())) as f32
         })
         .collect()
 }
