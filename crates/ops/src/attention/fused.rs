@@ -290,7 +290,7 @@ impl FusedAttention {
                     gemm(Dst::dense(p), qc, kh.t(), scale, false);
                     T::exp_rows_shifted(p, m, &row_lse[s..s + c]);
                     // dV += P^T G
-                    gemm(dvh, Mat::new(p, c, m).t(), gc, T::one(), true);
+                    gemm(dvh, Mat::new(&*p, c, m).t(), gc, T::one(), true);
                     // dP = G V^T, then dS = scale P (dP - rowsum(G O))
                     gemm(Dst::dense(ds), gc, vh.t(), T::one(), false);
                 }
@@ -311,8 +311,8 @@ impl FusedAttention {
                         ptr: dq.add(dm.at(bh, n, s, d)),
                         rs: h * d,
                     };
-                    gemm(dqc, Mat::new(ds, c, m), kh, T::one(), false);
-                    gemm(dkh, Mat::new(ds, c, m).t(), qc, T::one(), true);
+                    gemm(dqc, Mat::new(&*ds, c, m), kh, T::one(), false);
+                    gemm(dkh, Mat::new(&*ds, c, m).t(), qc, T::one(), true);
                 }
             }
         });

@@ -13,7 +13,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape,
 use rayon::prelude::*;
 
 use super::ConvConfig;
-use crate::cpu::matmul::dense;
+use crate::cpu::matmul::{dense, Data};
 use crate::cpu::{float_op, slices, task_len, weights, Float};
 use crate::Result;
 
@@ -210,7 +210,7 @@ impl Conv {
 
     pub(super) fn forward<T: Float>(
         x: &[T],
-        w: &[T],
+        w: Data<'_, T>,
         bias: Option<&[T]>,
         b: usize,
         g: &Geo,
@@ -221,7 +221,7 @@ impl Conv {
     /// [`Conv::forward`] with im2col matrices of at most `budget` bytes (but one output row).
     fn forward_in_bands<T: Float>(
         x: &[T],
-        w: &[T],
+        w: Data<'_, T>,
         bias: Option<&[T]>,
         b: usize,
         g: &Geo,
@@ -341,7 +341,7 @@ impl CustomOp2 for Conv {
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
             Self::forward(
                 slices::<F>(s1, l1)?,
-                &weights::<F>(s2, l2)?,
+                weights::<F>(s2, l2)?,
                 bias.as_deref(),
                 b,
                 &g,
@@ -386,7 +386,7 @@ pub(super) struct InputGrad {
 }
 
 impl Conv {
-    fn input_grad<T: Float>(w: &[T], dy: &[T], b: usize, g: &Geo) -> Vec<T> {
+    fn input_grad<T: Float>(w: Data<'_, T>, dy: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k, plane) = (g.npix(), g.k(), g.h * g.w);
         let mut dx = vec![T::zero(); b * g.c * plane];
         let mut dcols = if g.is_pointwise() {
@@ -428,7 +428,7 @@ impl candle_core::CustomOp2 for InputGrad {
         let b = l2.dims()[0];
         // the gradient's dtype: the kernel may be a bf16 weight beside f32 activations
         let dx = float_op!(s2.dtype(), "atomtune-conv2d backward", |F| {
-            Conv::input_grad(&weights::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)
+            Conv::input_grad(weights::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)
         });
         let g = &self.geo;
         Ok((dx, Shape::from((b, g.c, g.h, g.w))))
@@ -488,11 +488,11 @@ mod tests {
             let cfg = ConvConfig { stride, padding: 1 };
             let g = Geo::new(&[b, c, h, w], &[o, c, 3, 3], cfg).unwrap();
             for bias in [None, Some(bias.as_slice())] {
-                let whole = Conv::forward_in_bands(&x, &wt, bias, b, &g, usize::MAX);
+                let whole = Conv::forward_in_bands(&x, (&wt).into(), bias, b, &g, usize::MAX);
                 let row = g.k() * g.wo * 4;
                 for budget in [1, 3 * row, (g.ho - 1) * row] {
                     assert!(g.band_rows(4, budget) < g.ho);
-                    let banded = Conv::forward_in_bands(&x, &wt, bias, b, &g, budget);
+                    let banded = Conv::forward_in_bands(&x, (&wt).into(), bias, b, &g, budget);
                     let diff = whole
                         .iter()
                         .zip(&banded)

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
 use super::{ConvConfig, FilterTransform};
-use crate::cpu::matmul::{dense, dense_serial};
+use crate::cpu::matmul::{dense, dense_serial, Data};
 use crate::cpu::{float_op, slices, task_len, weights, Float};
 use crate::Result;
 
@@ -133,7 +133,7 @@ impl TransformedConv {
     }
 
     fn forward<T: Float>(
-        (x, w, t): (&[T], &[T], &[T]),
+        (x, w, t): (&[T], Data<'_, T>, &[T]),
         bias: Option<&[T]>,
         b: usize,
         g: &Geo,
@@ -143,7 +143,8 @@ impl TransformedConv {
         if g.o < npix {
             // Fewer numbers in the kernel than in the columns: transform the kernel (a
             // temporary, not kept for the backward) and run the plain conv.
-            return Conv::forward(x, &transform_weight(w, t, g), bias, b, g);
+            let w = transform_weight(&w.widened(), t, g);
+            return Conv::forward(x, Data::Plain(&w), bias, b, g);
         }
         let mut y = output(bias, b, g.o, npix);
         let mut cols = vec![T::zero(); k * npix];
@@ -171,7 +172,7 @@ impl TransformedConv {
     /// `dL/dT` and, when `want_dx`, `dL/dx`, packed as `[dx (b c h w), dT]` in one buffer.
     fn backward<T: Float>(
         x: &[T],
-        w: &[T],
+        w: Data<'_, T>,
         t: &[T],
         dy: &[T],
         b: usize,
@@ -255,7 +256,7 @@ impl CustomOp3 for TransformedConv {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
             let (x, w) = (slices::<F>(s1, l1)?, weights::<F>(s2, l2)?);
-            Self::forward((x, &w, &t), bias.as_deref(), b, &g)
+            Self::forward((x, w, &t), bias.as_deref(), b, &g)
         });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
@@ -356,7 +357,7 @@ impl CustomOp3 for TransformedConvGrad {
         let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {
             TransformedConv::backward(
                 slices::<F>(s1, l1)?,
-                &weights::<F>(s2, l2)?,
+                weights::<F>(s2, l2)?,
                 &t.to_vec1::<F>()?,
                 slices::<F>(s3, l3)?,
                 b,

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::matmul::{Dst, Mat};
+use super::matmul::{Data, Dst, Mat};
 
 /// Rows of the micro-kernel's block.
 pub(crate) const MR: usize = 12;
@@ -128,11 +128,74 @@ fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
+/// What [`pack`] reads: f32 numbers, rounded to bf16 as they are packed, or bf16 numbers (a
+/// weight kept in bf16), packed as they are.
+trait Packed: Copy + Send + Sync {
+    const ZERO: Self;
+
+    /// `lo` and `hi` as one pair word.
+    fn pair(lo: Self, hi: Self) -> u32;
+
+    /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has AVX512F and AVX512BW).
+    fn pairs16(run: &[Self; 32], out: &mut [u32; 16], simd: bool);
+}
+
+impl Packed for f32 {
+    const ZERO: f32 = 0.0;
+
+    #[inline(always)]
+    fn pair(lo: f32, hi: f32) -> u32 {
+        pair(lo, hi)
+    }
+
+    #[inline(always)]
+    fn pairs16(run: &[f32; 32], out: &mut [u32; 16], simd: bool) {
+        if simd {
+            // SAFETY: `simd` says the CPU has the instructions.
+            unsafe { pairs16(run, out) }
+        } else {
+            for (o, two) in out.iter_mut().zip(run.chunks_exact(2)) {
+                *o = pair(two[0], two[1]);
+            }
+        }
+    }
+}
+
+impl Packed for half::bf16 {
+    const ZERO: half::bf16 = half::bf16::ZERO;
+
+    #[inline(always)]
+    fn pair(lo: half::bf16, hi: half::bf16) -> u32 {
+        (hi.to_bits() as u32) << 16 | lo.to_bits() as u32
+    }
+
+    #[inline(always)]
+    fn pairs16(run: &[half::bf16; 32], out: &mut [u32; 16], _: bool) {
+        // a run of bf16 numbers is its pair words already (little-endian: `lo` first)
+        for (o, two) in out.iter_mut().zip(run.chunks_exact(2)) {
+            *o = Self::pair(two[0], two[1]);
+        }
+    }
+}
+
 /// A seen `rows x cols` matrix packed in panels of `w` rows as pair words: panel `p`, pair `q`
 /// of columns, row `r` of the panel at `(p * cp + q) * w + r` (`cp`: column pairs, rounded up),
 /// zero past the matrix. Panels are packed in parallel; rows or columns adjacent in memory are
 /// read along their run.
-fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
+fn pack(m: &Mat<'_, f32>, w: usize, out: Vec<u32>) -> (Vec<u32>, usize) {
+    match m.data {
+        Data::Plain(d) => pack_from(d, m, w, out),
+        Data::Bf16(d) => pack_from(d, m, w, out),
+    }
+}
+
+/// [`pack`] of `m`, whose numbers are `d`.
+fn pack_from<S: Packed>(
+    d: &[S],
+    m: &Mat<'_, f32>,
+    w: usize,
+    mut out: Vec<u32>,
+) -> (Vec<u32>, usize) {
     debug_assert!(w <= 32);
     use rayon::prelude::*;
     let (rows, cols) = m.shape();
@@ -151,7 +214,6 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
             out[(p * cp + q) * w + r_end..(p * cp + q + 1) * w].fill(0);
         }
     }
-    let d = m.data;
     let parallel = rows * cols >= 1 << 16;
     if rs == 1 {
         // Rows adjacent: each pair of columns is two runs of `rows` numbers, read straight
@@ -171,12 +233,12 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
                 match hi {
                     Some(hi) => {
                         for ((o, &l), &h) in o.iter_mut().zip(&lo[r0..]).zip(&hi[r0..]) {
-                            *o = pair(l, h);
+                            *o = S::pair(l, h);
                         }
                     }
                     None => {
                         for (o, &l) in o.iter_mut().zip(&lo[r0..]) {
-                            *o = pair(l, 0.0);
+                            *o = S::pair(l, S::ZERO);
                         }
                     }
                 }
@@ -204,17 +266,16 @@ fn pack(m: &Mat<'_, f32>, w: usize, mut out: Vec<u32>) -> (Vec<u32>, usize) {
                 for (r, words) in tile.iter_mut().enumerate().take(r_end) {
                     let start = (r0 + r) * rs + 2 * q0;
                     let run = &d[start..start + (2 * tq).min(cols - 2 * q0)];
-                    if let (true, Ok(run)) = (simd, <&[f32; 2 * T]>::try_from(run)) {
-                        // SAFETY: `simd` says the CPU has the instructions.
-                        unsafe { pairs16(run, words) };
+                    if let Ok(run) = <&[S; 2 * T]>::try_from(run) {
+                        S::pairs16(run, words, simd);
                         continue;
                     }
                     let mut pairs = run.chunks_exact(2);
                     for (o, two) in words.iter_mut().zip(pairs.by_ref()) {
-                        *o = pair(two[0], two[1]);
+                        *o = S::pair(two[0], two[1]);
                     }
                     if let [last] = pairs.remainder() {
-                        words[tq - 1] = pair(*last, 0.0);
+                        words[tq - 1] = S::pair(*last, S::ZERO);
                     }
                 }
                 for q in 0..tq {
@@ -569,6 +630,27 @@ mod tests {
         }
     }
 
+    /// bf16 numbers pack into the words their f32 values round to, along rows and columns.
+    #[test]
+    fn bf16_numbers_pack_as_their_f32_values() {
+        for &(rows, cols, w) in &[(13, 7, MR), (33, 5, NR), (70, 601, NR), (300, 64, MR)] {
+            let h: Vec<half::bf16> = wave(rows * cols, 0.3)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect();
+            let v: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+            for t in [false, true] {
+                let view = |d| match t {
+                    false => Mat::new(d, rows, cols),
+                    true => Mat::new(d, cols, rows).t(),
+                };
+                let want = pack(&view(Data::Plain(&v)), w, Vec::new());
+                let got = pack(&view(Data::Bf16(&h)), w, Vec::new());
+                assert_eq!(got, want, "{rows}x{cols} transposed {t}");
+            }
+        }
+    }
+
     /// Against an f64 product of the same bf16-rounded operands: exact up to f32 sums, so
     /// within a few f32 roundings of `sum |a||b|` per element; shapes with edges in every
     /// dimension, transposed reads, strided rows, accumulation and scale, one and two tasks.
@@ -587,18 +669,34 @@ mod tests {
             // large enough to pack in parallel, several row blocks and k blocks
             (400, 70, 601),
         ] {
-            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
-                let av = wave(m * k, 0.37);
-                let bv = wave(k * n, 0.11);
+            let orders = [(false, false), (true, false), (false, true), (true, true)];
+            // either operand may hold bf16 numbers (a weight kept in bf16): packed as they are
+            for ((a_t, b_t), bf16_operand) in orders.into_iter().zip([None, Some(0), Some(1), None])
+            {
+                let (av, bv) = (wave(m * k, 0.37), wave(k * n, 0.11));
+                let round = |v: &[f32]| -> Vec<half::bf16> {
+                    v.iter()
+                        .map(|&x| half::bf16::from_bits(to_bf16(x)))
+                        .collect()
+                };
+                let (ah, bh) = (round(&av), round(&bv));
+                let data = |which, v, h| -> Data<'_, f32> {
+                    if bf16_operand == Some(which) {
+                        Data::Bf16(h)
+                    } else {
+                        Data::Plain(v)
+                    }
+                };
+                let (ad, bd) = (data(0, &av, &ah), data(1, &bv, &bh));
                 let a = if a_t {
-                    Mat::new(&av, k, m).t()
+                    Mat::new(ad, k, m).t()
                 } else {
-                    Mat::new(&av, m, k)
+                    Mat::new(ad, m, k)
                 };
                 let b = if b_t {
-                    Mat::new(&bv, n, k).t()
+                    Mat::new(bd, n, k).t()
                 } else {
-                    Mat::new(&bv, k, n)
+                    Mat::new(bd, k, n)
                 };
                 let rs = n + 3;
                 let prior = wave(m * rs, 0.05);
@@ -630,7 +728,8 @@ mod tests {
                                 * (k as f64).log2().max(1.0);
                             assert!(
                                 (got - want).abs() <= tol,
-                                "{m}x{n}x{k} a_t {a_t} b_t {b_t}: [{i},{j}] {got} vs {want}"
+                                "{m}x{n}x{k} a_t {a_t} b_t {b_t} bf16 {bf16_operand:?}: \
+                                 [{i},{j}] {got} vs {want}"
                             );
                         }
                         for j in n..rs {

@@ -1,15 +1,107 @@
 //! Matrix products on the `gemm` crate over views of slices: [`Mat`] (dense or with strided
 //! rows, read transposed or not) into a [`Dst`], the one place the workspace calls `gemm::gemm`;
 //! [`dense`] and [`dense_serial`] for the common case of dense row-major matrices.
+//!
+//! An operand's numbers ([`Data`]) are the kernel's type or bf16 (a frozen weight kept in bf16
+//! beside f32 activations): the bf16 kernel packs bf16 numbers as they are; the `gemm` crate
+//! gets them widened, one operand at a time, into a buffer the thread reuses.
+
+use std::borrow::Cow;
+
+use half::bf16;
 
 use super::Float;
+
+/// The numbers an operand reads: of the kernel's type `T`, or bf16.
+#[derive(Clone, Copy)]
+pub(crate) enum Data<'a, T> {
+    /// Numbers of the kernel's type.
+    Plain(&'a [T]),
+    /// bf16 numbers (a weight kept in bf16), exact in `T`.
+    Bf16(&'a [bf16]),
+}
+
+impl<'a, T> From<&'a [T]> for Data<'a, T> {
+    fn from(x: &'a [T]) -> Self {
+        Data::Plain(x)
+    }
+}
+
+impl<'a, T> From<&'a Vec<T>> for Data<'a, T> {
+    fn from(x: &'a Vec<T>) -> Self {
+        Data::Plain(x)
+    }
+}
+
+impl<'a, T> From<&'a mut Vec<T>> for Data<'a, T> {
+    fn from(x: &'a mut Vec<T>) -> Self {
+        Data::Plain(x)
+    }
+}
+
+impl<'a, T: Float> Data<'a, T> {
+    /// How many numbers.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Data::Plain(x) => x.len(),
+            Data::Bf16(x) => x.len(),
+        }
+    }
+
+    /// The numbers `s..` of it.
+    fn skip(self, s: usize) -> Self {
+        match self {
+            Data::Plain(x) => Data::Plain(&x[s..]),
+            Data::Bf16(x) => Data::Bf16(&x[s..]),
+        }
+    }
+
+    /// The numbers as `T`: borrowed, or widened from bf16 (in parallel) into the thread's
+    /// reused buffer, which goes back when the result drops.
+    pub(crate) fn widened(self) -> Widened<'a, T> {
+        use rayon::prelude::*;
+        let all = match self {
+            Data::Plain(x) => return Widened(Cow::Borrowed(x)),
+            Data::Bf16(all) => all,
+        };
+        let mut out = T::take_buffer();
+        // every number is written below: only a grown part needs initialising
+        if out.len() < all.len() {
+            out.resize(all.len(), T::zero());
+        }
+        out.truncate(all.len());
+        out.par_chunks_mut(1 << 14)
+            .zip(all.par_chunks(1 << 14))
+            .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = T::from_bf16(v)));
+        Widened(Cow::Owned(out))
+    }
+}
+
+/// [`Data::widened`]'s numbers: borrowed, or in the thread's buffer until dropped.
+pub(crate) struct Widened<'a, T: Float>(Cow<'a, [T]>);
+
+impl<T: Float> std::ops::Deref for Widened<'_, T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T: Float> Drop for Widened<'_, T> {
+    fn drop(&mut self) {
+        if let Cow::Owned(v) = std::mem::take(&mut self.0) {
+            T::put_buffer(v);
+        }
+    }
+}
 
 /// A matrix view for [`gemm`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
 /// (attention's heads sit side by side in a row, so a head's rows are strided), read transposed
 /// or not.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a, T> {
-    pub(crate) data: &'a [T],
+    pub(crate) data: Data<'a, T>,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) rs: usize,
@@ -18,14 +110,19 @@ pub(crate) struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     /// A dense `rows x cols` matrix.
-    pub(crate) fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+    pub(crate) fn new(data: impl Into<Data<'a, T>>, rows: usize, cols: usize) -> Self {
         Self::strided(data, rows, cols, cols)
     }
 
     /// `rows x cols` with rows `rs` apart.
-    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, rs: usize) -> Self {
+    pub(crate) fn strided(
+        data: impl Into<Data<'a, T>>,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+    ) -> Self {
         Mat {
-            data,
+            data: data.into(),
             rows,
             cols,
             rs,
@@ -61,15 +158,18 @@ impl<'a, T> Mat<'a, T> {
         let (_, _, cs, rs) = self.view();
         (cs as usize, rs as usize)
     }
+}
 
+impl<'a, T: Float> Mat<'a, T> {
     /// Element `(i, j)` as seen.
     #[cfg(test)]
-    pub(crate) fn at(&self, i: usize, j: usize) -> T
-    where
-        T: Copy,
-    {
+    pub(crate) fn at(&self, i: usize, j: usize) -> T {
         let (_, _, cs, rs) = self.view();
-        self.data[i * rs as usize + j * cs as usize]
+        let at = i * rs as usize + j * cs as usize;
+        match self.data {
+            Data::Plain(x) => x[at],
+            Data::Bf16(x) => T::from_bf16(x[at]),
+        }
     }
 
     /// Whether every element lies within `data`.
@@ -79,12 +179,15 @@ impl<'a, T> Mat<'a, T> {
 
     /// Rows `s..s + c`.
     pub(crate) fn rows(self, s: usize, c: usize) -> Self {
-        Mat::strided(&self.data[s * self.rs..], c, self.cols, self.rs)
+        Mat::strided(self.data.skip(s * self.rs), c, self.cols, self.rs)
     }
 
-    /// Row `i`.
+    /// Row `i` of a matrix of `T` numbers (attention's).
     pub(crate) fn row(&self, i: usize) -> &'a [T] {
-        &self.data[i * self.rs..i * self.rs + self.cols]
+        let Data::Plain(x) = self.data else {
+            unreachable!("rows are read from activations, never from a bf16 weight")
+        };
+        &x[i * self.rs..i * self.rs + self.cols]
     }
 }
 
@@ -128,6 +231,8 @@ pub(crate) unsafe fn gemm<T: Float>(
     if T::bf16_gemm(par, dst, a, b, scale, accumulate) {
         return;
     }
+    // the `gemm` crate reads `T`: a bf16 operand is widened for it
+    let (a_data, b_data) = (a.data.widened(), b.data.widened());
     // SAFETY: the assert checks the inputs lie within their slices, the caller the output.
     unsafe {
         gemm::gemm(
@@ -138,10 +243,10 @@ pub(crate) unsafe fn gemm<T: Float>(
             1,
             rs as isize,
             accumulate,
-            a.data.as_ptr(),
+            a_data.as_ptr(),
             a_cs,
             a_rs,
-            b.data.as_ptr(),
+            b_data.as_ptr(),
             b_cs,
             b_rs,
             T::one(),
@@ -171,10 +276,10 @@ fn parallelism((m, n, k): (usize, usize, usize)) -> gemm::Parallelism {
 /// # Safety
 /// The slices must hold the matrices.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dense<T: Float>(
+pub(crate) unsafe fn dense<'a, T: Float>(
     dst: &mut [T],
-    a: &[T],
-    b: &[T],
+    a: impl Into<Data<'a, T>>,
+    b: impl Into<Data<'a, T>>,
     mnk: (usize, usize, usize),
     a_t: bool,
     b_t: bool,
@@ -189,10 +294,10 @@ pub(crate) unsafe fn dense<T: Float>(
 /// # Safety
 /// As [`dense`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dense_serial<T: Float>(
+pub(crate) unsafe fn dense_serial<'a, T: Float>(
     dst: &mut [T],
-    a: &[T],
-    b: &[T],
+    a: impl Into<Data<'a, T>>,
+    b: impl Into<Data<'a, T>>,
     mnk: (usize, usize, usize),
     a_t: bool,
     b_t: bool,
@@ -214,11 +319,11 @@ pub(crate) unsafe fn dense_serial<T: Float>(
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn dense_on<T: Float>(
+unsafe fn dense_on<'a, T: Float>(
     par: gemm::Parallelism,
     dst: &mut [T],
-    a: &[T],
-    b: &[T],
+    a: impl Into<Data<'a, T>>,
+    b: impl Into<Data<'a, T>>,
     (m, n, k): (usize, usize, usize),
     a_t: bool,
     b_t: bool,

@@ -2,8 +2,6 @@
 //! candle's CPU storage ([`slices`]), how finely they split work over threads ([`task_len`]),
 //! the one wrapper around the `gemm` crate ([`matmul`]) and vectorised f32 math ([`fastmath`]).
 
-use std::borrow::Cow;
-
 use candle_core::{CpuStorage, Layout, Tensor};
 
 pub mod bf16;
@@ -40,7 +38,7 @@ pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
     /// `x` in this type (exact: bf16 numbers are f32 numbers with a shorter mantissa).
     fn from_bf16(x: half::bf16) -> Self;
 
-    /// A buffer for [`weights`] to widen a bf16 weight into: the last one on this thread (f32),
+    /// A buffer for [`matmul::Data::widened`] to widen a bf16 weight into: the last one on this thread (f32),
     /// so that a layer's weight costs one pass instead of a zeroing pass, page faults and a
     /// pass; a fresh one for other types.
     fn take_buffer() -> Vec<Self> {
@@ -132,51 +130,21 @@ thread_local! {
     static WIDENED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// A weight as a kernel reads it ([`weights`]): borrowed, or widened from bf16 into a buffer
-/// that goes back to its thread when dropped.
-pub(crate) struct Weight<'a, T: Float>(Cow<'a, [T]>);
-
-impl<T: Float> std::ops::Deref for Weight<'_, T> {
-    type Target = [T];
-
-    fn deref(&self) -> &[T] {
-        &self.0
-    }
-}
-
-impl<T: Float> Drop for Weight<'_, T> {
-    fn drop(&mut self) {
-        if let Cow::Owned(v) = std::mem::take(&mut self.0) {
-            T::put_buffer(v);
-        }
-    }
-}
-
-/// The numbers of a contiguous CPU tensor as `T`: borrowed when it holds `T`; converted (in
-/// parallel) when it holds bf16, which is how a frozen weight kept in bf16 beside f32
-/// activations reaches a kernel (the conversion lives for one op, a layer at a time, in a
-/// buffer the thread reuses).
+/// The numbers of a contiguous CPU tensor as a kernel's operand: of type `T`, or bf16, which is
+/// how a frozen weight kept in bf16 beside f32 activations reaches a kernel. The bf16 products
+/// pack it as it is; what reads it as `T` widens it ([`matmul::Data::widened`]), a layer at a
+/// time, into a buffer the thread reuses.
 pub(crate) fn weights<'a, T: Float + candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
-) -> candle_core::Result<Weight<'a, T>> {
-    use rayon::prelude::*;
+) -> candle_core::Result<matmul::Data<'a, T>> {
     let CpuStorage::BF16(all) = s else {
-        return Ok(Weight(Cow::Borrowed(slices::<T>(s, l)?)));
+        return Ok(matmul::Data::Plain(slices::<T>(s, l)?));
     };
     let Some((a, z)) = l.contiguous_offsets() else {
         candle_core::bail!("atomtune's CPU kernels need contiguous inputs");
     };
-    let mut out = T::take_buffer();
-    // every number is written below: only a grown part needs initialising
-    if out.len() < z - a {
-        out.resize(z - a, T::zero());
-    }
-    out.truncate(z - a);
-    out.par_chunks_mut(1 << 14)
-        .zip(all[a..z].par_chunks(1 << 14))
-        .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = T::from_bf16(v)));
-    Ok(Weight(Cow::Owned(out)))
+    Ok(matmul::Data::Bf16(&all[a..z]))
 }
 
 /// How many items of `item` numbers each a parallel task takes, so that a task holds at least

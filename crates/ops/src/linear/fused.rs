@@ -6,7 +6,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::dims;
-use crate::cpu::matmul::dense;
+use crate::cpu::matmul::{dense, Data};
 use crate::cpu::{float_op, slices, weights, Float};
 use crate::Result;
 
@@ -26,7 +26,7 @@ struct Linear {
 
 fn forward<T: Float>(
     x: &[T],
-    w: &[T],
+    w: Data<'_, T>,
     bias: Option<&[T]>,
     (m, k, n): (usize, usize, usize),
 ) -> Vec<T> {
@@ -57,7 +57,7 @@ impl CustomOp2 for Linear {
             let bias = self.bias.as_ref().map(|b| b.to_vec1::<F>()).transpose()?;
             forward(
                 slices::<F>(s1, l1)?,
-                &weights::<F>(s2, l2)?,
+                weights::<F>(s2, l2)?,
                 bias.as_deref(),
                 mkn,
             )
@@ -103,7 +103,12 @@ enum Grad {
 }
 
 /// `dy b` (`[m, n]` from `dy [m, k]`, `b [k, n]`) or, when `dy_t`, `dy^T b` (`dy [k, m]`).
-fn gradient<T: Float>(dy: &[T], b: &[T], (m, n, k): (usize, usize, usize), dy_t: bool) -> Vec<T> {
+fn gradient<T: Float>(
+    dy: &[T],
+    b: Data<'_, T>,
+    (m, n, k): (usize, usize, usize),
+    dy_t: bool,
+) -> Vec<T> {
     let mut g = vec![T::zero(); m * n];
     // SAFETY: the shapes are the op's: dy and b hold the matrices, g holds m x n.
     unsafe { dense(&mut g, dy, b, (m, n, k), dy_t, false, false) };
@@ -135,8 +140,10 @@ impl CustomOp2 for Grad {
         let g = float_op!(s2.dtype(), "atomtune-linear backward", |F| {
             let dy = slices::<F>(s2, l2)?;
             match self {
-                Grad::Input => gradient(dy, &weights::<F>(s1, l1)?, (m, din, dout), false),
-                Grad::Weight => gradient(dy, slices::<F>(s1, l1)?, (dout, din, m), true),
+                Grad::Input => gradient(dy, weights::<F>(s1, l1)?, (m, din, dout), false),
+                Grad::Weight => {
+                    gradient(dy, Data::Plain(slices::<F>(s1, l1)?), (dout, din, m), true)
+                }
             }
         });
         let shape = match self {
