@@ -29,7 +29,9 @@ echo "run: $(cat "$LOG.out")"
 perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3 -c '
 import re, sys
 buckets = [
-    ("gemm (convs, linears, attention products)", r"gemm"),
+    ("bf16 products: the micro-kernel (ours)", r"ops::cpu::bf16::kernel"),
+    ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16)"),
+    ("gemm crate (f32 convs, linears, attention products)", r"gemm"),
     ("attention softmax (ours)", r"ops::attention"),
     ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),
     ("group norm, layer norm, GEGLU (ours)", r"ops::(group_norm|layer_norm|geglu)"),

@@ -258,7 +258,7 @@ fn pack_from<S: Packed>(
         debug_assert_eq!(cs, 1);
         {
             // each row is a run of `cols` numbers: 16 pairs of each row at a time into a tile
-            // (vectorised), then the tile out a pair at a time, `w` words in a row
+            // (vectorised), then the tile out transposed, `w` words in a row
             const T: usize = 16;
             let mut tile = [[0u32; T]; 32];
             for q0 in (0..cp).step_by(T) {
@@ -278,12 +278,7 @@ fn pack_from<S: Packed>(
                         words[tq - 1] = S::pair(*last, S::ZERO);
                     }
                 }
-                for q in 0..tq {
-                    let dst = &mut panel[(q0 + q) * w..(q0 + q) * w + r_end];
-                    for (r, o) in dst.iter_mut().enumerate() {
-                        *o = tile[r][q];
-                    }
-                }
+                tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, simd);
             }
         }
     };
@@ -293,6 +288,100 @@ fn pack_from<S: Packed>(
         out.chunks_mut(cp * w).enumerate().for_each(pack_panel);
     }
     (out, cp)
+}
+
+/// The first `rows` rows and `pairs` columns of `tile` into `out` transposed: column `q` at
+/// `q * w` (`rows <= w`); with AVX-512 when `simd` (16x16 transposes in registers, where the
+/// scalar loop moves a word at a time).
+fn tile_out(
+    tile: &[[u32; 16]; 32],
+    (rows, pairs): (usize, usize),
+    out: &mut [u32],
+    w: usize,
+    simd: bool,
+) {
+    assert!(rows <= w && pairs <= 16 && (pairs == 0 || out.len() >= (pairs - 1) * w + rows));
+    if simd {
+        // SAFETY: `simd` says the CPU has AVX512F; the assert bounds the writes.
+        unsafe { tile_out_avx512(tile, (rows, pairs), out, w) };
+        return;
+    }
+    for q in 0..pairs {
+        for (r, o) in out[q * w..q * w + rows].iter_mut().enumerate() {
+            *o = tile[r][q];
+        }
+    }
+}
+
+/// [`tile_out`] in AVX-512: each 16 rows of the tile transposed in registers (unpacks of 32
+/// and 64 bits, then two rounds of 128-bit lane shuffles), a column stored per pair, masked to
+/// the rows there are.
+///
+/// # Safety
+/// AVX512F must be present; `out` must hold `(pairs - 1) * w + rows` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_out_avx512(
+    tile: &[[u32; 16]; 32],
+    (rows, pairs): (usize, usize),
+    out: &mut [u32],
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    for half in 0..rows.div_ceil(16) {
+        let n = (rows - 16 * half).min(16);
+        let mask: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
+        // SAFETY: the caller's promise; unaligned loads of whole rows.
+        let r: [__m512i; 16] = std::array::from_fn(|i| unsafe {
+            _mm512_loadu_si512(tile[16 * half + i].as_ptr().cast())
+        });
+        // rows 2i and 2i+1 interleaved: in each 128-bit lane, columns 4L..4L+1, then 4L+2..
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4j + c], lane L: rows 4j..4j+3 of column 4L + c
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (j, c) = (i / 4, i % 4);
+            let (a, b) = (t[4 * j + c / 2], t[4 * j + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for c in 0..4 {
+            // lanes (0, 2) and (1, 3) of rows 0..8, then of rows 8..16
+            let x0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[c], u[4 + c]);
+            let x1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[c], u[4 + c]);
+            let y0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + c], u[12 + c]);
+            let y1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + c], u[12 + c]);
+            let columns = [
+                (c, _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0)),
+                (4 + c, _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1)),
+                (8 + c, _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0)),
+                (12 + c, _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1)),
+            ];
+            for (q, v) in columns {
+                if q < pairs {
+                    // SAFETY: words q * w + 16 * half + (0..n) lie within `out` (the promise).
+                    unsafe {
+                        let p = out.as_mut_ptr().add(q * w + 16 * half);
+                        _mm512_mask_storeu_epi32(p.cast(), mask, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_out_avx512(_: &[[u32; 16]; 32], _: (usize, usize), _: &mut [u32], _: usize) {
+    unreachable!("supported() is false off x86_64")
 }
 
 /// 32 numbers rounded to bf16 (as [`pair`] rounds them) as 16 pair words: four integer
@@ -625,6 +714,31 @@ mod tests {
                     vec![u32::MAX; 2 * fresh.len() + 5],
                 ] {
                     assert_eq!(pack(&m, w, used).0, fresh, "{rows}x{cols} in panels of {w}");
+                }
+            }
+        }
+    }
+
+    /// The tile's transposition in AVX-512 writes what the scalar loop writes, and nothing
+    /// past the rows and pairs it is given.
+    #[test]
+    fn tiles_transpose_out_as_the_scalar_loop_does() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut tile = [[0u32; 16]; 32];
+        for (i, v) in tile.iter_mut().flatten().enumerate() {
+            *v = (i as u32).wrapping_mul(2_654_435_761);
+        }
+        for w in [MR, NR] {
+            for rows in 1..=w {
+                for pairs in [1, 3, 15, 16] {
+                    let len = 16 * w + 7;
+                    let (mut want, mut got) = (vec![7u32; len], vec![7u32; len]);
+                    tile_out(&tile, (rows, pairs), &mut want, w, false);
+                    tile_out(&tile, (rows, pairs), &mut got, w, true);
+                    assert_eq!(got, want, "{rows} rows, {pairs} pairs, panels of {w}");
                 }
             }
         }
