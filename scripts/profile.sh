@@ -30,7 +30,7 @@ perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3
 import re, sys
 buckets = [
     ("bf16 products: the micro-kernel (ours)", r"ops::cpu::bf16::kernel"),
-    ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16)"),
+    ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16|tile_out)"),
     ("gemm crate (f32 convs, linears, attention products)", r"gemm"),
     ("attention softmax (ours)", r"ops::attention"),
     ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),

@@ -855,3 +855,32 @@ mod tests {
         }
     }
 }
+/// The micro-kernel's rate on one core with its panels in L1, the ceiling the products work
+/// against: `cargo test --release -p atomtune-ops --lib kernel_peak -- --ignored --nocapture`.
+#[cfg(test)]
+mod peak {
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn kernel_peak() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let pairs = 256;
+        // bf16 1.0 in both halves of every pair word
+        let (a, b) = (vec![0x3f80_3f80u32; pairs * MR], vec![0x3f80_3f80u32; pairs * NR]);
+        let mut c = vec![0f32; MR * NR];
+        let reps = 200_000;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            // SAFETY: checked above; the panels hold `pairs` pairs, `c` one block.
+            unsafe { kernel(&a, &b, pairs, c.as_mut_ptr(), NR, (MR, NR), 1.0, true) };
+        }
+        let dt = t.elapsed().as_secs_f64();
+        let flops = 2.0 * (MR * NR * 2 * pairs) as f64 * reps as f64;
+        assert_eq!(c[0], (2 * pairs * reps) as f32);
+        eprintln!("micro-kernel, one core, panels in L1: {:.1} GFLOP/s", flops / dt / 1e9);
+    }
+}
