@@ -169,7 +169,7 @@ pub(super) fn chunk_rows<T>(n: usize, m: usize, chunk_bytes: usize) -> usize {
 
 impl Dims {
     /// Head `hi` of batch row `bi` of a `[b, rows, h w]` tensor: `rows x w`, strided.
-    fn head<'a, T>(
+    pub(super) fn head<'a, T>(
         &self,
         x: &'a [T],
         (bi, hi): (usize, usize),
@@ -182,7 +182,7 @@ impl Dims {
     }
 
     /// The offset of row `row`, head `hi`, batch row `bi` of a `[b, rows, h w]` tensor.
-    fn at(&self, (bi, hi): (usize, usize), rows: usize, row: usize, w: usize) -> usize {
+    pub(super) fn at(&self, (bi, hi): (usize, usize), rows: usize, row: usize, w: usize) -> usize {
         (bi * rows + row) * self.h * w + hi * w
     }
 }
@@ -375,7 +375,13 @@ impl CustomOp3 for FusedAttention {
         let dm = self.dm;
         let (out, lse) = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (o, lse) = self.run(&q[a1..z1], &k[a2..z2], &v[a3..z3], dm);
+                let qkv = (&q[a1..z1], &k[a2..z2], &v[a3..z3]);
+                let (o, lse) = if super::bf16::worth_it(&dm) {
+                    let chunk = chunk_rows::<f32>(dm.n, dm.m, self.chunk_bytes);
+                    super::bf16::run(qkv, dm, self.scale as f32, chunk)
+                } else {
+                    self.run(qkv.0, qkv.1, qkv.2, dm)
+                };
                 (CpuStorage::F32(o), lse)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {

@@ -17,6 +17,7 @@ use candle_core::{Tensor, D};
 use crate::kernels;
 use crate::Result;
 
+mod bf16;
 mod fused;
 mod portable;
 

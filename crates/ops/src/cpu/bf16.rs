@@ -290,6 +290,99 @@ fn pack_from<S: Packed>(
     (out, cp)
 }
 
+/// A chunk of attention's probabilities packed as a left operand ([`Panels::left`]'s layout)
+/// as the softmax makes them: `e^(s - shift[r])` for each row `r` of the scores `s [rows,
+/// cols]`, rounded to bf16, with `sums[r]` the row's sum of the unrounded exponentials. The
+/// probabilities are never written in f32: one pass reads the scores and writes half their
+/// bytes. On the calling thread; `shift[r]` must be at least the row's maximum.
+///
+/// # Panics
+/// Where the CPU lacks AVX512F and AVX512BW (callers check [`supported`]).
+pub(crate) fn pack_exp_rows(
+    s: &[f32],
+    (rows, cols): (usize, usize),
+    shift: &[f32],
+    sums: &mut [f32],
+    mut out: Vec<u32>,
+) -> Panels {
+    assert!(supported() && s.len() >= rows * cols && shift.len() >= rows && sums.len() >= rows);
+    let (w, cp) = (MR, cols.div_ceil(2));
+    let len = rows.div_ceil(w) * cp * w;
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out.truncate(len);
+    // SAFETY: checked above.
+    unsafe { exp_panels(s, (rows, cols), shift, sums, &mut out) };
+    Panels::from_words(out, cp, rows)
+}
+
+/// [`pack_exp_rows`]'s work, compiled for AVX-512 so that the exponentials vectorise.
+///
+/// # Safety
+/// AVX512F and AVX512BW must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn exp_panels(
+    s: &[f32],
+    (rows, cols): (usize, usize),
+    shift: &[f32],
+    sums: &mut [f32],
+    out: &mut [u32],
+) {
+    use super::fastmath::exp_neg;
+    const T: usize = 16;
+    let (w, cp) = (MR, cols.div_ceil(2));
+    let mut tile = [[0u32; T]; 32];
+    for (p, panel) in out.chunks_mut(cp * w).enumerate() {
+        let (r0, r_end) = (p * w, (rows - p * w).min(w));
+        // the panel's rows past the matrix are zero (`out` comes from an earlier product)
+        if r_end < w {
+            for q in 0..cp {
+                panel[q * w + r_end..(q + 1) * w].fill(0);
+            }
+        }
+        let mut lanes = [[0f32; T]; MR];
+        for q0 in (0..cp).step_by(T) {
+            let tq = T.min(cp - q0);
+            for r in 0..r_end {
+                let (row, sh) = (&s[(r0 + r) * cols..(r0 + r + 1) * cols], shift[r0 + r]);
+                let run = &row[2 * q0..(2 * q0 + 2 * T).min(cols)];
+                if let Ok(run) = <&[f32; 2 * T]>::try_from(run) {
+                    let mut e = [0f32; 2 * T];
+                    for (e, &x) in e.iter_mut().zip(run) {
+                        *e = exp_neg(x - sh);
+                    }
+                    for (l, i) in lanes[r].iter_mut().zip(0..T) {
+                        *l += e[i] + e[i + T];
+                    }
+                    // SAFETY: the caller's promise (AVX512F, AVX512BW).
+                    unsafe { pairs16(&e, &mut tile[r]) };
+                    continue;
+                }
+                let e: Vec<f32> = run.iter().map(|&x| exp_neg(x - sh)).collect();
+                lanes[r][0] += e.iter().sum::<f32>();
+                let mut pairs = e.chunks_exact(2);
+                for (o, two) in tile[r].iter_mut().zip(pairs.by_ref()) {
+                    *o = pair(two[0], two[1]);
+                }
+                if let [last] = pairs.remainder() {
+                    tile[r][tq - 1] = pair(*last, 0.0);
+                }
+            }
+            tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, true);
+        }
+        for (r, l) in lanes.iter().enumerate().take(r_end) {
+            sums[r0 + r] = l.iter().sum();
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn exp_panels(_: &[f32], _: (usize, usize), _: &[f32], _: &mut [f32], _: &mut [u32]) {
+    unreachable!("supported() is false off x86_64")
+}
+
 /// The first `rows` rows and `pairs` columns of `tile` into `out` transposed: column `q` at
 /// `q * w` (`rows <= w`); with AVX-512 when `simd` (16x16 transposes in registers, where the
 /// scalar loop moves a word at a time).
@@ -471,6 +564,105 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// A matrix packed for the micro-kernel ([`pack`]'s layout): a left operand in panels of [`MR`]
+/// rows, or a right one, seen transposed, in panels of [`NR`] columns; `pairs` pair words of
+/// `k` each. Ops that reuse an operand (attention's keys and values, for every chunk of
+/// queries) pack it once.
+pub(crate) struct Panels {
+    words: Vec<u32>,
+    /// Pairs of `k` (`k` rounded up to even, halved).
+    pairs: usize,
+    /// Rows of the left operand, or columns of the right one.
+    len: usize,
+}
+
+impl Panels {
+    /// `a [m, k]` as a left operand, into `buf` (a buffer of an earlier product, or empty).
+    pub(crate) fn left(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
+        let (words, pairs) = pack(a, MR, buf);
+        Panels {
+            words,
+            pairs,
+            len: a.shape().0,
+        }
+    }
+
+    /// `b [k, n]` as a right operand, into `buf`.
+    pub(crate) fn right(b: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
+        let (words, pairs) = pack(&b.t(), NR, buf);
+        Panels {
+            words,
+            pairs,
+            len: b.shape().1,
+        }
+    }
+
+    /// Panels whose words are already laid out, for the packers of other modules.
+    pub(crate) fn from_words(words: Vec<u32>, pairs: usize, len: usize) -> Panels {
+        Panels { words, pairs, len }
+    }
+
+    /// The buffer, for the next product.
+    pub(crate) fn into_buffer(self) -> Vec<u32> {
+        self.words
+    }
+
+    /// Column panels of a right operand.
+    pub(crate) fn col_panels(&self) -> usize {
+        self.len.div_ceil(NR)
+    }
+}
+
+/// `dst [m, n] (+)= scale a @ b` for the packed `a` (`m` rows) and `b` (`n` columns), over `b`'s
+/// column panels `p0..p1` (the rest of `dst` is left alone), on the calling thread. GotoBLAS's
+/// order: a `KC`-deep block of `MC` rows of `a` (in L2) meets each `KC x NR` panel of `b` (in
+/// L1) in turn.
+///
+/// # Safety
+/// `supported()` must hold; `dst` as in [`gemm`] for the columns of panels `p0..p1`.
+pub(crate) unsafe fn multiply(
+    dst: Dst<f32>,
+    a: &Panels,
+    b: &Panels,
+    (p0, p1): (usize, usize),
+    scale: f32,
+    accumulate: bool,
+) {
+    let (m, n, kp) = (a.len, b.len, a.pairs);
+    assert!(kp == b.pairs && p1 <= b.col_panels());
+    let rs = if dst.rs == 0 { n } else { dst.rs };
+    let (pa, pb) = (&a.words, &b.words);
+    let row_panels = m.div_ceil(MR);
+    let mut q0 = 0;
+    while q0 < kp {
+        let q1 = (q0 + KC / 2).min(kp);
+        let add = accumulate || q0 > 0;
+        for i0 in (0..row_panels).step_by(MC / MR) {
+            for p in p0..p1 {
+                let bpanel = &pb[(p * kp + q0) * NR..(p * kp + q1) * NR];
+                let (c0, cols) = (p * NR, NR.min(n - p * NR));
+                for i in i0..(i0 + MC / MR).min(row_panels) {
+                    let apanel = &pa[(i * kp + q0) * MR..(i * kp + q1) * MR];
+                    let (r0, rows) = (i * MR, MR.min(m - i * MR));
+                    // SAFETY: the caller checked the instructions; the panels hold `q1 - q0`
+                    // pairs; the block lies within `dst` (rows < m, columns < n).
+                    unsafe {
+                        let c = dst.ptr.add(r0 * rs + c0);
+                        let block = (rows, cols);
+                        if cols > NR / 2 {
+                            kernel::<2>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                        } else {
+                            // a narrow last panel (attention's 40-wide heads: 32 + 8)
+                            kernel::<1>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                        }
+                    }
+                }
+            }
+        }
+        q0 = q1;
+    }
+}
+
 /// `dst [m, n] (+)= scale a @ b` with bf16 operands and f32 sums, `threads` tasks over column
 /// panels. Returns `false` (and does nothing) where the CPU lacks AVX512-BF16.
 ///
@@ -489,50 +681,17 @@ pub(crate) unsafe fn gemm(
     }
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2);
-    let rs = if dst.rs == 0 { n } else { dst.rs };
     if m == 0 || n == 0 {
         return true;
     }
     let scratch = Scratch::take();
-    let (pa, kp) = pack(&a, MR, scratch.a);
-    // `b` seen transposed: its columns are the rows of the panels
-    let (pb, _) = pack(&b.t(), NR, scratch.b);
-    let col_panels = n.div_ceil(NR);
-    let out = SendPtr(dst.ptr);
-    // GotoBLAS's order: a `KC`-deep block of `MC` rows of `a` (in L2) meets each `KC x NR`
-    // panel of `b` (in L1) in turn.
-    let row_panels = m.div_ceil(MR);
+    let (pa, pb) = (Panels::left(&a, scratch.a), Panels::right(&b, scratch.b));
+    let col_panels = pb.col_panels();
+    let (out, rs) = (SendPtr(dst.ptr), dst.rs);
     let run = |p0: usize, p1: usize| {
-        let mut q0 = 0;
-        while q0 < kp {
-            let q1 = (q0 + KC / 2).min(kp);
-            let add = accumulate || q0 > 0;
-            for i0 in (0..row_panels).step_by(MC / MR) {
-                for p in p0..p1 {
-                    let bpanel = &pb[(p * kp + q0) * NR..(p * kp + q1) * NR];
-                    let (c0, cols) = (p * NR, NR.min(n - p * NR));
-                    for i in i0..(i0 + MC / MR).min(row_panels) {
-                        let apanel = &pa[(i * kp + q0) * MR..(i * kp + q1) * MR];
-                        let (r0, rows) = (i * MR, MR.min(m - i * MR));
-                        // SAFETY: `supported()` checked the instructions; the panels hold
-                        // `q1 - q0` pairs; the block lies within `dst` (rows < m, columns < n).
-                        unsafe {
-                            kernel(
-                                apanel,
-                                bpanel,
-                                q1 - q0,
-                                out.get().add(r0 * rs + c0),
-                                rs,
-                                (rows, cols),
-                                scale,
-                                add,
-                            )
-                        }
-                    }
-                }
-            }
-            q0 = q1;
-        }
+        let dst = Dst { ptr: out.get(), rs };
+        // SAFETY: checked above; each task writes the columns of its own panels.
+        unsafe { multiply(dst, &pa, &pb, (p0, p1), scale, accumulate) }
     };
     let tasks = threads.clamp(1, col_panels);
     if tasks == 1 {
@@ -548,12 +707,17 @@ pub(crate) unsafe fn gemm(
             }
         });
     }
-    Scratch { a: pa, b: pb }.put_back();
+    Scratch {
+        a: pa.into_buffer(),
+        b: pb.into_buffer(),
+    }
+    .put_back();
     true
 }
 
-/// One `MR x NR` block over `pairs` pairs of `k`: `c (+)= scale * sum a b` for the first
-/// `rows x cols` of it (the packed panels are zero past the matrix).
+/// One `MR x 16V` block over `pairs` pairs of `k` (`V` vectors of 16 columns, 1 or 2): `c (+)=
+/// scale * sum a b` for the first `rows x cols` of it (the packed panels are zero past the
+/// matrix; `b`'s pairs are `NR` words apart whatever `V`).
 ///
 /// # Safety
 /// AVX512-BF16 and AVX512F must be present; `a` holds `pairs * MR` pair words, `b`
@@ -561,7 +725,7 @@ pub(crate) unsafe fn gemm(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel<const V: usize>(
     a: &[u32],
     b: &[u32],
     pairs: usize,
@@ -572,19 +736,23 @@ unsafe fn kernel(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); V]; MR];
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     for q in 0..pairs {
         // SAFETY: within the panels (the caller's promise); unaligned loads.
         unsafe {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR).cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(q * NR + 16).cast()));
+            let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+            for (h, bv) in bv.iter_mut().enumerate() {
+                let b = _mm512_loadu_si512(pb.add(q * NR + 16 * h).cast());
+                *bv = std::mem::transmute::<__m512i, __m512bh>(b);
+            }
             let arow = pa.add(q * MR).cast::<i32>();
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x: __m512bh =
                     std::mem::transmute(_mm512_set1_epi32(arow.add(r).read_unaligned()));
-                acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_dpbf16_ps(*acc, x, bv);
+                }
             }
         }
     }
@@ -616,7 +784,7 @@ unsafe fn kernel(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel<const V: usize>(
     _: &[u32],
     _: &[u32],
     _: usize,
@@ -870,17 +1038,23 @@ mod peak {
         }
         let pairs = 256;
         // bf16 1.0 in both halves of every pair word
-        let (a, b) = (vec![0x3f80_3f80u32; pairs * MR], vec![0x3f80_3f80u32; pairs * NR]);
+        let (a, b) = (
+            vec![0x3f80_3f80u32; pairs * MR],
+            vec![0x3f80_3f80u32; pairs * NR],
+        );
         let mut c = vec![0f32; MR * NR];
         let reps = 200_000;
         let t = std::time::Instant::now();
         for _ in 0..reps {
             // SAFETY: checked above; the panels hold `pairs` pairs, `c` one block.
-            unsafe { kernel(&a, &b, pairs, c.as_mut_ptr(), NR, (MR, NR), 1.0, true) };
+            unsafe { kernel::<2>(&a, &b, pairs, c.as_mut_ptr(), NR, (MR, NR), 1.0, true) };
         }
         let dt = t.elapsed().as_secs_f64();
         let flops = 2.0 * (MR * NR * 2 * pairs) as f64 * reps as f64;
         assert_eq!(c[0], (2 * pairs * reps) as f32);
-        eprintln!("micro-kernel, one core, panels in L1: {:.1} GFLOP/s", flops / dt / 1e9);
+        eprintln!(
+            "micro-kernel, one core, panels in L1: {:.1} GFLOP/s",
+            flops / dt / 1e9
+        );
     }
 }
