@@ -102,19 +102,7 @@ simd_dispatch! {
 
 #[inline(always)]
 fn row_max_body(x: &[f32], m: usize, max: &mut [f32]) {
-    const LANES: usize = 16;
     for (row, mx) in x.chunks_exact(m).zip(max) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l = if v > *l { v } else { *l };
-            }
-        }
-        *mx = chunks
-            .remainder()
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        *mx = super::fused::lane_max(row);
     }
 }

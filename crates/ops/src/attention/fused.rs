@@ -115,18 +115,7 @@ simd_dispatch! {
 #[inline(always)]
 fn exp_rows_body(x: &mut [f32], m: usize, max: &mut [f32], sum: &mut [f32]) {
     for ((row, mx), sm) in x.chunks_exact_mut(m).zip(max).zip(sum) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l = if v > *l { v } else { *l };
-            }
-        }
-        *mx = chunks
-            .remainder()
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        *mx = lane_max(row);
         let shift = *mx;
         let mut sums = [0f32; LANES];
         let mut chunks = row.chunks_exact_mut(LANES);
@@ -142,6 +131,23 @@ fn exp_rows_body(x: &mut [f32], m: usize, max: &mut [f32], sum: &mut [f32]) {
             *sm += *v;
         }
     }
+}
+
+/// The largest number of `row`, in [`LANES`] partial maxima (so that the loop vectorises).
+#[inline(always)]
+pub(super) fn lane_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 #[inline(always)]
