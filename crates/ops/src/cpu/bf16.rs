@@ -201,19 +201,7 @@ fn pack_from<S: Packed>(
     let (rows, cols) = m.shape();
     let (cs, rs) = m.strides();
     let cp = cols.div_ceil(2);
-    // Every word is written below but the last panel's rows past the matrix, zeroed here
-    // (`out` comes from an earlier product: see `Scratch`).
-    let len = rows.div_ceil(w) * cp * w;
-    if out.len() < len {
-        out.resize(len, 0);
-    }
-    out.truncate(len);
-    if rows % w != 0 {
-        let (p, r_end) = (rows / w, rows % w);
-        for q in 0..cp {
-            out[(p * cp + q) * w + r_end..(p * cp + q + 1) * w].fill(0);
-        }
-    }
+    panel_buffer(&mut out, rows, cp, w);
     let parallel = rows * cols >= 1 << 16;
     if rs == 1 {
         // Rows adjacent: each pair of columns is two runs of `rows` numbers, read straight
@@ -266,16 +254,9 @@ fn pack_from<S: Packed>(
                 for (r, words) in tile.iter_mut().enumerate().take(r_end) {
                     let start = (r0 + r) * rs + 2 * q0;
                     let run = &d[start..start + (2 * tq).min(cols - 2 * q0)];
-                    if let Ok(run) = <&[S; 2 * T]>::try_from(run) {
-                        S::pairs16(run, words, simd);
-                        continue;
-                    }
-                    let mut pairs = run.chunks_exact(2);
-                    for (o, two) in words.iter_mut().zip(pairs.by_ref()) {
-                        *o = S::pair(two[0], two[1]);
-                    }
-                    if let [last] = pairs.remainder() {
-                        words[tq - 1] = S::pair(*last, S::ZERO);
+                    match <&[S; 2 * T]>::try_from(run) {
+                        Ok(run) => S::pairs16(run, words, simd),
+                        Err(_) => pairs_tail(run, words),
                     }
                 }
                 tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, simd);
@@ -288,6 +269,36 @@ fn pack_from<S: Packed>(
         out.chunks_mut(cp * w).enumerate().for_each(pack_panel);
     }
     (out, cp)
+}
+
+/// Sizes `out` (a buffer of an earlier product: see `Scratch`) for `rows` rows of `cp` pairs in
+/// panels of `w` rows, and zeroes the last panel's rows past the matrix: the packers write every
+/// other word.
+fn panel_buffer(out: &mut Vec<u32>, rows: usize, cp: usize, w: usize) {
+    let len = rows.div_ceil(w) * cp * w;
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out.truncate(len);
+    if !rows.is_multiple_of(w) {
+        let (p, r_end) = (rows / w, rows % w);
+        for q in 0..cp {
+            out[(p * cp + q) * w + r_end..(p * cp + q + 1) * w].fill(0);
+        }
+    }
+}
+
+/// A row's last run of fewer than 32 numbers as pair words (the odd last number paired with
+/// zero): the packers' scalar tail.
+#[inline(always)]
+fn pairs_tail<S: Packed>(run: &[S], words: &mut [u32; 16]) {
+    let mut pairs = run.chunks_exact(2);
+    for (o, two) in words.iter_mut().zip(pairs.by_ref()) {
+        *o = S::pair(two[0], two[1]);
+    }
+    if let [last] = pairs.remainder() {
+        words[run.len() / 2] = S::pair(*last, S::ZERO);
+    }
 }
 
 /// A chunk of attention's probabilities packed as a left operand ([`Panels::left`]'s layout)
@@ -306,15 +317,15 @@ pub(crate) fn pack_exp_rows(
     mut out: Vec<u32>,
 ) -> Panels {
     assert!(supported() && s.len() >= rows * cols && shift.len() >= rows && sums.len() >= rows);
-    let (w, cp) = (MR, cols.div_ceil(2));
-    let len = rows.div_ceil(w) * cp * w;
-    if out.len() < len {
-        out.resize(len, 0);
-    }
-    out.truncate(len);
+    let cp = cols.div_ceil(2);
+    panel_buffer(&mut out, rows, cp, MR);
     // SAFETY: checked above.
     unsafe { exp_panels(s, (rows, cols), shift, sums, &mut out) };
-    Panels::from_words(out, cp, rows)
+    Panels {
+        words: out,
+        pairs: cp,
+        len: rows,
+    }
 }
 
 /// [`pack_exp_rows`]'s work, compiled for AVX-512 so that the exponentials vectorise.
@@ -336,12 +347,6 @@ unsafe fn exp_panels(
     let mut tile = [[0u32; T]; 32];
     for (p, panel) in out.chunks_mut(cp * w).enumerate() {
         let (r0, r_end) = (p * w, (rows - p * w).min(w));
-        // the panel's rows past the matrix are zero (`out` comes from an earlier product)
-        if r_end < w {
-            for q in 0..cp {
-                panel[q * w + r_end..(q + 1) * w].fill(0);
-            }
-        }
         let mut lanes = [[0f32; T]; MR];
         for q0 in (0..cp).step_by(T) {
             let tq = T.min(cp - q0);
@@ -362,13 +367,7 @@ unsafe fn exp_panels(
                 }
                 let e: Vec<f32> = run.iter().map(|&x| exp_neg(x - sh)).collect();
                 lanes[r][0] += e.iter().sum::<f32>();
-                let mut pairs = e.chunks_exact(2);
-                for (o, two) in tile[r].iter_mut().zip(pairs.by_ref()) {
-                    *o = pair(two[0], two[1]);
-                }
-                if let [last] = pairs.remainder() {
-                    tile[r][tq - 1] = pair(*last, 0.0);
-                }
+                pairs_tail(&e, &mut tile[r]);
             }
             tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, true);
         }
@@ -595,11 +594,6 @@ impl Panels {
             pairs,
             len: b.shape().1,
         }
-    }
-
-    /// Panels whose words are already laid out, for the packers of other modules.
-    pub(crate) fn from_words(words: Vec<u32>, pairs: usize, len: usize) -> Panels {
-        Panels { words, pairs, len }
     }
 
     /// The buffer, for the next product.
@@ -1023,6 +1017,7 @@ mod tests {
         }
     }
 }
+
 /// The micro-kernel's rate on one core with its panels in L1, the ceiling the products work
 /// against: `cargo test --release -p atomtune-ops --lib kernel_peak -- --ignored --nocapture`.
 #[cfg(test)]

@@ -33,12 +33,6 @@ impl<'a, T> From<&'a Vec<T>> for Data<'a, T> {
     }
 }
 
-impl<'a, T> From<&'a mut Vec<T>> for Data<'a, T> {
-    fn from(x: &'a mut Vec<T>) -> Self {
-        Data::Plain(x)
-    }
-}
-
 impl<'a, T: Float> Data<'a, T> {
     /// How many numbers.
     pub(crate) fn len(&self) -> usize {

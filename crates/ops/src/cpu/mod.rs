@@ -38,9 +38,9 @@ pub(crate) trait Float: num_traits::Float + Send + Sync + 'static {
     /// `x` in this type (exact: bf16 numbers are f32 numbers with a shorter mantissa).
     fn from_bf16(x: half::bf16) -> Self;
 
-    /// A buffer for [`matmul::Data::widened`] to widen a bf16 weight into: the last one on this thread (f32),
-    /// so that a layer's weight costs one pass instead of a zeroing pass, page faults and a
-    /// pass; a fresh one for other types.
+    /// A buffer for [`matmul::Data::widened`] to widen a bf16 weight into: the last one on this
+    /// thread (f32), so that a layer's weight costs one pass instead of a zeroing pass, page
+    /// faults and a pass; a fresh one for other types.
     fn take_buffer() -> Vec<Self> {
         Vec::new()
     }
