@@ -54,13 +54,8 @@ fn save(tensors: HashMap<String, Tensor>, path: &Path, dtype: DType) -> Result<(
 /// not as the file's bytes plus their tensors (candle's `safetensors::load` reads the whole
 /// file into memory first).
 fn load(path: &Path, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let invalid = |e: candle_core::Error| Error::Config {
-        path: path.into(),
-        reason: format!("not a valid safetensors file: {e}"),
-    };
-    // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
-    // rewrites the file while it is open.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(invalid)?;
+    let invalid = |e| crate::weights::invalid_safetensors(path, e);
+    let st = crate::weights::map_safetensors(path)?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {

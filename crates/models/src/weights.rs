@@ -7,7 +7,7 @@
 //! of the file was used.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -92,6 +92,21 @@ impl std::fmt::Debug for Weights {
     }
 }
 
+/// The safetensors file `path`, mapped read-only.
+pub(crate) fn map_safetensors(path: &Path) -> Result<MmapedSafetensors> {
+    // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
+    // rewrites the file while it is open.
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| invalid_safetensors(path, e))
+}
+
+/// The error for a file that candle cannot read as safetensors.
+pub(crate) fn invalid_safetensors(path: &Path, e: candle_core::Error) -> Error {
+    Error::Config {
+        path: path.into(),
+        reason: format!("not a valid safetensors file: {e}"),
+    }
+}
+
 impl Weights {
     /// Maps `.safetensors` files (one model may be split in several), loading tensors as `dtype`
     /// on `device`. Pickle files are refused.
@@ -116,10 +131,8 @@ impl Weights {
             .join(", ");
         // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
         // rewrites the file while it is open.
-        let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| Error::Config {
-            path: paths.first().cloned().unwrap_or_default(),
-            reason: format!("not a valid safetensors file: {e}"),
-        })?;
+        let st = unsafe { MmapedSafetensors::multi(paths) }
+            .map_err(|e| invalid_safetensors(&paths.first().cloned().unwrap_or_default(), e))?;
         let paths = paths.to_vec();
         Ok(Self::new(Source::Files { st, label, paths }, dtype, device))
     }
@@ -205,11 +218,7 @@ impl Weights {
             None => Self::from_files(paths, self.inner.dtype, &self.inner.device)?,
             Some(map) => {
                 let path = paths.first().cloned().unwrap_or_default();
-                // SAFETY: as in `from_files`.
-                let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| Error::Config {
-                    path: path.clone(),
-                    reason: format!("not a valid safetensors file: {e}"),
-                })?;
+                let st = map_safetensors(&path)?;
                 let label = self.label();
                 Self::mapped(
                     Arc::new(st),

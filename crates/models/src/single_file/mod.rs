@@ -287,14 +287,7 @@ impl StableDiffusion {
         opts: &LoadOptions,
         folder: Option<&mut AsFolder>,
     ) -> Result<Self> {
-        // SAFETY: mapped read-only; like every tool that maps checkpoints we assume nobody
-        // rewrites the file while it is open.
-        let st = Arc::new(
-            unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Config {
-                path: path.into(),
-                reason: format!("not a valid safetensors file: {e}"),
-            })?,
-        );
+        let st = Arc::new(crate::weights::map_safetensors(path)?);
         let fam = family(&st, path)?;
         let (mut c, source) = match &opts.model_config {
             Some(cfg) => {
