@@ -4,6 +4,10 @@
 # measurement. Prints one JSON line per run.
 #
 #   scripts/bench-bf16.sh [LATENT] [STEPS]        (defaults: 64 2)
+#   PAIRS=3 scripts/bench-bf16.sh                 (instead: ours in bf16 and the peer in bf16
+#                                                  autocast in turn, 3 times, CFG step then
+#                                                  training step: pairs less apart in time
+#                                                  than the rows above, on a noisy machine)
 #
 # PEER_PY: the peer's python (default ../peer-venv/bin/python), PEER_DIR its folder.
 set -euo pipefail
@@ -16,6 +20,18 @@ grep -o 'avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ' | sed 's/^
 cargo bench -q -p atomtune-models --bench sd15 --no-run 2>/dev/null
 ours() { cargo bench -q -p atomtune-models --bench sd15 -- "$@" 2>/dev/null | tail -1; }
 peer() { "$PEER_PY" "$PEER_DIR/$1" "${@:2}" 2>/dev/null | tail -1 | sed 's/^/{"peer": true, "row": /; s/$/}/'; }
+
+if [ -n "${PAIRS:-}" ]; then
+  for _ in $(seq "$PAIRS"); do
+    ATOMTUNE_CPU_BF16=1 ours --mode forward --batch 2 --latent "$L" --steps "$STEPS"
+    peer peer_sample.py --model sd15-random --latent "$L" --steps "$STEPS" --threads 2 --json --autocast bf16
+  done
+  for _ in $(seq "$PAIRS"); do
+    ATOMTUNE_CPU_BF16=1 ours --mode train --method atoms --latent "$L" --steps "$STEPS"
+    peer peer_train.py --model sd15-random --mode lora-attn --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json --autocast bf16
+  done
+  exit 0
+fi
 
 # One classifier-free-guidance step of sampling (UNet at batch 2).
 ATOMTUNE_CPU_BF16=0 ours --mode forward --batch 2 --latent "$L" --steps "$STEPS"
