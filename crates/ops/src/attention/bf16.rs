@@ -1,10 +1,12 @@
-//! The fused attention's forward with bf16 products ([`crate::cpu::bf16`]), what `--dtype bf16`
-//! runs on a CPU with AVX512-BF16: `S = scale Q_c K^T` and `P V` take bf16 operands with f32
-//! sums, as under PyTorch's autocast. Each head's keys and values are packed once for all its
-//! query chunks (the general product would pack them again for every chunk), and each chunk's
-//! probabilities are packed as the softmax makes them ([`bf16::pack_exp_rows`]), never written
-//! in f32. The scores, the softmax's statistics, the sums and the output stay f32, and the
-//! log-sum-exp the backward (f32) recomputes the probabilities from is kept as in f32.
+//! The fused attention with bf16 products ([`crate::cpu::bf16`]), what `--dtype bf16` runs on
+//! a CPU with AVX512-BF16: every product (`S = scale Q_c K^T` and `P V` forward; the scores
+//! again, `P^T G`, `G V^T`, `dS K` and `dS^T Q` backward) takes bf16 operands with f32 sums, as
+//! under PyTorch's autocast. Each head's keys and values are packed once for all its query
+//! chunks (the general product would pack them again for every chunk), and the forward packs
+//! each chunk's probabilities as the softmax makes them ([`bf16::pack_exp_rows`]), never
+//! writing them in f32. Scores, probabilities, the softmax's statistics and gradient `dS`, the
+//! sums and the outputs stay f32; the backward recomputes the probabilities from the kept
+//! log-sum-exp.
 
 use std::cell::Cell;
 
@@ -13,7 +15,7 @@ use rayon::prelude::*;
 use super::Dims;
 use crate::cpu::bf16::{self, Panels};
 use crate::cpu::fastmath::simd_dispatch;
-use crate::cpu::matmul::Dst;
+use crate::cpu::matmul::{Dst, Mat};
 use crate::cpu::SendPtr;
 
 /// Whether the bf16 forward runs: bf16 products on, and a problem whose products repay their
@@ -93,6 +95,107 @@ pub(super) fn run(
         }
     });
     (out, lse)
+}
+
+/// The backward with bf16 products: `(dq, dk, dv)` for the inputs `(q, k, v)`, the output `o`
+/// and its gradient `g`, from the forward's log-sum-exp `lse` (see the module `attention` for
+/// the equations). One task per (batch row, head), which owns that head's columns of the
+/// gradients and takes its query chunks of `chunk` rows in turn; the head's keys and values
+/// are packed once for all of them (`K^T` for the scores, `K` for `dQ = dS K`, `V^T` for
+/// `dP = G V^T`). The probabilities and `dS` are f32, as are the sums; each product rounds its
+/// operands to bf16, as PyTorch's autocast runs attention's backward.
+#[allow(clippy::type_complexity)]
+pub(super) fn grads(
+    (q, k, v, o, g): (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    lse: &[f64],
+    dm: Dims,
+    scale: f32,
+    chunk: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { b, h, n, m, d, e } = dm;
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; b * n * h * d],
+        vec![0f32; b * m * h * d],
+        vec![0f32; b * m * h * e],
+    );
+    let ptrs = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    let heads: Vec<(usize, usize)> = (0..b)
+        .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
+        .collect();
+    heads.par_iter().for_each(|&bh| {
+        let (kh, vh) = (dm.head(k, bh, m, d), dm.head(v, bh, m, e));
+        let (qh, gh, oh) = (
+            dm.head(q, bh, n, d),
+            dm.head(g, bh, n, e),
+            dm.head(o, bh, n, e),
+        );
+        let keys_t = Panels::right(&kh.t(), Vec::new());
+        let keys = Panels::right(&kh, Vec::new());
+        let values_t = Panels::right(&vh.t(), Vec::new());
+        // SAFETY (every write below): this task alone writes head bh's columns.
+        let (dkh, dvh) = unsafe {
+            let (dk, dv) = (ptrs.1.get(), ptrs.2.get());
+            (
+                Dst {
+                    ptr: dk.add(dm.at(bh, m, 0, d)),
+                    rs: h * d,
+                },
+                Dst {
+                    ptr: dv.add(dm.at(bh, m, 0, e)),
+                    rs: h * e,
+                },
+            )
+        };
+        let head = bh.0 * h + bh.1;
+        let row_lse: Vec<f32> = lse[head * n..(head + 1) * n]
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let (mut p, mut ds) = (vec![0f32; chunk.min(n) * m], vec![0f32; chunk.min(n) * m]);
+        let mut bufs: [Vec<u32>; 3] = Default::default();
+        let all = |b: &Panels| (0, b.col_panels());
+        for s in (0..n).step_by(chunk) {
+            let c = chunk.min(n - s);
+            let (qc, gc, oc) = (qh.rows(s, c), gh.rows(s, c), oh.rows(s, c));
+            let (p, ds) = (&mut p[..c * m], &mut ds[..c * m]);
+            let [b0, b1, b2] = std::mem::take(&mut bufs);
+            let dqc = Dst {
+                // SAFETY: rows s..s + c of head bh, which only this task writes.
+                ptr: unsafe { ptrs.0.get().add(dm.at(bh, n, s, d)) },
+                rs: h * d,
+            };
+            // SAFETY (the products): `worth_it` checked the instructions; each destination is
+            // this task's (`p`, `ds`) or its head's columns.
+            // P = e^(scale Q K^T - lse)
+            let rows = Panels::left(&qc, b0);
+            unsafe { bf16::multiply(Dst::dense(p), &rows, &keys_t, all(&keys_t), scale, false) };
+            super::fused::exp_rows_shifted_f32(p, m, &row_lse[s..s + c]);
+            // dV += P^T G
+            let (pt, cols) = (
+                Panels::left(&Mat::new(&*p, c, m).t(), b1),
+                Panels::right(&gc, b2),
+            );
+            unsafe { bf16::multiply(dvh, &pt, &cols, all(&cols), 1.0, true) };
+            // dP = G V^T, then dS = scale P (dP - rowsum(G O))
+            let rows = Panels::left(&gc, rows.into_buffer());
+            unsafe { bf16::multiply(Dst::dense(ds), &rows, &values_t, all(&values_t), 1.0, false) };
+            super::fused::softmax_grad_rows(p, ds, (gc, oc), scale);
+            // dQ = dS K; dK += dS^T Q
+            let rows = Panels::left(&Mat::new(&*ds, c, m), rows.into_buffer());
+            unsafe { bf16::multiply(dqc, &rows, &keys, all(&keys), 1.0, false) };
+            let (dst, cols) = (
+                Panels::left(&Mat::new(&*ds, c, m).t(), pt.into_buffer()),
+                Panels::right(&qc, cols.into_buffer()),
+            );
+            unsafe { bf16::multiply(dkh, &dst, &cols, all(&cols), 1.0, true) };
+            bufs = [rows.into_buffer(), dst.into_buffer(), cols.into_buffer()];
+        }
+    });
+    (dq, dk, dv)
 }
 
 simd_dispatch! {

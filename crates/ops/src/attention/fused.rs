@@ -66,6 +66,19 @@ trait Rows: Float {
     /// On each row `i` of `m` numbers: `x <- e^(x - shift[i])`, where `shift[i]` is at least
     /// the row's maximum.
     fn exp_rows_shifted(x: &mut [Self], m: usize, shift: &[Self]);
+
+    /// The backward with bf16 products ([`super::bf16::grads`]) where it runs (f32 inputs of
+    /// a problem [`super::bf16::worth_it`] takes), else `None`.
+    #[allow(clippy::type_complexity)]
+    fn grads_bf16(
+        _args: (&[Self], &[Self], &[Self], &[Self], &[Self]),
+        _lse: &[f64],
+        _dm: Dims,
+        _scale: f64,
+        _chunk: usize,
+    ) -> Option<(Vec<Self>, Vec<Self>, Vec<Self>)> {
+        None
+    }
 }
 
 impl Rows for f32 {
@@ -75,6 +88,17 @@ impl Rows for f32 {
 
     fn exp_rows_shifted(x: &mut [f32], m: usize, shift: &[f32]) {
         exp_rows_shifted_f32(x, m, shift)
+    }
+
+    fn grads_bf16(
+        args: (&[f32], &[f32], &[f32], &[f32], &[f32]),
+        lse: &[f64],
+        dm: Dims,
+        scale: f64,
+        chunk: usize,
+    ) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let fast = super::bf16::worth_it(&dm);
+        fast.then(|| super::bf16::grads(args, lse, dm, scale as f32, chunk))
     }
 }
 
@@ -109,7 +133,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// [`Rows::exp_rows_shifted`] for f32.
-    fn exp_rows_shifted_f32(x: &mut [f32], m: usize, shift: &[f32]) = exp_rows_shifted_body;
+    pub(super) fn exp_rows_shifted_f32(x: &mut [f32], m: usize, shift: &[f32]) = exp_rows_shifted_body;
 }
 
 #[inline(always)]
@@ -155,6 +179,27 @@ fn exp_rows_shifted_body(x: &mut [f32], m: usize, shift: &[f32]) {
     for (row, &sh) in x.chunks_exact_mut(m).zip(shift) {
         for v in row.iter_mut() {
             *v = exp_neg(*v - sh);
+        }
+    }
+}
+
+/// `ds <- scale p (ds - rowsum(g o))` on each row of `m` numbers: the softmax's backward, from
+/// the probabilities `p`, `dP` in `ds`, and the chunk's output gradient and output rows `(g, o)`.
+pub(super) fn softmax_grad_rows<T: Float>(
+    p: &[T],
+    ds: &mut [T],
+    (g, o): (Mat<'_, T>, Mat<'_, T>),
+    scale: T,
+) {
+    let m = p.len() / g.rows.max(1);
+    for (i, (pr, dr)) in p.chunks_exact(m).zip(ds.chunks_exact_mut(m)).enumerate() {
+        let rowsum = g
+            .row(i)
+            .iter()
+            .zip(o.row(i))
+            .fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+        for (x, &pv) in dr.iter_mut().zip(pr) {
+            *x = scale * pv * (*x - rowsum);
         }
     }
 }
@@ -300,17 +345,7 @@ impl FusedAttention {
                     // dP = G V^T, then dS = scale P (dP - rowsum(G O))
                     gemm(Dst::dense(ds), gc, vh.t(), T::one(), false);
                 }
-                for i in 0..c {
-                    let rowsum = gc
-                        .row(i)
-                        .iter()
-                        .zip(oc.row(i))
-                        .fold(T::zero(), |acc, (&x, &y)| acc + x * y);
-                    let (pr, dr) = (&p[i * m..(i + 1) * m], &mut ds[i * m..(i + 1) * m]);
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = scale * pv * (*x - rowsum);
-                    }
-                }
+                softmax_grad_rows(p, ds, (gc, oc), scale);
                 unsafe {
                     // dQ = dS K; dK += dS^T Q
                     let dqc = Dst {
@@ -347,7 +382,10 @@ impl FusedAttention {
             .clone();
         // Only a backward without its forward lacks the statistics: recompute them.
         let lse = kept.unwrap_or_else(|| self.run(&q, &k, &v, dm).1);
-        let (dq, dk, dv) = self.grads((&q, &k, &v, &o, &g), &lse, dm);
+        let args = (&q[..], &k[..], &v[..], &o[..], &g[..]);
+        let chunk = chunk_rows::<T>(n, m, self.chunk_bytes);
+        let (dq, dk, dv) = T::grads_bf16(args, &lse, dm, self.scale, chunk)
+            .unwrap_or_else(|| self.grads(args, &lse, dm));
         let dev = &candle_core::Device::Cpu;
         Ok((
             Tensor::from_vec(dq, (b, n, h * d), dev)?,
