@@ -101,6 +101,74 @@ fn linear_gradients_run_in_bf16_when_it_is_on() {
     assert!(e < 1e-5, "dW is {e} from the bf16-rounded product");
 }
 
+/// A conv of `x [c, h, w]` (one image) with `w [o, c, 3, 3]` at `stride`, padding 1, plus
+/// `bias`, in f64 from bf16-rounded operands: `[o, ho, wo]`.
+fn rounded_conv(
+    (x, w, bias): (&[f32], &[f32], &[f32]),
+    (c, h, wd, o): (usize, usize, usize, usize),
+    stride: usize,
+) -> Vec<f64> {
+    let (ho, wo) = ((h + 2 - 3) / stride + 1, (wd + 2 - 3) / stride + 1);
+    let mut out = vec![0f64; o * ho * wo];
+    for oc in 0..o {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut acc = bias[oc] as f64;
+                for ic in 0..c {
+                    for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
+                        let (iy, ix) = (
+                            (oy * stride + i) as isize - 1,
+                            (ox * stride + j) as isize - 1,
+                        );
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                            continue;
+                        }
+                        let xv = x[(ic * h + iy as usize) * wd + ix as usize];
+                        acc += r(xv) * r(w[((oc * c + ic) * 3 + i) * 3 + j]);
+                    }
+                }
+                out[(oc * ho + oy) * wo + ox] = acc;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn convolutions_run_in_bf16_when_it_is_on() {
+    if !ops::cpu_bf16::supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    ops::cpu_bf16::set_enabled(true);
+    // past the bf16 threshold (k = 37 * 9 = 333, odd: a pair straddles two channels; o 70);
+    // 13 wide (panels of 32 pixels span output rows) and stride 2 (19 -> 10 wide)
+    let (c, o) = (37, 70);
+    for (h, wd, stride) in [(13, 13, 1), (19, 20, 2), (9, 40, 1)] {
+        let (xv, wv, bv) = (
+            wave(c * h * wd, 1.0, 0.1),
+            wave(o * c * 9, 0.3, 0.2),
+            wave(o, 0.5, 0.3),
+        );
+        let x = Tensor::from_vec(xv.clone(), (1, c, h, wd), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(wv.clone(), (o, c, 3, 3), &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(bv.clone(), o, &Device::Cpu).unwrap();
+        let cfg = ops::conv::ConvConfig { stride, padding: 1 };
+        let want = rounded_conv((&xv, &wv, &bv), (c, h, wd, o), stride);
+        for (what, w) in [
+            ("f32", w.clone()),
+            ("bf16", w.to_dtype(DType::BF16).unwrap()),
+        ] {
+            let y = ops::conv::conv2d(&x, &w, Some(&bias), cfg).unwrap();
+            let e = rel_err(&y, &want);
+            assert!(
+                e < 1e-5,
+                "{h}x{wd} stride {stride}, {what} weight: {e} from the bf16-rounded conv"
+            );
+        }
+    }
+}
+
 /// `x` rounded to bf16, in f64.
 fn r(x: f32) -> f64 {
     half::bf16::from_f32(x).to_f64()

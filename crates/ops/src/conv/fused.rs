@@ -12,9 +12,9 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ConvConfig;
+use super::{packed, ConvConfig};
 use crate::cpu::matmul::{dense, Data};
-use crate::cpu::{float_op, slices, task_len, weights, Float};
+use crate::cpu::{as_f32, as_f32_mut, float_op, slices, task_len, weights, Float};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64).
@@ -140,29 +140,65 @@ pub(super) fn im2col_row<T: Float>(x: &[T], g: &Geo, row: usize, out: &mut [T]) 
 
 /// [`im2col_row`] for the output rows `oy0..oy1` only.
 fn im2col_band<T: Float>(x: &[T], g: &Geo, row: usize, (oy0, oy1): (usize, usize), out: &mut [T]) {
-    let kk = g.kh * g.kw;
-    let (c, i, j) = (row / kk, (row % kk) / g.kw, row % g.kw);
-    let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-    // Output columns whose input column ox s + j - p lies inside [0, w).
-    let ox0 = g.p.saturating_sub(j).div_ceil(g.s).min(g.wo);
-    let ox1 = (g.w + g.p).saturating_sub(j).div_ceil(g.s).clamp(ox0, g.wo);
-    for oy in oy0..oy1 {
-        let dst = &mut out[(oy - oy0) * g.wo..(oy - oy0 + 1) * g.wo];
-        let iy = (oy * g.s + i) as isize - g.p as isize;
-        if iy < 0 || iy >= g.h as isize || ox0 == ox1 {
-            dst.fill(T::zero());
-            continue;
+    let tap = g.tap(row);
+    for (oy, dst) in (oy0..oy1).zip(out.chunks_exact_mut(g.wo)) {
+        im2col_run(x, g, &tap, (oy, 0), dst);
+    }
+}
+
+/// What row `(c, i, j)` of the im2col matrix reads: input channel `c` at kernel offset `(i, j)`,
+/// and the output columns whose input column `ox s + j - p` lies inside `[0, w)`.
+pub(super) struct Tap {
+    c: usize,
+    i: usize,
+    j: usize,
+    inside: (usize, usize),
+}
+
+impl Geo {
+    /// Row `row` of the im2col matrix.
+    pub(super) fn tap(&self, row: usize) -> Tap {
+        let kk = self.kh * self.kw;
+        let j = row % self.kw;
+        let ox0 = self.p.saturating_sub(j).div_ceil(self.s).min(self.wo);
+        let ox1 = (self.w + self.p).saturating_sub(j).div_ceil(self.s);
+        Tap {
+            c: row / kk,
+            i: (row % kk) / self.kw,
+            j,
+            inside: (ox0, ox1.clamp(ox0, self.wo)),
         }
-        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-        dst[..ox0].fill(T::zero());
-        dst[ox1..].fill(T::zero());
-        let ix0 = ox0 * g.s + j - g.p;
-        if g.s == 1 {
-            dst[ox0..ox1].copy_from_slice(&src[ix0..ix0 + (ox1 - ox0)]);
-        } else {
-            for (n, v) in dst[ox0..ox1].iter_mut().enumerate() {
-                *v = src[ix0 + n * g.s];
-            }
+    }
+}
+
+/// Row `tap` of the im2col matrix of one image `x [c, h, w]` at output row `oy`, output columns
+/// `ox..ox + out.len()` (within the row): zero where the tap falls in the padding.
+pub(super) fn im2col_run<T: Float>(
+    x: &[T],
+    g: &Geo,
+    tap: &Tap,
+    (oy, ox): (usize, usize),
+    out: &mut [T],
+) {
+    let iy = (oy * g.s + tap.i) as isize - g.p as isize;
+    if iy < 0 || iy >= g.h as isize {
+        out.fill(T::zero());
+        return;
+    }
+    let end = ox + out.len();
+    let (vx0, vx1) = (tap.inside.0.clamp(ox, end), tap.inside.1.clamp(ox, end));
+    out[..vx0 - ox].fill(T::zero());
+    out[vx1 - ox..].fill(T::zero());
+    if vx0 == vx1 {
+        return;
+    }
+    let start = (tap.c * g.h + iy as usize) * g.w + vx0 * g.s + tap.j - g.p;
+    let dst = &mut out[vx0 - ox..vx1 - ox];
+    if g.s == 1 {
+        dst.copy_from_slice(&x[start..start + dst.len()]);
+    } else {
+        for (n, v) in dst.iter_mut().enumerate() {
+            *v = x[start + n * g.s];
         }
     }
 }
@@ -172,10 +208,13 @@ fn im2col_band<T: Float>(x: &[T], g: &Geo, row: usize, (oy0, oy1): (usize, usize
 pub(super) fn col2im_channel<T: Float>(dcols: &[T], g: &Geo, plane: &mut [T]) {
     let npix = g.npix();
     for (r, row) in dcols.chunks_exact(npix).enumerate() {
-        let (i, j) = (r / g.kw, r % g.kw);
-        // Output columns whose input column ox s + j - p lies inside [0, w).
-        let ox0 = g.p.saturating_sub(j).div_ceil(g.s);
-        let ox1 = ((g.w + g.p).saturating_sub(j)).div_ceil(g.s).min(g.wo);
+        // the channel's own rows: taps (i, j) of channel 0's geometry
+        let Tap {
+            i,
+            j,
+            inside: (ox0, ox1),
+            ..
+        } = g.tap(r);
         if ox0 >= ox1 {
             continue;
         }
@@ -229,6 +268,11 @@ impl Conv {
     ) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
         let mut y = output(bias, b, g.o, npix);
+        if let (Some(x), Some(w), true) = (as_f32(x), w.as_f32(), packed::applies(g)) {
+            let y32 = as_f32_mut(&mut y).expect("T is f32, as x is");
+            packed::forward((x, w), y32, b, g, (budget, bias.is_some()));
+            return y;
+        }
         let band = g.band_rows(std::mem::size_of::<T>(), budget);
         if g.is_pointwise() || band == g.ho {
             each_image_cols(x, b, g, |bi, cols| {

@@ -19,6 +19,7 @@ use crate::Result;
 
 mod fused;
 mod fused_transformed;
+mod packed;
 mod portable;
 
 /// Stride and padding of a conv (dilation 1, one group), like candle-nn's `Conv2dConfig`.

@@ -16,6 +16,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use super::fastmath::simd_dispatch;
 use super::matmul::{Data, Dst, Mat};
 
 /// Rows of the micro-kernel's block.
@@ -158,6 +159,20 @@ impl Packed for f32 {
                 *o = pair(two[0], two[1]);
             }
         }
+    }
+}
+
+simd_dispatch! {
+    /// The pair words of `lo[i]` and `hi[i]` into `out` (as long as `lo`): two rows of a matrix
+    /// read along their run, compiled for the widest vectors the CPU has (the loop vectorises:
+    /// [`pair`] has no branches).
+    fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_run_body;
+}
+
+#[inline(always)]
+fn pair_run_body(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+    for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+        *o = pair(l, h);
     }
 }
 
@@ -523,9 +538,11 @@ unsafe fn pairs16(_: &[f32; 32], _: &mut [u32; 16]) {
 /// sampling step. A product started while another is packing on the same thread (a rayon task
 /// run while waiting) finds the slot empty and allocates its own.
 #[derive(Default)]
-struct Scratch {
-    a: Vec<u32>,
-    b: Vec<u32>,
+pub(crate) struct Scratch {
+    /// The left operand's buffer.
+    pub(crate) a: Vec<u32>,
+    /// The right operand's buffer.
+    pub(crate) b: Vec<u32>,
 }
 
 thread_local! {
@@ -533,11 +550,13 @@ thread_local! {
 }
 
 impl Scratch {
-    fn take() -> Scratch {
+    /// This thread's buffers (empty ones when a product on this thread holds them).
+    pub(crate) fn take() -> Scratch {
         SCRATCH.with(std::cell::Cell::take)
     }
 
-    fn put_back(self) {
+    /// Gives the buffers back for the next product on this thread.
+    pub(crate) fn put_back(self) {
         SCRATCH.with(|s| s.set(self));
     }
 }
@@ -593,6 +612,38 @@ impl Panels {
             words,
             pairs,
             len: b.shape().1,
+        }
+    }
+
+    /// A right operand `b [k, n]` whose numbers come from `rows`: `rows(r, j0, out)` writes
+    /// `b[r, j0..j0 + NR]` into `out` (zeros past column `n`). For an operand no one holds
+    /// whole (a conv's im2col matrix, formed a panel at a time from the image): packing it
+    /// costs no pass over memory of its own. Panels in parallel, into `buf`.
+    pub(crate) fn right_from(
+        (k, n): (usize, usize),
+        mut buf: Vec<u32>,
+        rows: impl Fn(usize, usize, &mut [f32; NR]) + Sync,
+    ) -> Panels {
+        use rayon::prelude::*;
+        let cp = k.div_ceil(2);
+        panel_buffer(&mut buf, n, cp, NR);
+        let pack_panel = |(p, panel): (usize, &mut [u32])| {
+            let (mut lo, mut hi) = ([0f32; NR], [0f32; NR]);
+            for (q, words) in panel.chunks_exact_mut(NR).enumerate() {
+                rows(2 * q, p * NR, &mut lo);
+                if 2 * q + 1 < k {
+                    rows(2 * q + 1, p * NR, &mut hi);
+                } else {
+                    hi = [0.0; NR];
+                }
+                pair_run(&lo, &hi, words);
+            }
+        };
+        buf.par_chunks_mut(cp * NR).enumerate().for_each(pack_panel);
+        Panels {
+            words: buf,
+            pairs: cp,
+            len: n,
         }
     }
 
@@ -680,14 +731,37 @@ pub(crate) unsafe fn gemm(
     }
     let scratch = Scratch::take();
     let (pa, pb) = (Panels::left(&a, scratch.a), Panels::right(&b, scratch.b));
-    let col_panels = pb.col_panels();
+    // SAFETY: checked above; `dst` is the caller's promise.
+    unsafe { gemm_packed(threads, dst, &pa, &pb, scale, accumulate) };
+    Scratch {
+        a: pa.into_buffer(),
+        b: pb.into_buffer(),
+    }
+    .put_back();
+    true
+}
+
+/// `dst [m, n] (+)= scale a @ b` for packed operands, `threads` tasks over `b`'s column panels.
+///
+/// # Safety
+/// `supported()` must hold; `dst` valid for `m` rows of `n` writes, `rs` apart (0: `n`), that
+/// no other thread reads or writes meanwhile.
+pub(crate) unsafe fn gemm_packed(
+    threads: usize,
+    dst: Dst<f32>,
+    a: &Panels,
+    b: &Panels,
+    scale: f32,
+    accumulate: bool,
+) {
+    let col_panels = b.col_panels();
     let (out, rs) = (SendPtr(dst.ptr), dst.rs);
     let run = |p0: usize, p1: usize| {
         let dst = Dst { ptr: out.get(), rs };
-        // SAFETY: checked above; each task writes the columns of its own panels.
-        unsafe { multiply(dst, &pa, &pb, (p0, p1), scale, accumulate) }
+        // SAFETY: the caller's promise; each task writes the columns of its own panels.
+        unsafe { multiply(dst, a, b, (p0, p1), scale, accumulate) }
     };
-    let tasks = threads.clamp(1, col_panels);
+    let tasks = threads.clamp(1, col_panels.max(1));
     if tasks == 1 {
         run(0, col_panels);
     } else {
@@ -701,12 +775,6 @@ pub(crate) unsafe fn gemm(
             }
         });
     }
-    Scratch {
-        a: pa.into_buffer(),
-        b: pb.into_buffer(),
-    }
-    .put_back();
-    true
 }
 
 /// One `MR x 16V` block over `pairs` pairs of `k` (`V` vectors of 16 columns, 1 or 2): `c (+)=

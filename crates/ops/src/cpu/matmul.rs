@@ -42,6 +42,14 @@ impl<'a, T: Float> Data<'a, T> {
         }
     }
 
+    /// The same numbers when `T` is f32 (see [`super::as_f32`]).
+    pub(crate) fn as_f32(self) -> Option<Data<'a, f32>> {
+        match self {
+            Data::Plain(x) => super::as_f32(x).map(Data::Plain),
+            Data::Bf16(x) => Some(Data::Bf16(x)),
+        }
+    }
+
     /// The numbers `s..` of it.
     fn skip(self, s: usize) -> Self {
         match self {

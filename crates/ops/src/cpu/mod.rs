@@ -114,6 +114,21 @@ impl Float for f64 {
     }
 }
 
+/// `x` as f32 numbers when `T` is f32: for the kernels whose f32 case may take the bf16
+/// products' own path.
+pub(crate) fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: `T` is f32 itself.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
+/// [`as_f32`] for a buffer to write.
+pub(crate) fn as_f32_mut<T: Float>(x: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: `T` is f32 itself.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) })
+}
+
 /// The numbers of a contiguous CPU tensor, as the slice its layout covers.
 pub(crate) fn slices<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,

@@ -1,0 +1,110 @@
+//! A conv's forward with bf16 products (what `--dtype bf16` runs on a CPU with AVX512-BF16):
+//! the im2col matrix is never written in f32. Each panel of 32 output pixels of it is packed for
+//! the bf16 kernel straight from the image ([`Panels::right_from`]), in bands of pixels, and
+//! the output is written in place. The f32 path's `cols` (SD 1.5's 64x64 convs: 47-94 MB)
+//! cost a zeroing pass, a written pass and the packer's read of it; here the image's rows are
+//! read from cache as each panel is packed.
+
+use super::fused::{im2col_run, Geo};
+use crate::cpu::bf16::{self, Panels, Scratch, NR};
+use crate::cpu::matmul::{Data, Dst, Mat};
+
+/// Whether the forward runs here: bf16 products on, for a product that repays them (the
+/// caller checks that the numbers are f32).
+pub(super) fn applies(g: &Geo) -> bool {
+    bf16::active() && bf16::worth_it((g.o, g.k()), (g.k(), g.npix()))
+}
+
+/// `y [b, o, npix] (+)= w cols_b` for each image `x_b`, `w [o, k]` (f32 or bf16), `cols_b` its
+/// im2col matrix `[k, npix]` packed in bands of at most `budget` bytes; `accumulate` when `y`
+/// holds a bias.
+pub(super) fn forward(
+    (x, w): (&[f32], Data<'_, f32>),
+    y: &mut [f32],
+    b: usize,
+    g: &Geo,
+    (budget, accumulate): (usize, bool),
+) {
+    let (npix, k) = (g.npix(), g.k());
+    // a band's packed columns: k bf16 numbers (2 bytes) per pixel, whole panels
+    let band = (budget / (2 * k).max(1) / NR).max(1) * NR;
+    let threads = rayon::current_num_threads();
+    let Scratch { a, b: mut buf } = Scratch::take();
+    let weights = Panels::left(&Mat::new(w, g.o, k), a);
+    for (xb, yb) in x
+        .chunks_exact(g.c * g.h * g.w)
+        .zip(y.chunks_exact_mut(g.o * npix))
+        .take(b)
+    {
+        for p0 in (0..npix).step_by(band) {
+            let n = band.min(npix - p0);
+            let cols = Panels::right_from((k, n), buf, |r, j0, out| {
+                panel_row(xb, g, r, p0 + j0, (p0 + n).min(p0 + j0 + NR), out)
+            });
+            let dst = Dst {
+                ptr: yb[p0..].as_mut_ptr(),
+                rs: npix,
+            };
+            // SAFETY: `applies` checked the instructions; `dst` is columns p0..p0 + n of this
+            // image's `[o, npix]` output, which only this call writes.
+            unsafe { bf16::gemm_packed(threads, dst, &weights, &cols, 1.0, accumulate) };
+            buf = cols.into_buffer();
+        }
+    }
+    Scratch {
+        a: weights.into_buffer(),
+        b: buf,
+    }
+    .put_back();
+}
+
+/// Row `r` of one image's im2col matrix at output pixels `j0..end` (`end - j0 <= NR`, rows of
+/// the output in turn), zeros past them.
+fn panel_row(x: &[f32], g: &Geo, r: usize, j0: usize, end: usize, out: &mut [f32; NR]) {
+    let (tap, mut j) = (g.tap(r), j0);
+    while j < end {
+        let (oy, ox) = (j / g.wo, j % g.wo);
+        let run = (g.wo - ox).min(end - j);
+        im2col_run(x, g, &tap, (oy, ox), &mut out[j - j0..j - j0 + run]);
+        j += run;
+    }
+    out[end - j0..].fill(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::ConvConfig;
+
+    /// Bands of pixels (the last one short, one panel the smallest) give the bits one band
+    /// gives: each output's sum runs over the same `k` in the same order.
+    #[test]
+    fn bands_give_the_bits_of_one_band() {
+        if !bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (c, h, w, o) = (20, 11, 15, 40);
+        let cfg = ConvConfig {
+            stride: 1,
+            padding: 1,
+        };
+        let g = Geo::new(&[2, c, h, w], &[o, c, 3, 3], cfg).unwrap();
+        let x: Vec<f32> = (0..2 * c * h * w)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let wt: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.11).cos()).collect();
+        let run = |budget: usize| {
+            let mut y = vec![0.5f32; 2 * o * g.npix()];
+            forward((&x, Data::Plain(&wt)), &mut y, 2, &g, (budget, true));
+            y
+        };
+        let whole = run(usize::MAX / 4);
+        for pixels in [32, 64, 96] {
+            assert_eq!(run(2 * g.k() * pixels), whole, "bands of {pixels} pixels");
+        }
+        // and the budget does cut bands: too small a budget still makes one-panel bands
+        assert_eq!(run(1), whole);
+        assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.5));
+    }
+}
