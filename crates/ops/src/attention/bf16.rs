@@ -68,8 +68,13 @@ pub(super) fn run(
         // SAFETY: `worth_it` checked the instructions; `scores` is this task's `c x m`, each
         // number written (no accumulation).
         unsafe {
-            let all = (0, keys.col_panels());
-            bf16::multiply(Dst::dense(&mut scores), &queries, keys, all, scale, false)
+            bf16::multiply(
+                Dst::dense(&mut scores),
+                queries.all(),
+                keys.all(),
+                scale,
+                false,
+            )
         };
         let (mut max, mut sum) = (vec![0f32; c], vec![0f32; c]);
         row_max(&scores, m, &mut max);
@@ -81,7 +86,7 @@ pub(super) fn run(
             rs: h * e,
         };
         // SAFETY: each task writes its own rows s..s + c of its own head's columns.
-        unsafe { bf16::multiply(dst, &probs, values, (0, values.col_panels()), 1.0, false) };
+        unsafe { bf16::multiply(dst, probs.all(), values.all(), 1.0, false) };
         WORDS.with(|w| w.set(probs.into_buffer()));
         SCORES.with(|w| w.set(scores));
         for i in 0..c {
@@ -97,20 +102,29 @@ pub(super) fn run(
     (out, lse)
 }
 
+/// Queries per block of the backward (a multiple of [`bf16::MR`], so that blocks start row
+/// panels of the queries packed once per head).
+const QUERY_BLOCK: usize = 96;
+/// Keys per block of the backward (a multiple of [`bf16::NR`]): a block's `dK` and `dV` rows
+/// stay in cache while every query block meets them.
+const KEY_BLOCK: usize = 256;
+
 /// The backward with bf16 products: `(dq, dk, dv)` for the inputs `(q, k, v)`, the output `o`
 /// and its gradient `g`, from the forward's log-sum-exp `lse` (see the module `attention` for
 /// the equations). One task per (batch row, head), which owns that head's columns of the
-/// gradients and takes its query chunks of `chunk` rows in turn; the head's keys and values
-/// are packed once for all of them (`K^T` for the scores, `K` for `dQ = dS K`, `V^T` for
-/// `dP = G V^T`). The probabilities and `dS` are f32, as are the sums; each product rounds its
-/// operands to bf16, as PyTorch's autocast runs attention's backward.
+/// gradients. Its operands are packed once, in each orientation a product reads them; then,
+/// for each block of keys `j` and each block of queries `i` (FlashAttention-2's order, Dao
+/// 2023, arXiv 2307.08691): `P = e^(scale Q_i K_j^T - lse_i)`, `dV_j += P^T G_i`, `dP = G_i
+/// V_j^T`, `dS = scale P (dP - D_i)`, `dQ_i += dS K_j`, `dK_j += dS^T Q_i`, with `D = rowsum(G O)`.
+/// A block's scores and `dS` (96 x 256) and its `dK_j`, `dV_j` stay in L2, where whole rows of
+/// scores went out to memory and back several times. `P` and `dS` are f32, as are the sums;
+/// each product rounds its operands to bf16, as PyTorch's autocast runs attention's backward.
 #[allow(clippy::type_complexity)]
 pub(super) fn grads(
     (q, k, v, o, g): (&[f32], &[f32], &[f32], &[f32], &[f32]),
     lse: &[f64],
     dm: Dims,
     scale: f32,
-    chunk: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { b, h, n, m, d, e } = dm;
     let (mut dq, mut dk, mut dv) = (
@@ -127,72 +141,85 @@ pub(super) fn grads(
         .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
         .collect();
     heads.par_iter().for_each(|&bh| {
-        let (kh, vh) = (dm.head(k, bh, m, d), dm.head(v, bh, m, e));
-        let (qh, gh, oh) = (
+        let (qh, kh, vh) = (
             dm.head(q, bh, n, d),
-            dm.head(g, bh, n, e),
-            dm.head(o, bh, n, e),
+            dm.head(k, bh, m, d),
+            dm.head(v, bh, m, e),
         );
-        let keys_t = Panels::right(&kh.t(), Vec::new());
-        let keys = Panels::right(&kh, Vec::new());
-        let values_t = Panels::right(&vh.t(), Vec::new());
-        // SAFETY (every write below): this task alone writes head bh's columns.
-        let (dkh, dvh) = unsafe {
-            let (dk, dv) = (ptrs.1.get(), ptrs.2.get());
-            (
-                Dst {
-                    ptr: dk.add(dm.at(bh, m, 0, d)),
-                    rs: h * d,
-                },
-                Dst {
-                    ptr: dv.add(dm.at(bh, m, 0, e)),
-                    rs: h * e,
-                },
-            )
-        };
+        let (gh, oh) = (dm.head(g, bh, n, e), dm.head(o, bh, n, e));
+        // each operand in each orientation a product reads it
+        let (queries, queries_k) = (Panels::left(&qh, vec![]), Panels::right(&qh, vec![]));
+        let (grads, grads_k) = (Panels::left(&gh, vec![]), Panels::right(&gh, vec![]));
+        let (keys_t, keys) = (Panels::right(&kh.t(), vec![]), Panels::right(&kh, vec![]));
+        let values_t = Panels::right(&vh.t(), vec![]);
         let head = bh.0 * h + bh.1;
         let row_lse: Vec<f32> = lse[head * n..(head + 1) * n]
             .iter()
             .map(|&x| x as f32)
             .collect();
-        let (mut p, mut ds) = (vec![0f32; chunk.min(n) * m], vec![0f32; chunk.min(n) * m]);
+        let delta = super::fused::row_dots(gh, oh);
+        let (mut p, mut ds) = (
+            vec![0f32; QUERY_BLOCK * KEY_BLOCK],
+            vec![0f32; QUERY_BLOCK * KEY_BLOCK],
+        );
         let mut bufs: [Vec<u32>; 3] = Default::default();
-        let all = |b: &Panels| (0, b.col_panels());
-        for s in (0..n).step_by(chunk) {
-            let c = chunk.min(n - s);
-            let (qc, gc, oc) = (qh.rows(s, c), gh.rows(s, c), oh.rows(s, c));
-            let (p, ds) = (&mut p[..c * m], &mut ds[..c * m]);
-            let [b0, b1, b2] = std::mem::take(&mut bufs);
-            let dqc = Dst {
-                // SAFETY: rows s..s + c of head bh, which only this task writes.
-                ptr: unsafe { ptrs.0.get().add(dm.at(bh, n, s, d)) },
-                rs: h * d,
-            };
-            // SAFETY (the products): `worth_it` checked the instructions; each destination is
-            // this task's (`p`, `ds`) or its head's columns.
-            // P = e^(scale Q K^T - lse)
-            let rows = Panels::left(&qc, b0);
-            unsafe { bf16::multiply(Dst::dense(p), &rows, &keys_t, all(&keys_t), scale, false) };
-            super::fused::exp_rows_shifted_f32(p, m, &row_lse[s..s + c]);
-            // dV += P^T G
-            let (pt, cols) = (
-                Panels::left(&Mat::new(&*p, c, m).t(), b1),
-                Panels::right(&gc, b2),
-            );
-            unsafe { bf16::multiply(dvh, &pt, &cols, all(&cols), 1.0, true) };
-            // dP = G V^T, then dS = scale P (dP - rowsum(G O))
-            let rows = Panels::left(&gc, rows.into_buffer());
-            unsafe { bf16::multiply(Dst::dense(ds), &rows, &values_t, all(&values_t), 1.0, false) };
-            super::fused::softmax_grad_rows(p, ds, (gc, oc), scale);
-            // dQ = dS K; dK += dS^T Q
-            let rows = Panels::left(&Mat::new(&*ds, c, m), rows.into_buffer());
-            unsafe { bf16::multiply(dqc, &rows, &keys, all(&keys), 1.0, false) };
-            let (dst, cols) = (
-                Panels::left(&Mat::new(&*ds, c, m).t(), pt.into_buffer()),
-                Panels::right(&qc, cols.into_buffer()),
-            );
-            unsafe { bf16::multiply(dkh, &dst, &cols, all(&cols), 1.0, true) };
-            bufs = [rows.into_buffer(), dst.into_buffer(), cols.into_buffer()];
+        // SAFETY (every `Dst` below): this task alone writes head bh's columns.
+        let at = |ptr: SendPtr<f32>, rows: usize, row: usize, w: usize| Dst {
+            ptr: unsafe { ptr.get().add(dm.at(bh, rows, row, w)) },
+            rs: h * w,
+        };
+        for j0 in (0..m).step_by(KEY_BLOCK) {
+            let kb = (j0, (j0 + KEY_BLOCK).min(m));
+            let mb = kb.1 - kb.0;
+            for i0 in (0..n).step_by(QUERY_BLOCK) {
+                let qb = (i0, (i0 + QUERY_BLOCK).min(n));
+                let c = qb.1 - qb.0;
+                let (p, ds) = (&mut p[..c * mb], &mut ds[..c * mb]);
+                let [b0, b1, b2] = std::mem::take(&mut bufs);
+                let (first_i, first_j) = (i0 == 0, j0 == 0);
+                // SAFETY (the products): `worth_it` checked the instructions; each destination
+                // is this task's (`p`, `ds`) or its head's rows of the gradients.
+                unsafe {
+                    // P = e^(scale Q_i K_j^T - lse_i)
+                    let (qi, kj) = (queries.all().lines(qb), keys_t.all().lines(kb));
+                    bf16::multiply(Dst::dense(p), qi, kj, scale, false);
+                }
+                super::fused::exp_rows_shifted_f32(p, mb, &row_lse[qb.0..qb.1]);
+                let pt = Panels::left(&Mat::new(&*p, c, mb).t(), b0);
+                unsafe {
+                    // dV_j += P^T G_i; dP = G_i V_j^T
+                    bf16::multiply(
+                        at(ptrs.2, m, j0, e),
+                        pt.all(),
+                        grads_k.all().depth(qb),
+                        1.0,
+                        !first_i,
+                    );
+                    let (gi, vj) = (grads.all().lines(qb), values_t.all().lines(kb));
+                    bf16::multiply(Dst::dense(ds), gi, vj, 1.0, false);
+                }
+                super::fused::softmax_grad_rows(p, ds, &delta[qb.0..qb.1], scale);
+                let dsl = Panels::left(&Mat::new(&*ds, c, mb), b1);
+                let dst = Panels::left(&Mat::new(&*ds, c, mb).t(), b2);
+                unsafe {
+                    // dQ_i += dS K_j; dK_j += dS^T Q_i
+                    bf16::multiply(
+                        at(ptrs.0, n, i0, d),
+                        dsl.all(),
+                        keys.all().depth(kb),
+                        1.0,
+                        !first_j,
+                    );
+                    bf16::multiply(
+                        at(ptrs.1, m, j0, d),
+                        dst.all(),
+                        queries_k.all().depth(qb),
+                        1.0,
+                        !first_i,
+                    );
+                }
+                bufs = [pt.into_buffer(), dsl.into_buffer(), dst.into_buffer()];
+            }
         }
     });
     (dq, dk, dv)

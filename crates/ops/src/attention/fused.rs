@@ -75,7 +75,6 @@ trait Rows: Float {
         _lse: &[f64],
         _dm: Dims,
         _scale: f64,
-        _chunk: usize,
     ) -> Option<(Vec<Self>, Vec<Self>, Vec<Self>)> {
         None
     }
@@ -95,10 +94,9 @@ impl Rows for f32 {
         lse: &[f64],
         dm: Dims,
         scale: f64,
-        chunk: usize,
     ) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let fast = super::bf16::worth_it(&dm);
-        fast.then(|| super::bf16::grads(args, lse, dm, scale as f32, chunk))
+        fast.then(|| super::bf16::grads(args, lse, dm, scale as f32))
     }
 }
 
@@ -183,23 +181,26 @@ fn exp_rows_shifted_body(x: &mut [f32], m: usize, shift: &[f32]) {
     }
 }
 
-/// `ds <- scale p (ds - rowsum(g o))` on each row of `m` numbers: the softmax's backward, from
-/// the probabilities `p`, `dP` in `ds`, and the chunk's output gradient and output rows `(g, o)`.
-pub(super) fn softmax_grad_rows<T: Float>(
-    p: &[T],
-    ds: &mut [T],
-    (g, o): (Mat<'_, T>, Mat<'_, T>),
-    scale: T,
-) {
-    let m = p.len() / g.rows.max(1);
-    for (i, (pr, dr)) in p.chunks_exact(m).zip(ds.chunks_exact_mut(m)).enumerate() {
-        let rowsum = g
-            .row(i)
-            .iter()
-            .zip(o.row(i))
-            .fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+/// Each row's dot product of `g` and `o` (as many rows): `D = rowsum(G O)` of the softmax's
+/// backward, from the output gradient and the output.
+pub(super) fn row_dots<T: Float>(g: Mat<'_, T>, o: Mat<'_, T>) -> Vec<T> {
+    (0..g.rows)
+        .map(|i| {
+            let (gr, or) = (g.row(i), o.row(i));
+            gr.iter()
+                .zip(or)
+                .fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+        })
+        .collect()
+}
+
+/// `ds <- scale p (ds - delta[i])` on each row `i` of `p` and `ds` (as many rows as `delta`):
+/// the softmax's backward, from the probabilities `p`, `dP` in `ds` and `D` ([`row_dots`]).
+pub(super) fn softmax_grad_rows<T: Float>(p: &[T], ds: &mut [T], delta: &[T], scale: T) {
+    let m = p.len() / delta.len().max(1);
+    for ((pr, dr), &dl) in p.chunks_exact(m).zip(ds.chunks_exact_mut(m)).zip(delta) {
         for (x, &pv) in dr.iter_mut().zip(pr) {
-            *x = scale * pv * (*x - rowsum);
+            *x = scale * pv * (*x - dl);
         }
     }
 }
@@ -345,7 +346,7 @@ impl FusedAttention {
                     // dP = G V^T, then dS = scale P (dP - rowsum(G O))
                     gemm(Dst::dense(ds), gc, vh.t(), T::one(), false);
                 }
-                softmax_grad_rows(p, ds, (gc, oc), scale);
+                softmax_grad_rows(p, ds, &row_dots(gc, oc), scale);
                 unsafe {
                     // dQ = dS K; dK += dS^T Q
                     let dqc = Dst {
@@ -383,9 +384,8 @@ impl FusedAttention {
         // Only a backward without its forward lacks the statistics: recompute them.
         let lse = kept.unwrap_or_else(|| self.run(&q, &k, &v, dm).1);
         let args = (&q[..], &k[..], &v[..], &o[..], &g[..]);
-        let chunk = chunk_rows::<T>(n, m, self.chunk_bytes);
-        let (dq, dk, dv) = T::grads_bf16(args, &lse, dm, self.scale, chunk)
-            .unwrap_or_else(|| self.grads(args, &lse, dm));
+        let (dq, dk, dv) =
+            T::grads_bf16(args, &lse, dm, self.scale).unwrap_or_else(|| self.grads(args, &lse, dm));
         let dev = &candle_core::Device::Cpu;
         Ok((
             Tensor::from_vec(dq, (b, n, h * d), dev)?,

@@ -68,13 +68,15 @@ pub fn enabled() -> bool {
     }
 }
 
-/// Whether the CPU has the instructions (AVX512-BF16 with AVX512F and AVX512BW).
+/// Whether the CPU has the instructions (AVX512-BF16 with AVX512F, AVX512BW and AVX512VL, as
+/// every CPU with AVX512-BF16 has).
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -139,6 +141,14 @@ trait Packed: Copy + Send + Sync {
 
     /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has AVX512F and AVX512BW).
     fn pairs16(run: &[Self; 32], out: &mut [u32; 16], simd: bool);
+
+    /// The pair words of `lo[i]` and `hi[i]` into `out` (as long as `lo`): two rows of a
+    /// matrix read along their run.
+    fn pair_run(lo: &[Self], hi: &[Self], out: &mut [u32]) {
+        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+            *o = Self::pair(l, h);
+        }
+    }
 }
 
 impl Packed for f32 {
@@ -160,12 +170,15 @@ impl Packed for f32 {
             }
         }
     }
+
+    fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        pair_run(lo, hi, out)
+    }
 }
 
 simd_dispatch! {
-    /// The pair words of `lo[i]` and `hi[i]` into `out` (as long as `lo`): two rows of a matrix
-    /// read along their run, compiled for the widest vectors the CPU has (the loop vectorises:
-    /// [`pair`] has no branches).
+    /// [`Packed::pair_run`] for f32, compiled for the widest vectors the CPU has (the loop
+    /// vectorises: [`pair`] has no branches).
     fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_run_body;
 }
 
@@ -219,38 +232,39 @@ fn pack_from<S: Packed>(
     panel_buffer(&mut out, rows, cp, w);
     let parallel = rows * cols >= 1 << 16;
     if rs == 1 {
-        // Rows adjacent: each pair of columns is two runs of `rows` numbers, read straight
-        // through and dealt out to the panels (pairs in parallel: they write apart).
+        // Rows adjacent: each pair of columns is two runs of `rows` numbers, paired along the
+        // run into `words` (vectorised) and dealt out to the panels, `w` words each (pairs in
+        // parallel: they write apart).
         let panels = rows.div_ceil(w);
         let dst = SendPtr(out.as_mut_ptr());
-        let pack_pair = |q: usize| {
+        let pack_pair = |words: &mut Vec<u32>, q: usize| {
             let j = 2 * q;
             let lo = &d[j * cs..j * cs + rows];
-            let hi = (j + 1 < cols).then(|| &d[(j + 1) * cs..(j + 1) * cs + rows]);
-            for p in 0..panels {
-                let (r0, r_end) = (p * w, (rows - p * w).min(w));
+            words.resize(rows, 0);
+            match (j + 1 < cols).then(|| &d[(j + 1) * cs..(j + 1) * cs + rows]) {
+                Some(hi) => S::pair_run(lo, hi, words),
+                None => words
+                    .iter_mut()
+                    .zip(lo)
+                    .for_each(|(o, &l)| *o = S::pair(l, S::ZERO)),
+            }
+            for (p, run) in words.chunks(w).enumerate() {
                 // SAFETY: panel `p`, pair `q` is `w` words of `out` that only this task writes.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(dst.get().add((p * cp + q) * w), r_end)
+                    std::slice::from_raw_parts_mut(dst.get().add((p * cp + q) * w), run.len())
                 };
-                match hi {
-                    Some(hi) => {
-                        for ((o, &l), &h) in o.iter_mut().zip(&lo[r0..]).zip(&hi[r0..]) {
-                            *o = S::pair(l, h);
-                        }
-                    }
-                    None => {
-                        for (o, &l) in o.iter_mut().zip(&lo[r0..]) {
-                            *o = S::pair(l, S::ZERO);
-                        }
-                    }
-                }
+                o.copy_from_slice(run);
             }
+            debug_assert_eq!(words.len().div_ceil(w), panels);
         };
         if parallel {
-            (0..cp).into_par_iter().with_min_len(8).for_each(pack_pair);
+            (0..cp)
+                .into_par_iter()
+                .with_min_len(8)
+                .for_each_init(Vec::new, pack_pair);
         } else {
-            (0..cp).for_each(pack_pair);
+            let mut words = Vec::new();
+            (0..cp).for_each(|q| pack_pair(&mut words, q));
         }
         return (out, cp);
     }
@@ -340,6 +354,7 @@ pub(crate) fn pack_exp_rows(
         words: out,
         pairs: cp,
         len: rows,
+        w: MR,
     }
 }
 
@@ -592,6 +607,8 @@ pub(crate) struct Panels {
     pairs: usize,
     /// Rows of the left operand, or columns of the right one.
     len: usize,
+    /// Rows ([`MR`]) or columns ([`NR`]) per panel.
+    w: usize,
 }
 
 impl Panels {
@@ -602,6 +619,7 @@ impl Panels {
             words,
             pairs,
             len: a.shape().0,
+            w: MR,
         }
     }
 
@@ -612,6 +630,7 @@ impl Panels {
             words,
             pairs,
             len: b.shape().1,
+            w: NR,
         }
     }
 
@@ -644,6 +663,7 @@ impl Panels {
             words: buf,
             pairs: cp,
             len: n,
+            w: NR,
         }
     }
 
@@ -656,39 +676,94 @@ impl Panels {
     pub(crate) fn col_panels(&self) -> usize {
         self.len.div_ceil(NR)
     }
+
+    /// The whole operand as a [`Block`].
+    pub(crate) fn all(&self) -> Block<'_> {
+        Block {
+            of: self,
+            panels: (0, self.len.div_ceil(self.w)),
+            pairs: (0, self.pairs),
+        }
+    }
 }
 
-/// `dst [m, n] (+)= scale a @ b` for the packed `a` (`m` rows) and `b` (`n` columns), over `b`'s
-/// column panels `p0..p1` (the rest of `dst` is left alone), on the calling thread. GotoBLAS's
-/// order: a `KC`-deep block of `MC` rows of `a` (in L2) meets each `KC x NR` panel of `b` (in
-/// L1) in turn.
+/// Part of a packed operand for [`multiply`]: its panels `panels.0..panels.1` (rows of a left
+/// operand in panels of [`MR`], columns of a right one in panels of [`NR`]) over its pairs
+/// `pairs.0..pairs.1` of `k`. Attention's blocks of queries and keys are blocks of operands
+/// packed once per head.
+#[derive(Clone, Copy)]
+pub(crate) struct Block<'a> {
+    of: &'a Panels,
+    panels: (usize, usize),
+    pairs: (usize, usize),
+}
+
+impl Block<'_> {
+    /// The panels holding rows (or columns) `r0..r1` of the operand; `r0` must start a panel.
+    pub(crate) fn lines(self, (r0, r1): (usize, usize)) -> Self {
+        let w = self.of.w;
+        assert!(
+            r0.is_multiple_of(w) && r1 <= self.of.len,
+            "lines {r0}..{r1} of panels of {w}"
+        );
+        Block {
+            panels: (r0 / w, r1.div_ceil(w)),
+            ..self
+        }
+    }
+
+    /// The pairs holding `k` numbers `k0..k1` of the operand; `k0` must be even.
+    pub(crate) fn depth(self, (k0, k1): (usize, usize)) -> Self {
+        assert!(k0.is_multiple_of(2) && k1.div_ceil(2) <= self.of.pairs);
+        Block {
+            pairs: (k0 / 2, k1.div_ceil(2)),
+            ..self
+        }
+    }
+
+    /// Rows (or columns) of the block.
+    fn extent(&self) -> usize {
+        (self.panels.1 * self.of.w).min(self.of.len) - self.panels.0 * self.of.w
+    }
+
+    /// The words of panel `p` (of the operand) for the block's pairs `q0..q1` (counted from the
+    /// block's first).
+    fn panel(&self, p: usize, (q0, q1): (usize, usize)) -> &[u32] {
+        let (w, start) = (self.of.w, p * self.of.pairs + self.pairs.0);
+        &self.of.words[(start + q0) * w..(start + q1) * w]
+    }
+}
+
+/// `dst [m, n] (+)= scale a @ b` for a block `a` of a packed left operand (`m` rows) and a block
+/// `b` of a packed right one (`n` columns) of as many pairs of `k`, on the calling thread; `dst`
+/// points at the block's first row and column. GotoBLAS's order: a `KC`-deep block of `MC` rows
+/// of `a` (in L2) meets each `KC x NR` panel of `b` (in L1) in turn.
 ///
 /// # Safety
-/// `supported()` must hold; `dst` as in [`gemm`] for the columns of panels `p0..p1`.
+/// `supported()` must hold; `dst` as in [`gemm`] for the block's `m x n` (`rs` 0: `n`).
 pub(crate) unsafe fn multiply(
     dst: Dst<f32>,
-    a: &Panels,
-    b: &Panels,
-    (p0, p1): (usize, usize),
+    a: Block<'_>,
+    b: Block<'_>,
     scale: f32,
     accumulate: bool,
 ) {
-    let (m, n, kp) = (a.len, b.len, a.pairs);
-    assert!(kp == b.pairs && p1 <= b.col_panels());
+    let kp = a.pairs.1 - a.pairs.0;
+    assert!(a.of.w == MR && b.of.w == NR && kp == b.pairs.1 - b.pairs.0);
+    let (m, n) = (a.extent(), b.extent());
     let rs = if dst.rs == 0 { n } else { dst.rs };
-    let (pa, pb) = (&a.words, &b.words);
-    let row_panels = m.div_ceil(MR);
+    let ((a0, a1), (b0, b1)) = (a.panels, b.panels);
     let mut q0 = 0;
     while q0 < kp {
         let q1 = (q0 + KC / 2).min(kp);
         let add = accumulate || q0 > 0;
-        for i0 in (0..row_panels).step_by(MC / MR) {
-            for p in p0..p1 {
-                let bpanel = &pb[(p * kp + q0) * NR..(p * kp + q1) * NR];
-                let (c0, cols) = (p * NR, NR.min(n - p * NR));
-                for i in i0..(i0 + MC / MR).min(row_panels) {
-                    let apanel = &pa[(i * kp + q0) * MR..(i * kp + q1) * MR];
-                    let (r0, rows) = (i * MR, MR.min(m - i * MR));
+        for i0 in (a0..a1).step_by(MC / MR) {
+            for p in b0..b1 {
+                let bpanel = b.panel(p, (q0, q1));
+                let (c0, cols) = ((p - b0) * NR, NR.min(n - (p - b0) * NR));
+                for i in i0..(i0 + MC / MR).min(a1) {
+                    let apanel = a.panel(i, (q0, q1));
+                    let (r0, rows) = ((i - a0) * MR, MR.min(m - (i - a0) * MR));
                     // SAFETY: the caller checked the instructions; the panels hold `q1 - q0`
                     // pairs; the block lies within `dst` (rows < m, columns < n).
                     unsafe {
@@ -696,9 +771,11 @@ pub(crate) unsafe fn multiply(
                         let block = (rows, cols);
                         if cols > NR / 2 {
                             kernel::<2>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                        } else if cols > NR / 4 {
+                            kernel::<1>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
                         } else {
                             // a narrow last panel (attention's 40-wide heads: 32 + 8)
-                            kernel::<1>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                            kernel8(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
                         }
                     }
                 }
@@ -755,11 +832,18 @@ pub(crate) unsafe fn gemm_packed(
     accumulate: bool,
 ) {
     let col_panels = b.col_panels();
-    let (out, rs) = (SendPtr(dst.ptr), dst.rs);
+    let rs = if dst.rs == 0 { b.len } else { dst.rs };
+    let out = SendPtr(dst.ptr);
     let run = |p0: usize, p1: usize| {
-        let dst = Dst { ptr: out.get(), rs };
+        let cols = b.all().lines((p0 * NR, (p1 * NR).min(b.len)));
         // SAFETY: the caller's promise; each task writes the columns of its own panels.
-        unsafe { multiply(dst, a, b, (p0, p1), scale, accumulate) }
+        unsafe {
+            let dst = Dst {
+                ptr: out.get().add(p0 * NR),
+                rs,
+            };
+            multiply(dst, a.all(), cols, scale, accumulate)
+        }
     };
     let tasks = threads.clamp(1, col_panels.max(1));
     if tasks == 1 {
@@ -842,6 +926,72 @@ unsafe fn kernel<const V: usize>(
             }
         }
     }
+}
+
+/// [`kernel`] for a block of at most 8 columns, on 256-bit vectors: where a 512-bit
+/// instruction runs as two halves (Zen 4), each step costs half of `kernel::<1>`'s, whose
+/// second half would multiply the panel's zero padding.
+///
+/// # Safety
+/// As [`kernel`], and AVX512VL must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel8(
+    a: &[u32],
+    b: &[u32],
+    pairs: usize,
+    c: *mut f32,
+    rs: usize,
+    (rows, cols): (usize, usize),
+    scale: f32,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    for q in 0..pairs {
+        // SAFETY: within the panels (the caller's promise); unaligned loads.
+        unsafe {
+            let bv: __m256bh = std::mem::transmute(_mm256_loadu_si256(pb.add(q * NR).cast()));
+            let arow = pa.add(q * MR).cast::<i32>();
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x: __m256bh =
+                    std::mem::transmute(_mm256_set1_epi32(arow.add(r).read_unaligned()));
+                *acc = _mm256_dpbf16_ps(*acc, x, bv);
+            }
+        }
+    }
+    let (s, mask) = (
+        _mm256_set1_ps(scale),
+        ((1u16 << cols.min(8)) - 1) as __mmask8,
+    );
+    for (r, v) in acc.iter().enumerate().take(rows) {
+        // SAFETY: the first `cols` columns of row `r` lie within the block.
+        unsafe {
+            let p = c.add(r * rs);
+            let mut y = _mm256_mul_ps(*v, s);
+            if accumulate {
+                y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(mask, p));
+            }
+            _mm256_mask_storeu_ps(p, mask, y);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel8(
+    _: &[u32],
+    _: &[u32],
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: (usize, usize),
+    _: f32,
+    _: bool,
+) {
+    unreachable!("supported() is false off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
