@@ -8,8 +8,6 @@
 //! sums and the outputs stay f32; the backward recomputes the probabilities from the kept
 //! log-sum-exp.
 
-use std::cell::Cell;
-
 use rayon::prelude::*;
 
 use super::Dims;
@@ -24,90 +22,100 @@ pub(super) fn worth_it(dm: &Dims) -> bool {
     bf16::active() && dm.m >= 128 && dm.d >= 32 && dm.e >= 16
 }
 
-thread_local! {
-    /// The last chunk's scores on this thread, for the next chunk (every number is written
-    /// before it is read: no zeroing pass, no page faults).
-    static SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// The last packed probability chunk's buffer on this thread, for the next chunk.
-    static WORDS: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-}
+/// Query rows per block, forward and backward (a multiple of [`bf16::MR`], so that blocks start
+/// row panels of the queries packed once per head).
+const QUERY_BLOCK: usize = 96;
+/// Keys per block, forward and backward (a multiple of [`bf16::NR`]): a block's scores (96 KB)
+/// stay in L2, and so do the backward's `dK_j` and `dV_j` while every query block meets them.
+const KEY_BLOCK: usize = 256;
 
 /// The forward on f32 `q`, `k`, `v` of shapes `dm`: the output and each query row's
-/// log-sum-exp `[b, h, n]`, with score chunks of `chunk` query rows.
+/// log-sum-exp `[b, h, n]`. One task per (batch row, head, block of queries), which meets the
+/// head's keys a block at a time with an online softmax (FlashAttention's, Dao et al. 2022):
+/// the block's running row maxima `mx`, sums `l` and unnormalised output `acc`, rescaled by
+/// `e^(mx_old - mx_new)` when a key block raises a maximum.
 pub(super) fn run(
     (q, k, v): (&[f32], &[f32], &[f32]),
     dm: Dims,
     scale: f32,
-    chunk: usize,
 ) -> (Vec<f32>, Vec<f64>) {
     let Dims { b, h, n, m, d, e } = dm;
     let heads: Vec<(usize, usize)> = (0..b)
         .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
         .collect();
-    // keys as the right operand of `Q K^T` (`K^T`), values as that of `P V`
-    let packed: Vec<(Panels, Panels)> = heads
+    // per head: queries as the left operand of `Q K^T`, keys as its right one (`K^T`), values
+    // as that of `P V`
+    let packed: Vec<[Panels; 3]> = heads
         .par_iter()
         .map(|&bh| {
-            let keys = Panels::right(&dm.head(k, bh, m, d).t(), Vec::new());
-            (keys, Panels::right(&dm.head(v, bh, m, e), Vec::new()))
+            [
+                Panels::left(&dm.head(q, bh, n, d), Vec::new()),
+                Panels::right(&dm.head(k, bh, m, d).t(), Vec::new()),
+                Panels::right(&dm.head(v, bh, m, e), Vec::new()),
+            ]
         })
         .collect();
     let mut out = vec![0f32; b * n * h * e];
     let mut lse = vec![0f64; b * h * n];
-    let tasks: Vec<(usize, usize, usize)> = heads
-        .iter()
-        .flat_map(|&(bi, hi)| (0..n).step_by(chunk).map(move |s| (bi, hi, s)))
+    let tasks: Vec<(usize, usize)> = (0..heads.len())
+        .flat_map(|head| (0..n).step_by(QUERY_BLOCK).map(move |i0| (head, i0)))
         .collect();
     let (out_ptr, lse_ptr) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
-    tasks.par_iter().for_each(|&(bi, hi, s)| {
-        let c = chunk.min(n - s);
-        let (keys, values) = &packed[bi * h + hi];
-        let queries = Panels::left(&dm.head(q, (bi, hi), n, d).rows(s, c), Vec::new());
-        let mut scores = SCORES.with(Cell::take);
-        scores.resize(c * m, 0.0);
-        // SAFETY: `worth_it` checked the instructions; `scores` is this task's `c x m`, each
-        // number written (no accumulation).
-        unsafe {
-            bf16::multiply(
-                Dst::dense(&mut scores),
-                queries.all(),
-                keys.all(),
-                scale,
-                false,
-            )
-        };
-        let (mut max, mut sum) = (vec![0f32; c], vec![0f32; c]);
-        row_max(&scores, m, &mut max);
-        let words = WORDS.with(Cell::take);
-        let probs = bf16::pack_exp_rows(&scores, (c, m), &max, &mut sum, words);
-        let dst = Dst {
-            // SAFETY: in bounds: row s of head hi of batch row bi.
-            ptr: unsafe { out_ptr.get().add(dm.at((bi, hi), n, s, e)) },
-            rs: h * e,
-        };
-        // SAFETY: each task writes its own rows s..s + c of its own head's columns.
-        unsafe { bf16::multiply(dst, probs.all(), values.all(), 1.0, false) };
-        WORDS.with(|w| w.set(probs.into_buffer()));
-        SCORES.with(|w| w.set(scores));
-        for i in 0..c {
-            let inv = 1.0 / sum[i];
-            // SAFETY: as above; row i of this task's block, and its own log-sum-exp slot.
+    tasks.par_iter().for_each(|&(head, i0)| {
+        let [queries, keys, values] = &packed[head];
+        let qb = (i0, (i0 + QUERY_BLOCK).min(n));
+        let c = qb.1 - qb.0;
+        let (mut s, mut words) = (vec![0f32; c * KEY_BLOCK.min(m)], Vec::new());
+        let (mut acc, mut mx, mut l) =
+            (vec![0f32; c * e], vec![f32::NEG_INFINITY; c], vec![0f32; c]);
+        let (mut new_mx, mut sums) = (vec![0f32; c], vec![0f32; c]);
+        for j0 in (0..m).step_by(KEY_BLOCK) {
+            let kb = (j0, (j0 + KEY_BLOCK).min(m));
+            let mb = kb.1 - kb.0;
+            let s = &mut s[..c * mb];
+            // SAFETY: `worth_it` checked the instructions; `s` is this task's `c x mb`.
             unsafe {
-                let row = std::slice::from_raw_parts_mut(dst.ptr.add(i * dst.rs), e);
-                row.iter_mut().for_each(|x| *x *= inv);
-                *lse_ptr.get().add((bi * h + hi) * n + s + i) = (max[i] + sum[i].ln()) as f64;
+                let (qi, kj) = (queries.all().lines(qb), keys.all().lines(kb));
+                bf16::multiply(Dst::dense(s), qi, kj, scale, false);
+            }
+            row_max(s, mb, &mut new_mx);
+            for r in 0..c {
+                new_mx[r] = new_mx[r].max(mx[r]);
+                if j0 > 0 && new_mx[r] > mx[r] {
+                    let alpha = (mx[r] - new_mx[r]).exp();
+                    l[r] *= alpha;
+                    acc[r * e..(r + 1) * e].iter_mut().for_each(|x| *x *= alpha);
+                }
+            }
+            let probs = bf16::pack_exp_rows(s, (c, mb), &new_mx, &mut sums, words);
+            // SAFETY: as above; `acc` is this task's `c x e`.
+            unsafe {
+                let vj = values.all().depth(kb);
+                bf16::multiply(Dst::dense(&mut acc), probs.all(), vj, 1.0, j0 > 0);
+            }
+            words = probs.into_buffer();
+            for r in 0..c {
+                l[r] += sums[r];
+            }
+            mx.copy_from_slice(&new_mx);
+        }
+        let (bi, hi) = heads[head];
+        for (r, row) in acc.chunks_exact(e).enumerate() {
+            let inv = 1.0 / l[r];
+            // SAFETY: row i0 + r of head hi of batch row bi, and its log-sum-exp slot: this
+            // task's alone.
+            unsafe {
+                let dst = out_ptr.get().add(dm.at((bi, hi), n, i0 + r, e));
+                std::slice::from_raw_parts_mut(dst, e)
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, &x)| *o = x * inv);
+                *lse_ptr.get().add(head * n + i0 + r) = (mx[r] + l[r].ln()) as f64;
             }
         }
     });
     (out, lse)
 }
-
-/// Queries per block of the backward (a multiple of [`bf16::MR`], so that blocks start row
-/// panels of the queries packed once per head).
-const QUERY_BLOCK: usize = 96;
-/// Keys per block of the backward (a multiple of [`bf16::NR`]): a block's `dK` and `dV` rows
-/// stay in cache while every query block meets them.
-const KEY_BLOCK: usize = 256;
 
 /// The backward with bf16 products: `(dq, dk, dv)` for the inputs `(q, k, v)`, the output `o`
 /// and its gradient `g`, from the forward's log-sum-exp `lse` (see the module `attention` for

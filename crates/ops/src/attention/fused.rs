@@ -421,8 +421,7 @@ impl CustomOp3 for FusedAttention {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 let qkv = (&q[a1..z1], &k[a2..z2], &v[a3..z3]);
                 let (o, lse) = if super::bf16::worth_it(&dm) {
-                    let chunk = chunk_rows::<f32>(dm.n, dm.m, self.chunk_bytes);
-                    super::bf16::run(qkv, dm, self.scale as f32, chunk)
+                    super::bf16::run(qkv, dm, self.scale as f32)
                 } else {
                     self.run(qkv.0, qkv.1, qkv.2, dm)
                 };
