@@ -1,5 +1,7 @@
 //! The fused attention op alone at SD 1.5's first level (4096 positions, 8 heads of 40, f32):
 //! forward and backward seconds for each score-chunk size, the numbers behind `CHUNK_BYTES`.
+//! With `ATOMTUNE_CPU_BF16=1` on a CPU with AVX512-BF16 the op runs its bf16 products in
+//! blocks of its own (`attention/bf16.rs`), whatever the chunk size: every line times the same.
 //!
 //! ```text
 //! cargo bench -p atomtune-ops --bench attention -- [--positions N] [--runs N]

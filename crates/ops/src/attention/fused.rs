@@ -26,7 +26,8 @@ use crate::Result;
 /// products: at SD 1.5's 4096 positions, 8 heads of 40, a forward and backward took
 /// 0.62/0.51/0.32/0.28/0.28/0.27/0.27 s with chunks of 128K/256K/512K/1M/2M/4M/8M bytes (a
 /// 2-core AMD EPYC with 1 MB of L2 per core; `cargo bench -p atomtune-ops --bench attention`).
-/// Past 1 MB the gain is a few percent; 2 MB keeps each task's buffers small.
+/// Past 1 MB the gain is a few percent; 2 MB keeps each task's buffers small. (The bf16
+/// products, `bf16.rs`, block queries and keys their own way.)
 pub(super) const CHUNK_BYTES: usize = 2 << 20;
 
 /// The fused op on contiguous f32 or f64 inputs of checked shapes `dm`, with score chunks of

@@ -172,6 +172,23 @@ impl Geo {
 }
 
 /// Row `tap` of the im2col matrix of one image `x [c, h, w]` at output row `oy`, output columns
+/// `ox..ox + len`, as the slice of `x` it is: where the conv has stride 1 and every one of those
+/// columns reads inside the image (`None` elsewhere).
+pub(super) fn im2col_slice<'a, T: Float>(
+    x: &'a [T],
+    g: &Geo,
+    tap: &Tap,
+    (oy, ox): (usize, usize),
+    len: usize,
+) -> Option<&'a [T]> {
+    let iy = (oy + tap.i).checked_sub(g.p).filter(|&iy| iy < g.h)?;
+    let inside = g.s == 1 && tap.inside.0 <= ox && ox + len <= tap.inside.1;
+    // inside: ox + j - p >= 0
+    let start = || (tap.c * g.h + iy) * g.w + ox + tap.j - g.p;
+    inside.then(|| &x[start()..start() + len])
+}
+
+/// Row `tap` of the im2col matrix of one image `x [c, h, w]` at output row `oy`, output columns
 /// `ox..ox + out.len()` (within the row): zero where the tap falls in the padding.
 pub(super) fn im2col_run<T: Float>(
     x: &[T],

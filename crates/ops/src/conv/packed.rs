@@ -5,8 +5,8 @@
 //! cost a zeroing pass, a written pass and the packer's read of it; here the image's rows are
 //! read from cache as each panel is packed.
 
-use super::fused::{im2col_run, Geo};
-use crate::cpu::bf16::{self, Panels, Scratch, NR};
+use super::fused::{im2col_run, im2col_slice, Geo, Tap};
+use crate::cpu::bf16::{self, pair_run, Panels, Scratch, NR};
 use crate::cpu::matmul::{Data, Dst, Mat};
 
 /// Whether the forward runs here: bf16 products on, for a product that repays them (the
@@ -38,8 +38,9 @@ pub(super) fn forward(
     {
         for p0 in (0..npix).step_by(band) {
             let n = band.min(npix - p0);
-            let cols = Panels::right_from((k, n), buf, |r, j0, out| {
-                panel_row(xb, g, r, p0 + j0, (p0 + n).min(p0 + j0 + NR), out)
+            let cols = Panels::right_from((k, n), buf, |q, j0, words| {
+                let end = (p0 + n).min(p0 + j0 + NR);
+                panel_pairs(xb, g, q, (p0 + j0, end), words)
             });
             let dst = Dst {
                 ptr: yb[p0..].as_mut_ptr(),
@@ -58,17 +59,38 @@ pub(super) fn forward(
     .put_back();
 }
 
-/// Row `r` of one image's im2col matrix at output pixels `j0..end` (`end - j0 <= NR`, rows of
-/// the output in turn), zeros past them.
-fn panel_row(x: &[f32], g: &Geo, r: usize, j0: usize, end: usize, out: &mut [f32; NR]) {
-    let (tap, mut j) = (g.tap(r), j0);
+/// The pair words of rows `2q` and `2q + 1` of one image's im2col matrix at output pixels
+/// `j0..end` (`end - j0 <= NR`), zeros past them: read straight from the image where both rows'
+/// pixels lie in it side by side (a panel inside one row of a stride-1 conv, away from the
+/// padding: most of them), else gathered row by row of the output.
+fn panel_pairs(x: &[f32], g: &Geo, q: usize, (j0, end): (usize, usize), words: &mut [u32; NR]) {
+    let k = g.k();
+    let taps = (g.tap(2 * q), (2 * q + 1 < k).then(|| g.tap(2 * q + 1)));
+    let (oy, ox) = (j0 / g.wo, j0 % g.wo);
+    if end - j0 == NR && ox + NR <= g.wo {
+        let inside = |tap| im2col_slice(x, g, tap, (oy, ox), NR);
+        if let (Some(lo), Some(Some(hi))) = (inside(&taps.0), taps.1.as_ref().map(inside)) {
+            return pair_run(lo, hi, words);
+        }
+    }
+    let (mut lo, mut hi) = ([0f32; NR], [0f32; NR]);
+    panel_row(x, g, &taps.0, (j0, end), &mut lo);
+    if let Some(tap) = &taps.1 {
+        panel_row(x, g, tap, (j0, end), &mut hi);
+    }
+    pair_run(&lo, &hi, words);
+}
+
+/// Row `tap` of one image's im2col matrix at output pixels `j0..end`, rows of the output in
+/// turn; `out` past them is left as it is.
+fn panel_row(x: &[f32], g: &Geo, tap: &Tap, (j0, end): (usize, usize), out: &mut [f32; NR]) {
+    let mut j = j0;
     while j < end {
         let (oy, ox) = (j / g.wo, j % g.wo);
         let run = (g.wo - ox).min(end - j);
-        im2col_run(x, g, &tap, (oy, ox), &mut out[j - j0..j - j0 + run]);
+        im2col_run(x, g, tap, (oy, ox), &mut out[j - j0..j - j0 + run]);
         j += run;
     }
-    out[end - j0..].fill(0.0);
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ impl Packed for f32 {
 simd_dispatch! {
     /// [`Packed::pair_run`] for f32, compiled for the widest vectors the CPU has (the loop
     /// vectorises: [`pair`] has no branches).
-    fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_run_body;
+    pub(crate) fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_run_body;
 }
 
 #[inline(always)]
@@ -634,28 +634,23 @@ impl Panels {
         }
     }
 
-    /// A right operand `b [k, n]` whose numbers come from `rows`: `rows(r, j0, out)` writes
-    /// `b[r, j0..j0 + NR]` into `out` (zeros past column `n`). For an operand no one holds
-    /// whole (a conv's im2col matrix, formed a panel at a time from the image): packing it
-    /// costs no pass over memory of its own. Panels in parallel, into `buf`.
+    /// A right operand `b [k, n]` whose pair words come from `pairs`: `pairs(q, j0, words)`
+    /// writes those of rows `2q` and `2q + 1` (zero past row `k`) at columns `j0..j0 + NR`
+    /// (zero past column `n`), as [`pair_run`] makes them. For an operand no one holds whole (a
+    /// conv's im2col matrix, read a panel at a time from the image): packing it costs no pass
+    /// over memory of its own. Panels in parallel, into `buf`.
     pub(crate) fn right_from(
         (k, n): (usize, usize),
         mut buf: Vec<u32>,
-        rows: impl Fn(usize, usize, &mut [f32; NR]) + Sync,
+        pairs: impl Fn(usize, usize, &mut [u32; NR]) + Sync,
     ) -> Panels {
         use rayon::prelude::*;
         let cp = k.div_ceil(2);
         panel_buffer(&mut buf, n, cp, NR);
         let pack_panel = |(p, panel): (usize, &mut [u32])| {
-            let (mut lo, mut hi) = ([0f32; NR], [0f32; NR]);
-            for (q, words) in panel.chunks_exact_mut(NR).enumerate() {
-                rows(2 * q, p * NR, &mut lo);
-                if 2 * q + 1 < k {
-                    rows(2 * q + 1, p * NR, &mut hi);
-                } else {
-                    hi = [0.0; NR];
-                }
-                pair_run(&lo, &hi, words);
+            let (words, _) = panel.as_chunks_mut::<NR>();
+            for (q, words) in words.iter_mut().enumerate() {
+                pairs(q, p * NR, words);
             }
         };
         buf.par_chunks_mut(cp * NR).enumerate().for_each(pack_panel);
