@@ -762,15 +762,20 @@ pub(crate) unsafe fn multiply(
                     // SAFETY: the caller checked the instructions; the panels hold `q1 - q0`
                     // pairs; the block lies within `dst` (rows < m, columns < n).
                     unsafe {
-                        let c = dst.ptr.add(r0 * rs + c0);
-                        let block = (rows, cols);
+                        let out = Out {
+                            c: dst.ptr.add(r0 * rs + c0),
+                            rs,
+                            block: (rows, cols),
+                            scale,
+                            accumulate: add,
+                        };
                         if cols > NR / 2 {
-                            kernel::<2>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                            kernel::<2>(apanel, bpanel, q1 - q0, out)
                         } else if cols > NR / 4 {
-                            kernel::<1>(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                            kernel::<1>(apanel, bpanel, q1 - q0, out)
                         } else {
                             // a narrow last panel (attention's 40-wide heads: 32 + 8)
-                            kernel8(apanel, bpanel, q1 - q0, c, rs, block, scale, add)
+                            kernel8(apanel, bpanel, q1 - q0, out)
                         }
                     }
                 }
@@ -856,26 +861,35 @@ pub(crate) unsafe fn gemm_packed(
     }
 }
 
-/// One `MR x 16V` block over `pairs` pairs of `k` (`V` vectors of 16 columns, 1 or 2): `c (+)=
-/// scale * sum a b` for the first `rows x cols` of it (the packed panels are zero past the
-/// matrix; `b`'s pairs are `NR` words apart whatever `V`).
+/// Where a micro-kernel writes: `c (+)= scale * sum a b` for the first `rows x cols` of its
+/// block, rows `rs` apart (added to what is there when `accumulate`).
+#[derive(Clone, Copy)]
+struct Out {
+    c: *mut f32,
+    rs: usize,
+    /// `(rows, cols)`.
+    block: (usize, usize),
+    scale: f32,
+    accumulate: bool,
+}
+
+/// One `MR x 16V` block over `pairs` pairs of `k` (`V` vectors of 16 columns, 1 or 2), into
+/// `out` (the packed panels are zero past the matrix; `b`'s pairs are `NR` words apart
+/// whatever `V`).
 ///
 /// # Safety
 /// AVX512-BF16 and AVX512F must be present; `a` holds `pairs * MR` pair words, `b`
-/// `pairs * NR`; `c` is valid for `rows` rows of `cols` writes, `rs` apart.
+/// `pairs * NR`; `out.c` is valid for `rows` rows of `cols` writes, `rs` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel<const V: usize>(
-    a: &[u32],
-    b: &[u32],
-    pairs: usize,
-    c: *mut f32,
-    rs: usize,
-    (rows, cols): (usize, usize),
-    scale: f32,
-    accumulate: bool,
-) {
+unsafe fn kernel<const V: usize>(a: &[u32], b: &[u32], pairs: usize, out: Out) {
+    let Out {
+        c,
+        rs,
+        block: (rows, cols),
+        scale,
+        accumulate,
+    } = out;
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; MR];
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -931,17 +945,14 @@ unsafe fn kernel<const V: usize>(
 /// As [`kernel`], and AVX512VL must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel8(
-    a: &[u32],
-    b: &[u32],
-    pairs: usize,
-    c: *mut f32,
-    rs: usize,
-    (rows, cols): (usize, usize),
-    scale: f32,
-    accumulate: bool,
-) {
+unsafe fn kernel8(a: &[u32], b: &[u32], pairs: usize, out: Out) {
+    let Out {
+        c,
+        rs,
+        block: (rows, cols),
+        scale,
+        accumulate,
+    } = out;
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); MR];
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -975,32 +986,12 @@ unsafe fn kernel8(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel8(
-    _: &[u32],
-    _: &[u32],
-    _: usize,
-    _: *mut f32,
-    _: usize,
-    _: (usize, usize),
-    _: f32,
-    _: bool,
-) {
+unsafe fn kernel8(_: &[u32], _: &[u32], _: usize, _: Out) {
     unreachable!("supported() is false off x86_64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel<const V: usize>(
-    _: &[u32],
-    _: &[u32],
-    _: usize,
-    _: *mut f32,
-    _: usize,
-    _: (usize, usize),
-    _: f32,
-    _: bool,
-) {
+unsafe fn kernel<const V: usize>(_: &[u32], _: &[u32], _: usize, _: Out) {
     unreachable!("supported() is false off x86_64")
 }
 
@@ -1255,7 +1246,14 @@ mod peak {
         let t = std::time::Instant::now();
         for _ in 0..reps {
             // SAFETY: checked above; the panels hold `pairs` pairs, `c` one block.
-            unsafe { kernel::<2>(&a, &b, pairs, c.as_mut_ptr(), NR, (MR, NR), 1.0, true) };
+            let out = Out {
+                c: c.as_mut_ptr(),
+                rs: NR,
+                block: (MR, NR),
+                scale: 1.0,
+                accumulate: true,
+            };
+            unsafe { kernel::<2>(&a, &b, pairs, out) };
         }
         let dt = t.elapsed().as_secs_f64();
         let flops = 2.0 * (MR * NR * 2 * pairs) as f64 * reps as f64;
