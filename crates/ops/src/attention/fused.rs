@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::Dims;
 use crate::cpu::fastmath::{exp_neg, simd_dispatch};
 use crate::cpu::matmul::{self, Dst, Mat};
-use crate::cpu::{Float, SendPtr};
+use crate::cpu::{as_f32, Float, SendPtr};
 use crate::Result;
 
 /// Bytes of scores a task holds at once (forward and backward: twice that). Larger chunks mean
@@ -67,18 +67,6 @@ trait Rows: Float {
     /// On each row `i` of `m` numbers: `x <- e^(x - shift[i])`, where `shift[i]` is at least
     /// the row's maximum.
     fn exp_rows_shifted(x: &mut [Self], m: usize, shift: &[Self]);
-
-    /// The backward with bf16 products ([`super::bf16::grads`]) where it runs (f32 inputs of
-    /// a problem [`super::bf16::worth_it`] takes), else `None`.
-    #[allow(clippy::type_complexity)]
-    fn grads_bf16(
-        _args: (&[Self], &[Self], &[Self], &[Self], &[Self]),
-        _lse: &[f64],
-        _dm: Dims,
-        _scale: f64,
-    ) -> Option<(Vec<Self>, Vec<Self>, Vec<Self>)> {
-        None
-    }
 }
 
 impl Rows for f32 {
@@ -88,16 +76,6 @@ impl Rows for f32 {
 
     fn exp_rows_shifted(x: &mut [f32], m: usize, shift: &[f32]) {
         exp_rows_shifted_f32(x, m, shift)
-    }
-
-    fn grads_bf16(
-        args: (&[f32], &[f32], &[f32], &[f32], &[f32]),
-        lse: &[f64],
-        dm: Dims,
-        scale: f64,
-    ) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let fast = super::bf16::worth_it(&dm);
-        fast.then(|| super::bf16::grads(args, lse, dm, scale as f32))
     }
 }
 
@@ -369,7 +347,6 @@ impl FusedAttention {
         (q, k, v, o, g): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
         dm: Dims,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let Dims { b, h, n, m, d, e } = dm;
         let (q, k, v, o, g) = (
             q.to_vec1::<T>()?,
             k.to_vec1::<T>()?,
@@ -384,15 +361,29 @@ impl FusedAttention {
             .clone();
         // Only a backward without its forward lacks the statistics: recompute them.
         let lse = kept.unwrap_or_else(|| self.run(&q, &k, &v, dm).1);
-        let args = (&q[..], &k[..], &v[..], &o[..], &g[..]);
-        let (dq, dk, dv) =
-            T::grads_bf16(args, &lse, dm, self.scale).unwrap_or_else(|| self.grads(args, &lse, dm));
-        let dev = &candle_core::Device::Cpu;
-        Ok((
-            Tensor::from_vec(dq, (b, n, h * d), dev)?,
-            Tensor::from_vec(dk, (b, m, h * d), dev)?,
-            Tensor::from_vec(dv, (b, m, h * e), dev)?,
-        ))
+        // the gradients as tensors of the inputs' shapes, from numbers of either path's type
+        #[allow(clippy::type_complexity)]
+        fn tensors<U: candle_core::WithDType>(
+            (dq, dk, dv): (Vec<U>, Vec<U>, Vec<U>),
+            Dims { b, h, n, m, d, e }: Dims,
+        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            let dev = &candle_core::Device::Cpu;
+            Ok((
+                Tensor::from_vec(dq, (b, n, h * d), dev)?,
+                Tensor::from_vec(dk, (b, m, h * d), dev)?,
+                Tensor::from_vec(dv, (b, m, h * e), dev)?,
+            ))
+        }
+        // f32 inputs of a problem the bf16 products take run there (as the forward did)
+        if let [Some(q), Some(k), Some(v), Some(o), Some(g)] =
+            [&q, &k, &v, &o, &g].map(|x| as_f32(x))
+        {
+            if super::bf16::worth_it(&dm) {
+                let scale = self.scale as f32;
+                return tensors(super::bf16::grads((q, k, v, o, g), &lse, dm, scale), dm);
+            }
+        }
+        tensors(self.grads((&q, &k, &v, &o, &g), &lse, dm), dm)
     }
 }
 

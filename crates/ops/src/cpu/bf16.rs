@@ -235,7 +235,6 @@ fn pack_from<S: Packed>(
         // Rows adjacent: each pair of columns is two runs of `rows` numbers, paired along the
         // run into `words` (vectorised) and dealt out to the panels, `w` words each (pairs in
         // parallel: they write apart).
-        let panels = rows.div_ceil(w);
         let dst = SendPtr(out.as_mut_ptr());
         let pack_pair = |words: &mut Vec<u32>, q: usize| {
             let j = 2 * q;
@@ -255,7 +254,6 @@ fn pack_from<S: Packed>(
                 };
                 o.copy_from_slice(run);
             }
-            debug_assert_eq!(words.len().div_ceil(w), panels);
         };
         if parallel {
             (0..cp)
@@ -886,9 +884,9 @@ unsafe fn kernel<const V: usize>(a: &[u32], b: &[u32], pairs: usize, out: Out) {
     let Out {
         c,
         rs,
-        block: (rows, cols),
         scale,
         accumulate,
+        block: (rows, cols),
     } = out;
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); V]; MR];
@@ -949,9 +947,9 @@ unsafe fn kernel8(a: &[u32], b: &[u32], pairs: usize, out: Out) {
     let Out {
         c,
         rs,
-        block: (rows, cols),
         scale,
         accumulate,
+        block: (rows, cols),
     } = out;
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); MR];
