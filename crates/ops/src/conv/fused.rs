@@ -285,7 +285,7 @@ impl Conv {
         let mut y = output(bias, b, g.o, npix);
         if let (Some(x), Some(w), true) = (as_f32(x), w.as_f32(), packed::applies(g)) {
             let y32 = as_f32_mut(&mut y).expect("T is f32, as x is");
-            packed::forward((x, w), y32, b, g, (budget, bias.is_some()));
+            packed::forward((x, w), y32, b, g, bias.is_some());
             return y;
         }
         let band = g.band_rows(std::mem::size_of::<T>(), budget);

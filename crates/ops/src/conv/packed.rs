@@ -1,9 +1,9 @@
 //! A conv's forward with bf16 products (what `--dtype bf16` runs on a CPU with AVX512-BF16):
 //! the im2col matrix is never written in f32. Each panel of 32 output pixels of it is packed for
-//! the bf16 kernel straight from the image ([`Panels::right_from`]), in bands of pixels, and
-//! the output is written in place. The f32 path's `cols` (SD 1.5's 64x64 convs: 47-94 MB)
-//! cost a zeroing pass, a written pass and the packer's read of it; here the image's rows are
-//! read from cache as each panel is packed.
+//! the bf16 kernel straight from the image, a chunk of panels at a time that stays in L2 while it
+//! is multiplied ([`bf16::gemm_right_from`]), and the output is written in place. The f32 path's
+//! `cols` (SD 1.5's 64x64 convs: 47-94 MB) cost a zeroing pass, a written pass and the packer's
+//! read of it; here the image's rows are read from cache as each panel is packed.
 
 use super::fused::{im2col_run, im2col_slice, Geo, Tap};
 use crate::cpu::bf16::{self, pair_run, Panels, Scratch, NR};
@@ -16,9 +16,20 @@ pub(super) fn applies(g: &Geo) -> bool {
 }
 
 /// `y [b, o, npix] (+)= w cols_b` for each image `x_b`, `w [o, k]` (f32 or bf16), `cols_b` its
-/// im2col matrix `[k, npix]` packed in bands of at most `budget` bytes; `accumulate` when `y`
-/// holds a bias.
+/// im2col matrix `[k, npix]`, packed by chunks of panels that stay in L2
+/// ([`bf16::gemm_right_from`]); `accumulate` when `y` holds a bias.
 pub(super) fn forward(
+    x: (&[f32], Data<'_, f32>),
+    y: &mut [f32],
+    b: usize,
+    g: &Geo,
+    accumulate: bool,
+) {
+    forward_in_chunks(x, y, b, g, (bf16::CHUNK_BYTES, accumulate))
+}
+
+/// [`forward`] with chunks of at most `budget` bytes of packed columns (but one panel).
+fn forward_in_chunks(
     (x, w): (&[f32], Data<'_, f32>),
     y: &mut [f32],
     b: usize,
@@ -26,32 +37,34 @@ pub(super) fn forward(
     (budget, accumulate): (usize, bool),
 ) {
     let (npix, k) = (g.npix(), g.k());
-    // a band's packed columns: k bf16 numbers (2 bytes) per pixel, whole panels
-    let band = (budget / (2 * k).max(1) / NR).max(1) * NR;
-    let threads = rayon::current_num_threads();
-    let Scratch { a, b: mut buf } = Scratch::take();
+    // the weights' panels stay on this thread's `a`; the tasks pack columns into their `b`
+    let Scratch { a, b: buf } = Scratch::take();
+    Scratch {
+        a: Vec::new(),
+        b: buf,
+    }
+    .put_back();
     let weights = Panels::left(&Mat::new(w, g.o, k), a);
     for (xb, yb) in x
         .chunks_exact(g.c * g.h * g.w)
         .zip(y.chunks_exact_mut(g.o * npix))
         .take(b)
     {
-        for p0 in (0..npix).step_by(band) {
-            let n = band.min(npix - p0);
-            let cols = Panels::right_from((k, n), buf, |q, j0, words| {
-                let end = (p0 + n).min(p0 + j0 + NR);
-                panel_pairs(xb, g, q, (p0 + j0, end), words)
-            });
-            let dst = Dst {
-                ptr: yb[p0..].as_mut_ptr(),
-                rs: npix,
-            };
-            // SAFETY: `applies` checked the instructions; `dst` is columns p0..p0 + n of this
-            // image's `[o, npix]` output, which only this call writes.
-            unsafe { bf16::gemm_packed(threads, dst, &weights, &cols, 1.0, accumulate) };
-            buf = cols.into_buffer();
-        }
+        let pairs = |q, j0, words: &mut [u32; NR]| {
+            let end = npix.min(j0 + NR);
+            panel_pairs(xb, g, q, (j0, end), words)
+        };
+        let dst = Dst {
+            ptr: yb.as_mut_ptr(),
+            rs: npix,
+        };
+        // SAFETY: `applies` checked the instructions; `dst` is this image's `[o, npix]` output,
+        // which only this call writes.
+        unsafe {
+            bf16::gemm_right_from(dst, &weights, (k, npix), pairs, (1.0, accumulate), budget)
+        };
     }
+    let Scratch { b: buf, .. } = Scratch::take();
     Scratch {
         a: weights.into_buffer(),
         b: buf,
@@ -98,10 +111,10 @@ mod tests {
     use super::*;
     use crate::conv::ConvConfig;
 
-    /// Bands of pixels (the last one short, one panel the smallest) give the bits one band
+    /// Chunks of pixels (the last one short, one panel the smallest) give the bits one chunk
     /// gives: each output's sum runs over the same `k` in the same order.
     #[test]
-    fn bands_give_the_bits_of_one_band() {
+    fn chunks_give_the_bits_of_one_chunk() {
         if !bf16::supported() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
@@ -118,14 +131,14 @@ mod tests {
         let wt: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.11).cos()).collect();
         let run = |budget: usize| {
             let mut y = vec![0.5f32; 2 * o * g.npix()];
-            forward((&x, Data::Plain(&wt)), &mut y, 2, &g, (budget, true));
+            forward_in_chunks((&x, Data::Plain(&wt)), &mut y, 2, &g, (budget, true));
             y
         };
         let whole = run(usize::MAX / 4);
         for pixels in [32, 64, 96] {
-            assert_eq!(run(2 * g.k() * pixels), whole, "bands of {pixels} pixels");
+            assert_eq!(run(2 * g.k() * pixels), whole, "chunks of {pixels} pixels");
         }
-        // and the budget does cut bands: too small a budget still makes one-panel bands
+        // and the budget does cut chunks: too small a budget still makes one-panel chunks
         assert_eq!(run(1), whole);
         assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.5));
     }

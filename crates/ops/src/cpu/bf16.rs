@@ -636,22 +636,20 @@ impl Panels {
     /// writes those of rows `2q` and `2q + 1` (zero past row `k`) at columns `j0..j0 + NR`
     /// (zero past column `n`), as [`pair_run`] makes them. For an operand no one holds whole (a
     /// conv's im2col matrix, read a panel at a time from the image): packing it costs no pass
-    /// over memory of its own. Panels in parallel, into `buf`.
-    pub(crate) fn right_from(
+    /// over memory of its own. On the calling thread, into `buf`.
+    fn right_from(
         (k, n): (usize, usize),
         mut buf: Vec<u32>,
-        pairs: impl Fn(usize, usize, &mut [u32; NR]) + Sync,
+        pairs: impl Fn(usize, usize, &mut [u32; NR]),
     ) -> Panels {
-        use rayon::prelude::*;
         let cp = k.div_ceil(2);
         panel_buffer(&mut buf, n, cp, NR);
-        let pack_panel = |(p, panel): (usize, &mut [u32])| {
+        for (p, panel) in buf.chunks_mut(cp * NR).enumerate() {
             let (words, _) = panel.as_chunks_mut::<NR>();
             for (q, words) in words.iter_mut().enumerate() {
                 pairs(q, p * NR, words);
             }
-        };
-        buf.par_chunks_mut(cp * NR).enumerate().for_each(pack_panel);
+        }
         Panels {
             words: buf,
             pairs: cp,
@@ -814,6 +812,65 @@ pub(crate) unsafe fn gemm(
     }
     .put_back();
     true
+}
+
+/// Bytes of a right operand's panels that a task of [`gemm_right_from`] packs, then multiplies
+/// while they are in L2 (1 MB a core on Zen 4, beside `a`'s `MC x KC` block of 192 KB).
+pub(crate) const CHUNK_BYTES: usize = 512 << 10;
+
+/// The most bytes of a packed left operand that [`gemm_right_from`] reads again for each chunk
+/// (a share of L3); past it, each task takes one chunk (SD 1.5's 1280-channel convs at 16x16
+/// ran 10% slower in chunks, reading their 29 MB weight from memory again for each).
+const A_IN_L3: usize = 8 << 20;
+
+/// `dst [m, n] (+)= scale a @ b` for a right operand `b [k, n]` that no one holds whole, its
+/// pair words from `pairs` (as in [`Panels::right_from`]): tasks take chunks of its column
+/// panels, at most `chunk_bytes` of them packed (but one panel), and each multiplies its chunk
+/// as soon as it has packed it. The packed operand never goes out to memory, and no task waits
+/// for the others' packing.
+///
+/// # Safety
+/// `supported()` must hold; `dst` as in [`gemm_packed`].
+pub(crate) unsafe fn gemm_right_from(
+    dst: Dst<f32>,
+    a: &Panels,
+    (k, n): (usize, usize),
+    pairs: impl Fn(usize, usize, &mut [u32; NR]) + Sync,
+    (scale, accumulate): (f32, bool),
+    chunk_bytes: usize,
+) {
+    use rayon::prelude::*;
+    let panel_bytes = k.div_ceil(2) * NR * 4;
+    let col_panels = n.div_ceil(NR);
+    // each chunk reads all of `a` again: from L3 while it fits, else a chunk per task
+    let per_chunk = if a.words.len() * 4 <= A_IN_L3 {
+        (chunk_bytes / panel_bytes).clamp(1, col_panels.max(1))
+    } else {
+        col_panels.div_ceil(rayon::current_num_threads()).max(1)
+    };
+    let rs = if dst.rs == 0 { n } else { dst.rs };
+    let out = SendPtr(dst.ptr);
+    let chunk = |c: usize| {
+        let (j0, j1) = (c * per_chunk * NR, ((c + 1) * per_chunk * NR).min(n));
+        let Scratch { a: keep, b: buf } = Scratch::take();
+        let cols = Panels::right_from((k, j1 - j0), buf, |q, j, words| pairs(q, j0 + j, words));
+        // SAFETY: the caller's promise; each chunk writes its own columns `j0..j1`.
+        unsafe {
+            let dst = Dst {
+                ptr: out.get().add(j0),
+                rs,
+            };
+            multiply(dst, a.all(), cols.all(), scale, accumulate);
+        }
+        Scratch {
+            a: keep,
+            b: cols.into_buffer(),
+        }
+        .put_back();
+    };
+    (0..col_panels.div_ceil(per_chunk))
+        .into_par_iter()
+        .for_each(chunk);
 }
 
 /// `dst [m, n] (+)= scale a @ b` for packed operands, `threads` tasks over `b`'s column panels.
