@@ -169,6 +169,78 @@ fn convolutions_run_in_bf16_when_it_is_on() {
     }
 }
 
+/// An atoms-adapted conv's backward with bf16 products (`W^T dy` a group of input channels
+/// at a time): its `dT` and `dx` against f64 from bf16-rounded `W` and `dy` (the product's
+/// operands), with the transform's mixing, `dT`'s sums and the scatter onto `dx` unrounded.
+#[test]
+fn adapted_conv_backward_runs_in_bf16_when_it_is_on() {
+    if !ops::cpu_bf16::supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    ops::cpu_bf16::set_enabled(true);
+    // `o` past 256: `W^T dy` (inner size o) is worth bf16; 13 x 11 output pixels
+    let (c, o, h, wd) = (30, 260, 13, 11);
+    let (xv, wv, tv, gv) = (
+        wave(c * h * wd, 1.0, 0.1),
+        wave(o * c * 9, 0.3, 0.2),
+        wave(81, 0.5, 0.4),
+        wave(o * h * wd, 1.0, 0.6),
+    );
+    let dev = &Device::Cpu;
+    let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), (1, c, h, wd), dev).unwrap()).unwrap();
+    let t = Var::from_tensor(&Tensor::from_vec(tv.clone(), (9, 9), dev).unwrap()).unwrap();
+    let w = Tensor::from_vec(wv.clone(), (o, c, 3, 3), dev).unwrap();
+    let dy = Tensor::from_vec(gv.clone(), (1, o, h, wd), dev).unwrap();
+    let cfg = ops::conv::ConvConfig {
+        stride: 1,
+        padding: 1,
+    };
+    let transform = ops::conv::FilterTransform::Matrix(t.as_tensor().clone());
+    let y = ops::conv::conv2d_transformed(x.as_tensor(), &w, None, &transform, cfg).unwrap();
+    let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let npix = h * wd;
+    // dcols'[c 9 + j, p] = sum_o W[o, c, j] dy[o, p], operands rounded
+    let dcp = rounded_product(&transpose(&wv, (o, c * 9)), &gv, (c * 9, o, npix));
+    // the input's im2col matrix, padding 1
+    let at = |ci: usize, y: isize, x: isize| -> f64 {
+        if y < 0 || x < 0 || y >= h as isize || x >= wd as isize {
+            0.0
+        } else {
+            xv[(ci * h + y as usize) * wd + x as usize] as f64
+        }
+    };
+    let (mut dt, mut dx) = (vec![0f64; 81], vec![0f64; c * h * wd]);
+    for ci in 0..c {
+        for p in 0..npix {
+            let (oy, ox) = ((p / wd) as isize, (p % wd) as isize);
+            for j in 0..9 {
+                let g = dcp[(ci * 9 + j) * npix + p];
+                for l in 0..9 {
+                    dt[j * 9 + l] +=
+                        g * at(ci, oy + (l / 3) as isize - 1, ox + (l % 3) as isize - 1);
+                }
+            }
+            // dcols[c 9 + l, p] = sum_j T[j, l] dcols'[c 9 + j, p], scattered onto the input
+            for l in 0..9 {
+                let (iy, ix) = (oy + (l / 3) as isize - 1, ox + (l % 3) as isize - 1);
+                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                    continue;
+                }
+                let v: f64 = (0..9)
+                    .map(|j| tv[j * 9 + l] as f64 * dcp[(ci * 9 + j) * npix + p])
+                    .sum();
+                dx[(ci * h + iy as usize) * wd + ix as usize] += v;
+            }
+        }
+    }
+    let e = rel_err(grads.get(&t).unwrap(), &dt);
+    assert!(e < 1e-5, "dT is {e} from the bf16-rounded backward");
+    let e = rel_err(grads.get(&x).unwrap(), &dx);
+    assert!(e < 1e-5, "dx is {e} from the bf16-rounded backward");
+}
+
 /// `x` rounded to bf16, in f64.
 fn r(x: f32) -> f64 {
     half::bf16::from_f32(x).to_f64()

@@ -22,9 +22,10 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape,
 use rayon::prelude::*;
 
 use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
+use super::packed;
 use super::{ConvConfig, FilterTransform};
 use crate::cpu::matmul::{dense, dense_serial, Data};
-use crate::cpu::{float_op, slices, task_len, weights, Float};
+use crate::cpu::{float_op, slices, task_len, weights, Float, SendPtr};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64): `third` is `T` itself, or, with
@@ -185,42 +186,44 @@ impl TransformedConv {
         let nx = if want_dx { b * g.c * plane } else { 0 };
         let mut out = vec![T::zero(); nx + t.len()];
         let (dx, dt) = out.split_at_mut(nx);
-        let mut dcp = vec![T::zero(); k * npix];
+        // dcols' = W^T dy whole, where the bf16 products do not take it a group of channels
+        // at a time
+        let mut dcp = Vec::new();
         for bi in 0..b {
             let xb = &x[bi * g.c * plane..(bi + 1) * g.c * plane];
             let dyb = &dy[bi * g.o * npix..(bi + 1) * g.o * npix];
-            // dcols' = W^T dy: W is [o, k], read transposed.
-            // SAFETY: dcp is [k, npix], w [o, k], dyb [o, npix].
-            unsafe { dense(&mut dcp, w, dyb, (k, npix, g.o), true, false, false) };
-            // One task per input channel: its share of dT and, when wanted, its plane of dx.
-            let channel = |c: usize, dx_plane: Option<&mut [T]>| -> Vec<T> {
+            let dxb = SendPtr(dx[(bi * g.c * plane).min(nx)..].as_mut_ptr());
+            // One input channel: its share of dT and, when wanted, its plane of dx.
+            let channel = |c: usize, dc: &[T]| -> Vec<T> {
                 let tc = if grouped { &t[c * dd..(c + 1) * dd] } else { t };
-                let dc = &dcp[c * d * npix..(c + 1) * d * npix];
                 let mut raw = vec![T::zero(); d * npix];
                 channel_cols(xb, g, c, &mut raw);
                 // dT_c = dcols'_c cols_c^T: [d, npix] x [npix, d].
                 let mut part = vec![T::zero(); dd];
                 // SAFETY: dc and raw are [d, npix], part [d, d].
                 unsafe { dense_serial(&mut part, dc, &raw, (d, d, npix), false, true, false) };
-                if let Some(p) = dx_plane {
+                if want_dx {
+                    // SAFETY: plane `c` of this image's dx, which only channel `c` writes.
+                    let p =
+                        unsafe { std::slice::from_raw_parts_mut(dxb.get().add(c * plane), plane) };
                     mix(tc, dc, &mut raw, d, true); // raw now holds dcols = T^T dcols'
                     col2im_channel(&raw, g, p);
                 }
                 part
             };
-            let parts: Vec<Vec<T>> = if want_dx {
-                dx[bi * g.c * plane..(bi + 1) * g.c * plane]
-                    .par_chunks_mut(plane)
-                    .with_min_len(task_len(d * d * npix))
-                    .enumerate()
-                    .map(|(c, p)| channel(c, Some(p)))
-                    .collect()
-            } else {
-                (0..g.c)
-                    .into_par_iter()
-                    .with_min_len(task_len(d * d * npix))
-                    .map(|c| channel(c, None))
-                    .collect()
+            let parts = match packed::column_grads((w, dyb), g, channel) {
+                Some(parts) => parts,
+                None => {
+                    dcp.resize(k * npix, T::zero());
+                    // W is [o, k], read transposed.
+                    // SAFETY: dcp is [k, npix], w [o, k], dyb [o, npix].
+                    unsafe { dense(&mut dcp, w, dyb, (k, npix, g.o), true, false, false) };
+                    (0..g.c)
+                        .into_par_iter()
+                        .with_min_len(task_len(d * d * npix))
+                        .map(|c| channel(c, &dcp[c * d * npix..(c + 1) * d * npix]))
+                        .collect()
+                }
             };
             // Summed in channel order: the same bits on any number of threads.
             for (c, part) in parts.iter().enumerate() {

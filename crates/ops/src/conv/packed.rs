@@ -5,9 +5,12 @@
 //! `cols` (SD 1.5's 64x64 convs: 47-94 MB) cost a zeroing pass, a written pass and the packer's
 //! read of it; here the image's rows are read from cache as each panel is packed.
 
+use rayon::prelude::*;
+
 use super::fused::{im2col_run, im2col_slice, Geo, Tap};
-use crate::cpu::bf16::{self, pair_run, Panels, Scratch, NR};
+use crate::cpu::bf16::{self, pair_run, Panels, Scratch, MR, NR};
 use crate::cpu::matmul::{Data, Dst, Mat};
+use crate::cpu::{as_f32, from_f32, Float};
 
 /// Whether the forward runs here: bf16 products on, for a product that repays them (the
 /// caller checks that the numbers are f32).
@@ -70,6 +73,87 @@ fn forward_in_chunks(
         b: buf,
     }
     .put_back();
+}
+
+/// Bytes of column-gradient rows a task of [`column_grads`] holds at a time (in L2).
+const GROUP_BYTES: usize = 512 << 10;
+
+thread_local! {
+    /// A task's rows of `dcols`, reused by the next group on this thread.
+    static ROWS: std::cell::Cell<Vec<f32>> = std::cell::Cell::default();
+}
+
+/// The column gradient `dcols = W^T dy` of one image (`w [o, k]`, `dy [o, npix]`) handed out by
+/// input channel: `each(c, rows)` gets channel `c`'s `kh kw` rows (`[kh kw, npix]`), and what
+/// it returns comes back in channel order. Tasks take groups of channels whose rows fit in L2,
+/// multiply them with bf16 products and hand them out at once, so `dcols` (47-94 MB at SD 1.5's
+/// 64x64 convs, written, then read again) is never whole in memory. `None`, with nothing done,
+/// where bf16 products do not run (numbers not f32, products off or too small to repay them).
+pub(super) fn column_grads<T: Float, R: Send>(
+    (w, dy): (Data<'_, T>, &[T]),
+    g: &Geo,
+    each: impl Fn(usize, &[T]) -> R + Sync,
+) -> Option<Vec<R>> {
+    if !bf16::active() {
+        return None;
+    }
+    column_grads_in_groups((w, dy), g, each, GROUP_BYTES)
+}
+
+/// [`column_grads`] with groups of about `budget` bytes of rows (but whole panels of rows),
+/// where the CPU has the bf16 products (on or not).
+fn column_grads_in_groups<T: Float, R: Send>(
+    (w, dy): (Data<'_, T>, &[T]),
+    g: &Geo,
+    each: impl Fn(usize, &[T]) -> R + Sync,
+    budget: usize,
+) -> Option<Vec<R>> {
+    let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
+    let applies = bf16::supported() && bf16::worth_it((k, g.o), (g.o, npix));
+    let (Some(w), Some(dy), true) = (w.as_f32(), as_f32(dy), applies) else {
+        return None;
+    };
+    let Scratch { a, b } = Scratch::take();
+    let wt = Panels::left(&Mat::new(w, g.o, k).t(), a);
+    let dyp = Panels::right(&Mat::new(dy, g.o, npix), b);
+    // a group's rows start a panel: a multiple of lcm(d, MR) rows, `unit` channels
+    let unit = MR / gcd(d, MR);
+    let per = (budget / (unit * d * npix * 4)).max(1) * unit;
+    let group = |gi: usize| -> Vec<R> {
+        let (c0, c1) = (gi * per, ((gi + 1) * per).min(g.c));
+        let len = (c1 - c0) * d * npix;
+        let mut rows = ROWS.take();
+        rows.resize(len, 0.0);
+        let dst = Dst {
+            ptr: rows.as_mut_ptr(),
+            rs: npix,
+        };
+        // SAFETY: `applies` checked the instructions; `rows` holds the group's `(c1 - c0) d`
+        // rows of `npix`, which only this task writes.
+        unsafe { bf16::multiply(dst, wt.all().lines((c0 * d, c1 * d)), dyp.all(), 1.0, false) };
+        let rows_t = from_f32::<T>(&rows[..len]).expect("T is f32, as dy is");
+        let out = (c0..c1)
+            .map(|c| each(c, &rows_t[(c - c0) * d * npix..(c - c0 + 1) * d * npix]))
+            .collect();
+        ROWS.set(rows);
+        out
+    };
+    let groups: Vec<Vec<R>> = (0..g.c.div_ceil(per)).into_par_iter().map(group).collect();
+    Scratch {
+        a: wt.into_buffer(),
+        b: dyp.into_buffer(),
+    }
+    .put_back();
+    Some(groups.into_iter().flatten().collect())
+}
+
+/// The greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// The pair words of rows `2q` and `2q + 1` of one image's im2col matrix at output pixels
@@ -141,5 +225,38 @@ mod tests {
         // and the budget does cut chunks: too small a budget still makes one-panel chunks
         assert_eq!(run(1), whole);
         assert!(whole.iter().all(|v| v.is_finite()) && whole.iter().any(|&v| v != 0.5));
+    }
+
+    /// Groups of channels (the last one short) hand out the bits one group does, channel by
+    /// channel in order.
+    #[test]
+    fn channel_groups_give_the_bits_of_one_group() {
+        if !bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (c, h, w, o) = (14, 9, 10, 300);
+        let cfg = ConvConfig {
+            stride: 1,
+            padding: 1,
+        };
+        let g = Geo::new(&[1, c, h, w], &[o, c, 3, 3], cfg).unwrap();
+        let dy: Vec<f32> = (0..o * g.npix()).map(|i| (i as f32 * 0.37).sin()).collect();
+        let wt: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.11).cos()).collect();
+        let run = |budget: usize| {
+            let each = |ch: usize, rows: &[f32]| (ch, rows.to_vec());
+            column_grads_in_groups((Data::Plain(&wt), &dy[..]), &g, each, budget)
+        };
+        let whole = run(usize::MAX / 4).unwrap();
+        assert_eq!(whole.len(), c);
+        assert!(whole
+            .iter()
+            .enumerate()
+            .all(|(i, (ch, rows))| *ch == i && rows.len() == 9 * g.npix()));
+        // 4 channels (36 rows: three panels) a group, and 8
+        for channels in [4, 8] {
+            let grouped = run(channels * 9 * g.npix() * 4).unwrap();
+            assert_eq!(grouped, whole, "groups of {channels} channels");
+        }
     }
 }

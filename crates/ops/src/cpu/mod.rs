@@ -122,6 +122,13 @@ pub(crate) fn as_f32<T: Float>(x: &[T]) -> Option<&[f32]> {
         .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
 }
 
+/// f32 numbers as `T`'s when `T` is f32 (the way back from [`as_f32`]).
+pub(crate) fn from_f32<T: Float>(x: &[f32]) -> Option<&[T]> {
+    // SAFETY: `T` is f32 itself.
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) })
+}
+
 /// [`as_f32`] for a buffer to write.
 pub(crate) fn as_f32_mut<T: Float>(x: &mut [T]) -> Option<&mut [f32]> {
     // SAFETY: `T` is f32 itself.
