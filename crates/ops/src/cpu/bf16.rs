@@ -149,6 +149,48 @@ trait Packed: Copy + Send + Sync {
             *o = Self::pair(l, h);
         }
     }
+
+    /// The pair words of `lo[j]` and `hi[j]` (`hi` absent: zeros) dealt out to panels `w`
+    /// words each: word `j` to `out + (j / w) * stride + j % w`. Pairs them into `words`, then
+    /// copies `w` at a time; `simd`: the CPU has AVX512F and AVX512BW.
+    ///
+    /// # Safety
+    /// `out` valid for those writes.
+    unsafe fn deal(
+        (lo, hi): (&[Self], Option<&[Self]>),
+        out: *mut u32,
+        (w, stride): (usize, usize),
+        words: &mut Vec<u32>,
+        _simd: bool,
+    ) {
+        // SAFETY: the caller's promise.
+        unsafe { deal_through((lo, hi), out, (w, stride), words) }
+    }
+}
+
+/// [`Packed::deal`] in two passes: the words into `words`, then `w` at a time to their panels.
+///
+/// # Safety
+/// As [`Packed::deal`].
+unsafe fn deal_through<S: Packed>(
+    (lo, hi): (&[S], Option<&[S]>),
+    out: *mut u32,
+    (w, stride): (usize, usize),
+    words: &mut Vec<u32>,
+) {
+    words.resize(lo.len(), 0);
+    match hi {
+        Some(hi) => S::pair_run(lo, hi, words),
+        None => words
+            .iter_mut()
+            .zip(lo)
+            .for_each(|(o, &l)| *o = S::pair(l, S::ZERO)),
+    }
+    for (p, run) in words.chunks(w).enumerate() {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(out.add(p * stride), run.len()) }
+            .copy_from_slice(run);
+    }
 }
 
 impl Packed for f32 {
@@ -174,6 +216,72 @@ impl Packed for f32 {
     fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) {
         pair_run(lo, hi, out)
     }
+
+    unsafe fn deal(
+        (lo, hi): (&[f32], Option<&[f32]>),
+        out: *mut u32,
+        (w, stride): (usize, usize),
+        words: &mut Vec<u32>,
+        simd: bool,
+    ) {
+        // SAFETY: the caller's promise; `simd` says the CPU has the instructions.
+        unsafe {
+            if simd {
+                deal_avx512((lo, hi), out, (w, stride))
+            } else {
+                deal_through((lo, hi), out, (w, stride), words)
+            }
+        }
+    }
+}
+
+/// [`Packed::deal`] for f32 in one vectorised pass: 16 words at a time rounded, paired and
+/// stored straight into their panel (masked at a panel's end), where pairing into a buffer
+/// and copying `w` words at a time took two passes and a copy call per panel.
+///
+/// # Safety
+/// As [`Packed::deal`]; AVX512F and AVX512BW must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn deal_avx512(
+    (lo, hi): (&[f32], Option<&[f32]>),
+    out: *mut u32,
+    (w, stride): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let n = lo.len();
+    for (p, j0) in (0..n).step_by(w).enumerate() {
+        let len = w.min(n - j0);
+        let mut c = 0;
+        while c < len {
+            let lanes = (len - c).min(16);
+            let mask: __mmask16 = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+            // SAFETY: lanes `j0 + c..j0 + c + lanes` lie within the rows; the caller's
+            // promise for `out`.
+            unsafe {
+                let l = round_high16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(j0 + c)));
+                let h = match hi {
+                    Some(hi) => round_high16(_mm512_maskz_loadu_ps(mask, hi.as_ptr().add(j0 + c))),
+                    None => _mm512_setzero_si512(),
+                };
+                let words = _mm512_or_si512(
+                    _mm512_and_si512(h, _mm512_set1_epi32(0xffff_0000u32 as i32)),
+                    _mm512_srli_epi32::<16>(l),
+                );
+                _mm512_mask_storeu_epi32(out.add(p * stride + c).cast(), mask, words);
+            }
+            c += lanes;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn deal_avx512(_: (&[f32], Option<&[f32]>), _: *mut u32, _: (usize, usize)) {
+    unreachable!("supported() is false off x86_64")
 }
 
 simd_dispatch! {
@@ -235,25 +343,14 @@ fn pack_from<S: Packed>(
         // Rows adjacent: each pair of columns is two runs of `rows` numbers, paired along the
         // run into `words` (vectorised) and dealt out to the panels, `w` words each (pairs in
         // parallel: they write apart).
-        let dst = SendPtr(out.as_mut_ptr());
+        let (dst, simd) = (SendPtr(out.as_mut_ptr()), supported());
         let pack_pair = |words: &mut Vec<u32>, q: usize| {
             let j = 2 * q;
             let lo = &d[j * cs..j * cs + rows];
-            words.resize(rows, 0);
-            match (j + 1 < cols).then(|| &d[(j + 1) * cs..(j + 1) * cs + rows]) {
-                Some(hi) => S::pair_run(lo, hi, words),
-                None => words
-                    .iter_mut()
-                    .zip(lo)
-                    .for_each(|(o, &l)| *o = S::pair(l, S::ZERO)),
-            }
-            for (p, run) in words.chunks(w).enumerate() {
-                // SAFETY: panel `p`, pair `q` is `w` words of `out` that only this task writes.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(dst.get().add((p * cp + q) * w), run.len())
-                };
-                o.copy_from_slice(run);
-            }
+            let hi = (j + 1 < cols).then(|| &d[(j + 1) * cs..(j + 1) * cs + rows]);
+            // SAFETY: pair `q` of every panel (`w` words, `cp * w` apart) is written only by
+            // this task; `out` holds every panel.
+            unsafe { S::deal((lo, hi), dst.get().add(q * w), (w, cp * w), words, simd) };
         };
         if parallel {
             (0..cp)
@@ -525,20 +622,26 @@ unsafe fn pairs16(x: &[f32; 32], out: &mut [u32; 16]) {
     };
     // SAFETY: the caller's promise; unaligned loads and store of whole arrays.
     unsafe {
-        let round = |v: __m512| {
-            let b = _mm512_castps_si512(v);
-            // a NaN gets its quiet bit, so rounding cannot carry it into infinity
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let b = _mm512_mask_or_epi32(b, nan, b, _mm512_set1_epi32(0x0040_0000));
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-            _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
-        };
-        let lo = round(_mm512_loadu_ps(x.as_ptr()));
-        let hi = round(_mm512_loadu_ps(x.as_ptr().add(16)));
+        let lo = round_high16(_mm512_loadu_ps(x.as_ptr()));
+        let hi = round_high16(_mm512_loadu_ps(x.as_ptr().add(16)));
         let idx = _mm512_loadu_si512(HIGH.as_ptr().cast());
         let words = _mm512_permutex2var_epi16(lo, idx, hi);
         _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
     }
+}
+
+/// [`round_high`] of 16 numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn round_high16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(v);
+    // a NaN gets its quiet bit, so rounding cannot carry it into infinity
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let b = _mm512_mask_or_epi32(b, nan, b, _mm512_set1_epi32(0x0040_0000));
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
