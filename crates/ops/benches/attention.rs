@@ -4,8 +4,10 @@
 //! blocks of its own (`attention/bf16.rs`), whatever the chunk size: every line times the same.
 //!
 //! ```text
-//! cargo bench -p atomtune-ops --bench attention -- [--positions N] [--runs N]
+//! cargo bench -p atomtune-ops --bench attention -- [--positions N] [--keys M] [--runs N]
 //! ```
+//!
+//! `--keys 77`: a cross-attention's keys and values (77 text tokens; default: self-attention).
 //!
 //! One JSON line per chunk size: median forward and backward seconds over `--runs` (default 5).
 
@@ -27,8 +29,9 @@ fn run() -> ops::Result<()> {
             .map_or(default, |v| v.parse().expect("a number"))
     };
     let (n, runs, heads, d) = (flag("--positions", 4096), flag("--runs", 5).max(1), 8, 40);
-    let var = || Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, n, heads * d), &Device::Cpu)?);
-    let (q, k, v) = (var()?, var()?, var()?);
+    let m = flag("--keys", n);
+    let var = |n| Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, n, heads * d), &Device::Cpu)?);
+    let (q, k, v) = (var(n)?, var(m)?, var(m)?);
     let w = Tensor::randn(0f32, 1.0, (1, n, heads * d), &Device::Cpu)?.to_dtype(DType::F32)?;
     let scale = 1.0 / (d as f64).sqrt();
     for kib in [128, 256, 512, 1024, 2048, 4096, 8192] {
@@ -45,7 +48,7 @@ fn run() -> ops::Result<()> {
         // the first run warms the allocator up
         let (f, b) = (median(fwd[1..].to_vec()), median(bwd[1..].to_vec()));
         println!(
-            "{{\"chunk_kib\": {kib}, \"positions\": {n}, \"heads\": {heads}, \"head_dim\": {d}, \"fwd_s\": {f:.4}, \"bwd_s\": {b:.4}, \"total_s\": {:.4}}}",
+            "{{\"chunk_kib\": {kib}, \"positions\": {n}, \"keys\": {m}, \"heads\": {heads}, \"head_dim\": {d}, \"fwd_s\": {f:.4}, \"bwd_s\": {b:.4}, \"total_s\": {:.4}}}",
             f + b
         );
     }
