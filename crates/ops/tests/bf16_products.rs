@@ -155,6 +155,7 @@ fn convolutions_run_in_bf16_when_it_is_on() {
         let bias = Tensor::from_vec(bv.clone(), o, &Device::Cpu).unwrap();
         let cfg = ops::conv::ConvConfig { stride, padding: 1 };
         let want = rounded_conv((&xv, &wv, &bv), (c, h, wd, o), stride);
+        let mut outputs = Vec::new();
         for (what, w) in [
             ("f32", w.clone()),
             ("bf16", w.to_dtype(DType::BF16).unwrap()),
@@ -165,7 +166,17 @@ fn convolutions_run_in_bf16_when_it_is_on() {
                 e < 1e-5,
                 "{h}x{wd} stride {stride}, {what} weight: {e} from the bf16-rounded conv"
             );
+            outputs.push(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
+        // an f32 weight and its bf16 rounding give the same bits (what a weight baked for
+        // inference in bf16 relies on: `Layers::bake`)
+        assert!(
+            outputs[0]
+                .iter()
+                .zip(&outputs[1])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{h}x{wd} stride {stride}: f32 and bf16 weights differ"
+        );
     }
 }
 

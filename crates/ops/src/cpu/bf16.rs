@@ -95,6 +95,18 @@ pub fn active() -> bool {
     enabled() && supported()
 }
 
+/// Whether the products of a weight of these dims (a linear's `[out, in]`, a conv's `[o, c,
+/// kh, kw]`) take the bf16 kernel when it is on, for inputs of 64 positions (tokens, pixels) or
+/// more: they round it to bf16 as they pack it, so a weight made for them (one baked for
+/// inference) may be kept in bf16 at no cost in accuracy.
+pub fn takes_weight(dims: &[usize]) -> bool {
+    match *dims {
+        [out, inp] => worth_it((64, inp), (inp, out)),
+        [o, c, kh, kw] => worth_it((o, c * kh * kw), (c * kh * kw, 64)),
+        _ => false,
+    }
+}
+
 /// Whether a product of `a (m x k)` and `b (k x n)` gains from bf16: packing converts every
 /// operand once, which a product repays only when each number takes part in enough
 /// multiply-adds. Attention's products (`k` or `n` the head width, 40-160) stay f32.
