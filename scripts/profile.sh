@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the time of an SD 1.5 step goes, by kind of work, from a perf profile of the sd15 bench.
 # Needs `perf` (Debian: apt-get install linux-perf). perf attaches after the model build and the
-# warm-up step (whose first-touch page faults would drown the rest) and samples STEPS steps.
+# warm-up step (whose first-touch page faults would drown the rest), samples STEPS steps, and
+# stops when they end.
 #
 #   scripts/profile.sh [MODE] [LATENT] [STEPS]   (defaults: train 64 2; MODE forward runs batch 2)
 #   MODEL=sdxl-random scripts/profile.sh ...      (another preset's UNet; default sd15-random)
@@ -23,16 +24,23 @@ until grep -q "warmed up" "$LOG" 2>/dev/null; do
   kill -0 "$PID" 2>/dev/null || { cat "$LOG"; exit 1; }
   sleep 0.2
 done
-perf record -q -F 99 -p "$PID" -o "$DATA" >/dev/null 2>&1 || true
+# the window ends with the timed steps (the bench then writes a delta: not a step's work)
+perf record -q -F 99 -p "$PID" -o "$DATA" >/dev/null 2>&1 &
+PERF=$!
+until grep -q "steps done" "$LOG" 2>/dev/null || ! kill -0 "$PID" 2>/dev/null; do
+  sleep 0.2
+done
+kill -INT "$PERF" 2>/dev/null || true
+wait "$PERF" || true
 wait "$PID" || true
 echo "run: $(cat "$LOG.out")"
 perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3 -c '
 import re, sys
 buckets = [
     ("bf16 products: the micro-kernel (ours)", r"ops::cpu::bf16::kernel"),
-    ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16|tile_out)"),
+    ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16|tile_out|deal|pair_run)|ops::conv::packed::panel_pairs"),
     ("gemm crate (f32 convs, linears, attention products)", r"gemm"),
-    ("attention softmax (ours)", r"ops::attention"),
+    ("attention softmax (ours)", r"ops::attention|ops::cpu::bf16::exp_panels"),
     ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),
     ("group norm, layer norm, GEGLU (ours)", r"ops::(group_norm|layer_norm|geglu)"),
     ("gradient checkpointing copies (ours)", r"models::checkpoint|ops::handoff"),

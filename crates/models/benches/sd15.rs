@@ -342,6 +342,8 @@ fn run() -> models::Result<()> {
             eprintln!("warmed up");
         }
     }
+    // scripts/profile.sh ends its perf window here
+    eprintln!("steps done");
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let delta = if a.mode == "train" {
         format!(", \"delta_bytes\": {}", delta_bytes(&unet, &a)?)
