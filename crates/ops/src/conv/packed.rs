@@ -48,6 +48,10 @@ fn forward_in_chunks(
     }
     .put_back();
     let weights = Panels::left(&Mat::new(w, g.o, k), a);
+    // the taps of each pair of im2col rows, once for every panel that reads them
+    let taps: Vec<(Tap, Option<Tap>)> = (0..k.div_ceil(2))
+        .map(|q| (g.tap(2 * q), (2 * q + 1 < k).then(|| g.tap(2 * q + 1))))
+        .collect();
     for (xb, yb) in x
         .chunks_exact(g.c * g.h * g.w)
         .zip(y.chunks_exact_mut(g.o * npix))
@@ -55,7 +59,7 @@ fn forward_in_chunks(
     {
         let pairs = |q, j0, words: &mut [u32; NR]| {
             let end = npix.min(j0 + NR);
-            panel_pairs(xb, g, q, (j0, end), words)
+            panel_pairs(xb, g, &taps[q], (j0, end), words)
         };
         let dst = Dst {
             ptr: yb.as_mut_ptr(),
@@ -156,13 +160,17 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// The pair words of rows `2q` and `2q + 1` of one image's im2col matrix at output pixels
-/// `j0..end` (`end - j0 <= NR`), zeros past them: read straight from the image where both rows'
-/// pixels lie in it side by side (a panel inside one row of a stride-1 conv, away from the
-/// padding: most of them), else gathered row by row of the output.
-fn panel_pairs(x: &[f32], g: &Geo, q: usize, (j0, end): (usize, usize), words: &mut [u32; NR]) {
-    let k = g.k();
-    let taps = (g.tap(2 * q), (2 * q + 1 < k).then(|| g.tap(2 * q + 1)));
+/// The pair words of two rows of one image's im2col matrix (`taps`: rows `2q` and `2q + 1`, if
+/// there is one) at output pixels `j0..end` (`end - j0 <= NR`), zeros past them: read straight
+/// from the image where both rows' pixels lie in it side by side (a panel inside one row of a
+/// stride-1 conv, away from the padding: most of them), else gathered row by row of the output.
+fn panel_pairs(
+    x: &[f32],
+    g: &Geo,
+    taps: &(Tap, Option<Tap>),
+    (j0, end): (usize, usize),
+    words: &mut [u32; NR],
+) {
     let (oy, ox) = (j0 / g.wo, j0 % g.wo);
     if end - j0 == NR && ox + NR <= g.wo {
         let inside = |tap| im2col_slice(x, g, tap, (oy, ox), NR);
