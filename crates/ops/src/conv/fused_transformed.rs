@@ -192,6 +192,7 @@ impl TransformedConv {
         for bi in 0..b {
             let xb = &x[bi * g.c * plane..(bi + 1) * g.c * plane];
             let dyb = &dy[bi * g.o * npix..(bi + 1) * g.o * npix];
+            // this image's planes of dx (none without want_dx: dx is empty, never written)
             let dxb = SendPtr(dx[(bi * g.c * plane).min(nx)..].as_mut_ptr());
             // One input channel: its share of dT and, when wanted, its plane of dx.
             let channel = |c: usize, dc: &[T]| -> Vec<T> {

@@ -40,14 +40,8 @@ fn forward_in_chunks(
     (budget, accumulate): (usize, bool),
 ) {
     let (npix, k) = (g.npix(), g.k());
-    // the weights' panels stay on this thread's `a`; the tasks pack columns into their `b`
-    let Scratch { a, b: buf } = Scratch::take();
-    Scratch {
-        a: Vec::new(),
-        b: buf,
-    }
-    .put_back();
-    let weights = Panels::left(&Mat::new(w, g.o, k), a);
+    // the weights' panels hold this thread's left buffer; the tasks pack columns into theirs
+    let weights = Panels::left(&Mat::new(w, g.o, k), Scratch::take_left());
     // the taps of each pair of im2col rows, once for every panel that reads them
     let taps: Vec<(Tap, Option<Tap>)> = (0..k.div_ceil(2))
         .map(|q| (g.tap(2 * q), (2 * q + 1 < k).then(|| g.tap(2 * q + 1))))
@@ -71,12 +65,7 @@ fn forward_in_chunks(
             bf16::gemm_right_from(dst, &weights, (k, npix), pairs, (1.0, accumulate), budget)
         };
     }
-    let Scratch { b: buf, .. } = Scratch::take();
-    Scratch {
-        a: weights.into_buffer(),
-        b: buf,
-    }
-    .put_back();
+    Scratch::put_left(weights.into_buffer());
 }
 
 /// Bytes of column-gradient rows a task of [`column_grads`] holds at a time (in L2).
@@ -203,6 +192,23 @@ mod tests {
     use super::*;
     use crate::conv::ConvConfig;
 
+    /// A 3x3 conv's geometry, stride 1, padding 1.
+    fn geo3x3((b, c, h, w): (usize, usize, usize, usize), o: usize) -> Geo {
+        let cfg = ConvConfig {
+            stride: 1,
+            padding: 1,
+        };
+        Geo::new(&[b, c, h, w], &[o, c, 3, 3], cfg).unwrap()
+    }
+
+    /// `n` numbers along a sine (`cos`: a cosine) of step `step`.
+    fn wave(n: usize, step: f32, cos: bool) -> Vec<f32> {
+        let f = |i: usize| i as f32 * step;
+        (0..n)
+            .map(|i| if cos { f(i).cos() } else { f(i).sin() })
+            .collect()
+    }
+
     /// Chunks of pixels (the last one short, one panel the smallest) give the bits one chunk
     /// gives: each output's sum runs over the same `k` in the same order.
     #[test]
@@ -212,15 +218,11 @@ mod tests {
             return;
         }
         let (c, h, w, o) = (20, 11, 15, 40);
-        let cfg = ConvConfig {
-            stride: 1,
-            padding: 1,
-        };
-        let g = Geo::new(&[2, c, h, w], &[o, c, 3, 3], cfg).unwrap();
-        let x: Vec<f32> = (0..2 * c * h * w)
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
-        let wt: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.11).cos()).collect();
+        let g = geo3x3((2, c, h, w), o);
+        let (x, wt) = (
+            wave(2 * c * h * w, 0.37, false),
+            wave(o * c * 9, 0.11, true),
+        );
         let run = |budget: usize| {
             let mut y = vec![0.5f32; 2 * o * g.npix()];
             forward_in_chunks((&x, Data::Plain(&wt)), &mut y, 2, &g, (budget, true));
@@ -244,13 +246,8 @@ mod tests {
             return;
         }
         let (c, h, w, o) = (14, 9, 10, 300);
-        let cfg = ConvConfig {
-            stride: 1,
-            padding: 1,
-        };
-        let g = Geo::new(&[1, c, h, w], &[o, c, 3, 3], cfg).unwrap();
-        let dy: Vec<f32> = (0..o * g.npix()).map(|i| (i as f32 * 0.37).sin()).collect();
-        let wt: Vec<f32> = (0..o * c * 9).map(|i| (i as f32 * 0.11).cos()).collect();
+        let g = geo3x3((1, c, h, w), o);
+        let (dy, wt) = (wave(o * g.npix(), 0.37, false), wave(o * c * 9, 0.11, true));
         let run = |budget: usize| {
             let each = |ch: usize, rows: &[f32]| (ch, rows.to_vec());
             column_grads_in_groups((Data::Plain(&wt), &dy[..]), &g, each, budget)

@@ -267,11 +267,7 @@ unsafe fn deal_avx512(
         let mut c = 0;
         while c < len {
             let lanes = (len - c).min(16);
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = first_lanes(lanes);
             // SAFETY: lanes `j0 + c..j0 + c + lanes` lie within the rows; the caller's
             // promise for `out`.
             unsafe {
@@ -642,6 +638,15 @@ unsafe fn pairs16(x: &[f32; 32], out: &mut [u32; 16]) {
     }
 }
 
+/// The mask of a vector's first `n` lanes (`n <= 16`).
+fn first_lanes(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1 << n) - 1
+    }
+}
+
 /// [`round_high`] of 16 numbers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -686,6 +691,33 @@ impl Scratch {
     /// Gives the buffers back for the next product on this thread.
     pub(crate) fn put_back(self) {
         SCRATCH.with(|s| s.set(self));
+    }
+
+    /// This thread's left operand's buffer alone (a product packing its right operands in
+    /// tasks, some on this thread, leaves them the other).
+    pub(crate) fn take_left() -> Vec<u32> {
+        let Scratch { a, b } = Self::take();
+        Scratch { a: Vec::new(), b }.put_back();
+        a
+    }
+
+    /// Gives back the buffer [`Scratch::take_left`] took.
+    pub(crate) fn put_left(a: Vec<u32>) {
+        let Scratch { b, .. } = Self::take();
+        Scratch { a, b }.put_back();
+    }
+
+    /// This thread's right operand's buffer alone.
+    pub(crate) fn take_right() -> Vec<u32> {
+        let Scratch { a, b } = Self::take();
+        Scratch { a, b: Vec::new() }.put_back();
+        b
+    }
+
+    /// Gives back the buffer [`Scratch::take_right`] took.
+    pub(crate) fn put_right(b: Vec<u32>) {
+        let Scratch { a, .. } = Self::take();
+        Scratch { a, b }.put_back();
     }
 }
 
@@ -967,7 +999,7 @@ pub(crate) unsafe fn gemm_right_from(
     let out = SendPtr(dst.ptr);
     let chunk = |c: usize| {
         let (j0, j1) = (c * per_chunk * NR, ((c + 1) * per_chunk * NR).min(n));
-        let Scratch { a: keep, b: buf } = Scratch::take();
+        let buf = Scratch::take_right();
         let cols = Panels::right_from((k, j1 - j0), buf, |q, j, words| pairs(q, j0 + j, words));
         // SAFETY: the caller's promise; each chunk writes its own columns `j0..j1`.
         unsafe {
@@ -977,11 +1009,7 @@ pub(crate) unsafe fn gemm_right_from(
             };
             multiply(dst, a.all(), cols.all(), scale, accumulate);
         }
-        Scratch {
-            a: keep,
-            b: cols.into_buffer(),
-        }
-        .put_back();
+        Scratch::put_right(cols.into_buffer());
     };
     (0..col_panels.div_ceil(per_chunk))
         .into_par_iter()
@@ -1089,11 +1117,7 @@ unsafe fn kernel<const V: usize>(a: &[u32], b: &[u32], pairs: usize, out: Out) {
                 break;
             }
             let lanes = (cols - c0).min(16);
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = first_lanes(lanes);
             // SAFETY: the first `lanes` columns of row `r` lie within the block.
             unsafe {
                 let p = c.add(r * rs + c0);
@@ -1138,10 +1162,7 @@ unsafe fn kernel8(a: &[u32], b: &[u32], pairs: usize, out: Out) {
             }
         }
     }
-    let (s, mask) = (
-        _mm256_set1_ps(scale),
-        ((1u16 << cols.min(8)) - 1) as __mmask8,
-    );
+    let (s, mask) = (_mm256_set1_ps(scale), first_lanes(cols.min(8)) as __mmask8);
     for (r, v) in acc.iter().enumerate().take(rows) {
         // SAFETY: the first `cols` columns of row `r` lie within the block.
         unsafe {
@@ -1393,7 +1414,9 @@ mod tests {
 }
 
 /// The micro-kernel's rate on one core with its panels in L1, the ceiling the products work
-/// against: `cargo test --release -p atomtune-ops --lib kernel_peak -- --ignored --nocapture`.
+/// against: `cargo test --release -p atomtune-ops --lib kernel_peak -- --ignored --nocapture`;
+/// and, on a thread a core at SD 1.5's shapes, the products on packed operands in place and
+/// the packing alone: `... --lib in_place -- --ignored --nocapture --test-threads 1`.
 #[cfg(test)]
 mod peak {
     use super::*;
@@ -1432,5 +1455,65 @@ mod peak {
             "micro-kernel, one core, panels in L1: {:.1} GFLOP/s",
             flops / dt / 1e9
         );
+    }
+
+    /// The best of 15 runs of `f`, seconds (on rayon's pool: a thread a core).
+    fn best_of_15(mut f: impl FnMut()) -> f64 {
+        (0..15)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn in_place_product_rate() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // (m, k, n): a 64x64 conv's forward, a 64x64 attention projection, its GEGLU's output
+        for (m, k, n) in [(320, 2880, 4096), (8192, 320, 320), (8192, 1280, 320)] {
+            let (a, b) = (vec![0.25f32; m * k], vec![0.5f32; k * n]);
+            let pa = Panels::left(&Mat::new(&a[..], m, k), Vec::new());
+            let pb = Panels::right(&Mat::new(&b[..], k, n), Vec::new());
+            let mut c = vec![0f32; m * n];
+            let dst = Dst {
+                ptr: c.as_mut_ptr(),
+                rs: 0,
+            };
+            // SAFETY: checked above; `c` holds the m x n product.
+            let dt = best_of_15(|| unsafe { gemm_packed(2, dst, &pa, &pb, 1.0, false) });
+            assert_eq!(c[0], 0.125 * k as f32);
+            let rate = 2.0 * (m * n * k) as f64 / dt / 1e9;
+            eprintln!("{m}x{k}x{n} on packed operands: {rate:.0} GFLOP/s");
+        }
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn in_place_packing_rate() {
+        // (k, n) of a right operand `[k, n]` (rows side by side), and the same read transposed
+        // as a left operand (rows as runs)
+        for (k, n) in [(320, 8192), (2880, 4096), (1280, 1024)] {
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+            let (mut right, mut left) = (Vec::new(), Vec::new());
+            let r = best_of_15(|| {
+                let p = Panels::right(&Mat::new(&b[..], k, n), std::mem::take(&mut right));
+                right = p.into_buffer();
+            });
+            let l = best_of_15(|| {
+                let p = Panels::left(&Mat::new(&b[..], k, n).t(), std::mem::take(&mut left));
+                left = p.into_buffer();
+            });
+            eprintln!(
+                "packing {k}x{n}: right {:.3} ms, left of its transpose {:.3} ms",
+                r * 1e3,
+                l * 1e3
+            );
+        }
     }
 }
