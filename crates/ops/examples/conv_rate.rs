@@ -1,6 +1,7 @@
 //! The rate of `ops::conv::conv2d` (a 3x3 conv's forward, padding 1) at SD 1.5's UNet shapes,
 //! to compare with PyTorch's `torch.nn.functional.conv2d` on the same machine: f32, and on CPUs
-//! with AVX512-BF16 with bf16 products of a weight kept in bf16 (what `--dtype bf16` runs):
+//! with AVX512-BF16 with bf16 products of a weight kept in bf16 (what `--dtype bf16` runs), by the direct conv and
+//! by Winograd's F(2x2, 3x3) (`ops::conv::winograd`):
 //!
 //! ```text
 //! cargo run --release -p atomtune-ops --example conv_rate
@@ -21,7 +22,9 @@ fn main() -> candle_core::Result<()> {
             (1, 640, 320, 64),
             (1, 640, 640, 32),
             (1, 1280, 1280, 16),
+            (2, 1280, 1280, 16),
             (1, 1280, 1280, 8),
+            (2, 1280, 1280, 8),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?;
             let w = Tensor::randn(0f32, 0.05, (o, c, 3, 3), &Device::Cpu)?;
@@ -50,13 +53,17 @@ fn main() -> candle_core::Result<()> {
             );
             if ops::cpu_bf16::supported() {
                 ops::cpu_bf16::set_enabled(true);
-                let dh = time(&w.to_dtype(DType::BF16)?);
+                let wh = w.to_dtype(DType::BF16)?;
+                for (name, winograd) in [("direct", false), ("Winograd", true)] {
+                    ops::conv::winograd::set_enabled(winograd);
+                    let dh = time(&wh);
+                    print!(
+                        ", bf16 {name} {:.1} ms {:.3} TFLOP/s",
+                        dh * 1e3,
+                        flops / dh / 1e12
+                    );
+                }
                 ops::cpu_bf16::set_enabled(false);
-                print!(
-                    ", bf16 weight {:.1} ms {:.3} TFLOP/s",
-                    dh * 1e3,
-                    flops / dh / 1e12
-                );
             }
             println!();
         }

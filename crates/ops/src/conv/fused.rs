@@ -12,7 +12,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{packed, ConvConfig};
+use super::{packed, winograd, ConvConfig};
 use crate::cpu::matmul::{dense, Data};
 use crate::cpu::{as_f32, as_f32_mut, float_op, slices, task_len, weights, Float};
 use crate::Result;
@@ -283,10 +283,16 @@ impl Conv {
     ) -> Vec<T> {
         let (npix, k) = (g.npix(), g.k());
         let mut y = output(bias, b, g.o, npix);
-        if let (Some(x), Some(w), true) = (as_f32(x), w.as_f32(), packed::applies(g)) {
+        if let (Some(x), Some(w)) = (as_f32(x), w.as_f32()) {
             let y32 = as_f32_mut(&mut y).expect("T is f32, as x is");
-            packed::forward((x, w), y32, b, g, bias.is_some());
-            return y;
+            if winograd::applies(g, b) {
+                winograd::forward((x, w), y32, b, g);
+                return y;
+            }
+            if packed::applies(g) {
+                packed::forward((x, w), y32, b, g, bias.is_some());
+                return y;
+            }
         }
         let band = g.band_rows(std::mem::size_of::<T>(), budget);
         if g.is_pointwise() || band == g.ho {

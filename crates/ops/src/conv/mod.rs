@@ -21,6 +21,7 @@ mod fused;
 mod fused_transformed;
 mod packed;
 mod portable;
+pub mod winograd;
 
 /// Stride and padding of a conv (dilation 1, one group), like candle-nn's `Conv2dConfig`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -131,6 +131,12 @@ fn pair(lo: f32, hi: f32) -> u32 {
     (round_high(hi) & 0xffff_0000) | (round_high(lo) >> 16)
 }
 
+/// `x` rounded to bf16, as an f32: what a product of bf16 operands reads for it.
+#[cfg(test)]
+pub(crate) fn round(x: f32) -> f32 {
+    f32::from_bits(round_high(x) & 0xffff_0000)
+}
+
 /// `x` rounded to bf16, as its bits.
 #[cfg(test)]
 fn to_bf16(x: f32) -> u16 {
@@ -639,7 +645,7 @@ unsafe fn pairs16(x: &[f32; 32], out: &mut [u32; 16]) {
 }
 
 /// The mask of a vector's first `n` lanes (`n <= 16`).
-fn first_lanes(n: usize) -> u16 {
+pub(crate) fn first_lanes(n: usize) -> u16 {
     if n >= 16 {
         u16::MAX
     } else {
@@ -659,6 +665,29 @@ fn round_high16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
     let b = _mm512_mask_or_epi32(b, nan, b, _mm512_set1_epi32(0x0040_0000));
     let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
     _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
+}
+
+/// 16 numbers rounded to bf16, as f32s: [`round`] of each lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let high = _mm512_and_si512(round_high16(v), _mm512_set1_epi32(0xffff_0000_u32 as i32));
+    _mm512_castsi512_ps(high)
+}
+
+/// 16 pair words of `lo` and `hi` rounded to bf16: [`pair`] of each lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn pair16(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let high = _mm512_and_si512(round_high16(hi), _mm512_set1_epi32(0xffff_0000_u32 as i32));
+    _mm512_or_si512(high, _mm512_srli_epi32::<16>(round_high16(lo)))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -776,6 +805,18 @@ impl Panels {
             pairs,
             len: b.shape().1,
             w: NR,
+        }
+    }
+
+    /// An operand whose pair words someone wrote in [`pack`]'s layout: `len` rows of a left
+    /// operand (`w` = [`MR`]) or columns of a right one (`w` = [`NR`]), `pairs` pairs of `k`.
+    pub(crate) fn from_words(words: Vec<u32>, (len, pairs): (usize, usize), w: usize) -> Panels {
+        assert!((w == MR || w == NR) && words.len() >= len.div_ceil(w) * pairs * w);
+        Panels {
+            words,
+            pairs,
+            len,
+            w,
         }
     }
 
