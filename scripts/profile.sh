@@ -6,6 +6,7 @@
 #
 #   scripts/profile.sh [MODE] [LATENT] [STEPS]   (defaults: train 64 2; MODE forward runs batch 2)
 #   MODEL=sdxl-random scripts/profile.sh ...      (another preset's UNet; default sd15-random)
+#   TOP=25 scripts/profile.sh ...                  (also the 25 symbols with the most samples)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-train}
@@ -34,6 +35,10 @@ kill -INT "$PERF" 2>/dev/null || true
 wait "$PERF" || true
 wait "$PID" || true
 echo "run: $(cat "$LOG.out")"
+# TOP=N: the N symbols with the most samples, before the buckets
+if [ -n "${TOP:-}" ]; then
+  perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | grep -E "^\s+[0-9.]+%" | head -"$TOP" | cut -c1-120
+fi
 perf report -i "$DATA" --no-children --sort symbol --stdio 2>/dev/null | python3 -c '
 import re, sys
 buckets = [
@@ -41,6 +46,7 @@ buckets = [
     ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16|tile_out|deal|pair_run)|ops::conv::packed::panel_pairs"),
     ("gemm crate (f32 convs, linears, attention products)", r"gemm"),
     ("attention softmax (ours)", r"ops::attention|ops::cpu::bf16::exp_panels"),
+    ("Winograd transforms of filters, patches and products (ours)", r"ops::conv::winograd"),
     ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),
     ("group norm, layer norm, GEGLU (ours)", r"ops::(group_norm|layer_norm|geglu)"),
     ("gradient checkpointing copies (ours)", r"models::checkpoint|ops::handoff"),

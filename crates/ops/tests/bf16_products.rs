@@ -265,7 +265,7 @@ fn head(x: &[f32], i: usize, hi: usize, heads: usize, w: usize) -> &[f32] {
 
 /// Keys per block of the bf16 attention (its `KEY_BLOCK`): the forward's online softmax rounds
 /// each block's probabilities at the running row maximum.
-const KEY_BLOCK: usize = 256;
+const KEY_BLOCK: usize = 288;
 
 /// Attention as the bf16 forward computes it, in f64: scores from bf16-rounded queries and keys;
 /// keys in blocks of [`KEY_BLOCK`], each block's probabilities `e^(s - mx)` at the running row
@@ -397,8 +397,15 @@ fn attention_case(n: usize, m: usize) {
     let (q, k, v) = (t(&qv, n).unwrap(), t(&kv, m).unwrap(), t(&vv, m).unwrap());
     let got = ops::attention::attention(&q, &k, &v, heads, scale).unwrap();
     let dims = (n, m, heads, d);
-    let e = rel_err(&got, &reference((&qv, &kv, &vv), dims, scale, true));
-    assert!(e < 1e-5, "{m} keys: {e} from the bf16-rounded attention");
+    // up to f32 sums and a few flipped roundings: the forward's exponential (relative error
+    // 2.7e-6) puts probabilities within that of a bf16 rounding boundary on its other side
+    let want = reference((&qv, &kv, &vv), dims, scale, true);
+    let (e, rms) = (rel_err(&got, &want), rms_err(&got, &want));
+    eprintln!("{m} keys: {e:e} (rms {rms:e}) from the bf16-rounded attention");
+    assert!(
+        rms < 1e-5 && e < 5e-4,
+        "{m} keys: {e} (rms {rms}) from the bf16-rounded attention"
+    );
     // and rounding happened: exact attention is farther off (the f32 op is within 1e-6)
     let e = rel_err(&got, &reference((&qv, &kv, &vv), dims, scale, false));
     assert!(
@@ -406,8 +413,10 @@ fn attention_case(n: usize, m: usize) {
         "{m} keys: {e} from exact attention"
     );
     // the backward: each gradient equals the f64 emulation of its roundings up to f32 sums and
-    // a few flipped roundings (measured rms 1.5e-6..3.3e-6, largest 3e-5..7e-5; the f32
-    // backward is 5.6e-4 off), and rounding happened (exact gradients: rms 5.5e-4..8.2e-4)
+    // a few flipped roundings (measured rms up to 9e-6, largest up to 1.9e-4, at 600 keys: the
+    // exponentials' 1e-7 errors flip the rounding of probabilities that lie that close to a
+    // bf16 boundary; the f32 backward is 5.6e-4 off), and rounding happened (exact gradients:
+    // rms 5.1e-4..8.2e-4)
     let c = wave(n * heads * d, 1.0, 0.9);
     let as_var = |x: &Tensor| Var::from_tensor(x).unwrap();
     let [qv_, kv_, vv_] = [&q, &k, &v].map(as_var);
@@ -430,10 +439,10 @@ fn attention_case(n: usize, m: usize) {
         let off = rms_err(got, &exact[i]);
         eprintln!("{name}: {e:e} (rms {rms:e}) from the rounded reference, rms {off:e} from exact");
         assert!(
-            rms < 1e-5,
+            rms < 2e-5,
             "{name} is {rms} (rms) from the bf16-rounded backward"
         );
-        assert!(e < 2e-4, "{name} is {e} from the bf16-rounded backward");
+        assert!(e < 4e-4, "{name} is {e} from the bf16-rounded backward");
         assert!(
             (2e-4..2e-2).contains(&off),
             "{name} is {off} (rms) from exact gradients"

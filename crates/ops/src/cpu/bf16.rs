@@ -439,85 +439,92 @@ fn pairs_tail<S: Packed>(run: &[S], words: &mut [u32; 16]) {
     }
 }
 
-/// A chunk of attention's probabilities packed as a left operand ([`Panels::left`]'s layout)
-/// as the softmax makes them: `e^(s - shift[r])` for each row `r` of the scores `s [rows,
-/// cols]`, rounded to bf16, with `sums[r]` the row's sum of the unrounded exponentials. The
-/// probabilities are never written in f32: one pass reads the scores and writes half their
-/// bytes. On the calling thread; `shift[r]` must be at least the row's maximum.
+/// A block of attention's probabilities packed as a left operand ([`Panels::left`]'s layout)
+/// as the softmax makes them, from the block's scores transposed, `s_t [keys, queries]` (the
+/// product `K Q^T`): `P [queries, keys]` with `P[q][k] = e^(s_t[k][q] - shift[q])` rounded to
+/// bf16, and `sums[q] +=` each query's unrounded exponentials. A pair of keys is two rows of
+/// `s_t`, paired lane by lane into the words of 12 queries at a time: no transposing, and the
+/// probabilities are never written in f32. On the calling thread; the exponentials are
+/// [`super::fastmath::exp16`]'s.
 ///
 /// # Panics
 /// Where the CPU lacks AVX512F and AVX512BW (callers check [`supported`]).
-pub(crate) fn pack_exp_rows(
-    s: &[f32],
-    (rows, cols): (usize, usize),
+pub(crate) fn pack_exp_cols(
+    s_t: &[f32],
+    (keys, queries): (usize, usize),
     shift: &[f32],
     sums: &mut [f32],
     mut out: Vec<u32>,
 ) -> Panels {
-    assert!(supported() && s.len() >= rows * cols && shift.len() >= rows && sums.len() >= rows);
-    let cp = cols.div_ceil(2);
-    panel_buffer(&mut out, rows, cp, MR);
+    assert!(supported() && s_t.len() >= keys * queries);
+    assert!(shift.len() >= queries && sums.len() >= queries);
+    let cp = keys.div_ceil(2);
+    panel_buffer(&mut out, queries, cp, MR);
     // SAFETY: checked above.
-    unsafe { exp_panels(s, (rows, cols), shift, sums, &mut out) };
+    unsafe { exp_cols(s_t, (keys, queries), shift, sums, &mut out) };
     Panels {
         words: out,
         pairs: cp,
-        len: rows,
+        len: queries,
         w: MR,
     }
 }
 
-/// [`pack_exp_rows`]'s work, compiled for AVX-512 so that the exponentials vectorise.
+/// [`pack_exp_cols`]'s work: for each pair of keys, both rows' exponentials (16 queries at a
+/// time, into two rows of `e`), then their pair words, 12 queries (a panel's rows) at a time.
 ///
 /// # Safety
-/// AVX512F and AVX512BW must be present.
+/// AVX512F and AVX512BW must be present; the sizes as [`pack_exp_cols`] checks them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn exp_panels(
-    s: &[f32],
-    (rows, cols): (usize, usize),
+unsafe fn exp_cols(
+    s_t: &[f32],
+    (keys, queries): (usize, usize),
     shift: &[f32],
     sums: &mut [f32],
     out: &mut [u32],
 ) {
-    use super::fastmath::exp_neg;
-    const T: usize = 16;
-    let (w, cp) = (MR, cols.div_ceil(2));
-    let mut tile = [[0u32; T]; 32];
-    for (p, panel) in out.chunks_mut(cp * w).enumerate() {
-        let (r0, r_end) = (p * w, (rows - p * w).min(w));
-        let mut lanes = [[0f32; T]; MR];
-        for q0 in (0..cp).step_by(T) {
-            let tq = T.min(cp - q0);
-            for r in 0..r_end {
-                let (row, sh) = (&s[(r0 + r) * cols..(r0 + r + 1) * cols], shift[r0 + r]);
-                let run = &row[2 * q0..(2 * q0 + 2 * T).min(cols)];
-                if let Ok(run) = <&[f32; 2 * T]>::try_from(run) {
-                    let mut e = [0f32; 2 * T];
-                    for (e, &x) in e.iter_mut().zip(run) {
-                        *e = exp_neg(x - sh);
-                    }
-                    for (l, i) in lanes[r].iter_mut().zip(0..T) {
-                        *l += e[i] + e[i + T];
-                    }
-                    // SAFETY: the caller's promise (AVX512F, AVX512BW).
-                    unsafe { pairs16(&e, &mut tile[r]) };
+    use super::fastmath::exp16;
+    use std::arch::x86_64::*;
+    let cp = keys.div_ceil(2);
+    // two rows of exponentials, whole vectors long (zeros past `queries`)
+    let width = queries.next_multiple_of(16);
+    let mut e = vec![0f32; 2 * width];
+    // SAFETY: the caller's promise; every load and store is masked to `queries` numbers of
+    // `s_t`'s rows, `shift`, `sums` and `e`, or writes a panel's `MR` words of `out`.
+    unsafe {
+        for t in 0..cp {
+            for half in 0..2 {
+                let k = 2 * t + half;
+                let row = &mut e[half * width..(half + 1) * width];
+                if k >= keys {
+                    row.fill(0.0);
                     continue;
                 }
-                let e: Vec<f32> = run.iter().map(|&x| exp_neg(x - sh)).collect();
-                lanes[r][0] += e.iter().sum::<f32>();
-                pairs_tail(&e, &mut tile[r]);
+                for q in (0..queries).step_by(16) {
+                    let mask = first_lanes(queries - q);
+                    let s = _mm512_maskz_loadu_ps(mask, s_t.as_ptr().add(k * queries + q));
+                    let sh = _mm512_maskz_loadu_ps(mask, shift.as_ptr().add(q));
+                    let x = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(s, sh)));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(q), x);
+                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums.as_ptr().add(q)), x);
+                    _mm512_mask_storeu_ps(sums.as_mut_ptr().add(q), mask, sum);
+                }
             }
-            tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, true);
-        }
-        for (r, l) in lanes.iter().enumerate().take(r_end) {
-            sums[r0 + r] = l.iter().sum();
+            for (p, q) in (0..queries).step_by(MR).enumerate() {
+                let mask = first_lanes((queries - q).min(MR));
+                let lo = _mm512_maskz_loadu_ps(mask, e.as_ptr().add(q));
+                let hi = _mm512_maskz_loadu_ps(mask, e.as_ptr().add(width + q));
+                let words = pair16(lo, hi);
+                let at = out.as_mut_ptr().add((p * cp + t) * MR);
+                _mm512_mask_storeu_epi32(at.cast(), first_lanes(MR), words);
+            }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn exp_panels(_: &[f32], _: (usize, usize), _: &[f32], _: &mut [f32], _: &mut [u32]) {
+unsafe fn exp_cols(_: &[f32], _: (usize, usize), _: &[f32], _: &mut [f32], _: &mut [u32]) {
     unreachable!("supported() is false off x86_64")
 }
 

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::{blocks, Dims, KEY_BLOCK, QUERY_BLOCK};
-use crate::attention::fused::{exp_rows_shifted_f32, row_dots, softmax_grad_rows};
+use super::{blocks, exp_rows_shifted, Dims, KEY_BLOCK, QUERY_BLOCK};
+use crate::attention::fused::{row_dots, softmax_grad_rows};
 use crate::cpu::bf16::{self, Panels};
 use crate::cpu::matmul::{Dst, Mat};
 use crate::cpu::SendPtr;
@@ -127,7 +127,7 @@ impl Head {
             let (qi, kj) = (self.queries.0.all().lines(qb), self.keys.0.all().lines(kb));
             bf16::multiply(Dst::dense(p), qi, kj, scale, false);
         }
-        exp_rows_shifted_f32(p, mb, &self.lse[qb.0..qb.1]);
+        exp_rows_shifted(p, mb, &self.lse[qb.0..qb.1]);
         let pt = Panels::left(&Mat::new(&*p, c, mb).t(), w0);
         unsafe {
             let gi = self.grads.1.all().depth(qb);

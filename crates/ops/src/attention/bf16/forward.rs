@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{blocks, row_max, Dims, KEY_BLOCK, QUERY_BLOCK};
+use super::{blocks, col_max, Dims, KEY_BLOCK, QUERY_BLOCK};
 use crate::cpu::bf16::{self, Panels};
 use crate::cpu::matmul::Dst;
 use crate::cpu::SendPtr;
@@ -18,14 +18,14 @@ pub(in super::super) fn run(
     let heads: Vec<(usize, usize)> = (0..b)
         .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
         .collect();
-    // per head: queries as the left operand of `Q K^T`, keys as its right one (`K^T`), values
-    // as that of `P V`
+    // per head: keys as the left operand of the transposed scores `K Q^T`, queries as its
+    // right one (`Q^T`), values as that of `P V`
     let packed: Vec<[Panels; 3]> = heads
         .par_iter()
         .map(|&bh| {
             [
-                Panels::left(&dm.head(q, bh, n, d), Vec::new()),
-                Panels::right(&dm.head(k, bh, m, d).t(), Vec::new()),
+                Panels::left(&dm.head(k, bh, m, d), Vec::new()),
+                Panels::right(&dm.head(q, bh, n, d).t(), Vec::new()),
                 Panels::right(&dm.head(v, bh, m, e), Vec::new()),
             ]
         })
@@ -50,45 +50,46 @@ pub(in super::super) fn run(
     (out, lse)
 }
 
-/// The output rows `[c, e]` of the queries `qb` of one head (`[queries, keys^T, values]`
-/// packed) over its `m` keys, and their log-sum-exp. The keys come a block at a time: the
-/// block's running row maxima `mx`, sums `l` and unnormalised output `acc` are rescaled by
-/// `e^(mx_old - mx_new)` when a key block raises a maximum.
+/// The output rows `[c, e]` of the queries `qb` of one head (`[keys, queries^T, values]`
+/// packed) over its `m` keys, and their log-sum-exp. The keys come a block at a time, their
+/// scores transposed (`S^T = K_j Q_i^T`, `[keys, queries]`), so that each query's maximum and
+/// sum run along the rows and a pair of keys' probabilities is two rows paired lane by lane
+/// ([`bf16::pack_exp_cols`]); the block's running maxima `mx`, sums `l` and unnormalised output
+/// `acc` are rescaled by `e^(mx_old - mx_new)` when a key block raises a maximum.
 fn query_block(
-    [queries, keys, values]: &[Panels; 3],
+    [keys, queries_t, values]: &[Panels; 3],
     qb: (usize, usize),
     (m, e): (usize, usize),
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let c = qb.1 - qb.0;
-    let (mut s, mut words) = (vec![0f32; c * KEY_BLOCK.min(m)], Vec::new());
+    let (mut s_t, mut words) = (vec![0f32; KEY_BLOCK.min(m) * c], Vec::new());
     let (mut acc, mut mx, mut l) = (vec![0f32; c * e], vec![f32::NEG_INFINITY; c], vec![0f32; c]);
-    let (mut new_mx, mut sums) = (vec![0f32; c], vec![0f32; c]);
+    let mut new_mx = vec![0f32; c];
     for kb in blocks(m, KEY_BLOCK) {
         let mb = kb.1 - kb.0;
-        let s = &mut s[..c * mb];
-        // SAFETY: `worth_it` checked the instructions; `s` is this task's `c x mb`.
+        let s_t = &mut s_t[..mb * c];
+        // SAFETY: `worth_it` checked the instructions; `s_t` is this task's `mb x c`.
         unsafe {
-            let (qi, kj) = (queries.all().lines(qb), keys.all().lines(kb));
-            bf16::multiply(Dst::dense(s), qi, kj, scale, false);
+            let (kj, qi) = (keys.all().lines(kb), queries_t.all().lines(qb));
+            bf16::multiply(Dst::dense(s_t), kj, qi, scale, false);
         }
-        row_max(s, mb, &mut new_mx);
+        new_mx.copy_from_slice(&mx);
+        col_max(s_t, c, &mut new_mx);
         for r in 0..c {
-            new_mx[r] = new_mx[r].max(mx[r]);
             if kb.0 > 0 && new_mx[r] > mx[r] {
                 let alpha = (mx[r] - new_mx[r]).exp();
                 l[r] *= alpha;
                 acc[r * e..(r + 1) * e].iter_mut().for_each(|x| *x *= alpha);
             }
         }
-        let probs = bf16::pack_exp_rows(s, (c, mb), &new_mx, &mut sums, words);
+        let probs = bf16::pack_exp_cols(s_t, (mb, c), &new_mx, &mut l, words);
         // SAFETY: as above; `acc` is this task's `c x e`.
         unsafe {
             let vj = values.all().depth(kb);
             bf16::multiply(Dst::dense(&mut acc), probs.all(), vj, 1.0, kb.0 > 0);
         }
         words = probs.into_buffer();
-        l.iter_mut().zip(&sums).for_each(|(l, s)| *l += s);
         mx.copy_from_slice(&new_mx);
     }
     for (row, &l) in acc.chunks_exact_mut(e).zip(&l) {
