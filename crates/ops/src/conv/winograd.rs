@@ -196,7 +196,8 @@ fn put_filters(u: Vec<Panels>) {
 }
 
 /// The pair words of input channels `2q` and `2q + 1` of the [`MR`] filters of panel `p`
-/// (zeros past `o` and `c`), written at `at` of each component's buffer.
+/// (zeros past `o` and `c`), written at `at` of each component's buffer. The 18 gathers (9 taps
+/// of 2 channels, a lane per filter) are issued back to back, so that their loads overlap.
 ///
 /// # Safety
 /// AVX512F and AVX512BW must be present; each buffer holds `at + MR` words that no one else
@@ -214,76 +215,107 @@ unsafe fn filter_words(
     let o0 = p * MR;
     let rows = MR.min(o - o0);
     let mask = crate::cpu::bf16::first_lanes(rows);
+    let zero = _mm512_setzero_ps();
+    let mut taps = [[zero; 9]; 2];
     // SAFETY: the gathers read filters of rows `o0..o0 + rows` (masked), of channels below
-    // `c`: within `w`; a bf16 gather reads each number's 4 bytes, 2 past it, so the one at
-    // the end of `w` takes the scalar path; the stores write `MR` words at `at`.
+    // `c`: within `w`; a bf16 gather reads each number's 4 bytes, 2 past it, so the channel
+    // whose last tap ends `w` takes the scalar path; the stores write `MR` words at `at`.
     unsafe {
         let lane_rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let idx = _mm512_mullo_epi32(lane_rows, _mm512_set1_epi32((c * 9) as i32));
-        let at_end = o0 + rows == o && 2 * q + 2 >= c;
-        let transformed = |ch: usize| -> [__m512; XI] {
-            if ch >= c {
-                return [_mm512_setzero_ps(); XI];
+        // the gathers walk 12 rows of `w` at once, which the hardware's prefetchers do not
+        // follow: fetch each row's numbers 16 channels ahead
+        let ahead = (o0 * c + 2 * q + 16) * 9;
+        for r in 0..rows {
+            let at = ahead + r * c * 9;
+            match w {
+                Data::Plain(w) if at < w.len() => {
+                    _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(at).cast())
+                }
+                Data::Bf16(w) if at < w.len() => {
+                    _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(at).cast())
+                }
+                _ => {}
             }
-            let g: [__m512; 9] = std::array::from_fn(|t| {
-                let at = (o0 * c + ch) * 9 + t;
-                match w {
-                    Data::Plain(w) => {
+        }
+        for (half, g) in taps.iter_mut().enumerate() {
+            let ch = 2 * q + half;
+            if ch >= c {
+                continue;
+            }
+            let base = (o0 * c + ch) * 9;
+            match w {
+                Data::Plain(w) => {
+                    for (t, g) in g.iter_mut().enumerate() {
                         let v = _mm512_mask_i32gather_ps::<4>(
-                            _mm512_setzero_ps(),
+                            zero,
                             mask,
                             idx,
-                            w.as_ptr().add(at),
+                            w.as_ptr().add(base + t),
                         );
-                        crate::cpu::bf16::round16(v)
+                        *g = crate::cpu::bf16::round16(v);
                     }
-                    Data::Bf16(w) if !at_end => {
-                        let bits = _mm512_mask_i32gather_epi32::<2>(
-                            _mm512_setzero_si512(),
-                            mask,
-                            idx,
-                            w.as_ptr().add(at).cast(),
-                        );
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
+                }
+                Data::Bf16(w) if base + (rows - 1) * c * 9 + 9 < w.len() => {
+                    let z = _mm512_setzero_si512();
+                    for (t, g) in g.iter_mut().enumerate() {
+                        let at = w.as_ptr().add(base + t).cast();
+                        let bits = _mm512_mask_i32gather_epi32::<2>(z, mask, idx, at);
+                        *g = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
                     }
-                    Data::Bf16(w) => {
+                }
+                Data::Bf16(w) => {
+                    for (t, g) in g.iter_mut().enumerate() {
                         let lane = |r: usize| {
                             if r < rows {
-                                w[at + r * c * 9].to_f32()
+                                w[base + t + r * c * 9].to_f32()
                             } else {
                                 0.0
                             }
                         };
                         let v: [f32; 16] = std::array::from_fn(lane);
-                        _mm512_loadu_ps(v.as_ptr())
+                        *g = _mm512_loadu_ps(v.as_ptr());
                     }
                 }
-            });
-            let side = |a: __m512, b: __m512, c: __m512| {
-                let half = _mm512_set1_ps(0.5);
-                let ac = _mm512_add_ps(a, c);
-                [
-                    a,
-                    _mm512_mul_ps(half, _mm512_add_ps(ac, b)),
-                    _mm512_mul_ps(half, _mm512_sub_ps(ac, b)),
-                    c,
-                ]
-            };
-            let cols: [[__m512; 4]; 3] = std::array::from_fn(|j| side(g[j], g[3 + j], g[6 + j]));
-            let mut u = [_mm512_setzero_ps(); XI];
-            for a in 0..4 {
-                let row = side(cols[0][a], cols[1][a], cols[2][a]);
-                u[4 * a..4 * a + 4].copy_from_slice(&row);
             }
-            u
-        };
-        let (lo, hi) = (transformed(2 * q), transformed(2 * q + 1));
+        }
+        let (lo, hi) = (transform_filters(&taps[0]), transform_filters(&taps[1]));
         let store = crate::cpu::bf16::first_lanes(MR);
         for (xi, d) in dst.iter().enumerate() {
             let words = crate::cpu::bf16::pair16(lo[xi], hi[xi]);
             _mm512_mask_storeu_epi32(d.get().add(at).cast(), store, words);
         }
     }
+}
+
+/// `G g G^T` of 16 filters at once (a lane each), from their 9 taps (row-major), as 16
+/// components `4 a + b`. `G`'s rows: `g0`, `(g0 + g1 + g2) / 2`, `(g0 - g1 + g2) / 2`, `g2`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transform_filters(g: &[std::arch::x86_64::__m512; 9]) -> [std::arch::x86_64::__m512; XI] {
+    use std::arch::x86_64::*;
+    let half = _mm512_set1_ps(0.5);
+    let side = |a: __m512, b: __m512, c: __m512| {
+        let ac = _mm512_add_ps(a, c);
+        [
+            a,
+            _mm512_mul_ps(half, _mm512_add_ps(ac, b)),
+            _mm512_mul_ps(half, _mm512_sub_ps(ac, b)),
+            c,
+        ]
+    };
+    let cols = [
+        side(g[0], g[3], g[6]),
+        side(g[1], g[4], g[7]),
+        side(g[2], g[5], g[8]),
+    ];
+    let mut u = [_mm512_setzero_ps(); XI];
+    for a in 0..4 {
+        let row = side(cols[0][a], cols[1][a], cols[2][a]);
+        u[4 * a..4 * a + 4].copy_from_slice(&row);
+    }
+    u
 }
 
 #[cfg(not(target_arch = "x86_64"))]
