@@ -1,6 +1,8 @@
 //! The time of an atoms-adapted 3x3 conv's forward and backward (`ops::conv::conv2d_transformed`
 //! with gradients for the input and the atoms' update) at SD 1.5's UNet shapes, next to the
-//! time its products alone would take at the rate of a plain conv's forward of the same shape:
+//! time its products alone would take at the rate of a plain conv's forward of the same shape
+//! (with direct products: the backward's `W^T dy` has as many; the adapted forward runs
+//! Winograd's F(2x2, 3x3) where it applies, as `atomtune` does):
 //!
 //! ```text
 //! cargo run --release -p atomtune-ops --example adapted_conv_rate
@@ -53,9 +55,13 @@ fn main() -> candle_core::Result<()> {
                 let g = loss.backward()?;
                 bwd.push(t1.elapsed().as_secs_f64());
                 assert!(g.get(&x).is_some() && g.get(&delta).is_some());
+                // the plain forward's direct products (the backward's `W^T dy` is as many), not
+                // Winograd's 2.25x fewer
+                ops::conv::winograd::set_enabled(false);
                 let t2 = Instant::now();
                 ops::conv::conv2d(&x.as_tensor().detach(), &w, None, cfg)?;
                 plain.push(t2.elapsed().as_secs_f64());
+                ops::conv::winograd::set_enabled(true);
             }
             let (f, b, p) = (median(fwd), median(bwd), median(plain));
             println!(
