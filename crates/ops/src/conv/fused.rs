@@ -454,6 +454,12 @@ impl Conv {
     fn input_grad<T: Float>(w: Data<'_, T>, dy: &[T], b: usize, g: &Geo) -> Vec<T> {
         let (npix, k, plane) = (g.npix(), g.k(), g.h * g.w);
         let mut dx = vec![T::zero(); b * g.c * plane];
+        if let (Some(w32), Some(dy32)) = (w.as_f32(), as_f32(dy)) {
+            let dx32 = as_f32_mut(&mut dx).expect("T is f32, as dy is");
+            if winograd::input_grad((w32, dy32), dx32, b, g) {
+                return dx;
+            }
+        }
         let mut dcols = if g.is_pointwise() {
             Vec::new()
         } else {

@@ -142,6 +142,66 @@ fn forward_in_chunks(
     put_filters(u);
 }
 
+/// `dx [b, c, h, w] += dL/dx` of the conv [`forward`] runs, from `dy [b, o, h, w]`: the input
+/// gradient of a 3x3 conv of stride 1 padded by 1 is the same kind of conv of `dy` with each
+/// filter flipped in both directions and the channels swapped (`W~[c][o] = W[o][c]` turned
+/// 180 degrees), so Winograd's products serve it too (frozen convs' backward: LoRA's and the
+/// other methods' training). `false`, with nothing done, where [`applies`] does not hold for
+/// that conv. `dx` holds zeros (or what to add to).
+pub(super) fn input_grad(
+    (w, dy): (Data<'_, f32>, &[f32]),
+    dx: &mut [f32],
+    b: usize,
+    g: &Geo,
+) -> bool {
+    let t = Geo {
+        c: g.o,
+        h: g.ho,
+        w: g.wo,
+        o: g.c,
+        ho: g.h,
+        wo: g.w,
+        ..*g
+    };
+    if !applies(&t, b) {
+        return false;
+    }
+    transposed_conv((w, dy), dx, b, (g, &t));
+    true
+}
+
+/// [`input_grad`]'s work, where it applies: `t` is the transposed conv's geometry.
+fn transposed_conv(
+    (w, dy): (Data<'_, f32>, &[f32]),
+    dx: &mut [f32],
+    b: usize,
+    (g, t): (&Geo, &Geo),
+) {
+    // W~[c][o][i][j] = W[o][c][2 - i][2 - j]
+    let flip = |o: usize, c: usize, at: usize| (o * g.c + c) * 9 + 8 - at;
+    let o = g.o;
+    match w {
+        Data::Plain(w) => {
+            let mut f = vec![0f32; w.len()];
+            f.par_chunks_mut(o * 9).enumerate().for_each(|(ci, row)| {
+                for (at, v) in row.iter_mut().enumerate() {
+                    *v = w[flip(at / 9, ci, at % 9)];
+                }
+            });
+            forward((dy, Data::Plain(&f)), dx, b, t);
+        }
+        Data::Bf16(w) => {
+            let mut f = vec![half::bf16::ZERO; w.len()];
+            f.par_chunks_mut(o * 9).enumerate().for_each(|(ci, row)| {
+                for (at, v) in row.iter_mut().enumerate() {
+                    *v = w[flip(at / 9, ci, at % 9)];
+                }
+            });
+            forward((dy, Data::Bf16(&f)), dx, b, t);
+        }
+    }
+}
+
 /// A task's buffers, reused by the next chunk on its thread.
 #[derive(Default)]
 struct Bufs {
@@ -676,6 +736,56 @@ mod tests {
                 for (i, (&y, &e)) in y.iter().zip(&exact).enumerate() {
                     assert_eq!(y as f64, e, "{:?}, chunk {chunk}, output {i}", (b, c, h, o));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_input_gradient_is_the_transposed_conv() {
+        if !bf16::supported() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        // odd sizes and channel counts; the filters' both flips and the channel swap all show
+        let (b, g) = (2, geo(2, 23, (9, 11), 30));
+        let dy = integers(b * g.o * g.npix(), 3, 5);
+        let w = integers(g.o * g.c * 9, 2, 6);
+        // dx[c][y][x] = sum over o, i, j of W[o][c][i][j] dy[o][y + 1 - i][x + 1 - j]
+        let mut want = vec![0f64; b * g.c * g.h * g.w];
+        for (at, v) in want.iter_mut().enumerate() {
+            let (bi, c, y, x) = (
+                at / (g.c * g.h * g.w),
+                at / (g.h * g.w) % g.c,
+                at / g.w % g.h,
+                at % g.w,
+            );
+            for o in 0..g.o {
+                for (i, j) in (0..3).flat_map(|i| (0..3).map(move |j| (i, j))) {
+                    let (yy, xx) = ((y + 1) as isize - i as isize, (x + 1) as isize - j as isize);
+                    if yy < 0 || xx < 0 || yy >= g.ho as isize || xx >= g.wo as isize {
+                        continue;
+                    }
+                    let d = dy[((bi * g.o + o) * g.ho + yy as usize) * g.wo + xx as usize];
+                    *v += w[((o * g.c + c) * 3 + i) * 3 + j] as f64 * d as f64;
+                }
+            }
+        }
+        let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        for w in [Data::Plain(&w[..]), Data::Bf16(&w16[..])] {
+            let mut dx = vec![0f32; want.len()];
+            let t = Geo {
+                c: g.o,
+                h: g.ho,
+                w: g.wo,
+                o: g.c,
+                ho: g.h,
+                wo: g.w,
+                ..g
+            };
+            transposed_conv((w, &dy), &mut dx, b, (&g, &t));
+            // small integers: every transformed number exact, as in the forward's test
+            for (i, (&got, &e)) in dx.iter().zip(&want).enumerate() {
+                assert_eq!(got as f64, e, "dx {i}");
             }
         }
     }
