@@ -19,13 +19,13 @@
 //! the 16 results back into the block's output pixels: no transformed image is ever whole.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
 use super::fused::Geo;
 use crate::cpu::bf16::{self, Panels, MR, NR};
 use crate::cpu::matmul::{Data, Dst};
+use crate::cpu::switch::Switch;
 use crate::cpu::SendPtr;
 
 /// Components of a transformed filter or patch (4x4).
@@ -43,27 +43,18 @@ const ROW_BLOCK: usize = 8 * MR;
 /// choose itself, to compare it with the direct conv (benchmarks).
 pub const VAR: &str = "ATOMTUNE_WINOGRAD";
 
-/// 0: not decided yet (the environment decides), 1: off, 2: on.
-static STATE: AtomicU8 = AtomicU8::new(0);
+/// The switch: on by default, off by [`set_enabled`] or `ATOMTUNE_WINOGRAD=0`.
+static SWITCH: Switch = Switch::new(VAR, true, "Winograd's convs");
 
 /// Turns the Winograd forward on (the default) or off for the whole process; off, the 3x3
 /// convs run the direct bf16 products.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether the Winograd forward is on: by [`set_enabled`], else unless `ATOMTUNE_WINOGRAD=0`.
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var(VAR).as_deref() != Ok("0");
-            // a racing set_enabled wins
-            let new = if on { 2 } else { 1 };
-            let _ = STATE.compare_exchange(0, new, Ordering::Relaxed, Ordering::Relaxed);
-            STATE.load(Ordering::Relaxed) == 2
-        }
-        s => s == 2,
-    }
+    SWITCH.on()
 }
 
 /// Whether the forward of `b` images runs here: a 3x3 conv of stride 1 padded by 1, with bf16
@@ -154,7 +145,18 @@ pub(super) fn input_grad(
     b: usize,
     g: &Geo,
 ) -> bool {
-    let t = Geo {
+    let t = transposed(g);
+    if !applies(&t, b) {
+        return false;
+    }
+    transposed_conv((w, dy), dx, b, (g, &t));
+    true
+}
+
+/// The geometry of a conv's transposed conv (its input gradient): `o` channels of `ho x wo`
+/// in, `c` of `h x w` out, same kernel, stride and padding.
+fn transposed(g: &Geo) -> Geo {
+    Geo {
         c: g.o,
         h: g.ho,
         w: g.wo,
@@ -162,12 +164,7 @@ pub(super) fn input_grad(
         ho: g.h,
         wo: g.w,
         ..*g
-    };
-    if !applies(&t, b) {
-        return false;
     }
-    transposed_conv((w, dy), dx, b, (g, &t));
-    true
 }
 
 /// [`input_grad`]'s work, where it applies: `t` is the transposed conv's geometry.
@@ -773,16 +770,7 @@ mod tests {
         let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
         for w in [Data::Plain(&w[..]), Data::Bf16(&w16[..])] {
             let mut dx = vec![0f32; want.len()];
-            let t = Geo {
-                c: g.o,
-                h: g.ho,
-                w: g.wo,
-                o: g.c,
-                ho: g.h,
-                wo: g.w,
-                ..g
-            };
-            transposed_conv((w, &dy), &mut dx, b, (&g, &t));
+            transposed_conv((w, &dy), &mut dx, b, (&g, &transposed(&g)));
             // small integers: every transformed number exact, as in the forward's test
             for (i, (&got, &e)) in dx.iter().zip(&want).enumerate() {
                 assert_eq!(got as f64, e, "dx {i}");

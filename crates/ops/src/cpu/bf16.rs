@@ -14,8 +14,6 @@
 //! walks `k` two at a time; the result is written once per [`KC`] block of `k`. Only products
 //! large enough to repay the packing take this path ([`worth_it`]: `k >= 256`, `m, n >= 64`).
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use super::fastmath::simd_dispatch;
 use super::matmul::{Data, Dst, Mat};
 
@@ -33,39 +31,17 @@ pub(crate) const MC: usize = 192;
 /// choose itself (benchmarks, tests); `atomtune --dtype bf16` turns them on with [`set_enabled`].
 pub const VAR: &str = "ATOMTUNE_CPU_BF16";
 
-/// 0: not decided yet (the environment decides), 1: off, 2: on.
-static STATE: AtomicU8 = AtomicU8::new(0);
+/// The switch: on by [`set_enabled`], else by `ATOMTUNE_CPU_BF16=1`; off by default.
+static SWITCH: super::switch::Switch = super::switch::Switch::new(VAR, false, "bf16 products");
 
 /// Turns bf16 products on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether bf16 products are turned on: by [`set_enabled`], else by `ATOMTUNE_CPU_BF16=1`.
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        0 => {
-            let on = match std::env::var(VAR).as_deref() {
-                Ok("1") => true,
-                Ok("0") | Err(_) => false,
-                Ok(other) => {
-                    eprintln!(
-                        "warning: {VAR}={other:?} is neither 1 nor 0; bf16 products stay off"
-                    );
-                    false
-                }
-            };
-            // a racing set_enabled wins
-            let _ = STATE.compare_exchange(
-                0,
-                if on { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            STATE.load(Ordering::Relaxed) == 2
-        }
-        s => s == 2,
-    }
+    SWITCH.on()
 }
 
 /// Whether the CPU has the instructions (AVX512-BF16 with AVX512F, AVX512BW and AVX512VL, as

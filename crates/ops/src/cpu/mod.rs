@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, Layout, Tensor};
 pub mod bf16;
 pub(crate) mod fastmath;
 pub(crate) mod matmul;
+pub(crate) mod switch;
 
 /// `CpuStorage::F32(body)` or `CpuStorage::F64(body)` by `dtype`, with `$t` naming the element
 /// type inside `body`; any other dtype is an error naming the op.
