@@ -70,9 +70,10 @@ pub(super) fn applies(g: &Geo, b: usize) -> bool {
 }
 
 /// The fewest tiles (over the batch) whose products repay transforming the filters: SD 1.5's
-/// 1280-channel convs at 16x16 (64 tiles an image) ran as fast as the direct conv for one
-/// image and 1.2x faster for two (`cargo run --release -p atomtune-ops --example conv_rate`).
-const MIN_TILES: usize = 128;
+/// 1280-channel convs at 16x16 (64 tiles an image) run 1.1x faster than the direct conv for
+/// one image and 1.4x for two, at 8x8 (16 an image) no faster (`cargo run --release -p
+/// atomtune-ops --example conv_rate`).
+const MIN_TILES: usize = 64;
 
 /// Tile rows and columns of an output (odd sizes: the last tiles overhang).
 fn tiles(g: &Geo) -> (usize, usize) {
@@ -99,38 +100,123 @@ fn forward_in_chunks(
     assert!(bf16::supported(), "Winograd's products need AVX512-BF16");
     assert!(x.len() >= b * g.c * g.h * g.w && y.len() >= b * g.o * g.npix());
     let u = filter_panels(w, g.o, g.c);
-    let (th, tw) = tiles(g);
-    let per_image = th * tw;
-    let chunks = per_image.div_ceil(chunk);
-    let out = SendPtr(y.as_mut_ptr());
-    (0..b * chunks).into_par_iter().for_each(|i| {
-        let (bi, j0) = (i / chunks, (i % chunks) * chunk);
-        let span = (j0, (j0 + chunk).min(per_image));
-        let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
-        let mut bufs = BUFS.take();
-        let v = patch_panels(xb, g, span, &mut bufs.v);
-        // SAFETY: the chunk's tiles cover output pixels of image `bi` that no other chunk
-        // writes; `y` holds `b` images.
-        let yb = unsafe { out.get().add(bi * g.o * g.npix()) };
-        for o0 in (0..g.o).step_by(ROW_BLOCK) {
-            let o1 = (o0 + ROW_BLOCK).min(g.o);
-            let cols = span.1 - span.0;
-            bufs.m.resize(XI * ROW_BLOCK * cols, 0.0);
-            for (xi, (u, v)) in u.iter().zip(&v).enumerate() {
-                let dst = Dst {
-                    ptr: bufs.m[xi * ROW_BLOCK * cols..].as_mut_ptr(),
-                    rs: cols,
-                };
-                // SAFETY: checked the instructions above; `dst` holds `o1 - o0` rows of `cols`.
-                unsafe { bf16::multiply(dst, u.all().lines((o0, o1)), v.all(), 1.0, false) };
-            }
-            // SAFETY: as above, rows `o0..o1` of this chunk's pixels.
-            unsafe { untransform(&bufs.m, (o0, o1), span, g, yb) };
-        }
-        bufs.v = v.into_iter().map(Panels::into_buffer).collect();
-        BUFS.set(bufs);
-    });
+    if XI * g.o * g.c * 2 > U_IN_L3 {
+        by_filters((x, &u), y, b, g, chunk);
+    } else {
+        by_tiles((x, &u), y, b, g, chunk);
+    }
     put_filters(u);
+}
+
+/// The most bytes of transformed filters that every chunk of tiles reads again (a share of
+/// L3): past it (640+ channels: 13-52 MB), [`by_filters`].
+const U_IN_L3: usize = 8 << 20;
+
+/// The chunks of tiles of `b` images of `per_image` tiles each: `(image, (j0, j1))`.
+fn chunks(b: usize, per_image: usize, chunk: usize) -> Vec<(usize, (usize, usize))> {
+    let n = per_image.div_ceil(chunk);
+    (0..b * n)
+        .map(|i| {
+            let j0 = (i % n) * chunk;
+            (i / n, (j0, (j0 + chunk).min(per_image)))
+        })
+        .collect()
+}
+
+/// A task per chunk of tiles: it transforms the chunk's patches and meets them with every
+/// filter, all of `u` read again from L3 for each chunk.
+fn by_tiles((x, u): (&[f32], &[Panels]), y: &mut [f32], b: usize, g: &Geo, chunk: usize) {
+    let (th, tw) = tiles(g);
+    let out = SendPtr(y.as_mut_ptr());
+    chunks(b, th * tw, chunk)
+        .into_par_iter()
+        .for_each(|(bi, span)| {
+            let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
+            let mut bufs = BUFS.take();
+            let v = patch_panels(xb, g, span, &mut bufs.v);
+            for o0 in (0..g.o).step_by(ROW_BLOCK) {
+                let rows = (o0, (o0 + ROW_BLOCK).min(g.o));
+                // SAFETY: the chunk's tiles cover output pixels of image `bi` that no other chunk
+                // writes; `y` holds `b` images.
+                unsafe {
+                    block_out(
+                        (u, &v),
+                        rows,
+                        span,
+                        g,
+                        (&mut bufs.m, out.get().add(bi * g.o * g.npix())),
+                    )
+                };
+            }
+            bufs.v = v.into_iter().map(Panels::into_buffer).collect();
+            BUFS.set(bufs);
+        });
+}
+
+/// Where the transformed filters outgrow L3, so that each chunk re-reading them all would
+/// stream them from memory again (SD's 1280-channel convs at 16x16: 52 MB for 64 tiles an
+/// image): every chunk's patches are transformed first, then a task per block of filters
+/// meets each chunk with its block, whose 16 components' rows stay in L3.
+fn by_filters((x, u): (&[f32], &[Panels]), y: &mut [f32], b: usize, g: &Geo, chunk: usize) {
+    let (th, tw) = tiles(g);
+    let spans = chunks(b, th * tw, chunk);
+    let v: Vec<Vec<Panels>> = spans
+        .par_iter()
+        .map(|&(bi, span)| {
+            let xb = &x[bi * g.c * g.h * g.w..(bi + 1) * g.c * g.h * g.w];
+            patch_panels(xb, g, span, &mut Vec::new())
+        })
+        .collect();
+    // blocks of filters enough for every thread (half blocks below 8)
+    let block = if g.o >= 8 * ROW_BLOCK {
+        ROW_BLOCK
+    } else {
+        ROW_BLOCK / 2
+    };
+    let out = SendPtr(y.as_mut_ptr());
+    (0..g.o.div_ceil(block)).into_par_iter().for_each(|k| {
+        let rows = (k * block, ((k + 1) * block).min(g.o));
+        let mut m = Vec::new();
+        for (&(bi, span), v) in spans.iter().zip(&v) {
+            // SAFETY: this task alone writes channels `rows` of every image; `y` holds `b`.
+            unsafe {
+                block_out(
+                    (u, v),
+                    rows,
+                    span,
+                    g,
+                    (&mut m, out.get().add(bi * g.o * g.npix())),
+                )
+            };
+        }
+    });
+}
+
+/// The 16 products of filters `o0..o1` with one chunk's transformed patches (tiles `span`),
+/// into `m`, and their output pixels added to image `y` (`A^T m A`).
+///
+/// # Safety
+/// `applies` (or the caller) checked the instructions; `y` valid for the image's writes,
+/// whose channels `o0..o1` at these tiles no one else touches meanwhile.
+unsafe fn block_out(
+    (u, v): (&[Panels], &[Panels]),
+    (o0, o1): (usize, usize),
+    span: (usize, usize),
+    g: &Geo,
+    (m, y): (&mut Vec<f32>, *mut f32),
+) {
+    let cols = span.1 - span.0;
+    m.resize(XI * ROW_BLOCK * cols, 0.0);
+    for (xi, (u, v)) in u.iter().zip(v).enumerate() {
+        let dst = Dst {
+            ptr: m[xi * ROW_BLOCK * cols..].as_mut_ptr(),
+            rs: cols,
+        };
+        // SAFETY: the caller's promise; `dst` holds `o1 - o0 <= ROW_BLOCK` rows of `cols`.
+        unsafe { bf16::multiply(dst, u.all().lines((o0, o1)), v.all(), 1.0, false) };
+    }
+    // SAFETY: the caller's promise.
+    unsafe { untransform(m, (o0, o1), span, g, y) };
 }
 
 /// `dx [b, c, h, w] += dL/dx` of the conv [`forward`] runs, from `dy [b, o, h, w]`: the input
@@ -146,7 +232,10 @@ pub(super) fn input_grad(
     g: &Geo,
 ) -> bool {
     let t = transposed(g);
-    if !applies(&t, b) {
+    // the flipped copy of the weight costs as much as the products save below twice the
+    // forward's tiles (1280 channels at 16x16, one image: 43 ms against the direct 26)
+    let (th, tw) = tiles(&t);
+    if !applies(&t, b) || b * th * tw < 2 * MIN_TILES {
         return false;
     }
     transposed_conv((w, dy), dx, b, (g, &t));
@@ -732,6 +821,13 @@ mod tests {
                 let y = run(&x, Data::Plain(&w), b, &g, chunk);
                 for (i, (&y, &e)) in y.iter().zip(&exact).enumerate() {
                     assert_eq!(y as f64, e, "{:?}, chunk {chunk}, output {i}", (b, c, h, o));
+                }
+                // and a task per block of filters, as for filters past L3
+                let u = filter_panels(Data::Plain(&w), g.o, g.c);
+                let mut y = vec![0.0; b * g.o * g.npix()];
+                by_filters((&x, &u), &mut y, b, &g, chunk);
+                for (i, (&y, &e)) in y.iter().zip(&exact).enumerate() {
+                    assert_eq!(y as f64, e, "by filters, chunk {chunk}, output {i}");
                 }
             }
         }
