@@ -51,6 +51,16 @@ pub(crate) fn randn(shape: &[usize], dtype: DType) -> Tensor {
         .expect("random numbers")
 }
 
+/// Normal numbers of mean `mean` and deviation `std` in f32: [`randn`]'s, scaled.
+pub(crate) fn normal<S: Into<candle_core::Shape>>(
+    mean: f32,
+    std: f32,
+    shape: S,
+) -> candle_core::Result<Tensor> {
+    let shape: candle_core::Shape = shape.into();
+    randn(shape.dims(), DType::F32).affine(std as f64, mean as f64)
+}
+
 /// The gradients of `sum(fast * m)` and of `sum(slow * m)` for one random `m` of their shape and
 /// dtype: a backward that weighs every output differently, to compare an op's gradients with
 /// those of its reference form.

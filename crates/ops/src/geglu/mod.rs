@@ -51,7 +51,7 @@ mod tests {
             .flat_map(|k| [(k, DType::F32), (k, DType::F64)])
         {
             let x = Var::from_tensor(
-                &(Tensor::randn(0f32, 1.5, (2, 3, 10), &Device::Cpu).unwrap())
+                &(crate::test_support::normal(0f32, 1.5, (2, 3, 10)).unwrap())
                     .to_dtype(dtype)
                     .unwrap(),
             )
@@ -124,7 +124,7 @@ mod tests {
     /// Half precision (the portable form, in f32 inside): within the dtype's rounding.
     #[test]
     fn half_precision_stays_close_to_f32() {
-        let x = Tensor::randn(0f32, 1.5, (2, 5, 16), &Device::Cpu).unwrap();
+        let x = crate::test_support::normal(0f32, 1.5, (2, 5, 16)).unwrap();
         check_half_precision(
             &x,
             |x| geglu_slow(x).unwrap(),

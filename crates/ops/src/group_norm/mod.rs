@@ -105,7 +105,7 @@ mod tests {
                     ] {
                         let r = |s: &[usize], mean: f32| {
                             Var::from_tensor(
-                                &Tensor::randn(mean, 1.0, s, &Device::Cpu)
+                                &crate::test_support::normal(mean, 1.0, s)
                                     .unwrap()
                                     .to_dtype(dtype)
                                     .unwrap(),
@@ -134,9 +134,9 @@ mod tests {
     /// Half precision (the portable form): statistics in f32, within the dtype's rounding.
     #[test]
     fn half_precision_norms_stay_close_to_f32() {
-        let x = Tensor::randn(0.5f32, 2.0, (2, 8, 4, 4), &Device::Cpu).unwrap();
-        let g = Tensor::randn(1f32, 0.5, 8, &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 0.5, 8, &Device::Cpu).unwrap();
+        let x = crate::test_support::normal(0.5f32, 2.0, (2, 8, 4, 4)).unwrap();
+        let g = crate::test_support::normal(1f32, 0.5, 8).unwrap();
+        let b = crate::test_support::normal(0f32, 0.5, 8).unwrap();
         check_half_precision(
             &x,
             |x| group_norm_slow(x, &g, &b, cfg(4, true)).unwrap(),
@@ -153,7 +153,7 @@ mod tests {
     fn frozen_scale_and_shift_get_no_gradient() {
         for kernels in Kernels::ALL {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &Device::Cpu).unwrap())
+                Var::from_tensor(&crate::test_support::normal(0f32, 1.0, (1, 4, 3, 3)).unwrap())
                     .unwrap();
             let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
             let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();

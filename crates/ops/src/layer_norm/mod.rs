@@ -63,7 +63,7 @@ mod tests {
                 ] {
                     let r = |s: &[usize], mean: f32| {
                         Var::from_tensor(
-                            &Tensor::randn(mean, 1.0, s, &Device::Cpu)
+                            &crate::test_support::normal(mean, 1.0, s)
                                 .unwrap()
                                 .to_dtype(dtype)
                                 .unwrap(),
@@ -92,9 +92,9 @@ mod tests {
     /// rounding of f32.
     #[test]
     fn half_precision_norms_stay_close_to_f32() {
-        let x = Tensor::randn(0.5f32, 2.0, (3, 7, 40), &Device::Cpu).unwrap();
-        let g = Tensor::randn(1f32, 0.5, 40, &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 0.5, 40, &Device::Cpu).unwrap();
+        let x = crate::test_support::normal(0.5f32, 2.0, (3, 7, 40)).unwrap();
+        let g = crate::test_support::normal(1f32, 0.5, 40).unwrap();
+        let b = crate::test_support::normal(0f32, 0.5, 40).unwrap();
         check_half_precision(
             &x,
             |x| layer_norm_slow(x, &g, &b, 1e-5).unwrap(),
@@ -110,7 +110,7 @@ mod tests {
     fn frozen_scale_and_shift_get_no_gradient() {
         for kernels in Kernels::ALL {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap()).unwrap();
+                Var::from_tensor(&crate::test_support::normal(0f32, 1.0, (3, 4)).unwrap()).unwrap();
             let g = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
             let b = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
             let grads = kernels.scope(|| {
