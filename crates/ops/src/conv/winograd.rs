@@ -238,7 +238,7 @@ pub(super) fn input_grad(
     if !applies(&t, b) || b * th * tw < 2 * MIN_TILES {
         return false;
     }
-    transposed_conv((w, dy), dx, b, (g, &t));
+    transposed_conv((w, dy), dx, b, g);
     true
 }
 
@@ -256,36 +256,27 @@ fn transposed(g: &Geo) -> Geo {
     }
 }
 
-/// [`input_grad`]'s work, where it applies: `t` is the transposed conv's geometry.
-fn transposed_conv(
-    (w, dy): (Data<'_, f32>, &[f32]),
-    dx: &mut [f32],
-    b: usize,
-    (g, t): (&Geo, &Geo),
-) {
-    // W~[c][o][i][j] = W[o][c][2 - i][2 - j]
-    let flip = |o: usize, c: usize, at: usize| (o * g.c + c) * 9 + 8 - at;
-    let o = g.o;
+/// [`input_grad`]'s work, where it applies: [`forward`] of `dy` with the flipped, transposed
+/// filters, at the transposed geometry.
+fn transposed_conv((w, dy): (Data<'_, f32>, &[f32]), dx: &mut [f32], b: usize, g: &Geo) {
+    let t = transposed(g);
     match w {
-        Data::Plain(w) => {
-            let mut f = vec![0f32; w.len()];
-            f.par_chunks_mut(o * 9).enumerate().for_each(|(ci, row)| {
-                for (at, v) in row.iter_mut().enumerate() {
-                    *v = w[flip(at / 9, ci, at % 9)];
-                }
-            });
-            forward((dy, Data::Plain(&f)), dx, b, t);
-        }
-        Data::Bf16(w) => {
-            let mut f = vec![half::bf16::ZERO; w.len()];
-            f.par_chunks_mut(o * 9).enumerate().for_each(|(ci, row)| {
-                for (at, v) in row.iter_mut().enumerate() {
-                    *v = w[flip(at / 9, ci, at % 9)];
-                }
-            });
-            forward((dy, Data::Bf16(&f)), dx, b, t);
-        }
+        Data::Plain(w) => forward((dy, Data::Plain(&flipped(w, g))), dx, b, &t),
+        Data::Bf16(w) => forward((dy, Data::Bf16(&flipped(w, g))), dx, b, &t),
     }
+}
+
+/// `W~ [c, o, 3, 3]` with `W~[c][o][i][j] = W[o][c][2 - i][2 - j]`: the filters of `w [o, c, 3,
+/// 3]` turned 180 degrees, input and output channels swapped.
+fn flipped<T: Copy + Send + Sync>(w: &[T], g: &Geo) -> Vec<T> {
+    (0..g.c * g.o * 9)
+        .into_par_iter()
+        .with_min_len(1 << 12)
+        .map(|at| {
+            let (c, o, tap) = (at / (g.o * 9), at / 9 % g.o, at % 9);
+            w[(o * g.c + c) * 9 + 8 - tap]
+        })
+        .collect()
 }
 
 /// A task's buffers, reused by the next chunk on its thread.
@@ -314,8 +305,7 @@ fn filter_panels(w: Data<'_, f32>, o: usize, c: usize) -> Vec<Panels> {
     words.resize_with(XI, Vec::new);
     for v in words.iter_mut() {
         // every word is written below: only a grown part needs initialising
-        v.resize(len.max(v.len()), 0);
-        v.truncate(len);
+        v.resize(len, 0);
     }
     let dst: Vec<SendPtr<u32>> = words.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
     (0..o.div_ceil(MR)).into_par_iter().for_each(|p| {
@@ -866,7 +856,7 @@ mod tests {
         let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
         for w in [Data::Plain(&w[..]), Data::Bf16(&w16[..])] {
             let mut dx = vec![0f32; want.len()];
-            transposed_conv((w, &dy), &mut dx, b, (&g, &transposed(&g)));
+            transposed_conv((w, &dy), &mut dx, b, &g);
             // small integers: every transformed number exact, as in the forward's test
             for (i, (&got, &e)) in dx.iter().zip(&want).enumerate() {
                 assert_eq!(got as f64, e, "dx {i}");
