@@ -268,15 +268,15 @@ fn transposed_conv((w, dy): (Data<'_, f32>, &[f32]), dx: &mut [f32], b: usize, g
 
 /// `W~ [c, o, 3, 3]` with `W~[c][o][i][j] = W[o][c][2 - i][2 - j]`: the filters of `w [o, c, 3,
 /// 3]` turned 180 degrees, input and output channels swapped.
-fn flipped<T: Copy + Send + Sync>(w: &[T], g: &Geo) -> Vec<T> {
-    (0..g.c * g.o * 9)
-        .into_par_iter()
-        .with_min_len(1 << 12)
-        .map(|at| {
-            let (c, o, tap) = (at / (g.o * 9), at / 9 % g.o, at % 9);
-            w[(o * g.c + c) * 9 + 8 - tap]
-        })
-        .collect()
+fn flipped<T: Copy + Default + Send + Sync>(w: &[T], g: &Geo) -> Vec<T> {
+    let mut f = vec![T::default(); w.len()];
+    // a row of `W~` (one input channel) per task
+    f.par_chunks_mut(g.o * 9).enumerate().for_each(|(c, row)| {
+        for (at, v) in row.iter_mut().enumerate() {
+            *v = w[(at / 9 * g.c + c) * 9 + 8 - at % 9];
+        }
+    });
+    f
 }
 
 /// A task's buffers, reused by the next chunk on its thread.
