@@ -690,7 +690,9 @@ pub struct TrainArgs {
     /// backward (every device). `selective` (the flag alone): the full-resolution level's
     /// blocks and the next level's transformers, where activations are largest for the work of
     /// recomputing them (SD 1.5 at 512x512: 4.7 GB instead of 6.7, about 20% slower);
-    /// `all`: every resnet and transformer block (4.1 GB, about 40% slower).
+    /// `all`: every resnet and transformer block (4.1 GB, about 40% slower). On a CPU with
+    /// bf16 products it also packs frozen weights at every product instead of keeping them
+    /// packed (`ATOMTUNE_KEEP_PACKED=1` keeps them).
     #[arg(
         long,
         value_enum,

@@ -46,7 +46,7 @@ pub use clip::{ClipEncoder, ClipOutput, ClipTextModel};
 pub use config::{ClipConfig, TextTimeConfig, UnetConfig, VaeConfig};
 pub use error::{Error, Result};
 pub use layers::{Checkpointing, LayerKind, Layers, Targets};
-pub use ops::{cpu_bf16, on_compute_thread, tune_process, Kernels};
+pub use ops::{cpu_bf16, on_compute_thread, tune_process, weight_cache, Kernels};
 pub use pipeline::{LoadOptions, ModelSpec, StableDiffusion};
 pub use presets::Preset;
 pub use text::{PromptEmbeds, TextEncoder, TextEncoders};

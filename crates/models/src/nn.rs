@@ -49,11 +49,17 @@ fn load_weight(
 }
 
 /// `x @ w^T + bias` for `x [..., din]`, `w [dout, din]` and `bias [dout]`, in
-/// [`compute_dtype`], returned in `x`'s dtype.
-fn linear_fwd(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// [`compute_dtype`], returned in `x`'s dtype; `cache` keeps a frozen `w`'s packed operands.
+fn linear_fwd(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cache: &ops::WeightCache,
+) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
     let b = bias.map(|b| b.to_dtype(dt)).transpose()?;
-    let y = ops::linear::linear(&x.to_dtype(dt)?, &weight_in(w, dt)?, b.as_ref())?;
+    let (x, w) = (x.to_dtype(dt)?, weight_in(w, dt)?);
+    let y = ops::linear::linear_cached(&x, &w, b.as_ref(), Some(cache))?;
     Ok(y.to_dtype(x.dtype())?)
 }
 
@@ -164,6 +170,8 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     layers: Layers,
+    /// The weight's operands as the bf16 products pack them, kept between steps.
+    cache: ops::WeightCache,
 }
 
 impl Linear {
@@ -180,6 +188,7 @@ impl Linear {
             weight,
             bias,
             layers: layers.clone(),
+            cache: ops::WeightCache::new(),
         })
     }
 
@@ -187,7 +196,7 @@ impl Linear {
     /// `[..., din] -> [..., dout]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.layers.weight(&self.name, &self.weight)?;
-        linear_fwd(x, &w, self.bias.as_ref())
+        linear_fwd(x, &w, self.bias.as_ref(), &self.cache)
     }
 }
 

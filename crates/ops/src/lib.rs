@@ -42,10 +42,12 @@ pub mod linear;
 pub mod process;
 #[cfg(test)]
 mod test_support;
+pub mod weight_cache;
 
 pub use cpu::bf16 as cpu_bf16;
 pub use kernels::{Kernels, KERNELS_VAR};
 pub use process::{on_compute_thread, tune_process};
+pub use weight_cache::WeightCache;
 
 /// The result type of every op: candle's, as candle-nn's ops return it.
 pub type Result<T> = candle_core::Result<T>;

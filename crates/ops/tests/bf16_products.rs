@@ -101,6 +101,69 @@ fn linear_gradients_run_in_bf16_when_it_is_on() {
     assert!(e < 1e-5, "dW is {e} from the bf16-rounded product");
 }
 
+/// A linear layer that keeps its frozen weight's panels gives the bits of one that packs them at
+/// every call, forward and input gradient, at its first call and after; another weight through
+/// the same cache is not served the first one's panels; a tracked weight keeps nothing, nor
+/// does a product of many rows; a cache whose weight keeps changing gives up keeping.
+#[test]
+fn kept_weight_panels_give_the_same_bits() {
+    if !ops::cpu_bf16::supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    ops::cpu_bf16::set_enabled(true);
+    ops::weight_cache::set_enabled(true);
+    let (m, din, dout) = (256, 288, 320);
+    let x = Var::from_tensor(&tensor(wave(m * din, 1.0, 0.1), (m, din))).unwrap();
+    let c = tensor(wave(m * dout, 2.0, 0.3), (m, dout));
+    let run = |w: &Tensor, cache: Option<&ops::WeightCache>| {
+        let y = ops::linear::linear_cached(&x, w, None, cache).unwrap();
+        let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(&x).unwrap();
+        [&y, dx].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    let weight = |phase: f64| tensor(wave(dout * din, 0.5, phase), (dout, din));
+    let cache = ops::WeightCache::new();
+    for w in [weight(0.2).to_dtype(DType::BF16).unwrap(), weight(0.4)] {
+        let want = run(&w, None);
+        for call in 0..2 {
+            assert!(
+                run(&w, Some(&cache)) == want,
+                "call {call} of {:?}",
+                w.dtype()
+            );
+        }
+        // both uses kept, each the weight's size in bf16 (no padding at these sizes)
+        assert_eq!(cache.bytes(), 2 * din * dout * 2, "{:?}", w.dtype());
+    }
+    let tracked = Var::from_tensor(&weight(0.6)).unwrap();
+    let kept = cache.bytes();
+    assert!(run(&tracked, Some(&cache)) == run(&tracked, None));
+    assert_eq!(
+        cache.bytes(),
+        kept,
+        "a tracked weight's panels are not kept"
+    );
+    for phase in [0.8, 1.0, 1.2] {
+        let w = weight(phase);
+        assert!(run(&w, Some(&cache)) == run(&w, None), "weight {phase}");
+    }
+    assert_eq!(
+        cache.bytes(),
+        0,
+        "a cache whose weight keeps changing keeps nothing"
+    );
+
+    // past MAX_ROWS rows the products pack as usual
+    let rows = ops::weight_cache::MAX_ROWS + 8;
+    let x = tensor(wave(rows * din, 1.0, 0.5), (rows, din));
+    let (w, cache) = (weight(0.2), ops::WeightCache::new());
+    let y = ops::linear::linear_cached(&x, &w, None, Some(&cache)).unwrap();
+    let want = ops::linear::linear(&x, &w, None).unwrap();
+    assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    assert_eq!(cache.bytes(), 0, "{rows} rows keep nothing");
+}
+
 /// A conv of `x [c, h, w]` (one image) with `w [o, c, 3, 3]` at `stride`, padding 1, plus
 /// `bias`, in f64 from bf16-rounded operands: `[o, ho, wo]`.
 fn rounded_conv(

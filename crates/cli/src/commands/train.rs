@@ -72,6 +72,11 @@ pub fn run(a: &TrainArgs) -> Result<ExitCode> {
         .with_context(|| format!("loading --model {}", a.model.model))?;
     if let Some(mode) = a.gradient_checkpointing {
         sd.unet.layers().set_checkpointing(mode.into());
+        // the memory-saving mode keeps no packed weights beside the weights either, unless
+        // ATOMTUNE_KEEP_PACKED says
+        if std::env::var_os(models::weight_cache::VAR).is_none() {
+            models::weight_cache::set_enabled(false);
+        }
     }
     let resolution = a
         .resolution

@@ -829,6 +829,11 @@ impl Panels {
         }
     }
 
+    /// Bytes of the packed words.
+    pub(crate) fn bytes(&self) -> usize {
+        self.words.len() * 4
+    }
+
     /// The buffer, for the next product.
     pub(crate) fn into_buffer(self) -> Vec<u32> {
         self.words
@@ -982,6 +987,39 @@ pub(crate) unsafe fn gemm(
         b: pb.into_buffer(),
     }
     .put_back();
+    true
+}
+
+/// [`gemm`] with a right operand packed earlier (a frozen weight's kept panels: see
+/// [`crate::weight_cache`]); `a` is packed here. Returns `false` (and does nothing) where the
+/// CPU lacks AVX512-BF16.
+///
+/// # Safety
+/// As [`gemm`]; `b` holds `a`'s `k` in pairs.
+pub(crate) unsafe fn gemm_right_packed(
+    threads: usize,
+    dst: Dst<f32>,
+    a: Mat<'_, f32>,
+    b: &Panels,
+    scale: f32,
+    accumulate: bool,
+) -> bool {
+    if !supported() {
+        return false;
+    }
+    let (m, k) = a.shape();
+    assert_eq!(
+        (b.w, b.pairs),
+        (NR, k.div_ceil(2)),
+        "a right operand of k = {k}"
+    );
+    if m == 0 || b.len == 0 {
+        return true;
+    }
+    let pa = Panels::left(&a, Scratch::take_left());
+    // SAFETY: checked above; `dst` is the caller's promise.
+    unsafe { gemm_packed(threads, dst, &pa, b, scale, accumulate) };
+    Scratch::put_left(pa.into_buffer());
     true
 }
 

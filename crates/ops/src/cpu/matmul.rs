@@ -174,6 +174,17 @@ impl<'a, T: Float> Mat<'a, T> {
         }
     }
 
+    /// The same matrix of f32 numbers when `T` is f32.
+    pub(crate) fn as_f32(self) -> Option<Mat<'a, f32>> {
+        Some(Mat {
+            data: self.data.as_f32()?,
+            rows: self.rows,
+            cols: self.cols,
+            rs: self.rs,
+            transposed: self.transposed,
+        })
+    }
+
     /// Whether every element lies within `data`.
     fn fits(&self) -> bool {
         self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + self.cols <= self.data.len()

@@ -6,15 +6,23 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::dims;
-use crate::cpu::matmul::{dense, Data};
-use crate::cpu::{float_op, slices, weights, Float};
+use crate::cpu::bf16::{self, Panels};
+use crate::cpu::matmul::{dense, Data, Dst, Mat};
+use crate::cpu::{as_f32, as_f32_mut, float_op, slices, weights, Float};
+use crate::weight_cache::{Kept, Use};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64), with a frozen bias added in the
-/// kernel.
-pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// kernel; `kept`: where the bf16 products keep a frozen weight's panels.
+pub(super) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    kept: Option<Kept>,
+) -> Result<Tensor> {
     let op = Linear {
         bias: bias.map(Tensor::detach),
+        kept,
     };
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
@@ -22,6 +30,8 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
 struct Linear {
     /// A frozen bias `[dout]`: the output starts from it and the gemm accumulates.
     bias: Option<Tensor>,
+    /// The weight's kept panels, for the forward and the input gradient.
+    kept: Option<Kept>,
 }
 
 fn forward<T: Float>(
@@ -29,15 +39,55 @@ fn forward<T: Float>(
     w: Data<'_, T>,
     bias: Option<&[T]>,
     (m, k, n): (usize, usize, usize),
+    kept: Option<&Kept>,
 ) -> Vec<T> {
     let y = match bias {
         Some(b) => b.repeat(m),
         None => vec![T::zero(); m * n],
     };
     let mut y = y;
-    // SAFETY: x is [m, k], w is [n, k] read transposed, y is [m, n].
-    unsafe { dense(&mut y, x, w, (m, n, k), false, true, bias.is_some()) };
+    let (accumulate, w_t) = (bias.is_some(), Mat::new(w, n, k).t());
+    if !kept_product(kept, Use::LinearForward, (&mut y, x), w_t, accumulate) {
+        // SAFETY: x is [m, k], w is [n, k] read transposed, y is [m, n].
+        unsafe { dense(&mut y, x, w, (m, n, k), false, true, accumulate) };
+    }
     y
+}
+
+/// `y [m, n] (+)= x [m, k] b [k, n]` on the bf16 products with the weight `b`'s kept panels
+/// (packed here at their first use), where the products take it; `false`, with nothing done,
+/// where they do not (f64, products off, too small, or nothing kept).
+fn kept_product<T: Float>(
+    kept: Option<&Kept>,
+    usage: Use,
+    (y, x): (&mut [T], &[T]),
+    b: Mat<'_, T>,
+    accumulate: bool,
+) -> bool {
+    let (Some(kept), Some(y), Some(x), Some(b)) = (kept, as_f32_mut(y), as_f32(x), b.as_f32())
+    else {
+        return false;
+    };
+    let (k, n) = b.shape();
+    let m = x.len() / k.max(1);
+    if !bf16::active() || !bf16::worth_it((m, k), (k, n)) {
+        return false;
+    }
+    let Some(panels) = kept.panels(usage, m, || Panels::right(&b, Vec::new())) else {
+        return false;
+    };
+    let threads = rayon::current_num_threads();
+    // SAFETY: y holds the m x n product, which only this call writes; `panels` is `b`'s.
+    unsafe {
+        bf16::gemm_right_packed(
+            threads,
+            Dst::dense(y),
+            Mat::new(x, m, k),
+            &panels,
+            1.0,
+            accumulate,
+        )
+    }
 }
 
 impl CustomOp2 for Linear {
@@ -60,6 +110,7 @@ impl CustomOp2 for Linear {
                 weights::<F>(s2, l2)?,
                 bias.as_deref(),
                 mkn,
+                self.kept.as_ref(),
             )
         });
         let mut shape = l1.dims().to_vec();
@@ -79,7 +130,7 @@ impl CustomOp2 for Linear {
             .track_op()
             .then(|| {
                 w.detach()
-                    .apply_op2_no_bwd(&dy, &Grad::Input)?
+                    .apply_op2_no_bwd(&dy, &Grad::Input(self.kept.clone()))?
                     .reshape(x.dims())
             })
             .transpose()?;
@@ -95,10 +146,10 @@ impl CustomOp2 for Linear {
     }
 }
 
-/// A gradient of the layer as an op on `(w, dy)` (`dx = dy W`, `[m, din]`) or `(x, dy)`
-/// (`dW = dy^T x`, `[dout, din]`).
+/// A gradient of the layer as an op on `(w, dy)` (`dx = dy W`, `[m, din]`, with the weight's
+/// kept panels) or `(x, dy)` (`dW = dy^T x`, `[dout, din]`).
 enum Grad {
-    Input,
+    Input(Option<Kept>),
     Weight,
 }
 
@@ -115,10 +166,27 @@ fn gradient<T: Float>(
     g
 }
 
+/// `dx [m, din] = dy [m, dout] W [dout, din]`, on the weight's kept panels where they serve.
+fn input_grad<T: Float>(
+    dy: &[T],
+    w: Data<'_, T>,
+    (m, din, dout): (usize, usize, usize),
+    kept: Option<&Kept>,
+) -> Vec<T> {
+    let mut dx = vec![T::zero(); m * din];
+    let b = Mat::new(w, dout, din);
+    if kept_product(kept, Use::LinearInputGrad, (&mut dx, dy), b, false) {
+        return dx;
+    }
+    // SAFETY: dy is [m, dout], w [dout, din], dx [m, din].
+    unsafe { dense(&mut dx, dy, w, (m, din, dout), false, false, false) };
+    dx
+}
+
 impl CustomOp2 for Grad {
     fn name(&self) -> &'static str {
         match self {
-            Grad::Input => "atomtune-linear-input-grad",
+            Grad::Input(_) => "atomtune-linear-input-grad",
             Grad::Weight => "atomtune-linear-weight-grad",
         }
     }
@@ -133,21 +201,23 @@ impl CustomOp2 for Grad {
         let dout = *l2.dims().last().expect("dy has the output's rank");
         let m = l2.shape().elem_count() / dout.max(1);
         let din = match self {
-            Grad::Input => l1.dims()[1],
+            Grad::Input(_) => l1.dims()[1],
             Grad::Weight => *l1.dims().last().expect("x has a rank"),
         };
         // the gradient's dtype is dy's: the weight may be a bf16 weight beside f32 activations
         let g = float_op!(s2.dtype(), "atomtune-linear backward", |F| {
             let dy = slices::<F>(s2, l2)?;
             match self {
-                Grad::Input => gradient(dy, weights::<F>(s1, l1)?, (m, din, dout), false),
+                Grad::Input(kept) => {
+                    input_grad(dy, weights::<F>(s1, l1)?, (m, din, dout), kept.as_ref())
+                }
                 Grad::Weight => {
                     gradient(dy, Data::Plain(slices::<F>(s1, l1)?), (dout, din, m), true)
                 }
             }
         });
         let shape = match self {
-            Grad::Input => Shape::from((m, din)),
+            Grad::Input(_) => Shape::from((m, din)),
             Grad::Weight => Shape::from((dout, din)),
         };
         Ok((g, shape))

@@ -11,6 +11,7 @@
 use candle_core::Tensor;
 
 use crate::kernels;
+use crate::weight_cache::WeightCache;
 use crate::Result;
 
 mod fused;
@@ -22,6 +23,18 @@ mod portable;
 /// the graph keeps the layer's input only, not its output twice (before and after the bias); a
 /// tracked one is added by candle, so that its gradient flows.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_cached(x, w, bias, None)
+}
+
+/// [`linear`] for a layer that keeps its frozen weight's packed operands in `cache` between
+/// calls ([`crate::weight_cache`]), where the bf16 products run it; the same numbers as
+/// [`linear`].
+pub fn linear_cached(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    cache: Option<&WeightCache>,
+) -> Result<Tensor> {
     let (_, _, dout) = dims(x.dims(), w.dims())?;
     let same = |t: &Tensor| t.dtype() == x.dtype();
     if !(same(w) || kernels::is_bf16_weight(x, w)) || bias.is_some_and(|b| !same(b)) {
@@ -42,9 +55,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
     }
     let (frozen, tracked) = kernels::split_bias(bias);
+    let kept = cache.and_then(|c| c.for_weight(w));
     let (w, fused) = kernels::weight_and_path(x, w, &[])?;
     let y = if fused {
-        fused::linear(x, &w, frozen)?
+        fused::linear(x, &w, frozen, kept)?
     } else {
         portable::linear(x, &w, frozen)?
     };

@@ -1,0 +1,145 @@
+//! A frozen weight's operands for the bf16 products, packed at their first use and kept for
+//! the next ones.
+//!
+//! The bf16 products pack both operands of every product into the micro-kernel's panels. A
+//! frozen weight packs to the same words at every call, and over few rows its packing is most
+//! of the product's memory traffic: SDXL's 1280-wide transformer blocks run at 16x16 (256 rows
+//! a training step) on weights of up to 1280 x 10240, so the step packed 4 GB of weights in its
+//! forward and again, the other way round, in its backward. A layer that owns a [`WeightCache`]
+//! packs its weight once for each use and keeps the panels (the weight's bf16 size each: a
+//! sampler keeps the forward's, a trainer also the input gradient's), for products of at most
+//! [`MAX_ROWS`] rows: at more rows packing is a small part of the product, and the activations
+//! of such a resolution need the memory. `ATOMTUNE_KEEP_PACKED=0` (or [`set_enabled`]) packs
+//! at every call instead, for the memory; `atomtune train --gradient-checkpointing` does too.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::{Tensor, TensorId};
+
+use crate::cpu::bf16::Panels;
+use crate::cpu::switch::Switch;
+
+/// The environment variable that turns keeping off (`0`); on by default.
+pub const VAR: &str = "ATOMTUNE_KEEP_PACKED";
+
+static SWITCH: Switch = Switch::new(VAR, true, "kept weight panels");
+
+/// Turns keeping packed weights on or off for the whole process (off: the caches fill no
+/// further; what they hold stays until their layer drops).
+pub fn set_enabled(on: bool) {
+    SWITCH.set(on);
+}
+
+/// Where a layer keeps its frozen weight's packed operands; clones share them. Empty until a
+/// product with bf16 operands runs on the layer.
+#[derive(Clone, Default)]
+pub struct WeightCache(Arc<Mutex<Slots>>);
+
+/// The panels of one weight, by [`Use`].
+#[derive(Default)]
+struct Slots {
+    /// The weight they were packed from: another weight (a delta baked in since) empties them.
+    weight: Option<TensorId>,
+    panels: [Option<Arc<Panels>>; Use::COUNT],
+    /// Times another weight came: past [`MAX_CHANGES`] (a weight made anew at every call) the
+    /// cache keeps nothing more.
+    changes: usize,
+}
+
+/// Weights a cache follows before it gives up keeping.
+const MAX_CHANGES: usize = 2;
+
+/// The most rows (tokens times images) of a product that keeps its weight's panels: SD 1.5's
+/// and SDXL's 16x16 levels at 512x512 (256 a training step, 512 a CFG step), not SDXL's
+/// 32x32 level at 1024x1024 (1024 and more), whose activations fill the memory.
+pub const MAX_ROWS: usize = 512;
+
+/// What a weight's panels are packed for: each product reads the weight in its own order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// A linear layer's forward: `W [dout, din]` read transposed as a right operand.
+    LinearForward,
+    /// A linear layer's input gradient `dy W`: `W` as a right operand.
+    LinearInputGrad,
+}
+
+impl Use {
+    const COUNT: usize = 2;
+}
+
+impl std::fmt::Debug for WeightCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightCache({} bytes)", self.bytes())
+    }
+}
+
+impl WeightCache {
+    /// An empty cache.
+    pub fn new() -> WeightCache {
+        WeightCache::default()
+    }
+
+    /// Bytes of panels kept.
+    pub fn bytes(&self) -> usize {
+        let slots = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.panels.iter().flatten().map(|p| p.bytes()).sum()
+    }
+
+    /// The cache as an op on `w` uses it: `None` where `w` may change (a tracked weight: an
+    /// adapter's `W + B A`), off the CPU, or with keeping turned off.
+    pub(crate) fn for_weight(&self, w: &Tensor) -> Option<Kept> {
+        (!w.track_op() && w.device().is_cpu() && SWITCH.on()).then(|| Kept {
+            cache: self.clone(),
+            weight: w.id(),
+        })
+    }
+}
+
+/// A [`WeightCache`] for one frozen weight, as an op carries it into its kernels.
+#[derive(Clone)]
+pub(crate) struct Kept {
+    cache: WeightCache,
+    weight: TensorId,
+}
+
+impl Kept {
+    /// The weight's panels for `usage` in a product of `rows` rows: packed by `pack` at the
+    /// first call, kept after; `None` past [`MAX_ROWS`] or where this cache has given up
+    /// keeping (the caller packs as usual). The lock is not held while packing (whose tasks
+    /// may run other work on this thread).
+    pub(crate) fn panels(
+        &self,
+        usage: Use,
+        rows: usize,
+        pack: impl FnOnce() -> Panels,
+    ) -> Option<Arc<Panels>> {
+        if rows > MAX_ROWS {
+            return None;
+        }
+        let lock = || self.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut slots = lock();
+            if slots.weight != Some(self.weight) {
+                let changes = slots.changes + usize::from(slots.weight.is_some());
+                *slots = Slots {
+                    weight: Some(self.weight),
+                    changes,
+                    ..Slots::default()
+                };
+            }
+            if slots.changes > MAX_CHANGES {
+                return None;
+            }
+            if let Some(p) = &slots.panels[usage as usize] {
+                return Some(p.clone());
+            }
+        }
+        let packed = Arc::new(pack());
+        let mut slots = lock();
+        if slots.weight != Some(self.weight) {
+            // another weight took the cache meanwhile: this one is used once
+            return Some(packed);
+        }
+        Some(slots.panels[usage as usize].get_or_insert(packed).clone())
+    }
+}
