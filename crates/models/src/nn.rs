@@ -115,6 +115,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     conv: ConvConfig,
     layers: Layers,
+    /// The weight's operands as the bf16 products pack them, kept between steps.
+    cache: ops::WeightCache,
 }
 
 impl Conv2d {
@@ -134,6 +136,7 @@ impl Conv2d {
             bias,
             conv: spec.conv,
             layers: layers.clone(),
+            cache: ops::WeightCache::new(),
         })
     }
 
@@ -153,7 +156,10 @@ impl Conv2d {
         // adapter's dtype (f32 for a half-precision model: T = I + a small update would lose the
         // update in f16), and the op rounds W' to the model's dtype only where it must.
         let y = match self.layers.filter_transform(&self.name)? {
-            Some(t) => ops::conv::conv2d_transformed(&xc, &w, b.as_ref(), &t, self.conv)?,
+            Some(t) => {
+                let (cfg, cache) = (self.conv, Some(&self.cache));
+                ops::conv::conv2d_transformed_cached(&xc, &w, b.as_ref(), &t, cfg, cache)?
+            }
             None => {
                 let w = self.layers.weight(&self.name, &self.weight)?;
                 ops::conv::conv2d(&xc, &weight_in(&w, dt)?, b.as_ref(), self.conv)?

@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{Tensor, TensorId};
 
-use crate::cpu::bf16::Panels;
+use crate::cpu::bf16::{self, Panels};
+use crate::cpu::matmul::{Dst, Mat};
 use crate::cpu::switch::Switch;
+use crate::cpu::{as_f32, as_f32_mut, Float};
 
 /// The environment variable that turns keeping off (`0`); on by default.
 pub const VAR: &str = "ATOMTUNE_KEEP_PACKED";
@@ -61,10 +63,15 @@ pub(crate) enum Use {
     LinearForward,
     /// A linear layer's input gradient `dy W`: `W` as a right operand.
     LinearInputGrad,
+    /// An adapted conv's forward on transformed columns, `y = W cols'`: `W [o, c kh kw]` as a
+    /// left operand.
+    ConvForward,
+    /// An adapted conv's column gradient `W^T dy`: `W` read transposed as a left operand.
+    ConvColumnGrads,
 }
 
 impl Use {
-    const COUNT: usize = 2;
+    const COUNT: usize = 4;
 }
 
 impl std::fmt::Debug for WeightCache {
@@ -103,19 +110,16 @@ pub(crate) struct Kept {
 }
 
 impl Kept {
-    /// The weight's panels for `usage` in a product of `rows` rows: packed by `pack` at the
-    /// first call, kept after; `None` past [`MAX_ROWS`] or where this cache has given up
-    /// keeping (the caller packs as usual). The lock is not held while packing (whose tasks
-    /// may run other work on this thread).
-    pub(crate) fn panels(
-        &self,
-        usage: Use,
-        rows: usize,
-        pack: impl FnOnce() -> Panels,
-    ) -> Option<Arc<Panels>> {
-        if rows > MAX_ROWS {
-            return None;
-        }
+    /// Whether products over `rows` rows (tokens, or pixels, times images) keep panels: at
+    /// most [`MAX_ROWS`].
+    pub(crate) fn serves(&self, rows: usize) -> bool {
+        rows <= MAX_ROWS
+    }
+
+    /// The weight's panels for `usage`: packed by `pack` at the first call, kept after; `None`
+    /// where this cache has given up keeping (the caller packs as usual). The lock is not held
+    /// while packing (whose tasks may run other work on this thread).
+    pub(crate) fn panels(&self, usage: Use, pack: impl FnOnce() -> Panels) -> Option<Arc<Panels>> {
         let lock = || self.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
         {
             let mut slots = lock();
@@ -141,5 +145,65 @@ impl Kept {
             return Some(packed);
         }
         Some(slots.panels[usage as usize].get_or_insert(packed).clone())
+    }
+}
+
+impl Kept {
+    /// `y [m, n] (+)= x [m, k] w [k, n]` on the bf16 products with the weight `w`'s kept panels
+    /// as the right operand (packed here at their first use); `false`, with nothing done, where
+    /// the products do not take it (f64, products off, too small, too many rows, or no cache).
+    pub(crate) fn product_right<T: Float>(
+        kept: Option<&Kept>,
+        usage: Use,
+        (y, x): (&mut [T], &[T]),
+        w: Mat<'_, T>,
+        accumulate: bool,
+    ) -> bool {
+        let (Some(kept), Some(y), Some(x), Some(w)) = (kept, as_f32_mut(y), as_f32(x), w.as_f32())
+        else {
+            return false;
+        };
+        let (k, n) = w.shape();
+        let m = x.len() / k.max(1);
+        if !bf16::active() || !bf16::worth_it((m, k), (k, n)) || !kept.serves(m) {
+            return false;
+        }
+        let Some(panels) = kept.panels(usage, || Panels::right(&w, Vec::new())) else {
+            return false;
+        };
+        // SAFETY: y holds the m x n product, which only this call writes; `panels` is `w`'s.
+        unsafe {
+            let dst = Dst::dense(y);
+            bf16::gemm_right_packed(dst, Mat::new(x, m, k), &panels, accumulate)
+        }
+    }
+
+    /// `y [m, n] (+)= w [m, k] x [k, n]` with the weight `w`'s kept panels as the left operand;
+    /// `rows`: the positions over the batch that `x`'s columns are part of (a conv runs one
+    /// image at a time). `false`, with nothing done, as in [`Kept::product_right`].
+    pub(crate) fn product_left<T: Float>(
+        kept: Option<&Kept>,
+        usage: Use,
+        (y, x): (&mut [T], &[T]),
+        w: Mat<'_, T>,
+        (rows, accumulate): (usize, bool),
+    ) -> bool {
+        let (Some(kept), Some(y), Some(x), Some(w)) = (kept, as_f32_mut(y), as_f32(x), w.as_f32())
+        else {
+            return false;
+        };
+        let (m, k) = w.shape();
+        let n = x.len() / k.max(1);
+        if !bf16::active() || !bf16::worth_it((m, k), (k, n)) || !kept.serves(rows) {
+            return false;
+        }
+        let Some(panels) = kept.panels(usage, || Panels::left(&w, Vec::new())) else {
+            return false;
+        };
+        // SAFETY: y holds the m x n product, which only this call writes; `panels` is `w`'s.
+        unsafe {
+            let dst = Dst::dense(y);
+            bf16::gemm_left_packed(dst, &panels, Mat::new(x, k, n), accumulate)
+        }
     }
 }

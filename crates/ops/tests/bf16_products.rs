@@ -164,6 +164,53 @@ fn kept_weight_panels_give_the_same_bits() {
     assert_eq!(cache.bytes(), 0, "{rows} rows keep nothing");
 }
 
+/// An atoms-adapted conv whose layer keeps its weight's panels (the forward's `W` on
+/// transformed columns, the backward's `W^T`) gives the bits of one that packs them at every
+/// call: output, `dx` and `dT`, at its first call and after.
+#[test]
+fn an_adapted_conv_with_kept_panels_gives_the_same_bits() {
+    if !ops::cpu_bf16::supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    ops::cpu_bf16::set_enabled(true);
+    ops::weight_cache::set_enabled(true);
+    // more filters than pixels (the forward multiplies W by the transformed columns), both
+    // products worth bf16, 8 x 8 pixels
+    let (c, o, h, wd) = (40, 264, 8, 8);
+    let dev = &Device::Cpu;
+    let x = Var::from_tensor(
+        &Tensor::from_vec(wave(c * h * wd, 1.0, 0.1), (1, c, h, wd), dev).unwrap(),
+    )
+    .unwrap();
+    let t = Var::from_tensor(&Tensor::from_vec(wave(81, 0.5, 0.4), (9, 9), dev).unwrap()).unwrap();
+    let dy = Tensor::from_vec(wave(o * h * wd, 1.0, 0.6), (1, o, h, wd), dev).unwrap();
+    let cfg = ops::conv::ConvConfig {
+        stride: 1,
+        padding: 1,
+    };
+    let transform = ops::conv::FilterTransform::Matrix(t.as_tensor().clone());
+    let run = |w: &Tensor, cache: Option<&ops::WeightCache>| {
+        let y =
+            ops::conv::conv2d_transformed_cached(x.as_tensor(), w, None, &transform, cfg, cache)
+                .unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        [&y, g.get(&x).unwrap(), g.get(&t).unwrap()]
+            .map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    let w = Tensor::from_vec(wave(o * c * 9, 0.3, 0.2), (o, c, 3, 3), dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let want = run(&w, None);
+    let cache = ops::WeightCache::new();
+    for call in 0..2 {
+        assert!(run(&w, Some(&cache)) == want, "call {call}");
+    }
+    // W [o, 9c] in panels of 12 rows (o rounded up to 264), W^T [9c, o] (9c = 360 rows)
+    assert_eq!(cache.bytes(), (264 * 9 * c + 9 * c * o) * 2);
+}
+
 /// A conv of `x [c, h, w]` (one image) with `w [o, c, 3, 3]` at `stride`, padding 1, plus
 /// `bias`, in f64 from bf16-rounded operands: `[o, ho, wo]`.
 fn rounded_conv(

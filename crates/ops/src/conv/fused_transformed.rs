@@ -24,8 +24,9 @@ use rayon::prelude::*;
 use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
 use super::packed;
 use super::{ConvConfig, FilterTransform};
-use crate::cpu::matmul::{dense, dense_serial, Data};
+use crate::cpu::matmul::{dense, dense_serial, Data, Mat};
 use crate::cpu::{float_op, slices, task_len, weights, Float, SendPtr};
+use crate::weight_cache::{Kept, Use};
 use crate::Result;
 
 /// The fused op on contiguous inputs of one dtype (f32 or f64): `third` is `T` itself, or, with
@@ -35,9 +36,9 @@ pub(super) fn conv2d_transformed(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    third: &Tensor,
-    atoms: Option<(Tensor, f64)>,
+    (third, atoms): (&Tensor, Option<(Tensor, f64)>),
     cfg: ConvConfig,
+    kept: Option<Kept>,
 ) -> Result<Tensor> {
     let atoms = match atoms {
         Some((d0, s)) => Some((d0.detach().to_dtype(x.dtype())?, s)),
@@ -47,6 +48,7 @@ pub(super) fn conv2d_transformed(
         cfg,
         atoms,
         bias: bias.map(Tensor::detach),
+        kept,
     };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &third.contiguous()?, op)
@@ -59,6 +61,9 @@ struct TransformedConv {
     /// When set, the third input is an atoms adapter's `dD [m, d]` and `T = I + scale D0^T dD`
     /// is formed here from these frozen atoms `D0 [m, d]`.
     atoms: Option<(Tensor, f64)>,
+    /// The frozen weight's kept panels, for the forward on transformed columns and the column
+    /// gradient.
+    kept: Option<Kept>,
 }
 
 /// `T = I + scale D0^T dD` as numbers, `[d, d]`, from `D0` and `dD` (`[m, d]` each): the one
@@ -138,6 +143,7 @@ impl TransformedConv {
         bias: Option<&[T]>,
         b: usize,
         g: &Geo,
+        kept: Option<&Kept>,
     ) -> Vec<T> {
         let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
         let grouped = t.len() > d * d;
@@ -164,21 +170,22 @@ impl TransformedConv {
                     channel_cols(xb, g, c, &mut raw);
                     mix(tc, &raw, dst, d, false);
                 });
-            // SAFETY: yb is [o, npix], w is [o, k], cols [k, npix].
-            unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, bias.is_some()) };
+            let (wm, rows, add) = (Mat::new(w, g.o, k), b * npix, bias.is_some());
+            if !Kept::product_left(kept, Use::ConvForward, (yb, &cols), wm, (rows, add)) {
+                // SAFETY: yb is [o, npix], w is [o, k], cols [k, npix].
+                unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, add) };
+            }
         }
         y
     }
 
     /// `dL/dT` and, when `want_dx`, `dL/dx`, packed as `[dx (b c h w), dT]` in one buffer.
     fn backward<T: Float>(
-        x: &[T],
-        w: Data<'_, T>,
-        t: &[T],
-        dy: &[T],
+        (x, w, t, dy): (&[T], Data<'_, T>, &[T], &[T]),
         b: usize,
         g: &Geo,
         want_dx: bool,
+        kept: Option<&Kept>,
     ) -> Vec<T> {
         let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
         let (plane, dd) = (g.h * g.w, d * d);
@@ -212,7 +219,8 @@ impl TransformedConv {
                 }
                 part
             };
-            let parts = match packed::column_grads((w, dyb), g, channel) {
+            let kept = kept.filter(|k| k.serves(b * npix));
+            let parts = match packed::column_grads((w, dyb), g, channel, kept) {
                 Some(parts) => parts,
                 None => {
                     dcp.resize(k * npix, T::zero());
@@ -260,7 +268,7 @@ impl CustomOp3 for TransformedConv {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
             let (x, w) = (slices::<F>(s1, l1)?, weights::<F>(s2, l2)?);
-            Self::forward((x, w, &t), bias.as_deref(), b, &g)
+            Self::forward((x, w, &t), bias.as_deref(), b, &g, self.kept.as_ref())
         });
         Ok((y, Shape::from((b, g.o, g.ho, g.wo))))
     }
@@ -293,6 +301,7 @@ impl CustomOp3 for TransformedConv {
                 geo: g,
                 t: t.detach(),
                 want_dx,
+                kept: self.kept.clone(),
             };
             let packed = x.detach().apply_op3_no_bwd(&w.detach(), &dy, &op)?;
             let nx = if want_dx { x.elem_count() } else { 0 };
@@ -340,6 +349,7 @@ struct TransformedConvGrad {
     geo: Geo,
     t: Tensor,
     want_dx: bool,
+    kept: Option<Kept>,
 }
 
 impl CustomOp3 for TransformedConvGrad {
@@ -359,14 +369,14 @@ impl CustomOp3 for TransformedConvGrad {
         let b = l1.dims()[0];
         let t = self.t.flatten_all()?;
         let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {
+            let (x, w) = (slices::<F>(s1, l1)?, weights::<F>(s2, l2)?);
+            let (t, dy) = (&t.to_vec1::<F>()?, slices::<F>(s3, l3)?);
             TransformedConv::backward(
-                slices::<F>(s1, l1)?,
-                weights::<F>(s2, l2)?,
-                &t.to_vec1::<F>()?,
-                slices::<F>(s3, l3)?,
+                (x, w, t, dy),
                 b,
                 &self.geo,
                 self.want_dx,
+                self.kept.as_ref(),
             )
         });
         let nx = if self.want_dx {

@@ -15,6 +15,7 @@
 use candle_core::Tensor;
 
 use crate::kernels;
+use crate::weight_cache::WeightCache;
 use crate::Result;
 
 mod fused;
@@ -119,6 +120,19 @@ pub fn conv2d_transformed(
     t: &FilterTransform,
     cfg: ConvConfig,
 ) -> Result<Tensor> {
+    conv2d_transformed_cached(x, w, bias, t, cfg, None)
+}
+
+/// [`conv2d_transformed`] for a layer that keeps its frozen `w`'s packed operands in `cache`
+/// between calls ([`crate::weight_cache`]), where the bf16 products run it; the same numbers.
+pub fn conv2d_transformed_cached(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    t: &FilterTransform,
+    cfg: ConvConfig,
+    cache: Option<&WeightCache>,
+) -> Result<Tensor> {
     check(x, w, bias, cfg)?;
     let (_, c, kh, kw) = w.dims4()?;
     let d = kh * kw;
@@ -154,9 +168,10 @@ pub fn conv2d_transformed(
         }
     };
     let (frozen, tracked) = kernels::split_bias(bias);
+    let kept = cache.and_then(|c| c.for_weight(w));
     let (w, fused) = kernels::weight_and_path(x, w, &[third])?;
     let y = if fused {
-        fused_transformed::conv2d_transformed(x, &w, frozen, third, atoms, cfg)?
+        fused_transformed::conv2d_transformed(x, &w, frozen, (third, atoms), cfg, kept)?
     } else {
         portable::conv2d_transformed(x, &w, frozen, third, atoms, cfg)?
     };

@@ -11,6 +11,7 @@ use super::fused::{im2col_run, im2col_slice, Geo, Tap};
 use crate::cpu::bf16::{self, pair_run, Panels, Scratch, MR, NR};
 use crate::cpu::matmul::{Data, Dst, Mat};
 use crate::cpu::{as_f32, from_f32, Float};
+use crate::weight_cache::{Kept, Use};
 
 /// Whether the forward runs here: bf16 products on, for a product that repays them (the
 /// caller checks that the numbers are f32).
@@ -82,15 +83,17 @@ thread_local! {
 /// multiply them with bf16 products and hand them out at once, so `dcols` (47-94 MB at SD 1.5's
 /// 64x64 convs, written, then read again) is never whole in memory. `None`, with nothing done,
 /// where bf16 products do not run (numbers not f32, products off or too small to repay them).
+/// `W^T`'s panels come from `kept` where the layer keeps them.
 pub(super) fn column_grads<T: Float, R: Send>(
     (w, dy): (Data<'_, T>, &[T]),
     g: &Geo,
     each: impl Fn(usize, &[T]) -> R + Sync,
+    kept: Option<&Kept>,
 ) -> Option<Vec<R>> {
     if !bf16::active() {
         return None;
     }
-    column_grads_in_groups((w, dy), g, each, GROUP_BYTES)
+    column_grads_in_groups((w, dy), g, each, (GROUP_BYTES, kept))
 }
 
 /// [`column_grads`] with groups of about `budget` bytes of rows (but whole panels of rows),
@@ -99,16 +102,23 @@ fn column_grads_in_groups<T: Float, R: Send>(
     (w, dy): (Data<'_, T>, &[T]),
     g: &Geo,
     each: impl Fn(usize, &[T]) -> R + Sync,
-    budget: usize,
+    (budget, kept): (usize, Option<&Kept>),
 ) -> Option<Vec<R>> {
     let (npix, k, d) = (g.npix(), g.k(), g.kh * g.kw);
     let applies = bf16::supported() && bf16::worth_it((k, g.o), (g.o, npix));
     let (Some(w), Some(dy), true) = (w.as_f32(), as_f32(dy), applies) else {
         return None;
     };
-    let Scratch { a, b } = Scratch::take();
-    let wt = Panels::left(&Mat::new(w, g.o, k).t(), a);
-    let dyp = Panels::right(&Mat::new(dy, g.o, npix), b);
+    // W^T's panels: the layer's kept ones, or packed here into this thread's buffer
+    let w_t = Mat::new(w, g.o, k).t();
+    let pack = |buf| Panels::left(&w_t, buf);
+    let kept = kept.and_then(|kept| kept.panels(Use::ConvColumnGrads, || pack(Vec::new())));
+    let own = kept.is_none().then(|| pack(Scratch::take_left()));
+    let wt = kept
+        .as_deref()
+        .or(own.as_ref())
+        .expect("kept or packed here");
+    let dyp = Panels::right(&Mat::new(dy, g.o, npix), Scratch::take_right());
     // a group's rows start a panel: a multiple of lcm(d, MR) rows, `unit` channels
     let unit = MR / gcd(d, MR);
     let per = (budget / (unit * d * npix * 4)).max(1) * unit;
@@ -132,11 +142,10 @@ fn column_grads_in_groups<T: Float, R: Send>(
         out
     };
     let groups: Vec<Vec<R>> = (0..g.c.div_ceil(per)).into_par_iter().map(group).collect();
-    Scratch {
-        a: wt.into_buffer(),
-        b: dyp.into_buffer(),
+    if let Some(own) = own {
+        Scratch::put_left(own.into_buffer());
     }
-    .put_back();
+    Scratch::put_right(dyp.into_buffer());
     Some(groups.into_iter().flatten().collect())
 }
 
@@ -250,7 +259,7 @@ mod tests {
         let (dy, wt) = (wave(o * g.npix(), 0.37, false), wave(o * c * 9, 0.11, true));
         let run = |budget: usize| {
             let each = |ch: usize, rows: &[f32]| (ch, rows.to_vec());
-            column_grads_in_groups((Data::Plain(&wt), &dy[..]), &g, each, budget)
+            column_grads_in_groups((Data::Plain(&wt), &dy[..]), &g, each, (budget, None))
         };
         let whole = run(usize::MAX / 4).unwrap();
         assert_eq!(whole.len(), c);

@@ -990,18 +990,16 @@ pub(crate) unsafe fn gemm(
     true
 }
 
-/// [`gemm`] with a right operand packed earlier (a frozen weight's kept panels: see
-/// [`crate::weight_cache`]); `a` is packed here. Returns `false` (and does nothing) where the
-/// CPU lacks AVX512-BF16.
+/// `dst [m, n] (+)= a @ b` on every thread with a right operand packed earlier (a frozen
+/// weight's kept panels: see [`crate::weight_cache`]); `a` is packed here. Returns `false`
+/// (and does nothing) where the CPU lacks AVX512-BF16.
 ///
 /// # Safety
 /// As [`gemm`]; `b` holds `a`'s `k` in pairs.
 pub(crate) unsafe fn gemm_right_packed(
-    threads: usize,
     dst: Dst<f32>,
     a: Mat<'_, f32>,
     b: &Panels,
-    scale: f32,
     accumulate: bool,
 ) -> bool {
     if !supported() {
@@ -1017,9 +1015,40 @@ pub(crate) unsafe fn gemm_right_packed(
         return true;
     }
     let pa = Panels::left(&a, Scratch::take_left());
+    let threads = rayon::current_num_threads();
     // SAFETY: checked above; `dst` is the caller's promise.
-    unsafe { gemm_packed(threads, dst, &pa, b, scale, accumulate) };
+    unsafe { gemm_packed(threads, dst, &pa, b, 1.0, accumulate) };
     Scratch::put_left(pa.into_buffer());
+    true
+}
+
+/// [`gemm_right_packed`] with the left operand packed earlier.
+///
+/// # Safety
+/// As [`gemm`]; `a` holds `b`'s `k` in pairs.
+pub(crate) unsafe fn gemm_left_packed(
+    dst: Dst<f32>,
+    a: &Panels,
+    b: Mat<'_, f32>,
+    accumulate: bool,
+) -> bool {
+    if !supported() {
+        return false;
+    }
+    let (k, n) = b.shape();
+    assert_eq!(
+        (a.w, a.pairs),
+        (MR, k.div_ceil(2)),
+        "a left operand of k = {k}"
+    );
+    if n == 0 || a.len == 0 {
+        return true;
+    }
+    let pb = Panels::right(&b, Scratch::take_right());
+    let threads = rayon::current_num_threads();
+    // SAFETY: checked above; `dst` is the caller's promise.
+    unsafe { gemm_packed(threads, dst, a, &pb, 1.0, accumulate) };
+    Scratch::put_right(pb.into_buffer());
     true
 }
 

@@ -6,9 +6,8 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::dims;
-use crate::cpu::bf16::{self, Panels};
-use crate::cpu::matmul::{dense, Data, Dst, Mat};
-use crate::cpu::{as_f32, as_f32_mut, float_op, slices, weights, Float};
+use crate::cpu::matmul::{dense, Data, Mat};
+use crate::cpu::{float_op, slices, weights, Float};
 use crate::weight_cache::{Kept, Use};
 use crate::Result;
 
@@ -47,47 +46,11 @@ fn forward<T: Float>(
     };
     let mut y = y;
     let (accumulate, w_t) = (bias.is_some(), Mat::new(w, n, k).t());
-    if !kept_product(kept, Use::LinearForward, (&mut y, x), w_t, accumulate) {
+    if !Kept::product_right(kept, Use::LinearForward, (&mut y, x), w_t, accumulate) {
         // SAFETY: x is [m, k], w is [n, k] read transposed, y is [m, n].
         unsafe { dense(&mut y, x, w, (m, n, k), false, true, accumulate) };
     }
     y
-}
-
-/// `y [m, n] (+)= x [m, k] b [k, n]` on the bf16 products with the weight `b`'s kept panels
-/// (packed here at their first use), where the products take it; `false`, with nothing done,
-/// where they do not (f64, products off, too small, or nothing kept).
-fn kept_product<T: Float>(
-    kept: Option<&Kept>,
-    usage: Use,
-    (y, x): (&mut [T], &[T]),
-    b: Mat<'_, T>,
-    accumulate: bool,
-) -> bool {
-    let (Some(kept), Some(y), Some(x), Some(b)) = (kept, as_f32_mut(y), as_f32(x), b.as_f32())
-    else {
-        return false;
-    };
-    let (k, n) = b.shape();
-    let m = x.len() / k.max(1);
-    if !bf16::active() || !bf16::worth_it((m, k), (k, n)) {
-        return false;
-    }
-    let Some(panels) = kept.panels(usage, m, || Panels::right(&b, Vec::new())) else {
-        return false;
-    };
-    let threads = rayon::current_num_threads();
-    // SAFETY: y holds the m x n product, which only this call writes; `panels` is `b`'s.
-    unsafe {
-        bf16::gemm_right_packed(
-            threads,
-            Dst::dense(y),
-            Mat::new(x, m, k),
-            &panels,
-            1.0,
-            accumulate,
-        )
-    }
 }
 
 impl CustomOp2 for Linear {
@@ -175,7 +138,7 @@ fn input_grad<T: Float>(
 ) -> Vec<T> {
     let mut dx = vec![T::zero(); m * din];
     let b = Mat::new(w, dout, din);
-    if kept_product(kept, Use::LinearInputGrad, (&mut dx, dy), b, false) {
+    if Kept::product_right(kept, Use::LinearInputGrad, (&mut dx, dy), b, false) {
         return dx;
     }
     // SAFETY: dy is [m, dout], w [dout, din], dx [m, din].
