@@ -5,11 +5,13 @@
 //! frozen weight packs to the same words at every call, and over few rows its packing is most
 //! of the product's memory traffic: SDXL's 1280-wide transformer blocks run at 16x16 (256 rows
 //! a training step) on weights of up to 1280 x 10240, so the step packed 4 GB of weights in its
-//! forward and again, the other way round, in its backward. A layer that owns a [`WeightCache`]
-//! packs its weight once for each use and keeps the panels (the weight's bf16 size each: a
-//! sampler keeps the forward's, a trainer also the input gradient's), for products of at most
+//! forward and again, the other way round, in its backward; SD 1.5's 1280-channel convs at
+//! 16x16 and 8x8 multiply their whole weight by 256 or 64 pixels. A layer that owns a
+//! [`WeightCache`] (models' linears and convs) packs its weight once for each [`Use`] and keeps
+//! the panels (the weight's bf16 size each) in training steps, for products of at most
 //! [`MAX_ROWS`] rows: at more rows packing is a small part of the product, and the activations
-//! of such a resolution need the memory. `ATOMTUNE_KEEP_PACKED=0` (or [`set_enabled`]) packs
+//! of such a resolution need the memory. Sampling keeps nothing: a CFG step has twice the rows
+//! (SDXL's step gained about 5% for 4 GB more), and a sampler's memory is the weights'. `ATOMTUNE_KEEP_PACKED=0` (or [`set_enabled`]) packs
 //! at every call instead, for the memory; `atomtune train --gradient-checkpointing` does too.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -92,10 +94,13 @@ impl WeightCache {
         slots.panels.iter().flatten().map(|p| p.bytes()).sum()
     }
 
-    /// The cache as an op on `w` uses it: `None` where `w` may change (a tracked weight: an
-    /// adapter's `W + B A`), off the CPU, or with keeping turned off.
-    pub(crate) fn for_weight(&self, w: &Tensor) -> Option<Kept> {
-        (!w.track_op() && w.device().is_cpu() && SWITCH.on()).then(|| Kept {
+    /// The cache as an op on `w` uses it when `trained` (some input of the op is tracked: a
+    /// training step, whose backward reads the weight again and whose forward comes again):
+    /// `None` in inference (a sampler's memory stays the weights'), where `w` may change (a
+    /// tracked weight: an adapter's `W + B A`), off the CPU, or with keeping turned off.
+    pub(crate) fn for_weight(&self, w: &Tensor, trained: bool) -> Option<Kept> {
+        let keeps = trained && !w.track_op() && w.device().is_cpu() && SWITCH.on();
+        keeps.then(|| Kept {
             cache: self.clone(),
             weight: w.id(),
         })

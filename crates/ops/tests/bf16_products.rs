@@ -104,7 +104,7 @@ fn linear_gradients_run_in_bf16_when_it_is_on() {
 /// A linear layer that keeps its frozen weight's panels gives the bits of one that packs them at
 /// every call, forward and input gradient, at its first call and after; another weight through
 /// the same cache is not served the first one's panels; a tracked weight keeps nothing, nor
-/// does a product of many rows; a cache whose weight keeps changing gives up keeping.
+/// do a product of many rows and inference; a cache whose weight keeps changing gives up.
 #[test]
 fn kept_weight_panels_give_the_same_bits() {
     if !ops::cpu_bf16::supported() {
@@ -154,14 +154,16 @@ fn kept_weight_panels_give_the_same_bits() {
         "a cache whose weight keeps changing keeps nothing"
     );
 
-    // past MAX_ROWS rows the products pack as usual
+    // past MAX_ROWS rows, and in inference (no input tracked), the products pack as usual
     let rows = ops::weight_cache::MAX_ROWS + 8;
-    let x = tensor(wave(rows * din, 1.0, 0.5), (rows, din));
+    let many = Var::from_tensor(&tensor(wave(rows * din, 1.0, 0.5), (rows, din))).unwrap();
     let (w, cache) = (weight(0.2), ops::WeightCache::new());
-    let y = ops::linear::linear_cached(&x, &w, None, Some(&cache)).unwrap();
-    let want = ops::linear::linear(&x, &w, None).unwrap();
-    assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
-    assert_eq!(cache.bytes(), 0, "{rows} rows keep nothing");
+    for (x, what) in [(many.as_tensor(), "520 rows"), (&x.detach(), "inference")] {
+        let y = ops::linear::linear_cached(x, &w, None, Some(&cache)).unwrap();
+        let want = ops::linear::linear(x, &w, None).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        assert_eq!(cache.bytes(), 0, "{what} keeps nothing");
+    }
 }
 
 /// An atoms-adapted conv whose layer keeps its weight's panels (the forward's `W` on

@@ -124,7 +124,7 @@ pub fn conv2d_transformed(
 }
 
 /// [`conv2d_transformed`] for a layer that keeps its frozen `w`'s packed operands in `cache`
-/// between calls ([`crate::weight_cache`]), where the bf16 products run it; the same numbers.
+/// between training steps ([`crate::weight_cache`]), where the bf16 products run it; the same numbers.
 pub fn conv2d_transformed_cached(
     x: &Tensor,
     w: &Tensor,
@@ -168,7 +168,7 @@ pub fn conv2d_transformed_cached(
         }
     };
     let (frozen, tracked) = kernels::split_bias(bias);
-    let kept = cache.and_then(|c| c.for_weight(w));
+    let kept = cache.and_then(|c| c.for_weight(w, x.track_op() || third.track_op()));
     let (w, fused) = kernels::weight_and_path(x, w, &[third])?;
     let y = if fused {
         fused_transformed::conv2d_transformed(x, &w, frozen, (third, atoms), cfg, kept)?

@@ -27,7 +27,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// [`linear`] for a layer that keeps its frozen weight's packed operands in `cache` between
-/// calls ([`crate::weight_cache`]), where the bf16 products run it; the same numbers as
+/// training steps ([`crate::weight_cache`]), where the bf16 products run it; the same numbers as
 /// [`linear`].
 pub fn linear_cached(
     x: &Tensor,
@@ -55,7 +55,7 @@ pub fn linear_cached(
         }
     }
     let (frozen, tracked) = kernels::split_bias(bias);
-    let kept = cache.and_then(|c| c.for_weight(w));
+    let kept = cache.and_then(|c| c.for_weight(w, x.track_op()));
     let (w, fused) = kernels::weight_and_path(x, w, &[])?;
     let y = if fused {
         fused::linear(x, &w, frozen, kept)?
