@@ -58,8 +58,8 @@ fn linear_fwd(
 ) -> Result<Tensor> {
     let dt = compute_dtype(x.dtype(), x.device());
     let b = bias.map(|b| b.to_dtype(dt)).transpose()?;
-    let (x, w) = (x.to_dtype(dt)?, weight_in(w, dt)?);
-    let y = ops::linear::linear_cached(&x, &w, b.as_ref(), Some(cache))?;
+    let (xc, w) = (x.to_dtype(dt)?, weight_in(w, dt)?);
+    let y = ops::linear::linear_cached(&xc, &w, b.as_ref(), Some(cache))?;
     Ok(y.to_dtype(x.dtype())?)
 }
 

@@ -74,6 +74,11 @@ pub(crate) enum Use {
 
 impl Use {
     const COUNT: usize = 4;
+
+    /// Whether the weight is the product's left operand (else its right one).
+    fn weight_on_left(self) -> bool {
+        matches!(self, Use::ConvForward | Use::ConvColumnGrads)
+    }
 }
 
 impl std::fmt::Debug for WeightCache {
@@ -154,39 +159,13 @@ impl Kept {
 }
 
 impl Kept {
-    /// `y [m, n] (+)= x [m, k] w [k, n]` on the bf16 products with the weight `w`'s kept panels
-    /// as the right operand (packed here at their first use); `false`, with nothing done, where
-    /// the products do not take it (f64, products off, too small, too many rows, or no cache).
-    pub(crate) fn product_right<T: Float>(
-        kept: Option<&Kept>,
-        usage: Use,
-        (y, x): (&mut [T], &[T]),
-        w: Mat<'_, T>,
-        accumulate: bool,
-    ) -> bool {
-        let (Some(kept), Some(y), Some(x), Some(w)) = (kept, as_f32_mut(y), as_f32(x), w.as_f32())
-        else {
-            return false;
-        };
-        let (k, n) = w.shape();
-        let m = x.len() / k.max(1);
-        if !bf16::active() || !bf16::worth_it((m, k), (k, n)) || !kept.serves(m) {
-            return false;
-        }
-        let Some(panels) = kept.panels(usage, || Panels::right(&w, Vec::new())) else {
-            return false;
-        };
-        // SAFETY: y holds the m x n product, which only this call writes; `panels` is `w`'s.
-        unsafe {
-            let dst = Dst::dense(y);
-            bf16::gemm_right_packed(dst, Mat::new(x, m, k), &panels, accumulate)
-        }
-    }
-
-    /// `y [m, n] (+)= w [m, k] x [k, n]` with the weight `w`'s kept panels as the left operand;
-    /// `rows`: the positions over the batch that `x`'s columns are part of (a conv runs one
-    /// image at a time). `false`, with nothing done, as in [`Kept::product_right`].
-    pub(crate) fn product_left<T: Float>(
+    /// `y (+)= x w` (`x [m, k]`, `w [k, n]`, for a [`Use`] whose weight is the right operand) or
+    /// `y (+)= w x` (`w [m, k]`, `x [k, n]`, left) on the bf16 products with the weight `w`'s
+    /// kept panels (packed here at their first use); `rows`: the positions over the batch the
+    /// product's activations are part of (a conv runs one image at a time). `false`, with nothing
+    /// done, where the products do not take it (f64, products off, too small, too many rows, or
+    /// no cache).
+    pub(crate) fn product<T: Float>(
         kept: Option<&Kept>,
         usage: Use,
         (y, x): (&mut [T], &[T]),
@@ -197,18 +176,26 @@ impl Kept {
         else {
             return false;
         };
-        let (m, k) = w.shape();
-        let n = x.len() / k.max(1);
-        if !bf16::active() || !bf16::worth_it((m, k), (k, n)) || !kept.serves(rows) {
+        let (wr, wc) = w.shape();
+        let left = usage.weight_on_left();
+        let (x, (a, b)) = if left {
+            let n = x.len() / wc.max(1);
+            (Mat::new(x, wc, n), ((wr, wc), (wc, n)))
+        } else {
+            let m = x.len() / wr.max(1);
+            (Mat::new(x, m, wr), ((m, wr), (wr, wc)))
+        };
+        if !bf16::active() || !bf16::worth_it(a, b) || !kept.serves(rows) {
             return false;
         }
-        let Some(panels) = kept.panels(usage, || Panels::left(&w, Vec::new())) else {
+        let pack = || match left {
+            true => Panels::left(&w, Vec::new()),
+            false => Panels::right(&w, Vec::new()),
+        };
+        let Some(panels) = kept.panels(usage, pack) else {
             return false;
         };
-        // SAFETY: y holds the m x n product, which only this call writes; `panels` is `w`'s.
-        unsafe {
-            let dst = Dst::dense(y);
-            bf16::gemm_left_packed(dst, &panels, Mat::new(x, k, n), accumulate)
-        }
+        // SAFETY: y holds the product, which only this call writes; `panels` are `w`'s.
+        unsafe { bf16::gemm_with_packed(Dst::dense(y), &panels, x, accumulate) }
     }
 }

@@ -171,7 +171,7 @@ impl TransformedConv {
                     mix(tc, &raw, dst, d, false);
                 });
             let (wm, rows, add) = (Mat::new(w, g.o, k), b * npix, bias.is_some());
-            if !Kept::product_left(kept, Use::ConvForward, (yb, &cols), wm, (rows, add)) {
+            if !Kept::product(kept, Use::ConvForward, (yb, &cols), wm, (rows, add)) {
                 // SAFETY: yb is [o, npix], w is [o, k], cols [k, npix].
                 unsafe { dense(yb, w, &cols, (g.o, npix, k), false, false, add) };
             }

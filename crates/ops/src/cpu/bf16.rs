@@ -990,65 +990,43 @@ pub(crate) unsafe fn gemm(
     true
 }
 
-/// `dst [m, n] (+)= a @ b` on every thread with a right operand packed earlier (a frozen
-/// weight's kept panels: see [`crate::weight_cache`]); `a` is packed here. Returns `false`
-/// (and does nothing) where the CPU lacks AVX512-BF16.
+/// `dst [m, n] (+)= a @ b` on every thread where one operand was packed earlier (a frozen
+/// weight's kept panels: see [`crate::weight_cache`]): `packed` is `a` (panels of [`MR`] rows)
+/// and `other` is `b`, or `packed` is `b` (panels of [`NR`] columns) and `other` is `a`;
+/// `other` is packed here. Returns `false` (and does nothing) where the CPU lacks AVX512-BF16.
 ///
 /// # Safety
-/// As [`gemm`]; `b` holds `a`'s `k` in pairs.
-pub(crate) unsafe fn gemm_right_packed(
+/// As [`gemm`]; `packed` holds `other`'s `k` in pairs.
+pub(crate) unsafe fn gemm_with_packed(
     dst: Dst<f32>,
-    a: Mat<'_, f32>,
-    b: &Panels,
+    packed: &Panels,
+    other: Mat<'_, f32>,
     accumulate: bool,
 ) -> bool {
     if !supported() {
         return false;
     }
-    let (m, k) = a.shape();
-    assert_eq!(
-        (b.w, b.pairs),
-        (NR, k.div_ceil(2)),
-        "a right operand of k = {k}"
-    );
-    if m == 0 || b.len == 0 {
+    let threads = rayon::current_num_threads();
+    let packed_left = packed.w == MR;
+    let k = if packed_left {
+        other.shape().0
+    } else {
+        other.shape().1
+    };
+    assert_eq!(packed.pairs, k.div_ceil(2), "an operand of k = {k}");
+    if packed.len == 0 || other.shape().0 == 0 || other.shape().1 == 0 {
         return true;
     }
-    let pa = Panels::left(&a, Scratch::take_left());
-    let threads = rayon::current_num_threads();
-    // SAFETY: checked above; `dst` is the caller's promise.
-    unsafe { gemm_packed(threads, dst, &pa, b, 1.0, accumulate) };
-    Scratch::put_left(pa.into_buffer());
-    true
-}
-
-/// [`gemm_right_packed`] with the left operand packed earlier.
-///
-/// # Safety
-/// As [`gemm`]; `a` holds `b`'s `k` in pairs.
-pub(crate) unsafe fn gemm_left_packed(
-    dst: Dst<f32>,
-    a: &Panels,
-    b: Mat<'_, f32>,
-    accumulate: bool,
-) -> bool {
-    if !supported() {
-        return false;
+    // SAFETY (both): checked above; `dst` is the caller's promise.
+    if packed_left {
+        let b = Panels::right(&other, Scratch::take_right());
+        unsafe { gemm_packed(threads, dst, packed, &b, 1.0, accumulate) };
+        Scratch::put_right(b.into_buffer());
+    } else {
+        let a = Panels::left(&other, Scratch::take_left());
+        unsafe { gemm_packed(threads, dst, &a, packed, 1.0, accumulate) };
+        Scratch::put_left(a.into_buffer());
     }
-    let (k, n) = b.shape();
-    assert_eq!(
-        (a.w, a.pairs),
-        (MR, k.div_ceil(2)),
-        "a left operand of k = {k}"
-    );
-    if n == 0 || a.len == 0 {
-        return true;
-    }
-    let pb = Panels::right(&b, Scratch::take_right());
-    let threads = rayon::current_num_threads();
-    // SAFETY: checked above; `dst` is the caller's promise.
-    unsafe { gemm_packed(threads, dst, a, &pb, 1.0, accumulate) };
-    Scratch::put_right(pb.into_buffer());
     true
 }
 

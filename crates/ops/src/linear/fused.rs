@@ -46,7 +46,7 @@ fn forward<T: Float>(
     };
     let mut y = y;
     let (accumulate, w_t) = (bias.is_some(), Mat::new(w, n, k).t());
-    if !Kept::product_right(kept, Use::LinearForward, (&mut y, x), w_t, accumulate) {
+    if !Kept::product(kept, Use::LinearForward, (&mut y, x), w_t, (m, accumulate)) {
         // SAFETY: x is [m, k], w is [n, k] read transposed, y is [m, n].
         unsafe { dense(&mut y, x, w, (m, n, k), false, true, accumulate) };
     }
@@ -138,7 +138,7 @@ fn input_grad<T: Float>(
 ) -> Vec<T> {
     let mut dx = vec![T::zero(); m * din];
     let b = Mat::new(w, dout, din);
-    if Kept::product_right(kept, Use::LinearInputGrad, (&mut dx, dy), b, false) {
+    if Kept::product(kept, Use::LinearInputGrad, (&mut dx, dy), b, (m, false)) {
         return dx;
     }
     // SAFETY: dy is [m, dout], w [dout, din], dx [m, din].
