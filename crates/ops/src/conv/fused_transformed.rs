@@ -191,6 +191,8 @@ impl TransformedConv {
         let (plane, dd) = (g.h * g.w, d * d);
         let grouped = t.len() > dd;
         let nx = if want_dx { b * g.c * plane } else { 0 };
+        // W^T's kept panels serve products over at most MAX_ROWS pixels of the batch
+        let kept = kept.filter(|k| k.serves(b * npix));
         let mut out = vec![T::zero(); nx + t.len()];
         let (dx, dt) = out.split_at_mut(nx);
         // dcols' = W^T dy whole, where the bf16 products do not take it a group of channels
@@ -219,7 +221,6 @@ impl TransformedConv {
                 }
                 part
             };
-            let kept = kept.filter(|k| k.serves(b * npix));
             let parts = match packed::column_grads((w, dyb), g, channel, kept) {
                 Some(parts) => parts,
                 None => {
