@@ -201,8 +201,18 @@ impl Linear {
     /// # Shapes
     /// `[..., din] -> [..., dout]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.layers.weight(&self.name, &self.weight)?;
-        linear_fwd(x, &w, self.bias.as_ref(), &self.cache)
+        self.forward_with(x, &self.weight()?)
+    }
+
+    /// The weight as [`Linear::forward`] multiplies by it now: the base weight, a baked one,
+    /// or the base with its attached adapters (tracked while they train).
+    pub(crate) fn weight(&self) -> Result<Tensor> {
+        self.layers.weight(&self.name, &self.weight)
+    }
+
+    /// [`Linear::forward`] with `w`, the layer's [`Linear::weight`].
+    pub(crate) fn forward_with(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        linear_fwd(x, w, self.bias.as_ref(), &self.cache)
     }
 }
 

@@ -3,6 +3,7 @@
 //! this code.
 
 mod blocks;
+mod text_kv;
 mod transformer;
 
 use candle_core::{DType, Tensor};

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use super::text_kv::TextKv;
 use crate::layers::Layers;
 use crate::nn::{attention, Conv2d, Conv2dSpec, GroupNorm, LayerNorm, Linear};
 use crate::weights::Weights;
@@ -17,6 +18,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// The text's keys and values, kept between calls (cross-attention).
+    text_kv: TextKv,
 }
 
 impl Attention {
@@ -37,20 +40,18 @@ impl Attention {
             to_out: Linear::new(&w.pp("to_out").pp(0), layers, inner, dim, true)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            text_kv: TextKv::default(),
         })
     }
 
     /// # Shapes
     /// `x [b, n, dim]`, `context [b, m, context_dim]` (self-attention when `None`) -> `[b, n, dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
-        let o = attention(
-            &self.to_q.forward(x)?,
-            &self.to_k.forward(ctx)?,
-            &self.to_v.forward(ctx)?,
-            self.heads,
-            self.scale,
-        )?;
+        let (k, v) = match context {
+            Some(text) => self.text_kv.project(text, (&self.to_k, &self.to_v))?,
+            None => (self.to_k.forward(x)?, self.to_v.forward(x)?),
+        };
+        let o = attention(&self.to_q.forward(x)?, &k, &v, self.heads, self.scale)?;
         self.to_out.forward(&o)
     }
 }
