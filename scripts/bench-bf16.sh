@@ -22,14 +22,18 @@ ours() { cargo bench -q -p atomtune-models --bench sd15 -- "$@" 2>/dev/null | ta
 peer() { "$PEER_PY" "$PEER_DIR/$1" "${@:2}" 2>/dev/null | tail -1 | sed 's/^/{"peer": true, "row": /; s/$/}/'; }
 
 if [ -n "${PAIRS:-}" ]; then
+  ROWS=$(mktemp /tmp/atomtune-pairs.XXXXXX)
   for _ in $(seq "$PAIRS"); do
     ATOMTUNE_CPU_BF16=1 ours --mode forward --batch 2 --latent "$L" --steps "$STEPS"
     peer peer_sample.py --model sd15-random --latent "$L" --steps "$STEPS" --threads 2 --json --autocast bf16
-  done
+  done | tee -a "$ROWS"
   for _ in $(seq "$PAIRS"); do
     ATOMTUNE_CPU_BF16=1 ours --mode train --method atoms --latent "$L" --steps "$STEPS"
     peer peer_train.py --model sd15-random --mode lora-attn --latent "$L" --steps "$STEPS" --warmup 1 --no-vae --no-text --threads 2 --json --autocast bf16
-  done
+  done | tee -a "$ROWS"
+  # each pair's ratios, ours over the peer's: medians, and fastest steps (noise only adds time)
+  python3 scripts/pair-ratios.py <"$ROWS"
+  rm -f "$ROWS"
   exit 0
 fi
 

@@ -19,7 +19,9 @@
 //! the noisy latent, so the backward runs through every layer as in training but no adapter
 //! does any work. `train` minus `input-grad` is what the adapters cost in a step.
 //!
-//! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step),
+//! One JSON line on stdout: the median seconds per step over `--steps` (after one warm-up step;
+//! the mean of the middle two of an even count, as the peer's `statistics.median`), the fastest
+//! step (`min_s`, as the peer's `min_step_s`: on a shared machine noise only adds time),
 //! for `train` also per phase (forward to the loss, backward, update: `median_phase_s`, as the
 //! PyTorch peer reports them), the build time and the process's peak RSS (VmHWM). Run one mode per process so peaks do not mix.
 //! `--checkpointing` checkpoints every block, `--checkpointing-selective` the selected ones
@@ -100,9 +102,16 @@ fn parse() -> Args {
     a
 }
 
+/// The median as Python's `statistics.median` takes it (the peer's): the mean of the middle two
+/// of an even count.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// Bytes of every distinct storage in the graph behind `loss`: what the forward leaves alive for
@@ -361,11 +370,12 @@ fn run() -> models::Result<()> {
     };
     let each: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
     println!(
-        "{{\"model\": \"{}\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}{delta}}}",
+        "{{\"model\": \"{}\", \"mode\": \"{}\", \"method\": \"{}\", \"latent\": {l}, \"batch\": {b}, \"median_s\": {:.3}, \"min_s\": {:.3}, \"steps\": {}, \"each_s\": [{}], \"build_s\": {build:.2}, \"adapters_s\": {adapt_s:.2}, \"trainable\": {params}, \"peak_rss_gb\": {:.2}, \"threads\": {}, \"dtype\": \"{:?}\", \"checkpointing\": \"{:?}\"{phase}{delta}}}",
         a.model,
         a.mode,
         if a.mode == "train" { a.method.name() } else { "-" },
         median(times.clone()),
+        times.iter().copied().fold(f64::INFINITY, f64::min),
         a.steps,
         each.join(", "),
         peak_rss_gb(),
