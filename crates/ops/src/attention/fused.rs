@@ -264,19 +264,21 @@ impl FusedAttention {
 
     /// Backward: `(dq, dk, dv)` in the inputs' layouts, one task per (batch row, head), which
     /// owns that head's columns of `dq`, `dk`, `dv`; query chunks in turn. The probabilities are
-    /// recomputed from the forward's log-sum-exp `lse`.
+    /// recomputed from the forward's log-sum-exp `lse`. `dk` and `dv` are empty, their products
+    /// skipped, where `want` (`(k, v)`) says no one wants them.
     #[allow(clippy::type_complexity)]
     fn grads<T: Rows>(
         &self,
         (q, k, v, o, g): (&[T], &[T], &[T], &[T], &[T]),
         lse: &[f64],
         dm: Dims,
+        want: (bool, bool),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Dims { b, h, n, m, d, e } = dm;
         let (mut dq, mut dk, mut dv) = (
             vec![T::zero(); b * n * h * d],
-            vec![T::zero(); b * m * h * d],
-            vec![T::zero(); b * m * h * e],
+            vec![T::zero(); if want.0 { b * m * h * d } else { 0 }],
+            vec![T::zero(); if want.1 { b * m * h * e } else { 0 }],
         );
         let chunk = chunk_rows::<T>(n, m, self.chunk_bytes);
         let scale = T::from_f64(self.scale);
@@ -297,19 +299,18 @@ impl FusedAttention {
                 dm.head(g, bh, n, e),
                 dm.head(o, bh, n, e),
             );
-            // SAFETY (every write below): this task alone writes head bh's columns.
-            let (dkh, dvh) = unsafe {
-                (
-                    Dst {
-                        ptr: dk.add(dm.at(bh, m, 0, d)),
-                        rs: h * d,
-                    },
-                    Dst {
-                        ptr: dv.add(dm.at(bh, m, 0, e)),
-                        rs: h * e,
-                    },
-                )
-            };
+            // SAFETY (every write below): this task alone writes head bh's columns; `dk` and
+            // `dv` may be empty (never written), so their rows are computed without a bound.
+            let (dkh, dvh) = (
+                Dst {
+                    ptr: dk.wrapping_add(dm.at(bh, m, 0, d)),
+                    rs: h * d,
+                },
+                Dst {
+                    ptr: dv.wrapping_add(dm.at(bh, m, 0, e)),
+                    rs: h * e,
+                },
+            );
             let mut p = vec![T::zero(); chunk * m];
             let mut ds = vec![T::zero(); chunk * m];
             let row_lse = &lse[(bh.0 * h + bh.1) * n..(bh.0 * h + bh.1 + 1) * n];
@@ -321,7 +322,9 @@ impl FusedAttention {
                     gemm(Dst::dense(p), qc, kh.t(), scale, false);
                     T::exp_rows_shifted(p, m, &row_lse[s..s + c]);
                     // dV += P^T G
-                    gemm(dvh, Mat::new(&*p, c, m).t(), gc, T::one(), true);
+                    if want.1 {
+                        gemm(dvh, Mat::new(&*p, c, m).t(), gc, T::one(), true);
+                    }
                     // dP = G V^T, then dS = scale P (dP - rowsum(G O))
                     gemm(Dst::dense(ds), gc, vh.t(), T::one(), false);
                 }
@@ -333,20 +336,24 @@ impl FusedAttention {
                         rs: h * d,
                     };
                     gemm(dqc, Mat::new(&*ds, c, m), kh, T::one(), false);
-                    gemm(dkh, Mat::new(&*ds, c, m).t(), qc, T::one(), true);
+                    if want.0 {
+                        gemm(dkh, Mat::new(&*ds, c, m).t(), qc, T::one(), true);
+                    }
                 }
             }
         });
         (dq, dk, dv)
     }
 
-    /// [`CustomOp3::bwd`] on flat CPU tensors `(q, k, v, out, grad)` of dtype `T`.
+    /// [`CustomOp3::bwd`] on flat CPU tensors `(q, k, v, out, grad)` of dtype `T`: `dq`, and
+    /// `dk` and `dv` where `want` (`(k, v)`) asks for them.
     #[allow(clippy::type_complexity)]
     fn backward<T: Rows + candle_core::WithDType>(
         &self,
         (q, k, v, o, g): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
         dm: Dims,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        want: (bool, bool),
+    ) -> candle_core::Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, o, g) = (
             q.to_vec1::<T>()?,
             k.to_vec1::<T>()?,
@@ -366,13 +373,18 @@ impl FusedAttention {
         fn tensors<U: candle_core::WithDType>(
             (dq, dk, dv): (Vec<U>, Vec<U>, Vec<U>),
             Dims { b, h, n, m, d, e }: Dims,
-        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            want: (bool, bool),
+        ) -> candle_core::Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
             let dev = &candle_core::Device::Cpu;
-            Ok((
-                Tensor::from_vec(dq, (b, n, h * d), dev)?,
-                Tensor::from_vec(dk, (b, m, h * d), dev)?,
-                Tensor::from_vec(dv, (b, m, h * e), dev)?,
-            ))
+            let dk = want
+                .0
+                .then(|| Tensor::from_vec(dk, (b, m, h * d), dev))
+                .transpose()?;
+            let dv = want
+                .1
+                .then(|| Tensor::from_vec(dv, (b, m, h * e), dev))
+                .transpose()?;
+            Ok((Tensor::from_vec(dq, (b, n, h * d), dev)?, dk, dv))
         }
         // f32 inputs of a problem the bf16 products take run there (as the forward did)
         if let [Some(q), Some(k), Some(v), Some(o), Some(g)] =
@@ -380,10 +392,11 @@ impl FusedAttention {
         {
             if super::bf16::worth_it(&dm) {
                 let scale = self.scale as f32;
-                return tensors(super::bf16::grads((q, k, v, o, g), &lse, dm, scale), dm);
+                let grads = super::bf16::grads((q, k, v, o, g), &lse, dm, scale, want);
+                return tensors(grads, dm, want);
             }
         }
-        tensors(self.grads((&q, &k, &v, &o, &g), &lse, dm), dm)
+        tensors(self.grads((&q, &k, &v, &o, &g), &lse, dm, want), dm, want)
     }
 }
 
@@ -448,12 +461,15 @@ impl CustomOp3 for FusedAttention {
             flat(&grad.to_dtype(q.dtype())?)?,
         );
         let flats = (&qf, &kf, &vf, &of, &gf);
+        // untracked keys or values (a cross-attention's kept text projections) skip their
+        // products: two of the five
+        let want = (k.track_op(), v.track_op());
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.backward::<f32>(flats, dm)?,
-            DType::F64 => self.backward::<f64>(flats, dm)?,
+            DType::F32 => self.backward::<f32>(flats, dm, want)?,
+            DType::F64 => self.backward::<f64>(flats, dm, want)?,
             other => candle_core::bail!("atomtune-attention backward: unsupported dtype {other:?}"),
         };
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((Some(dq), dk, dv))
     }
 }
 
@@ -491,19 +507,20 @@ mod tests {
         let out = Tensor::from_vec(out, (b, n, h * e), &Device::Cpu).unwrap();
         let fl = |x: &Tensor| x.flatten_all().unwrap();
         let args = (&fl(&q), &fl(&k), &fl(&v), &fl(&out), &fl(&g));
-        let kept = op(Some(lse)).backward::<f64>(args, dm).unwrap();
-        let fresh = op(None).backward::<f64>(args, dm).unwrap();
-        for (x, y) in [
-            (&kept.0, &fresh.0),
-            (&kept.1, &fresh.1),
-            (&kept.2, &fresh.2),
-        ] {
-            assert_eq!(flat(x), flat(y));
+        let all = (true, true);
+        let kept = op(Some(lse)).backward::<f64>(args, dm, all).unwrap();
+        let fresh = op(None).backward::<f64>(args, dm, all).unwrap();
+        assert_eq!(flat(&kept.0), flat(&fresh.0));
+        for (x, y) in [(&kept.1, &fresh.1), (&kept.2, &fresh.2)] {
+            assert_eq!(flat(x.as_ref().unwrap()), flat(y.as_ref().unwrap()));
         }
         // and a wrong statistic would show: the kept one is used
         let off = op(Some(vec![1.0; b * h * n]))
-            .backward::<f64>(args, dm)
+            .backward::<f64>(args, dm, all)
             .unwrap();
-        assert_ne!(flat(&off.2), flat(&fresh.2));
+        assert_ne!(
+            flat(off.2.as_ref().unwrap()),
+            flat(fresh.2.as_ref().unwrap())
+        );
     }
 }

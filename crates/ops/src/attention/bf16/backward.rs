@@ -11,19 +11,21 @@ use crate::cpu::SendPtr;
 /// The backward: `(dq, dk, dv)` for the inputs `(q, k, v)`, the output `o` and its gradient
 /// `g`, from the forward's log-sum-exp `lse` (see the module `attention` for the equations).
 /// One task per (batch row, head), which owns that head's columns of the gradients: for each
-/// block of keys `j`, each block of queries `i` ([`Head::block`]).
+/// block of keys `j`, each block of queries `i` ([`Head::block`]). `dk` and `dv` are empty,
+/// their products skipped, where `want` (`(k, v)`) says no one wants them.
 #[allow(clippy::type_complexity)]
 pub(in super::super) fn grads(
     (q, k, v, o, g): (&[f32], &[f32], &[f32], &[f32], &[f32]),
     lse: &[f64],
     dm: Dims,
     scale: f32,
+    want: (bool, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { b, h, n, m, d, e } = dm;
     let (mut dq, mut dk, mut dv) = (
         vec![0f32; b * n * h * d],
-        vec![0f32; b * m * h * d],
-        vec![0f32; b * m * h * e],
+        vec![0f32; if want.0 { b * m * h * d } else { 0 }],
+        vec![0f32; if want.1 { b * m * h * e } else { 0 }],
     );
     let ptrs = [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()].map(SendPtr);
     let heads: Vec<(usize, usize)> = (0..b)
@@ -33,9 +35,10 @@ pub(in super::super) fn grads(
         let head = bh.0 * h + bh.1;
         let lse = &lse[head * n..(head + 1) * n];
         let op = Head::new((q, k, v, o, g), lse, dm, bh);
-        // SAFETY: this task alone writes head bh's columns of the gradients.
+        // this head's rows of a gradient: computed without a bound (`dk` or `dv` may be
+        // empty, never written); this task alone writes head bh's columns
         let at = |ptr: SendPtr<f32>, rows: usize, row: usize, w: usize| Dst {
-            ptr: unsafe { ptr.get().add(dm.at(bh, rows, row, w)) },
+            ptr: ptr.get().wrapping_add(dm.at(bh, rows, row, w)),
             rs: h * w,
         };
         let mut scratch = Scratch::default();
@@ -43,8 +46,9 @@ pub(in super::super) fn grads(
             for qb in blocks(n, QUERY_BLOCK) {
                 let [dq, dk, dv] = ptrs;
                 let dst = [at(dq, n, qb.0, d), at(dk, m, kb.0, d), at(dv, m, kb.0, e)];
-                // SAFETY: each destination is rows of this head's columns, this task's alone.
-                unsafe { op.block((qb, kb), dst, scale, &mut scratch) };
+                // SAFETY: each destination is rows of this head's columns, this task's alone
+                // (`dk` and `dv` written only where wanted: they may be empty).
+                unsafe { op.block((qb, kb), dst, (scale, want), &mut scratch) };
             }
         }
     });
@@ -104,7 +108,8 @@ impl Head {
 
     /// Queries `qb` against keys `kb`: `P = e^(scale Q_i K_j^T - lse_i)`, `dV_j += P^T G_i`,
     /// `dP = G_i V_j^T`, `dS = scale P (dP - D_i)`, `dQ_i += dS K_j`, `dK_j += dS^T Q_i` into
-    /// `[dq, dk, dv]` (at the block's first row), each written by the first block it sums.
+    /// `[dq, dk, dv]` (at the block's first row), each written by the first block it sums;
+    /// `dK_j` and `dV_j` only where `want` (`(k, v)`) asks for them.
     ///
     /// # Safety
     /// `bf16::supported()`; the destinations valid for the block's rows of `d` (`dq`, `dk`) or
@@ -113,7 +118,7 @@ impl Head {
         &self,
         (qb, kb): ((usize, usize), (usize, usize)),
         [dq, dk, dv]: [Dst<f32>; 3],
-        scale: f32,
+        (scale, want): (f32, (bool, bool)),
         scratch: &mut Scratch,
     ) {
         let (c, mb) = (qb.1 - qb.0, kb.1 - kb.0);
@@ -128,32 +133,31 @@ impl Head {
             bf16::multiply(Dst::dense(p), qi, kj, scale, false);
         }
         exp_rows_shifted(p, mb, &self.lse[qb.0..qb.1]);
-        let pt = Panels::left(&Mat::new(&*p, c, mb).t(), w0);
+        let w0 = if want.1 {
+            let pt = Panels::left(&Mat::new(&*p, c, mb).t(), w0);
+            unsafe { bf16::multiply(dv, pt.all(), self.grads.1.all().depth(qb), 1.0, !first_i) };
+            pt.into_buffer()
+        } else {
+            w0
+        };
         unsafe {
-            let gi = self.grads.1.all().depth(qb);
-            bf16::multiply(dv, pt.all(), gi, 1.0, !first_i);
             let (gi, vj) = (self.grads.0.all().lines(qb), self.values_t.all().lines(kb));
             bf16::multiply(Dst::dense(ds), gi, vj, 1.0, false);
         }
         softmax_grad_rows(p, ds, &self.delta[qb.0..qb.1], scale);
         let ds_rows = Panels::left(&Mat::new(&*ds, c, mb), w1);
-        let ds_t = Panels::left(&Mat::new(&*ds, c, mb).t(), w2);
         unsafe {
-            bf16::multiply(
-                dq,
-                ds_rows.all(),
-                self.keys.1.all().depth(kb),
-                1.0,
-                !first_j,
-            );
-            bf16::multiply(
-                dk,
-                ds_t.all(),
-                self.queries.1.all().depth(qb),
-                1.0,
-                !first_i,
-            );
+            let kj = self.keys.1.all().depth(kb);
+            bf16::multiply(dq, ds_rows.all(), kj, 1.0, !first_j);
         }
-        scratch.words = [pt.into_buffer(), ds_rows.into_buffer(), ds_t.into_buffer()];
+        let w2 = if want.0 {
+            let ds_t = Panels::left(&Mat::new(&*ds, c, mb).t(), w2);
+            let qi = self.queries.1.all().depth(qb);
+            unsafe { bf16::multiply(dk, ds_t.all(), qi, 1.0, !first_i) };
+            ds_t.into_buffer()
+        } else {
+            w2
+        };
+        scratch.words = [w0, ds_rows.into_buffer(), w2];
     }
 }
