@@ -45,7 +45,7 @@ buckets = [
     ("bf16 products: the micro-kernel (ours)", r"ops::cpu::bf16::kernel"),
     ("bf16 products: packing operands (ours)", r"ops::cpu::bf16::(pack|pairs16|tile_out|deal|pair_run)|ops::conv::packed::panel_pairs"),
     ("gemm crate (f32 convs, linears, attention products)", r"gemm"),
-    ("attention softmax (ours)", r"ops::attention|ops::cpu::bf16::exp_panels"),
+    ("attention softmax (ours)", r"ops::attention|ops::cpu::bf16::exp_(panels|cols)"),
     ("Winograd transforms of filters, patches and products (ours)", r"ops::conv::winograd"),
     ("conv columns (im2col, transform, col2im) and gemm packing (ours)", r"ops::(conv|cpu::matmul)"),
     ("group norm, layer norm, GEGLU (ours)", r"ops::(group_norm|layer_norm|geglu)"),
