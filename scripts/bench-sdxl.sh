@@ -23,11 +23,12 @@ esac
 : > "$OUT"
 cargo build --release -p atomtune-models --bench sd15 >&2
 ours() { cargo bench -q -p atomtune-models --bench sd15 -- --model sdxl-random --latent "$L" --steps "$S" "$@" 2>/dev/null | tail -1 | tee -a "$OUT"; }
-peer_train() { "$PY" "$PEER/peer_train.py" --model sdxl-random --latent "$L" --steps "$S" --warmup 1 --threads 2 --no-vae --no-text --json "${AUTOCAST[@]}" "$@" 2>/dev/null | tail -1 | tee -a "$OUT"; }
+peer_row() { "$PY" "$PEER/peer_train.py" --model sdxl-random --latent "$L" --steps "$S" --warmup 1 --threads 2 --no-vae --no-text --json "${AUTOCAST[@]}" "$@" 2>/dev/null | tail -1; }
+peer_train() { peer_row "$@" | tee -a "$OUT"; }
 if [ -n "${PAIRS:-}" ]; then
   for _ in $(seq "$PAIRS"); do
     ours --mode train --method atoms
-    "$PY" "$PEER/peer_train.py" --model sdxl-random --latent "$L" --steps "$S" --warmup 1 --threads 2 --no-vae --no-text --json "${AUTOCAST[@]}" --mode lora-attn 2>/dev/null | tail -1 | sed 's/^/{"peer": true, "row": /; s/$/}/' | tee -a "$OUT"
+    peer_row --mode lora-attn | sed 's/^/{"peer": true, "row": /; s/$/}/' | tee -a "$OUT"
   done
   python3 scripts/pair-ratios.py <"$OUT"
   exit 0

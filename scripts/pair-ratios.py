@@ -1,4 +1,4 @@
-"""Ratios of the JSON rows that scripts/bench-bf16.sh (PAIRS=N) and scripts/bench-sdxl.sh print:
+"""Ratios of the JSON rows that scripts/bench-bf16.sh and scripts/bench-sdxl.sh print with PAIRS=N:
 each of our rows is paired with the peer's row that follows it, and the pair's ratio (ours over
 the peer's) is printed for the medians and for the fastest steps, one JSON line per pair.
 

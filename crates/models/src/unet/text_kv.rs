@@ -52,8 +52,11 @@ impl TextKv {
         (to_k, to_v): (&Linear, &Linear),
     ) -> Result<(Tensor, Tensor)> {
         let (wk, wv) = (to_k.weight()?, to_v.weight()?);
+        let now = || -> Result<(Tensor, Tensor)> {
+            Ok((to_k.forward_with(text, &wk)?, to_v.forward_with(text, &wv)?))
+        };
         if text.track_op() || wk.track_op() || wv.track_op() {
-            return Ok((to_k.forward_with(text, &wk)?, to_v.forward_with(text, &wv)?));
+            return now();
         }
         let weights = (wk.id(), wv.id());
         if let Some(e) = self.lock().as_ref() {
@@ -61,7 +64,7 @@ impl TextKv {
                 return Ok((e.keys.clone(), e.values.clone()));
             }
         }
-        let (keys, values) = (to_k.forward_with(text, &wk)?, to_v.forward_with(text, &wv)?);
+        let (keys, values) = now()?;
         *self.lock() = Some(Entry {
             text: text.clone(),
             weights,
