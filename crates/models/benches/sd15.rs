@@ -28,7 +28,8 @@
 //! ([`models::Checkpointing`]), `--dtype bf16` stores the weights in bf16 (and with
 //! `ATOMTUNE_CPU_BF16=1`, f32 activations, conv and linear weights are bf16 as `atomtune` keeps them);
 //! with `SD15_BENCH_MEM=1` the peak and current RSS go to stderr before each step and after each
-//! forward.
+//! forward; with `ATOMTUNE_OP_TIMES=1` each fused op's calls and seconds over the timed steps
+//! ([`ops::op_times`]).
 
 use std::time::Instant;
 
@@ -349,10 +350,13 @@ fn run() -> models::Result<()> {
             // scripts/profile.sh attaches perf at this line: after the model build and the
             // warm-up step, whose page faults would drown the steady state
             eprintln!("warmed up");
+            ops::op_times::reset();
         }
     }
     // scripts/profile.sh ends its perf window here
     eprintln!("steps done");
+    // ATOMTUNE_OP_TIMES=1: the fused ops' time over the timed steps
+    eprint!("{}", ops::op_times::report());
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     let delta = if a.mode == "train" {
         format!(", \"delta_bytes\": {}", delta_bytes(&unet, &a)?)

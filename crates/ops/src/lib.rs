@@ -39,6 +39,7 @@ pub mod handoff;
 mod kernels;
 pub mod layer_norm;
 pub mod linear;
+pub mod op_times;
 pub mod process;
 #[cfg(test)]
 mod test_support;

@@ -414,6 +414,10 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| {
+            let Dims { n, m, d, .. } = self.dm;
+            format!("attention forward n{n} m{m} d{d}")
+        });
         let (Some((a1, z1)), Some((a2, z2)), Some((a3, z3))) = (
             l1.contiguous_offsets(),
             l2.contiguous_offsets(),
@@ -450,6 +454,10 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| {
+            let Dims { n, m, d, .. } = self.dm;
+            format!("attention backward n{n} m{m} d{d}")
+        });
         let dm = self.dm;
         // The inputs are small next to the scores: copy them out of candle's storage.
         let flat = |t: &Tensor| t.detach().contiguous()?.flatten_all();

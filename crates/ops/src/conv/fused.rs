@@ -400,6 +400,7 @@ impl CustomOp2 for Conv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let g = self.geo(l1.dims(), l2.dims())?;
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d", |F| {
@@ -422,6 +423,7 @@ impl CustomOp2 for Conv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         let g = self.geo(x.dims(), w.dims())?;
         let dy = dy.detach().contiguous()?;
         let dx = if x.track_op() {
@@ -496,6 +498,7 @@ impl candle_core::CustomOp2 for InputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let b = l2.dims()[0];
         // the gradient's dtype: the kernel may be a bf16 weight beside f32 activations
         let dx = float_op!(s2.dtype(), "atomtune-conv2d backward", |F| {
@@ -525,6 +528,7 @@ impl candle_core::CustomOp2 for KernelGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let b = l1.dims()[0];
         let dw = float_op!(s1.dtype(), "atomtune-conv2d backward", |F| {
             Conv::kernel_grad(slices::<F>(s1, l1)?, slices::<F>(s2, l2)?, b, &self.geo)

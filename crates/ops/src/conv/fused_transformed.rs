@@ -263,6 +263,7 @@ impl CustomOp3 for TransformedConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let g = Geo::new(l1.dims(), l2.dims(), self.cfg)?;
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
@@ -282,6 +283,7 @@ impl CustomOp3 for TransformedConv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         let g = Geo::new(x.dims(), w.dims(), self.cfg)?;
         let dy = dy.detach().contiguous()?;
         let (want_dx, want_dt) = (x.track_op(), t.track_op());
@@ -367,6 +369,7 @@ impl CustomOp3 for TransformedConvGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let b = l1.dims()[0];
         let t = self.t.flatten_all()?;
         let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {

@@ -125,6 +125,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let n = l.dims().last().copied().unwrap_or(0) / 2;
         let y = float_op!(s.dtype(), "atomtune-geglu", |F| forward(
             slices::<F>(s, l)?,
@@ -138,6 +139,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         Ok(Some(x.detach().apply_op2_no_bwd(
             &dy.detach().contiguous()?,
             &GegluGrad,
@@ -160,6 +162,7 @@ impl candle_core::CustomOp2 for GegluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let n = l1.dims().last().copied().unwrap_or(0) / 2;
         let dx = float_op!(s1.dtype(), "atomtune-geglu backward", |F| backward(
             slices::<F>(s1, l1)?,

@@ -261,6 +261,7 @@ impl CustomOp3 for GroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let y = float_op!(s1.dtype(), "atomtune-group-norm", |F| self.forward(
             slices::<F>(s1, l1)?,
             slices::<F>(s2, l2)?,
@@ -278,6 +279,7 @@ impl CustomOp3 for GroupNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         if !(x.track_op() || gamma.track_op() || beta.track_op()) {
             return Ok((None, None, None));
         }
@@ -318,6 +320,7 @@ impl candle_core::CustomOp2 for GroupNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let out = float_op!(s1.dtype(), "atomtune-group-norm backward", |F| self
             .norm
             .backward(

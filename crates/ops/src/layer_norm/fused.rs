@@ -179,6 +179,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let c = l2.shape().elem_count();
         if l1.dims().last() != Some(&c) || l3.shape().elem_count() != c {
             candle_core::bail!(
@@ -204,6 +205,7 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         if !(x.track_op() || gamma.track_op() || beta.track_op()) {
             return Ok((None, None, None));
         }
@@ -238,6 +240,7 @@ impl candle_core::CustomOp2 for LayerNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let norm = LayerNorm { eps: self.eps };
         let g = self.gamma.flatten_all()?;
         let out = float_op!(s1.dtype(), "atomtune-layer-norm backward", |F| norm

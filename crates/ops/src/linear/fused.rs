@@ -65,6 +65,7 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let mkn = dims(l1.dims(), l2.dims())?;
         let y = float_op!(s1.dtype(), "atomtune-linear", |F| {
             let bias = self.bias.as_ref().map(|b| b.to_vec1::<F>()).transpose()?;
@@ -88,6 +89,7 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         let dy = dy.detach().contiguous()?;
         let dx = x
             .track_op()
@@ -161,6 +163,7 @@ impl CustomOp2 for Grad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let dout = *l2.dims().last().expect("dy has the output's rank");
         let m = l2.shape().elem_count() / dout.max(1);
         let din = match self {
