@@ -336,10 +336,10 @@ fn put_filters(u: Vec<Panels>) {
 /// of 2 channels, a lane per filter) are issued back to back, so that their loads overlap.
 ///
 /// # Safety
-/// AVX512F and AVX512BW must be present; each buffer holds `at + MR` words that no one else
+/// AVX512F, AVX512BW and AVX512-BF16 must be present; each buffer holds `at + MR` words that no one else
 /// touches meanwhile; `w` holds `o c 9` numbers, fewer than `i32::MAX`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn filter_words(
     w: Data<'_, f32>,
     (o, c): (usize, usize),
@@ -545,9 +545,9 @@ fn patch_panels(
 /// rows (`rows [2, 4, width]`), stored as pair words at `at` of each component's buffer.
 ///
 /// # Safety
-/// AVX512F and AVX512BW must be present; `2 tx0 + 34 <= width`; each buffer holds `at + n`.
+/// AVX512F, AVX512BW and AVX512-BF16 must be present; `2 tx0 + 34 <= width`; each buffer holds `at + n`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn transform_run(
     rows: &[f32],
     width: usize,

@@ -14,7 +14,6 @@
 //! walks `k` two at a time; the result is written once per [`KC`] block of `k`. Only products
 //! large enough to repay the packing take this path ([`worth_it`]: `k >= 256`, `m, n >= 64`).
 
-use super::fastmath::simd_dispatch;
 use super::matmul::{Data, Dst, Mat};
 
 /// Rows of the micro-kernel's block.
@@ -90,14 +89,26 @@ pub(crate) fn worth_it((m, k): (usize, usize), (_, n): (usize, usize)) -> bool {
     m >= 64 && n >= 64 && k >= 256
 }
 
-/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN), in the high half of the
-/// result (the low half is garbage). Branch-free, so that packing loops vectorise.
+/// `x` rounded to bf16 in the high half of the result (the low half is garbage), as
+/// `vcvtne2ps2bf16` rounds it (Intel SDM, "VCVTNE2PS2BF16"), so that the scalar and vector
+/// packers write the same bits: to nearest, ties to even; a subnormal flushed to a zero of its
+/// sign (`vdpbf16ps` reads subnormal operands as zero anyway); a NaN truncated, its quiet bit
+/// set. Branch-free, so that loops over it vectorise.
 #[inline(always)]
 fn round_high(x: f32) -> u32 {
     let b = x.to_bits();
-    // a NaN gets its quiet bit, so rounding cannot carry it into infinity
-    let b = if x.is_nan() { b | 0x0040_0000 } else { b };
-    b.wrapping_add(0x7fff + ((b >> 16) & 1))
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    let special = if x.is_nan() {
+        b | 0x0040_0000
+    } else {
+        b & 0x8000_0000
+    };
+    if x.is_normal() || x.is_infinite() {
+        // infinities: adding under 0x8000 leaves their high half as it is
+        rounded
+    } else {
+        special
+    }
 }
 
 /// Two numbers rounded to bf16 as one pair word: `lo` in the low half, `hi` in the high half
@@ -133,7 +144,7 @@ trait Packed: Copy + Send + Sync {
     /// `lo` and `hi` as one pair word.
     fn pair(lo: Self, hi: Self) -> u32;
 
-    /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has AVX512F and AVX512BW).
+    /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has the bf16 products: [`supported`]).
     fn pairs16(run: &[Self; 32], out: &mut [u32; 16], simd: bool);
 
     /// The pair words of `lo[i]` and `hi[i]` into `out` (as long as `lo`): two rows of a
@@ -146,7 +157,7 @@ trait Packed: Copy + Send + Sync {
 
     /// The pair words of `lo[j]` and `hi[j]` (`hi` absent: zeros) dealt out to panels `w`
     /// words each: word `j` to `out + (j / w) * stride + j % w`. Pairs them into `words`, then
-    /// copies `w` at a time; `simd`: the CPU has AVX512F and AVX512BW.
+    /// copies `w` at a time; `simd`: the CPU has the bf16 products.
     ///
     /// # Safety
     /// `out` valid for those writes.
@@ -234,9 +245,9 @@ impl Packed for f32 {
 /// and copying `w` words at a time took two passes and a copy call per panel.
 ///
 /// # Safety
-/// As [`Packed::deal`]; AVX512F and AVX512BW must be present.
+/// As [`Packed::deal`]; AVX512F, AVX512BW and AVX512-BF16 must be present.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn deal_avx512(
     (lo, hi): (&[f32], Option<&[f32]>),
     out: *mut u32,
@@ -253,15 +264,12 @@ unsafe fn deal_avx512(
             // SAFETY: lanes `j0 + c..j0 + c + lanes` lie within the rows; the caller's
             // promise for `out`.
             unsafe {
-                let l = round_high16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(j0 + c)));
+                let l = _mm512_maskz_loadu_ps(mask, lo.as_ptr().add(j0 + c));
                 let h = match hi {
-                    Some(hi) => round_high16(_mm512_maskz_loadu_ps(mask, hi.as_ptr().add(j0 + c))),
-                    None => _mm512_setzero_si512(),
+                    Some(hi) => _mm512_maskz_loadu_ps(mask, hi.as_ptr().add(j0 + c)),
+                    None => _mm512_setzero_ps(),
                 };
-                let words = _mm512_or_si512(
-                    _mm512_and_si512(h, _mm512_set1_epi32(0xffff_0000u32 as i32)),
-                    _mm512_srli_epi32::<16>(l),
-                );
+                let words = pair16(l, h);
                 _mm512_mask_storeu_epi32(out.add(p * stride + c).cast(), mask, words);
             }
             c += lanes;
@@ -274,17 +282,43 @@ unsafe fn deal_avx512(_: (&[f32], Option<&[f32]>), _: *mut u32, _: (usize, usize
     unreachable!("supported() is false off x86_64")
 }
 
-simd_dispatch! {
-    /// [`Packed::pair_run`] for f32, compiled for the widest vectors the CPU has (the loop
-    /// vectorises: [`pair`] has no branches).
-    pub(crate) fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) = pair_run_body;
-}
-
-#[inline(always)]
-fn pair_run_body(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+/// [`Packed::pair_run`] for f32: 16 words at a time with the CPU's conversion ([`pair16`])
+/// where it has the instructions, else a word at a time.
+pub(crate) fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+    let n = out.len();
+    assert!(lo.len() >= n && hi.len() >= n);
+    if supported() {
+        // SAFETY: checked above.
+        unsafe { pair_run_avx512(lo, hi, out) };
+        return;
+    }
     for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
         *o = pair(l, h);
     }
+}
+
+/// [`pair_run`]'s vector loop.
+///
+/// # Safety
+/// AVX512F, AVX512BW and AVX512-BF16 must be present; `lo` and `hi` hold `out.len()` numbers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_run_avx512(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    for j in (0..out.len()).step_by(16) {
+        let mask = first_lanes(out.len() - j);
+        // SAFETY: masked to the run's `out.len()` numbers.
+        unsafe {
+            let l = _mm512_maskz_loadu_ps(mask, lo.as_ptr().add(j));
+            let h = _mm512_maskz_loadu_ps(mask, hi.as_ptr().add(j));
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(j).cast(), mask, pair16(l, h));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pair_run_avx512(_: &[f32], _: &[f32], _: &mut [u32]) {
+    unreachable!("supported() is false off x86_64")
 }
 
 impl Packed for half::bf16 {
@@ -450,9 +484,9 @@ pub(crate) fn pack_exp_cols(
 /// time, into two rows of `e`), then their pair words, 12 queries (a panel's rows) at a time.
 ///
 /// # Safety
-/// AVX512F and AVX512BW must be present; the sizes as [`pack_exp_cols`] checks them.
+/// AVX512F, AVX512BW and AVX512-BF16 must be present; the sizes as [`pack_exp_cols`] checks them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn exp_cols(
     s_t: &[f32],
     (keys, queries): (usize, usize),
@@ -598,31 +632,22 @@ unsafe fn tile_out_avx512(_: &[[u32; 16]; 32], _: (usize, usize), _: &mut [u32],
     unreachable!("supported() is false off x86_64")
 }
 
-/// 32 numbers rounded to bf16 (as [`pair`] rounds them) as 16 pair words: four integer
-/// operations and one permutation per 16 numbers, where the scalar loop does each in turn.
+/// 32 numbers rounded to bf16 (as [`pair`] rounds them) as 16 pair words: one
+/// `vcvtne2ps2bf16`, whose 32 results in order are the pair words (low half first).
 ///
 /// # Safety
-/// AVX512F and AVX512BW must be present.
+/// AVX512F and AVX512-BF16 must be present.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pairs16(x: &[f32; 32], out: &mut [u32; 16]) {
     use std::arch::x86_64::*;
-    // the high 16 bits of each of 32 rounded words, in order: odd 16-bit lanes of both halves
-    const HIGH: [u16; 32] = {
-        let mut idx = [0u16; 32];
-        let mut i = 0;
-        while i < 32 {
-            idx[i] = 2 * i as u16 + 1;
-            i += 1;
-        }
-        idx
-    };
     // SAFETY: the caller's promise; unaligned loads and store of whole arrays.
     unsafe {
-        let lo = round_high16(_mm512_loadu_ps(x.as_ptr()));
-        let hi = round_high16(_mm512_loadu_ps(x.as_ptr().add(16)));
-        let idx = _mm512_loadu_si512(HIGH.as_ptr().cast());
-        let words = _mm512_permutex2var_epi16(lo, idx, hi);
+        let (lo, hi) = (
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        );
+        let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
         _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
     }
 }
@@ -636,41 +661,43 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
     }
 }
 
-/// [`round_high`] of 16 numbers.
+/// 16 numbers rounded to bf16 (as [`round`] rounds them), as f32s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn round_high16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let b = _mm512_castps_si512(v);
-    // a NaN gets its quiet bit, so rounding cannot carry it into infinity
-    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    let b = _mm512_mask_or_epi32(b, nan, b, _mm512_set1_epi32(0x0040_0000));
-    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-    _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)))
-}
-
-/// 16 numbers rounded to bf16, as f32s: [`round`] of each lane.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 pub(crate) fn round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let high = _mm512_and_si512(round_high16(v), _mm512_set1_epi32(0xffff_0000_u32 as i32));
-    _mm512_castsi512_ps(high)
+    // SAFETY: a bf16 vector and a 256-bit integer one have the same size.
+    let bits: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
 }
 
-/// 16 pair words of `lo` and `hi` rounded to bf16: [`pair`] of each lane.
+/// 16 pair words of `lo` and `hi` rounded to bf16 ([`pair`] of each lane): both rounded by
+/// one `vcvtne2ps2bf16` (`lo` in the low 16 halves, `hi` in the high ones), then interleaved.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
 pub(crate) fn pair16(
     lo: std::arch::x86_64::__m512,
     hi: std::arch::x86_64::__m512,
 ) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let high = _mm512_and_si512(round_high16(hi), _mm512_set1_epi32(0xffff_0000_u32 as i32));
-    _mm512_or_si512(high, _mm512_srli_epi32::<16>(round_high16(lo)))
+    // word j takes half j (`lo[j]`) low and half 16 + j (`hi[j]`) high
+    const INTERLEAVE: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut j = 0;
+        while j < 16 {
+            idx[2 * j] = j as u16;
+            idx[2 * j + 1] = 16 + j as u16;
+            j += 1;
+        }
+        idx
+    };
+    // SAFETY: a bf16 vector and an integer one have the same size; the index is 64 bytes.
+    unsafe {
+        let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_permutexvar_epi16(_mm512_loadu_si512(INTERLEAVE.as_ptr().cast()), halves)
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -1285,33 +1312,52 @@ mod tests {
             .collect()
     }
 
-    /// The vector rounding of 32 numbers equals the scalar one on ties (both ways), carries,
-    /// the largest finite number, infinities, NaNs, denormals and signed zeros.
+    /// Bit patterns at rounding's edges: ties (both ways), carries, the largest finite number,
+    /// infinities, NaNs, subnormals and signed zeros.
+    const EDGES: [u32; 15] = [
+        0x3f80_8000u32, // 1 + 2^-8: a tie, rounds to even (down)
+        0x3f81_8000,    // a tie that rounds up
+        0x3f80_8001,
+        0x3f80_7fff,
+        0x7f7f_ffff, // the largest finite: rounds to infinity
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0001,
+        0xffa0_0000, // a signalling NaN stays NaN
+        0x7f80_0001, // so does one whose payload rounding would carry into infinity
+        0x0000_0001, // subnormals: flushed to zero, as the hardware's conversion does
+        0x8000_8000,
+        0x0000_0000,
+        0x8000_0000,
+        0x3fff_ffff,
+    ];
+
+    /// The scalar rounding is the instruction's (Intel SDM, VCVTNE2PS2BF16): nearest even,
+    /// subnormals to a zero of their sign, NaNs truncated and quieted, overflow to infinity.
+    #[test]
+    fn scalar_rounding_is_the_instructions() {
+        let r = |b: u32| to_bf16(f32::from_bits(b));
+        assert_eq!(r(0x3f80_8000), 0x3f80);
+        assert_eq!(r(0x3f81_8000), 0x3f82);
+        assert_eq!(r(0x7f7f_ffff), 0x7f80);
+        assert_eq!(r(0xff80_0000), 0xff80);
+        assert_eq!(r(0x0000_0001), 0x0000);
+        assert_eq!(r(0x807f_ffff), 0x8000);
+        assert_eq!(r(0x0080_0000), 0x0080, "the smallest normal stays");
+        assert_eq!(r(0x7f80_0001), 0x7fc0);
+        assert_eq!(r(0xffa0_ffff), 0xffe0);
+    }
+
+    /// Each vector rounding ([`pairs16`], [`pair16`], [`round16`]) equals the scalar one on
+    /// [`EDGES`], each number in the low and the high half of a pair.
     #[test]
     fn vector_rounding_equals_scalar_rounding() {
         if !supported() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let bits = [
-            0x3f80_8000u32, // 1 + 2^-8: a tie, rounds to even (down)
-            0x3f81_8000,    // a tie that rounds up
-            0x3f80_8001,
-            0x3f80_7fff,
-            0x7f7f_ffff, // the largest finite: rounds to infinity
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0001,
-            0xffa0_0000, // a signalling NaN stays NaN
-            0x7f80_0001, // so does one whose payload rounding would carry into infinity
-            0x0000_0001,
-            0x8000_8000,
-            0x0000_0000,
-            0x8000_0000,
-            0x3fff_ffff,
-        ];
         let x: Vec<f32> = (0..32)
-            .map(|i| f32::from_bits(bits[i % bits.len()] ^ ((i as u32 / 14) << 31)))
+            .map(|i| f32::from_bits(EDGES[i % EDGES.len()] ^ ((i as u32 / 14) << 31)))
             .collect();
         let mut got = [0u32; 16];
         // SAFETY: `supported()` holds.
@@ -1323,6 +1369,25 @@ mod tests {
                 "pair {j}: {:?}",
                 &x[2 * j..2 * j + 2]
             );
+        }
+        use std::arch::x86_64::*;
+        let (lo, hi) = (&x[..16], &x[16..]);
+        // SAFETY: as above; 16 numbers each.
+        let (words, rounded): ([u32; 16], [f32; 16]) = unsafe {
+            let (l, h) = (_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr()));
+            (
+                std::mem::transmute::<__m512i, [u32; 16]>(pair16(l, h)),
+                std::mem::transmute::<__m512, [f32; 16]>(round16(l)),
+            )
+        };
+        for j in 0..16 {
+            assert_eq!(words[j], pair(lo[j], hi[j]), "lane {j}");
+            assert_eq!(rounded[j].to_bits(), round(lo[j]).to_bits(), "lane {j}");
+        }
+        let mut run = [0u32; 13];
+        pair_run(&x[..13], &x[19..], &mut run);
+        for (j, &w) in run.iter().enumerate() {
+            assert_eq!(w, pair(x[j], x[19 + j]), "run word {j}");
         }
     }
 
