@@ -154,6 +154,22 @@ pub(super) struct Tap {
 }
 
 impl Geo {
+    /// The conv's channels, kernel, stride and input size, for [`crate::op_times`]' labels:
+    /// `320->640 3x3/1 at 64x64`.
+    pub(super) fn label(&self) -> String {
+        let Geo {
+            c,
+            o,
+            kh,
+            kw,
+            s,
+            h,
+            w,
+            ..
+        } = self;
+        format!("{c}->{o} {kh}x{kw}/{s} at {h}x{w}")
+    }
+
     /// Row `row` of the im2col matrix.
     pub(super) fn tap(&self, row: usize) -> Tap {
         let kk = self.kh * self.kw;
@@ -400,8 +416,8 @@ impl CustomOp2 for Conv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let g = self.geo(l1.dims(), l2.dims())?;
+        let _time = crate::op_times::start(|| format!("{} forward {}", self.name(), g.label()));
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d", |F| {
             let bias = self.bias.as_ref().map(|t| t.to_vec1::<F>()).transpose()?;
@@ -423,8 +439,8 @@ impl CustomOp2 for Conv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         let g = self.geo(x.dims(), w.dims())?;
+        let _time = crate::op_times::start(|| format!("{} backward {}", self.name(), g.label()));
         let dy = dy.detach().contiguous()?;
         let dx = if x.track_op() {
             let op = InputGrad { geo: g };
@@ -498,7 +514,8 @@ impl candle_core::CustomOp2 for InputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
+        let _time =
+            crate::op_times::start(|| format!("{} forward {}", self.name(), self.geo.label()));
         let b = l2.dims()[0];
         // the gradient's dtype: the kernel may be a bf16 weight beside f32 activations
         let dx = float_op!(s2.dtype(), "atomtune-conv2d backward", |F| {

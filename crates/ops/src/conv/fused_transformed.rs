@@ -22,7 +22,7 @@ use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, Layout, Shape,
 use rayon::prelude::*;
 
 use super::fused::{col2im_channel, im2col_row, output, Conv, Geo, KernelGrad};
-use super::packed;
+use super::{channel_grads, packed};
 use super::{ConvConfig, FilterTransform};
 use crate::cpu::matmul::{dense, dense_serial, Data, Mat};
 use crate::cpu::{float_op, slices, task_len, weights, Float, SendPtr};
@@ -206,16 +206,21 @@ impl TransformedConv {
             // One input channel: its share of dT and, when wanted, its plane of dx.
             let channel = |c: usize, dc: &[T]| -> Vec<T> {
                 let tc = if grouped { &t[c * dd..(c + 1) * dd] } else { t };
+                // SAFETY: plane `c` of this image's dx, which only channel `c` writes.
+                let mut dx_c = want_dx.then(|| unsafe {
+                    std::slice::from_raw_parts_mut(dxb.get().add(c * plane), plane)
+                });
+                let x_c = &xb[c * plane..(c + 1) * plane];
+                if let Some(part) = channel_grads::channel((x_c, dc, tc), g, dx_c.as_deref_mut()) {
+                    return part;
+                }
                 let mut raw = vec![T::zero(); d * npix];
                 channel_cols(xb, g, c, &mut raw);
                 // dT_c = dcols'_c cols_c^T: [d, npix] x [npix, d].
                 let mut part = vec![T::zero(); dd];
                 // SAFETY: dc and raw are [d, npix], part [d, d].
                 unsafe { dense_serial(&mut part, dc, &raw, (d, d, npix), false, true, false) };
-                if want_dx {
-                    // SAFETY: plane `c` of this image's dx, which only channel `c` writes.
-                    let p =
-                        unsafe { std::slice::from_raw_parts_mut(dxb.get().add(c * plane), plane) };
+                if let Some(p) = dx_c {
                     mix(tc, dc, &mut raw, d, true); // raw now holds dcols = T^T dcols'
                     col2im_channel(&raw, g, p);
                 }
@@ -263,8 +268,8 @@ impl CustomOp3 for TransformedConv {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
         let g = Geo::new(l1.dims(), l2.dims(), self.cfg)?;
+        let _time = crate::op_times::start(|| format!("{} forward {}", self.name(), g.label()));
         let b = l1.dims()[0];
         let y = float_op!(s1.dtype(), "atomtune-conv2d-transformed", |F| {
             let t = self.transform(slices::<F>(s3, l3)?, g.kh * g.kw)?;
@@ -283,8 +288,8 @@ impl CustomOp3 for TransformedConv {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _time = crate::op_times::start(|| format!("{} backward", self.name()));
         let g = Geo::new(x.dims(), w.dims(), self.cfg)?;
+        let _time = crate::op_times::start(|| format!("{} backward {}", self.name(), g.label()));
         let dy = dy.detach().contiguous()?;
         let (want_dx, want_dt) = (x.track_op(), t.track_op());
         // The third input is T itself, or dD from which T is formed.
@@ -369,7 +374,8 @@ impl CustomOp3 for TransformedConvGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _time = crate::op_times::start(|| format!("{} forward", self.name()));
+        let _time =
+            crate::op_times::start(|| format!("{} forward {}", self.name(), self.geo.label()));
         let b = l1.dims()[0];
         let t = self.t.flatten_all()?;
         let out = float_op!(s1.dtype(), "atomtune-conv2d-transformed backward", |F| {

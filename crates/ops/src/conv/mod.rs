@@ -18,6 +18,7 @@ use crate::kernels;
 use crate::weight_cache::WeightCache;
 use crate::Result;
 
+mod channel_grads;
 mod fused;
 mod fused_transformed;
 mod packed;
