@@ -1085,11 +1085,20 @@ pub(crate) unsafe fn gemm_right_from(
     use rayon::prelude::*;
     let panel_bytes = k.div_ceil(2) * NR * 4;
     let col_panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads();
+    if by_rows(a, col_panels, threads) {
+        // few panels against a weight past L3: pack them all, then split the weight's rows
+        let b = Panels::right_from((k, n), Scratch::take_right(), pairs);
+        // SAFETY: the caller's promise.
+        unsafe { gemm_packed(threads, dst, a, &b, scale, accumulate) };
+        Scratch::put_right(b.into_buffer());
+        return;
+    }
     // each chunk reads all of `a` again: from L3 while it fits, else a chunk per task
     let per_chunk = if a.words.len() * 4 <= A_IN_L3 {
         (chunk_bytes / panel_bytes).clamp(1, col_panels.max(1))
     } else {
-        col_panels.div_ceil(rayon::current_num_threads()).max(1)
+        col_panels.div_ceil(threads).max(1)
     };
     let rs = if dst.rs == 0 { n } else { dst.rs };
     let out = SendPtr(dst.ptr);
@@ -1112,7 +1121,17 @@ pub(crate) unsafe fn gemm_right_from(
         .for_each(chunk);
 }
 
-/// `dst [m, n] (+)= scale a @ b` for packed operands, `threads` tasks over `b`'s column panels.
+/// Whether a product of a packed left operand `a` with `col_panels` column panels runs in
+/// tasks over `a`'s rows rather than over the panels: where `a` is past [`A_IN_L3`] and there
+/// are too few panels for a task to repay reading all of `a` from memory (a conv's weight at
+/// SD's 8x8 and 16x16 latents: 29-59 MB against 2-8 panels of pixels, each task streaming all
+/// of it).
+fn by_rows(a: &Panels, col_panels: usize, threads: usize) -> bool {
+    threads > 1 && a.words.len() * 4 > A_IN_L3 && col_panels < 4 * threads
+}
+
+/// `dst [m, n] (+)= scale a @ b` for packed operands, `threads` tasks over `b`'s column panels
+/// (or over `a`'s rows: [`by_rows`]).
 ///
 /// # Safety
 /// `supported()` must hold; `dst` valid for `m` rows of `n` writes, `rs` apart (0: `n`), that
@@ -1128,6 +1147,23 @@ pub(crate) unsafe fn gemm_packed(
     let col_panels = b.col_panels();
     let rs = if dst.rs == 0 { b.len } else { dst.rs };
     let out = SendPtr(dst.ptr);
+    if by_rows(a, col_panels, threads) {
+        let per = a.len.div_ceil(MR).div_ceil(threads) * MR;
+        rayon::scope(|s| {
+            for r0 in (0..a.len).step_by(per) {
+                let rows = a.all().lines((r0, (r0 + per).min(a.len)));
+                // SAFETY: the caller's promise; each task writes its own rows.
+                s.spawn(move |_| unsafe {
+                    let dst = Dst {
+                        ptr: out.get().add(r0 * rs),
+                        rs,
+                    };
+                    multiply(dst, rows, b.all(), scale, accumulate)
+                });
+            }
+        });
+        return;
+    }
     let run = |p0: usize, p1: usize| {
         let cols = b.all().lines((p0 * NR, (p1 * NR).min(b.len)));
         // SAFETY: the caller's promise; each task writes the columns of its own panels.
@@ -1389,6 +1425,47 @@ mod tests {
         for (j, &w) in run.iter().enumerate() {
             assert_eq!(w, pair(x[j], x[19 + j]), "run word {j}");
         }
+    }
+
+    /// A left operand past L3's share against two column panels splits by rows, and gives
+    /// the bits one task gives (each number's sums run in the same order either way).
+    #[test]
+    fn splitting_by_rows_gives_the_bits_of_one_task() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (m, k, n) = (1285, 3302, 40);
+        let (a, b) = (wave(m * k, 0.013), wave(k * n, 0.7));
+        let pa = Panels::left(&Mat::new(&a, m, k), Vec::new());
+        let pb = Panels::right(&Mat::new(&b, k, n), Vec::new());
+        assert!(by_rows(&pa, pb.col_panels(), 2) && !by_rows(&pa, pb.col_panels(), 1));
+        let run = |threads| {
+            let mut c = vec![1f32; m * n];
+            let dst = Dst {
+                ptr: c.as_mut_ptr(),
+                rs: 0,
+            };
+            // SAFETY: checked above; `c` is `m x n`.
+            unsafe { gemm_packed(threads, dst, &pa, &pb, 0.5, true) };
+            c
+        };
+        let (one, split) = (run(1), run(2));
+        assert!(one
+            .iter()
+            .zip(&split)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        // and the product is there: a row's first number against an f64 sum
+        let want: f64 = 1.0
+            + 0.5
+                * (0..k)
+                    .map(|i| round(a[(m - 1) * k + i]) as f64 * round(b[i * n]) as f64)
+                    .sum::<f64>();
+        let got = split[(m - 1) * n] as f64;
+        assert!(
+            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{got} vs {want}"
+        );
     }
 
     /// A reused packing buffer full of NaN pairs packs as a fresh one does: every word is
