@@ -1,6 +1,7 @@
 //! The per-channel work of the adapted conv's backward (`fused_transformed.rs`) for a 3x3 conv
-//! of stride 1 padded by 1 (all but two of SD's UNet convs), in AVX-512. Given channel `c`'s
-//! rows of the column gradient `dcols'_c = (W^T dy)_c` (`[9, npix]`, from the bf16 products):
+//! of stride 1 padded by 1 (every 3x3 conv of SD's UNets but the downsamplers'), in AVX-512.
+//! Given channel `c`'s rows of the column gradient `dcols'_c = (W^T dy)_c` (`[9, npix]`, from
+//! the products):
 //!
 //! - its share of the transform's gradient, `dT_c = dcols'_c cols_c^T` (`9 x 9`), with the
 //!   columns `cols_c` read straight from the image as shifted vectors of a row: no im2col rows
