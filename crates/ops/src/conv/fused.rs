@@ -34,12 +34,14 @@ pub(super) fn conv2d(
 /// `b` images of `o` channels of `npix` pixels, each channel starting at its frozen bias (or 0):
 /// the output buffer the gemms then accumulate into.
 pub(super) fn output<T: Float>(bias: Option<&[T]>, b: usize, o: usize, npix: usize) -> Vec<T> {
-    let mut y = vec![T::zero(); b * o * npix];
-    if let Some(bias) = bias {
-        // one filling pass (an iterator's collect and a repeat took two slower ones)
-        for (row, &v) in y.chunks_exact_mut(npix).zip(bias.iter().cycle()) {
-            row.fill(v);
-        }
+    let Some(bias) = bias else {
+        return vec![T::zero(); b * o * npix];
+    };
+    assert_eq!(bias.len(), o, "a bias of one number a channel");
+    // one filling pass, each row written once (zeroing the buffer first was a second pass)
+    let mut y = Vec::with_capacity(b * o * npix);
+    for &v in bias.iter().cycle().take(b * o) {
+        y.resize(y.len() + npix, v);
     }
     y
 }
