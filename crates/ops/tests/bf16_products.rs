@@ -62,13 +62,21 @@ fn transpose(v: &[f32], (r, c): (usize, usize)) -> Vec<f32> {
     (0..c * r).map(|i| v[(i % r) * c + i / r]).collect()
 }
 
-#[test]
-fn linear_gradients_run_in_bf16_when_it_is_on() {
+/// Turns the bf16 products on where the CPU has them; says the test is skipped (and returns
+/// false) where it does not.
+fn bf16_on() -> bool {
     if !ops::cpu_bf16::supported() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
-        return;
+        return false;
     }
     ops::cpu_bf16::set_enabled(true);
+    true
+}
+#[test]
+fn linear_gradients_run_in_bf16_when_it_is_on() {
+    if !bf16_on() {
+        return;
+    }
     // large enough for the bf16 kernel in both products: rows 288, din 96, dout 320
     let (m, din, dout) = (288, 96, 320);
     let (xv, wv, cv) = (
@@ -107,11 +115,9 @@ fn linear_gradients_run_in_bf16_when_it_is_on() {
 /// do a product of many rows and inference; a cache whose weight keeps changing gives up.
 #[test]
 fn kept_weight_panels_give_the_same_bits() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     ops::weight_cache::set_enabled(true);
     let (m, din, dout) = (256, 288, 320);
     let x = Var::from_tensor(&tensor(wave(m * din, 1.0, 0.1), (m, din))).unwrap();
@@ -171,11 +177,9 @@ fn kept_weight_panels_give_the_same_bits() {
 /// call: output, `dx` and `dT`, at its first call and after.
 #[test]
 fn an_adapted_conv_with_kept_panels_gives_the_same_bits() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     ops::weight_cache::set_enabled(true);
     // more filters than pixels (the forward multiplies W by the transformed columns), both
     // products worth bf16, 8 x 8 pixels
@@ -248,11 +252,9 @@ fn rounded_conv(
 
 #[test]
 fn convolutions_run_in_bf16_when_it_is_on() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     // past the bf16 threshold (k = 37 * 9 = 333, odd: a pair straddles two channels; o 70);
     // 13 wide (panels of 32 pixels span output rows) and stride 2 (19 -> 10 wide)
     let (c, o) = (37, 70);
@@ -297,11 +299,9 @@ fn convolutions_run_in_bf16_when_it_is_on() {
 /// operands), with the transform's mixing, `dT`'s sums and the scatter onto `dx` unrounded.
 #[test]
 fn adapted_conv_backward_runs_in_bf16_when_it_is_on() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     // `o` past 256: `W^T dy` (inner size o) is worth bf16; 13 x 11 output pixels
     let (c, o, h, wd) = (30, 260, 13, 11);
     let (xv, wv, tv, gv) = (
@@ -481,11 +481,9 @@ fn reference_grads(
 
 #[test]
 fn attention_runs_in_bf16_when_it_is_on() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     // self-attention shapes with 40-wide heads (SD 1.5's first level): keys past the bf16
     // path's threshold, a key count no panel divides, a chunk size that cuts the queries in
     // several chunks (the last one short); scores small enough that no probability lies near
@@ -567,11 +565,9 @@ fn attention_case(n: usize, m: usize) {
 /// path (40-wide heads, 77 and 203 keys) and the f32 one (narrow heads).
 #[test]
 fn untracked_keys_and_values_get_no_gradient() {
-    if !ops::cpu_bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+    if !bf16_on() {
         return;
     }
-    ops::cpu_bf16::set_enabled(true);
     for (n, m, d) in [(150, 77, 40), (100, 203, 40), (50, 30, 8)] {
         let heads = 2;
         let t = |v: Vec<f32>, rows| Tensor::from_vec(v, (1, rows, heads * d), &Device::Cpu);
