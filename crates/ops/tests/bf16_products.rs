@@ -72,6 +72,7 @@ fn bf16_on() -> bool {
     ops::cpu_bf16::set_enabled(true);
     true
 }
+
 #[test]
 fn linear_gradients_run_in_bf16_when_it_is_on() {
     if !bf16_on() {
