@@ -11,7 +11,7 @@
 //! Layout: `b [k, n]` is packed in panels of [`NR`] columns, each `[k/2][NR][2]` (a pair of
 //! consecutive `k` per column, as `vdpbf16ps` reads them); `a [m, k]` in panels of [`MR`] rows,
 //! `[k/2][MR]` pairs. A micro-kernel keeps an `MR x NR` block of the result in 24 registers and
-//! walks `k` two at a time; the result is written once per [`KC`] block of `k`. Only products
+//! walks `k` two at a time; the result is written once per block of `k` ([`KC`]). Only products
 //! large enough to repay the packing take this path ([`worth_it`]: `k >= 256`, `m, n >= 64`).
 
 use super::matmul::{Data, Dst, Mat};
@@ -20,11 +20,14 @@ use super::matmul::{Data, Dst, Mat};
 pub(crate) const MR: usize = 12;
 /// Columns of the micro-kernel's block (two vectors of 16 f32).
 pub(crate) const NR: usize = 32;
-/// `k` per block (even): a `KC x NR` panel of `b` is 32 KB of bf16, L1's size on Zen 4
-/// (512 ran the SD 1.5 CFG step about 6% faster than 256 there).
-pub(crate) const KC: usize = 512;
-/// Rows of `a` per block (a multiple of `MR`): a `MC x KC` block is 192 KB of bf16, in L2.
-pub(crate) const MC: usize = 192;
+/// The most `k` per block (even): depths up to SD's 1,280 run whole, so each block of the
+/// result is written once; deeper products in equal blocks (a `KC x NR` panel of `b` is 80 KB
+/// of bf16, in L2). 512 wrote SDXL's linear outputs three times over, 10-25% of their rate.
+pub(crate) const KC: usize = 1280;
+/// Bytes of `a`'s rows a block holds (in L2, 1 MB a core on Zen 4 and Zen 5, beside `b`'s
+/// panel or chunk): SD's 16x16 level's 256 tokens at depth 1,280 in one block, so each panel of
+/// a streamed weight meets all of them once.
+const A_BLOCK_BYTES: usize = 672 << 10;
 
 /// The environment variable that turns bf16 products on (`1`) for a process that does not
 /// choose itself (benchmarks, tests); `atomtune --dtype bf16` turns them on with [`set_enabled`].
@@ -947,8 +950,8 @@ impl Block<'_> {
 
 /// `dst [m, n] (+)= scale a @ b` for a block `a` of a packed left operand (`m` rows) and a block
 /// `b` of a packed right one (`n` columns) of as many pairs of `k`, on the calling thread; `dst`
-/// points at the block's first row and column. GotoBLAS's order: a `KC`-deep block of `MC` rows
-/// of `a` (in L2) meets each `KC x NR` panel of `b` (in L1) in turn.
+/// points at the block's first row and column. GotoBLAS's order: a block of `a`'s rows as deep
+/// as a block of `k` ([`blocking`]; in L2) meets each panel of `b` over that depth in turn.
 ///
 /// # Safety
 /// `supported()` must hold; `dst` as in [`gemm`] for the block's `m x n` (`rs` 0: `n`).
@@ -959,20 +962,36 @@ pub(crate) unsafe fn multiply(
     scale: f32,
     accumulate: bool,
 ) {
+    let blocks = blocking(a.pairs.1 - a.pairs.0, a.panels.1 - a.panels.0);
+    // SAFETY: the caller's promise.
+    unsafe { multiply_in(blocks, dst, (a, b), (scale, accumulate)) }
+}
+
+/// [`multiply`] in blocks of `(qc, mp)`: `qc` pairs of `k`, `mp` panels of `a`'s rows.
+///
+/// # Safety
+/// As [`multiply`].
+unsafe fn multiply_in(
+    (qc, mp): (usize, usize),
+    dst: Dst<f32>,
+    (a, b): (Block<'_>, Block<'_>),
+    (scale, accumulate): (f32, bool),
+) {
     let kp = a.pairs.1 - a.pairs.0;
     assert!(a.of.w == MR && b.of.w == NR && kp == b.pairs.1 - b.pairs.0);
+    assert!(qc > 0 && mp > 0, "blocks of {qc} pairs, {mp} panels");
     let (m, n) = (a.extent(), b.extent());
     let rs = if dst.rs == 0 { n } else { dst.rs };
     let ((a0, a1), (b0, b1)) = (a.panels, b.panels);
     let mut q0 = 0;
     while q0 < kp {
-        let q1 = (q0 + KC / 2).min(kp);
+        let q1 = (q0 + qc).min(kp);
         let add = accumulate || q0 > 0;
-        for i0 in (a0..a1).step_by(MC / MR) {
+        for i0 in (a0..a1).step_by(mp) {
             for p in b0..b1 {
                 let bpanel = b.panel(p, (q0, q1));
                 let (c0, cols) = ((p - b0) * NR, NR.min(n - (p - b0) * NR));
-                for i in i0..(i0 + MC / MR).min(a1) {
+                for i in i0..(i0 + mp).min(a1) {
                     let apanel = a.panel(i, (q0, q1));
                     let (r0, rows) = ((i - a0) * MR, MR.min(m - (i - a0) * MR));
                     // SAFETY: the caller checked the instructions; the panels hold `q1 - q0`
@@ -999,6 +1018,15 @@ pub(crate) unsafe fn multiply(
         }
         q0 = q1;
     }
+}
+
+/// How [`multiply`] blocks a product of `pairs` pairs of `k` against `panels` panels of `a`:
+/// `(pairs, panels)` per block, each even: the depth in blocks of at most [`KC`], `a`'s panels
+/// in as few blocks as [`A_BLOCK_BYTES`] holds at that depth (one where they fit).
+fn blocking(pairs: usize, panels: usize) -> (usize, usize) {
+    let even = |len: usize, most: usize| len.div_ceil(len.div_ceil(most.max(1)).max(1)).max(1);
+    let depth = even(pairs, KC / 2);
+    (depth, even(panels, A_BLOCK_BYTES / (depth * MR * 4)))
 }
 
 /// `dst [m, n] (+)= scale a @ b` with bf16 operands and f32 sums, `threads` tasks over column
@@ -1075,8 +1103,9 @@ pub(crate) unsafe fn gemm_with_packed(
 }
 
 /// Bytes of a right operand's panels that a task of [`gemm_right_from`] packs, then multiplies
-/// while they are in L2 (1 MB a core on Zen 4, beside `a`'s `MC x KC` block of 192 KB).
-pub(crate) const CHUNK_BYTES: usize = 512 << 10;
+/// while they are in L2 (1 MB a core on Zen 4 and Zen 5, beside a block of `a` of
+/// [`A_BLOCK_BYTES`]); 384 KB ran SD 1.5's CFG step ~3% faster than 256 and 512 on Zen 5.
+pub(crate) const CHUNK_BYTES: usize = 384 << 10;
 
 /// The most bytes of a packed left operand that [`gemm_right_from`] reads again for each chunk
 /// (a share of L3); past it, each task takes one chunk (SD 1.5's 1280-channel convs at 16x16
@@ -1495,6 +1524,70 @@ mod tests {
     /// A left operand past L3's share against two column panels splits by rows, and gives
     /// the bits one task gives (each number's sums run in the same order either way).
     #[test]
+    fn blocks_split_the_depth_evenly_and_hold_what_fits() {
+        // SD's depths up to 1,280 run whole, with all 256 tokens (22 panels) of a 16x16 level
+        assert_eq!(blocking(640, 22), (640, 22));
+        assert_eq!(blocking(160, 22), (160, 22));
+        // 1,024 tokens of a 32x32 level at depth 640 (86 panels): two blocks
+        assert_eq!(blocking(320, 86), (320, 43));
+        // 1,024 tokens at depth 1,280: 86 panels, 22 fit, in four blocks of 22 (the last 20)
+        assert_eq!(blocking(640, 86), (640, 22));
+        // deeper products in equal blocks no deeper than KC: a conv's 2,880 (320 x 9) in three
+        // of 960, where its 320 rows (27 panels) fit in one
+        assert_eq!(blocking(1440, 27), (480, 27));
+        assert_eq!(blocking(1441, 1), (481, 1));
+        assert_eq!(blocking(0, 0), (1, 1));
+    }
+
+    /// Blocks of a few pairs and panels (partial last ones) sum as one block does, within f32's
+    /// rounding of the blocks' partial sums, into a result with rows `rs` apart.
+    #[test]
+    fn blocked_products_equal_f64_of_the_rounded_operands() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (m, n, k, rs) = (50, 70, 101, 75);
+        let (av, bv) = (wave(m * k, 0.37), wave(k * n, 0.11));
+        let (a, b) = (Mat::new(&av[..], m, k), Mat::new(&bv[..], k, n));
+        let (pa, pb) = (Panels::left(&a, Vec::new()), Panels::right(&b, Vec::new()));
+        let prior = wave(m * rs, 0.05);
+        for (blocks, accumulate) in [
+            ((51, 5), true),
+            ((13, 2), false),
+            ((7, 1), true),
+            ((1, 3), false),
+        ] {
+            let mut c = prior.clone();
+            let dst = Dst {
+                ptr: c.as_mut_ptr(),
+                rs,
+            };
+            // SAFETY: checked above; `c` holds m rows of rs >= n.
+            unsafe { multiply_in(blocks, dst, (pa.all(), pb.all()), (0.5, accumulate)) };
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut size) = (0f64, 0f64);
+                    for l in 0..k {
+                        let x = round(a.at(i, l)) as f64 * round(b.at(l, j)) as f64;
+                        want += x;
+                        size += x.abs();
+                    }
+                    let before = if accumulate { prior[i * rs + j] } else { 0.0 };
+                    let want = before as f64 + 0.5 * want;
+                    let got = c[i * rs + j] as f64;
+                    let tol = 1e-6 * (size + before.abs() as f64);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{blocks:?} ({i}, {j}): {got} vs {want}"
+                    );
+                }
+                assert_eq!(c[i * rs + n..(i + 1) * rs], prior[i * rs + n..(i + 1) * rs]);
+            }
+        }
+    }
+
+    #[test]
     fn splitting_by_rows_gives_the_bits_of_one_task() {
         if !supported() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
@@ -1766,6 +1859,52 @@ mod peak {
             assert_eq!(c[0], 0.125 * k as f32);
             let rate = 2.0 * (m * n * k) as f64 / dt / 1e9;
             eprintln!("{m}x{k}x{n} on packed operands: {rate:.0} GFLOP/s");
+        }
+    }
+
+    /// A frozen weight's product as the linear layers run it ([`gemm_with_packed`]: the
+    /// activations packed per call, the weight's panels kept), at SDXL's linear shapes, the
+    /// weight cycling through copies that together pass L3 (a UNet reads each weight from
+    /// memory once a step).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn streamed_weight_rate() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // (m, k, n): 16x16 tokens' projections, GEGLU in and out; 32x32's
+        for (m, k, n) in [
+            (256, 1280, 1280),
+            (256, 1280, 10240),
+            (256, 5120, 1280),
+            (1024, 640, 640),
+            (1024, 640, 5120),
+            (1024, 2560, 640),
+        ] {
+            let (x, w) = (vec![0.25f32; m * k], vec![0.5f32; k * n]);
+            let pw = Panels::right(&Mat::new(&w[..], k, n), Vec::new());
+            let copies = (128usize << 20).div_ceil(pw.bytes()).max(2);
+            let ws: Vec<Panels> = (0..copies)
+                .map(|_| Panels::from_words(pw.words.clone(), (n, pw.pairs), NR))
+                .collect();
+            let mut c = vec![0f32; m * n];
+            let dst = Dst {
+                ptr: c.as_mut_ptr(),
+                rs: 0,
+            };
+            // SAFETY: checked above; `c` holds the m x n product.
+            let dt = best_of_15(|| unsafe {
+                for w in &ws {
+                    gemm_with_packed(dst, w, Mat::new(&x[..], m, k), false);
+                }
+            }) / copies as f64;
+            assert_eq!(c[0], 0.125 * k as f32);
+            let rate = 2.0 * (m * n * k) as f64 / dt / 1e9;
+            eprintln!(
+                "{m}x{k}x{n}, weight from memory: {rate:.0} GFLOP/s ({:.3} ms)",
+                dt * 1e3
+            );
         }
     }
 
