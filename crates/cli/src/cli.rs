@@ -451,6 +451,11 @@ pub struct SampleArgs {
     #[arg(long)]
     pub grid: bool,
 
+    /// Keep the frozen weights packed for the CPU's bf16 products between steps: faster steps
+    /// for memory (SDXL's CFG step 12-18% faster at 9.3 GB instead of 5.3 GB on a Zen 5).
+    #[arg(long)]
+    pub keep_packed_weights: bool,
+
     /// No progress bars or log lines (warnings and errors still print).
     #[arg(long)]
     pub quiet: bool,

@@ -113,7 +113,8 @@ fn linear_gradients_run_in_bf16_when_it_is_on() {
 /// A linear layer that keeps its frozen weight's panels gives the bits of one that packs them at
 /// every call, forward and input gradient, at its first call and after; another weight through
 /// the same cache is not served the first one's panels; a tracked weight keeps nothing, nor
-/// do a product of many rows and inference; a cache whose weight keeps changing gives up.
+/// do a product of many rows and inference (unless asked); a cache whose weight keeps changing
+/// gives up.
 #[test]
 fn kept_weight_panels_give_the_same_bits() {
     if !bf16_on() {
@@ -171,6 +172,24 @@ fn kept_weight_panels_give_the_same_bits() {
         assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
         assert_eq!(cache.bytes(), 0, "{what} keeps nothing");
     }
+    // asked to (`atomtune sample --keep-packed-weights`), inference keeps the forward's panels,
+    // with the same bits
+    ops::weight_cache::set_in_inference(true);
+    let (x, cache) = (x.detach(), ops::WeightCache::new());
+    let want = ops::linear::linear(&x, &w, None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for call in 0..2 {
+        let y = ops::linear::linear_cached(&x, &w, None, Some(&cache)).unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            want,
+            "call {call} in inference"
+        );
+    }
+    ops::weight_cache::set_in_inference(false);
+    assert_eq!(cache.bytes(), din * dout * 2, "inference keeps when asked");
 }
 
 /// An atoms-adapted conv whose layer keeps its weight's panels (the forward's `W` on

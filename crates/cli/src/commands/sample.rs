@@ -137,11 +137,22 @@ pub fn run(args: &SampleArgs) -> Result<ExitCode> {
             precision(dt)
         ),
     );
+    let on_cpu = dev.is_cpu();
     let opts = args.model.compute_options(dt, dev);
     let sd = StableDiffusion::load(&args.model.model, &opts)
         .with_context(|| format!("loading --model {}", args.model.model))?;
     for w in apply_deltas(&sd, &deltas, args.strict).context("applying --delta")? {
         rep.warn(None, &w);
+    }
+    if args.keep_packed_weights {
+        if on_cpu && models::cpu_bf16::active() {
+            models::weight_cache::set_in_inference(true);
+        } else {
+            rep.warn(
+                None,
+                "--keep-packed-weights keeps the CPU's bf16 operands; this run has none to keep",
+            );
+        }
     }
     let pipe = Pipeline::new(&sd)?;
     let kind = match &args.scheduler {
