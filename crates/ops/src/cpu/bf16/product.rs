@@ -430,7 +430,7 @@ mod tests {
             (12, 32, 256),
             (25, 70, 601),
             (64, 96, 300),
-            // large enough to pack in parallel, several row blocks and k blocks
+            // large enough to pack in parallel (several blocks: the test above)
             (400, 70, 601),
         ] {
             let orders = [(false, false), (true, false), (false, true), (true, true)];
