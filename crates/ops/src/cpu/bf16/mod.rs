@@ -11,7 +11,7 @@
 //! Layout: `b [k, n]` is packed in panels of [`NR`] columns, each `[k/2][NR][2]` (a pair of
 //! consecutive `k` per column, as `vdpbf16ps` reads them); `a [m, k]` in panels of [`MR`] rows,
 //! `[k/2][MR]` pairs. A micro-kernel keeps an `MR x NR` block of the result in 24 registers and
-//! walks `k` two at a time; the result is written once per block of `k` ([`product::KC`]).
+//! walks `k` two at a time; the result is written once per block of `k` (at most `product::KC`).
 //! Only products large enough to repay the packing take this path ([`worth_it`]: `k >= 256`,
 //! `m, n >= 64`).
 //!

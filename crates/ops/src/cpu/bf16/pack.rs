@@ -530,7 +530,7 @@ impl Panels {
     }
 }
 
-/// Part of a packed operand for [`multiply`]: its panels `panels.0..panels.1` (rows of a left
+/// Part of a packed operand for [`super::multiply`]: its panels `panels.0..panels.1` (rows of a left
 /// operand in panels of [`MR`], columns of a right one in panels of [`NR`]) over its pairs
 /// `pairs.0..pairs.1` of `k`. Attention's blocks of queries and keys are blocks of operands
 /// packed once per head.

@@ -6,7 +6,7 @@ use crate::cpu::matmul::{Dst, Mat};
 
 /// The most `k` per block (even): depths up to SD's 1,280 run whole, so each block of the
 /// result is written once; deeper products in equal blocks (a `KC x NR` panel of `b` is 80 KB
-/// of bf16, in L2). 512 wrote SDXL's linear outputs three times over, 10-25% of their rate.
+/// of bf16, in L2). At 512, SDXL's linears wrote their outputs three times, at 10-25% less rate.
 const KC: usize = 1280;
 /// Bytes of `a`'s rows a block holds (in L2, 1 MB a core on Zen 4 and Zen 5, beside `b`'s
 /// panel or chunk): SD's 16x16 level's 256 tokens at depth 1,280 in one block, so each panel of
@@ -19,7 +19,7 @@ const A_BLOCK_BYTES: usize = 672 << 10;
 /// as a block of `k` ([`blocking`]; in L2) meets each panel of `b` over that depth in turn.
 ///
 /// # Safety
-/// `supported()` must hold; `dst` as in [`gemm`] for the block's `m x n` (`rs` 0: `n`).
+/// `supported()` must hold; `dst` as in [`gemm()`] for the block's `m x n` (`rs` 0: `n`).
 pub(crate) unsafe fn multiply(
     dst: Dst<f32>,
     a: Block<'_>,
@@ -98,7 +98,7 @@ fn blocking(pairs: usize, panels: usize) -> (usize, usize) {
 /// panels. Returns `false` (and does nothing) where the CPU lacks AVX512-BF16.
 ///
 /// # Safety
-/// As [`super::matmul::gemm`]: `dst` valid for `m` rows of `n` writes, `rs` apart (0: `n`).
+/// As [`crate::cpu::matmul::gemm`]: `dst` valid for `m` rows of `n` writes, `rs` apart (0: `n`).
 pub(crate) unsafe fn gemm(
     threads: usize,
     dst: Dst<f32>,
@@ -133,7 +133,7 @@ pub(crate) unsafe fn gemm(
 /// `other` is packed here. Returns `false` (and does nothing) where the CPU lacks AVX512-BF16.
 ///
 /// # Safety
-/// As [`gemm`]; `packed` holds `other`'s `k` in pairs.
+/// As [`gemm()`]; `packed` holds `other`'s `k` in pairs.
 pub(crate) unsafe fn gemm_with_packed(
     dst: Dst<f32>,
     packed: &Panels,

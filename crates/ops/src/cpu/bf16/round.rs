@@ -50,7 +50,7 @@ pub(super) fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// [`Packed::pair_run`] for f32: 16 words at a time with the CPU's conversion ([`pair16`])
+/// `Packed::pair_run` for f32: 16 words at a time with the CPU's conversion ([`pair16`])
 /// where it has the instructions, else a word at a time.
 pub(crate) fn pair_run(lo: &[f32], hi: &[f32], out: &mut [u32]) {
     let n = out.len();
@@ -118,7 +118,7 @@ pub(crate) fn first_lanes(n: usize) -> u16 {
     }
 }
 
-/// 16 numbers rounded to bf16 (as [`round`] rounds them), as f32s.
+/// 16 numbers rounded to bf16 (as `round` rounds them), as f32s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
