@@ -451,8 +451,9 @@ pub struct SampleArgs {
     #[arg(long)]
     pub grid: bool,
 
-    /// Keep the frozen weights packed for the CPU's bf16 products between steps: faster steps
-    /// for memory (SDXL's CFG step 12-18% faster at 9.3 GB instead of 5.3 GB on a Zen 5).
+    /// Keep the frozen weights packed for the CPU's bf16 products between steps, for products
+    /// of at most 512 rows: faster steps for memory (SDXL at 512x512: its CFG step 12-18%
+    /// faster at 9.3 GB instead of 5.3 GB on a Zen 5; at 1024x1024 no product is that small).
     #[arg(long)]
     pub keep_packed_weights: bool,
 
