@@ -15,7 +15,8 @@ trait Packed: Copy + Send + Sync {
     /// `lo` and `hi` as one pair word.
     fn pair(lo: Self, hi: Self) -> u32;
 
-    /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has the bf16 products: [`supported`]).
+    /// 32 consecutive numbers as 16 pair words (`simd`: the CPU has the bf16 products:
+    /// [`supported`]).
     fn pairs16(run: &[Self; 32], out: &mut [u32; 16], simd: bool);
 
     /// The pair words of `lo[i]` and `hi[i]` into `out` (as long as `lo`): two rows of a
@@ -530,10 +531,10 @@ impl Panels {
     }
 }
 
-/// Part of a packed operand for [`super::multiply`]: its panels `panels.0..panels.1` (rows of a left
-/// operand in panels of [`MR`], columns of a right one in panels of [`NR`]) over its pairs
-/// `pairs.0..pairs.1` of `k`. Attention's blocks of queries and keys are blocks of operands
-/// packed once per head.
+/// Part of a packed operand for [`super::multiply`]: its panels `panels.0..panels.1` (rows of a
+/// left operand in panels of [`MR`], columns of a right one in panels of [`NR`]) over its
+/// pairs `pairs.0..pairs.1` of `k`. Attention's blocks of queries and keys are blocks of
+/// operands packed once per head.
 #[derive(Clone, Copy)]
 pub(crate) struct Block<'a> {
     pub(super) of: &'a Panels,
