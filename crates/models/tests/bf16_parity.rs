@@ -73,7 +73,11 @@ fn run(dir: &Path, bf16_weights: bool) -> (Tensor, f32, Vec<(String, Tensor)>) {
 /// gradient's; 10% with weights kept in bf16, which rounds the weights of every product, also
 /// of those too small for the bf16 kernels (most of the tiny fixtures', which otherwise run in
 /// f32; autocast rounds them all). The f32 run is 100x closer, so the bf16 run is seen to
-/// differ.
+/// differ. Last, the bf16 run again with its left operands tiled for AMX, on the emulated tile
+/// unit (`cpu_bf16::amx::set_emulated`; the CPU's tiles are not yet trusted by default), within
+/// the same tolerances: its output is ~2e-3 from the untiled run's, as far as the untiled run
+/// moves for a 1e-6 change of its input (bf16 roundings flip on this tiny random model), where
+/// each op's tiled products are 1e-7 to 1e-5 from its untiled ones.
 #[test]
 fn bf16_products_stay_within_bf16_tolerance_of_diffusers() {
     if !models::cpu_bf16::supported() {
@@ -86,14 +90,19 @@ fn bf16_products_stay_within_bf16_tolerance_of_diffusers() {
         models::cpu_bf16::set_enabled(false);
         let (out32, _, _) = run(&dir, false);
         models::cpu_bf16::set_enabled(true);
-        // bf16 products on f32 weights, then on weights kept in bf16 (what `atomtune` runs)
-        for bf16_weights in [false, true] {
+        // bf16 products on f32 weights, then on weights kept in bf16 (what `atomtune` runs), then
+        // that on tiles
+        for (bf16_weights, tiles) in [(false, false), (true, false), (true, true)] {
+            models::cpu_bf16::amx::set_emulated(tiles);
+            let runs = models::cpu_bf16::amx::tiled_runs();
             let (out, loss, grads) = run(&dir, bf16_weights);
+            let tiled = models::cpu_bf16::amx::tiled_runs() - runs;
+            assert_eq!(tiled > 0, tiles, "{name}: {tiled} blocks on tiles");
             let (e32, e) = (
                 rel_err(&out32, &r["unet.out"]),
                 rel_err(&out, &r["unet.out"]),
             );
-            let what = format!("{name}, bf16 weights {bf16_weights}");
+            let what = format!("{name}, bf16 weights {bf16_weights}, tiles {tiles}");
             eprintln!("{what}: UNet output relative error f32 {e32:.2e}, bf16 products {e:.2e}");
             assert!(e < 2e-2, "{what}: bf16 output error {e}");
             assert!(
@@ -110,6 +119,7 @@ fn bf16_products_stay_within_bf16_tolerance_of_diffusers() {
                 assert!(ge < tol, "{what} {layer}: gradient error {ge}");
             }
         }
+        models::cpu_bf16::amx::set_emulated(false);
         models::cpu_bf16::set_enabled(false);
     }
 }

@@ -62,15 +62,28 @@ fn transpose(v: &[f32], (r, c): (usize, usize)) -> Vec<f32> {
     (0..c * r).map(|i| v[(i % r) * c + i / r]).collect()
 }
 
-/// Turns the bf16 products on where the CPU has them; says the test is skipped (and returns
-/// false) where it does not.
+/// Turns the bf16 products on where the CPU has them (and, in `bf16_tiled.rs`'s copy of these
+/// tests, their tiles: [`tiles_if_included`]); says the test is skipped (and returns false)
+/// where it does not.
 fn bf16_on() -> bool {
     if !ops::cpu_bf16::supported() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return false;
     }
     ops::cpu_bf16::set_enabled(true);
+    tiles_if_included();
     true
+}
+
+/// In `bf16_tiled.rs`, which includes this file, left operands tiled for AMX and their
+/// products on the emulated tile unit; here, not.
+fn tiles_if_included() {
+    ops::cpu_bf16::amx::set_emulated(tiled());
+}
+
+/// Whether these are `bf16_tiled.rs`'s copy of the tests.
+fn tiled() -> bool {
+    module_path!().contains("_tiled")
 }
 
 #[test]
@@ -233,8 +246,10 @@ fn an_adapted_conv_with_kept_panels_gives_the_same_bits() {
     for call in 0..2 {
         assert!(run(&w, Some(&cache)) == want, "call {call}");
     }
-    // W [o, 9c] in panels of 12 rows (o rounded up to 264), W^T [9c, o] (9c = 360 rows)
-    assert_eq!(cache.bytes(), (264 * 9 * c + 9 * c * o) * 2);
+    // W [o, 9c] in panels of 12 rows (o rounded up to 264), W^T [9c, o] (9c = 360 rows); tiled,
+    // each panel's depth in whole groups of 32
+    let depth = |k: usize| if tiled() { k.next_multiple_of(32) } else { k };
+    assert_eq!(cache.bytes(), (264 * depth(9 * c) + 9 * c * depth(o)) * 2);
 }
 
 /// A conv of `x [c, h, w]` (one image) with `w [o, c, 3, 3]` at `stride`, padding 1, plus

@@ -61,6 +61,12 @@ fn rms_err(got: &[f32], want: &[f64]) -> f64 {
 /// The switches are process-wide: the tests here take turns.
 static SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// In `winograd_tiled.rs`, which includes this file, left operands tiled for AMX and their
+/// products on the emulated tile unit; here, not.
+fn tiles_if_included() {
+    ops::cpu_bf16::amx::set_emulated(module_path!().contains("_tiled"));
+}
+
 #[test]
 fn sd_sized_3x3_convs_run_winograd_when_bf16_is_on() {
     if !ops::cpu_bf16::supported() {
@@ -68,6 +74,7 @@ fn sd_sized_3x3_convs_run_winograd_when_bf16_is_on() {
         return;
     }
     let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    tiles_if_included();
     ops::cpu_bf16::set_enabled(true);
     // past both thresholds: 257 channels (odd: a pair half empty), 70 filters, 12 x 12 tiles
     // (23 rows: the last row of tiles overhangs)
@@ -116,6 +123,7 @@ fn a_frozen_convs_input_gradient_runs_winograd_when_bf16_is_on() {
         return;
     }
     let _turn = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    tiles_if_included();
     // 70 channels in, 257 out: the transposed conv reads 257 and writes 70
     let (c, h, wd, o) = (70, 23, 24, 257);
     let x = Tensor::from_vec(wave(c * h * wd, 1.0, 0.4), (1, c, h, wd), &Device::Cpu).unwrap();

@@ -33,7 +33,9 @@ pub(crate) fn pack_exp_cols(
         pairs: cp,
         len: queries,
         w: MR,
+        tiled: false,
     }
+    .for_kernel()
 }
 
 /// [`pack_exp_cols`]'s work, 48 queries (three vectors, four panels of [`MR`] rows) at a time,
@@ -118,13 +120,20 @@ mod tests {
 
     /// The probabilities' panels hold `e^(s_t[k][q] - shift[q])` at query `q`'s row and key
     /// pair `k / 2`, zeros past the keys and queries, and the sums gain each query's
-    /// exponentials: for strips of 48 queries whole, ragged and shorter than a vector.
+    /// exponentials: for strips of 48 queries whole, ragged and shorter than a vector; in pair
+    /// panels and tiled for AMX.
     #[test]
     fn probabilities_pack_where_the_panels_want_them() {
         if !supported() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
+        probabilities_pack(false);
+        crate::cpu::bf16::amx::forced(|| probabilities_pack(true));
+    }
+
+    /// [`probabilities_pack_where_the_panels_want_them`]'s cases, `tiled` or not.
+    fn probabilities_pack(tiled: bool) {
         for (keys, queries) in [(7, 1), (33, 13), (8, 48), (5, 50), (12, 96), (9, 100)] {
             let s_t: Vec<f32> = wave(keys * queries, 0.31).iter().map(|x| x - 2.0).collect();
             let shift = wave(queries, 0.7);
@@ -132,6 +141,7 @@ mod tests {
             let cp = keys.div_ceil(2);
             let garbage = vec![u32::MAX; queries.div_ceil(MR) * cp * MR + 7];
             let p = pack_exp_cols(&s_t, (keys, queries), &shift, &mut sums, garbage);
+            assert_eq!(p.tiled, tiled);
             let e = |k: usize, q: usize| {
                 if k < keys {
                     ((s_t[k * queries + q] - shift[q]) as f64).exp()
@@ -143,7 +153,7 @@ mod tests {
                 |w: u32, high: bool| f32::from_bits(if high { w & 0xffff_0000 } else { w << 16 });
             for q in 0..queries.next_multiple_of(MR) {
                 for t in 0..cp {
-                    let w = p.words[((q / MR) * cp + t) * MR + q % MR];
+                    let w = p.word(q / MR, t, q % MR);
                     for (high, k) in [(false, 2 * t), (true, 2 * t + 1)] {
                         let want = if q < queries { e(k, q) } else { 0.0 };
                         let got = half(w, high) as f64;

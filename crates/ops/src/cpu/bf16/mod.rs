@@ -19,6 +19,7 @@
 //! words), `kernel` (the micro-kernels), `product` (blocks for the caches, tasks for the
 //! threads), `exp_cols` (attention's probabilities made and packed in one pass).
 
+pub mod amx;
 mod exp_cols;
 mod kernel;
 mod pack;
@@ -27,6 +28,7 @@ mod peak;
 mod product;
 mod round;
 
+use amx::GROUP;
 pub(crate) use exp_cols::pack_exp_cols;
 pub(crate) use pack::{Block, Panels, Scratch};
 pub(crate) use product::{gemm, gemm_right_from, gemm_with_packed, multiply, CHUNK_BYTES};

@@ -2,9 +2,9 @@
 //! into panels of pair words ([`Panels`]), and the buffers they reuse ([`Scratch`]).
 
 use super::round::{pair, pair_run, pairs16};
+use super::{amx, supported, SendPtr, GROUP, MR, NR};
 #[cfg(target_arch = "x86_64")]
 use super::{first_lanes, pair16};
-use super::{supported, SendPtr, MR, NR};
 use crate::cpu::matmul::{Data, Mat};
 
 /// What [`pack`] reads: f32 numbers, rounded to bf16 as they are packed, or bf16 numbers (a
@@ -435,6 +435,10 @@ impl Scratch {
 /// rows, or a right one, seen transposed, in panels of [`NR`] columns; `pairs` pair words of
 /// `k` each. Ops that reuse an operand (attention's keys and values, for every chunk of
 /// queries) pack it once.
+///
+/// A left operand for the AMX tiles is `tiled` ([`Panels::tiled`]): each panel in groups of
+/// [`GROUP`] pairs, a group's rows one after the other (`[pairs / GROUP][MR][GROUP]`, zero past
+/// `pairs`), as `tileloadd` reads a tile of `MR` rows.
 pub(crate) struct Panels {
     pub(super) words: Vec<u32>,
     /// Pairs of `k` (`k` rounded up to even, halved).
@@ -443,17 +447,26 @@ pub(crate) struct Panels {
     pub(super) len: usize,
     /// Rows ([`MR`]) or columns ([`NR`]) per panel.
     pub(super) w: usize,
+    /// Whether the panels are in AMX tiles' groups (a left operand only).
+    pub(super) tiled: bool,
 }
 
 impl Panels {
     /// `a [m, k]` as a left operand, into `buf` (a buffer of an earlier product, or empty).
+    /// Tiled where the AMX tiles run the products ([`Panels::for_kernel`]).
     pub(crate) fn left(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
+        Panels::left_pairs(a, buf).for_kernel()
+    }
+
+    /// `a [m, k]` as a left operand in [`pack`]'s layout, whatever runs the products.
+    pub(super) fn left_pairs(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
         let (words, pairs) = pack(a, MR, buf);
         Panels {
             words,
             pairs,
             len: a.shape().0,
             w: MR,
+            tiled: false,
         }
     }
 
@@ -465,6 +478,7 @@ impl Panels {
             pairs,
             len: b.shape().1,
             w: NR,
+            tiled: false,
         }
     }
 
@@ -477,6 +491,72 @@ impl Panels {
             pairs,
             len,
             w,
+            tiled: false,
+        }
+        .for_kernel()
+    }
+
+    /// A left operand as the products will read it: [`Panels::tiled`] where the AMX tiles
+    /// run them ([`amx::active`]), else as it is.
+    pub(super) fn for_kernel(self) -> Panels {
+        if self.w == MR && !self.tiled && amx::active() {
+            self.tiled()
+        } else {
+            self
+        }
+    }
+
+    /// A left operand in the AMX tiles' groups of [`GROUP`] pairs (see [`Panels`]), the pairs
+    /// past `pairs` zero.
+    pub(super) fn tiled(self) -> Panels {
+        use rayon::prelude::*;
+        assert!(
+            self.w == MR && !self.tiled,
+            "only a left operand's panels are tiled"
+        );
+        let (cp, stride) = (self.pairs, self.pairs.next_multiple_of(GROUP));
+        let mut words = vec![0u32; self.len.div_ceil(MR) * stride * MR];
+        let regroup = |(p, out): (usize, &mut [u32])| {
+            let panel = &self.words[p * cp * MR..(p + 1) * cp * MR];
+            for (q, pair) in panel.chunks_exact(MR).enumerate() {
+                let group = &mut out[(q / GROUP) * GROUP * MR..];
+                for (r, &word) in pair.iter().enumerate() {
+                    group[r * GROUP + q % GROUP] = word;
+                }
+            }
+        };
+        if words.len() >= 1 << 16 {
+            words
+                .par_chunks_mut(stride * MR)
+                .enumerate()
+                .for_each(regroup);
+        } else if !words.is_empty() {
+            words.chunks_mut(stride * MR).enumerate().for_each(regroup);
+        }
+        Panels {
+            words,
+            tiled: true,
+            ..self
+        }
+    }
+
+    /// Pairs each panel holds in `words`: `pairs`, rounded up to [`GROUP`] where tiled.
+    pub(super) fn stride(&self) -> usize {
+        if self.tiled {
+            self.pairs.next_multiple_of(GROUP)
+        } else {
+            self.pairs
+        }
+    }
+
+    /// The pair word of pair `q` at row (or column) `r` of panel `p`, in either layout.
+    #[cfg(test)]
+    pub(super) fn word(&self, p: usize, q: usize, r: usize) -> u32 {
+        let panel = &self.words[p * self.stride() * self.w..];
+        if self.tiled {
+            panel[(q / GROUP) * GROUP * MR + r * GROUP + q % GROUP]
+        } else {
+            panel[q * self.w + r]
         }
     }
 
@@ -503,6 +583,7 @@ impl Panels {
             pairs: cp,
             len: n,
             w: NR,
+            tiled: false,
         }
     }
 
@@ -556,9 +637,10 @@ impl Block<'_> {
         }
     }
 
-    /// The pairs holding `k` numbers `k0..k1` of the operand; `k0` must be even.
+    /// The pairs holding `k` numbers `k0..k1` of the operand; `k0` must be even. Not for tiled
+    /// panels (their groups are whole).
     pub(crate) fn depth(self, (k0, k1): (usize, usize)) -> Self {
-        assert!(k0.is_multiple_of(2) && k1.div_ceil(2) <= self.of.pairs);
+        assert!(k0.is_multiple_of(2) && k1.div_ceil(2) <= self.of.pairs && !self.of.tiled);
         Block {
             pairs: (k0 / 2, k1.div_ceil(2)),
             ..self
@@ -571,10 +653,15 @@ impl Block<'_> {
     }
 
     /// The words of panel `p` (of the operand) for the block's pairs `q0..q1` (counted from the
-    /// block's first).
+    /// block's first); tiled panels' in whole groups (`q0` must start one).
     pub(super) fn panel(&self, p: usize, (q0, q1): (usize, usize)) -> &[u32] {
-        let (w, start) = (self.of.w, p * self.of.pairs + self.pairs.0);
-        &self.of.words[(start + q0) * w..(start + q1) * w]
+        let (w, stride) = (self.of.w, self.of.stride());
+        let (start, mut end) = (self.pairs.0 + q0, self.pairs.0 + q1);
+        if self.of.tiled {
+            assert!(start.is_multiple_of(GROUP), "pair {start} starts no group");
+            end = end.next_multiple_of(GROUP).min(stride);
+        }
+        &self.of.words[(p * stride + start) * w..(p * stride + end) * w]
     }
 }
 
@@ -623,6 +710,36 @@ mod tests {
                     tile_out(&tile, (rows, pairs), &mut got, w, true);
                     assert_eq!(got, want, "{rows} rows, {pairs} pairs, panels of {w}");
                 }
+            }
+        }
+    }
+
+    /// Tiled panels hold each pair word where a tile's row reads it (`[group][row][pair]`),
+    /// zeros past the pairs and rows, and a block of whole groups slices them: for depths
+    /// within one group, at a group's end and past it, and edges in rows.
+    #[test]
+    fn tiled_panels_hold_the_words_of_plain_ones() {
+        for &(rows, cols) in &[(1, 1), (13, 7), (12, 32), (25, 33), (30, 101)] {
+            let v = wave(rows * cols, 0.3);
+            let plain = Panels::left_pairs(&Mat::new(&v, rows, cols), Vec::new());
+            let tiled = Panels::left_pairs(&Mat::new(&v, rows, cols), Vec::new()).tiled();
+            let (cp, stride) = (plain.pairs, tiled.stride());
+            assert_eq!(stride, cp.div_ceil(GROUP) * GROUP);
+            assert_eq!(tiled.words.len(), rows.div_ceil(MR) * stride * MR);
+            for p in 0..rows.div_ceil(MR) {
+                let panel = &tiled.words[p * stride * MR..(p + 1) * stride * MR];
+                for q in 0..stride {
+                    for r in 0..MR {
+                        let want = if q < cp { plain.word(p, q, r) } else { 0 };
+                        let at = (q / GROUP) * GROUP * MR + r * GROUP + q % GROUP;
+                        assert_eq!(panel[at], want, "{rows}x{cols}: panel {p} pair {q} row {r}");
+                        assert_eq!(tiled.word(p, q, r), want);
+                    }
+                }
+                // the whole depth, and its last group alone
+                assert_eq!(tiled.all().panel(p, (0, cp)), panel);
+                let last = (cp - 1) / GROUP * GROUP;
+                assert_eq!(tiled.all().panel(p, (last, cp)), &panel[last * MR..]);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Products of packed operands: blocked for the caches, split among the pool's threads.
 
 use super::kernel::{kernel, kernel8, Out};
-use super::{supported, Block, Panels, Scratch, SendPtr, MR, NR};
+use super::{amx, supported, Block, Panels, Scratch, SendPtr, GROUP, MR, NR};
 use crate::cpu::matmul::{Dst, Mat};
 
 /// The most `k` per block (even): depths up to SD's 1,280 run whole, so each block of the
@@ -27,7 +27,12 @@ pub(crate) unsafe fn multiply(
     scale: f32,
     accumulate: bool,
 ) {
-    let blocks = blocking(a.pairs.1 - a.pairs.0, a.panels.1 - a.panels.0);
+    let (mut qc, mp) = blocking(a.pairs.1 - a.pairs.0, a.panels.1 - a.panels.0);
+    if a.of.tiled {
+        // a tiled operand's blocks of `k` start at its groups
+        qc = qc.next_multiple_of(GROUP);
+    }
+    let blocks = (qc, mp);
     // SAFETY: the caller's promise.
     unsafe { multiply_in(blocks, dst, (a, b), (scale, accumulate)) }
 }
@@ -45,6 +50,13 @@ unsafe fn multiply_in(
     let kp = a.pairs.1 - a.pairs.0;
     assert!(a.of.w == MR && b.of.w == NR && kp == b.pairs.1 - b.pairs.0);
     assert!(qc > 0 && mp > 0, "blocks of {qc} pairs, {mp} panels");
+    let mut tiles = a.of.tiled.then(|| {
+        assert!(
+            qc.is_multiple_of(GROUP),
+            "blocks of {qc} pairs of a tiled operand"
+        );
+        amx::tiles()
+    });
     let (m, n) = (a.extent(), b.extent());
     let rs = if dst.rs == 0 { n } else { dst.rs };
     let ((a0, a1), (b0, b1)) = (a.panels, b.panels);
@@ -56,19 +68,27 @@ unsafe fn multiply_in(
             for p in b0..b1 {
                 let bpanel = b.panel(p, (q0, q1));
                 let (c0, cols) = ((p - b0) * NR, NR.min(n - (p - b0) * NR));
-                for i in i0..(i0 + mp).min(a1) {
-                    let apanel = a.panel(i, (q0, q1));
+                let out = |i: usize| {
                     let (r0, rows) = ((i - a0) * MR, MR.min(m - (i - a0) * MR));
+                    Out {
+                        // SAFETY: the block lies within `dst` (rows < m, columns < n)
+                        c: unsafe { dst.ptr.add(r0 * rs + c0) },
+                        rs,
+                        block: (rows, cols),
+                        scale,
+                        accumulate: add,
+                    }
+                };
+                if let Some(tiles) = tiles.as_mut() {
+                    // SAFETY: each block's `out` lies within `dst` (the caller's promise).
+                    unsafe { tiles.rows(&a, (i0, (i0 + mp).min(a1)), (q0, q1), bpanel, &out) };
+                    continue;
+                }
+                for i in i0..(i0 + mp).min(a1) {
+                    let (apanel, out) = (a.panel(i, (q0, q1)), out(i));
                     // SAFETY: the caller checked the instructions; the panels hold `q1 - q0`
-                    // pairs; the block lies within `dst` (rows < m, columns < n).
+                    // pairs; `out` lies within `dst`.
                     unsafe {
-                        let out = Out {
-                            c: dst.ptr.add(r0 * rs + c0),
-                            rs,
-                            block: (rows, cols),
-                            scale,
-                            accumulate: add,
-                        };
                         if cols > NR / 2 {
                             kernel::<2>(apanel, bpanel, q1 - q0, out)
                         } else if cols > NR / 4 {
@@ -327,7 +347,9 @@ mod tests {
     }
 
     /// Blocks of a few pairs and panels (partial last ones) sum as one block does, within f32's
-    /// rounding of the blocks' partial sums, into a result with rows `rs` apart.
+    /// rounding of the blocks' partial sums, into a result with rows `rs` apart; on the
+    /// AVX512-BF16 kernel and on AMX tiles (the CPU's, else emulated), whose blocks of `k` are
+    /// whole groups.
     #[test]
     fn blocked_products_equal_f64_of_the_rounded_operands() {
         if !supported() {
@@ -337,14 +359,29 @@ mod tests {
         let (m, n, k, rs) = (50, 70, 101, 75);
         let (av, bv) = (wave(m * k, 0.37), wave(k * n, 0.11));
         let (a, b) = (Mat::new(&av[..], m, k), Mat::new(&bv[..], k, n));
-        let (pa, pb) = (Panels::left(&a, Vec::new()), Panels::right(&b, Vec::new()));
+        let pa = Panels::left_pairs(&a, Vec::new());
+        let (ta, pb) = (
+            Panels::left_pairs(&a, Vec::new()).tiled(),
+            Panels::right(&b, Vec::new()),
+        );
         let prior = wave(m * rs, 0.05);
-        for (blocks, accumulate) in [
+        let plain = [
             ((51, 5), true),
             ((13, 2), false),
             ((7, 1), true),
             ((1, 3), false),
-        ] {
+        ];
+        let tiled = [
+            ((64, 5), true),
+            ((16, 2), false),
+            ((32, 1), true),
+            ((16, 3), false),
+        ];
+        let cases = plain
+            .map(|c| (&pa, c))
+            .into_iter()
+            .chain(tiled.map(|c| (&ta, c)));
+        for (pa, (blocks, accumulate)) in cases {
             let mut c = prior.clone();
             let dst = Dst {
                 ptr: c.as_mut_ptr(),
@@ -366,7 +403,8 @@ mod tests {
                     let tol = 1e-6 * (size + before.abs() as f64);
                     assert!(
                         (got - want).abs() <= tol,
-                        "{blocks:?} ({i}, {j}): {got} vs {want}"
+                        "tiled {} {blocks:?} ({i}, {j}): {got} vs {want}",
+                        pa.tiled
                     );
                 }
                 assert_eq!(c[i * rs + n..(i + 1) * rs], prior[i * rs + n..(i + 1) * rs]);
@@ -417,13 +455,24 @@ mod tests {
 
     /// Against an f64 product of the same bf16-rounded operands: exact up to f32 sums, so
     /// within a few f32 roundings of `sum |a||b|` per element; shapes with edges in every
-    /// dimension, transposed reads, strided rows, accumulation and scale, one and two tasks.
+    /// dimension, transposed reads, strided rows, accumulation and scale, one and two tasks;
+    /// on the AVX512-BF16 kernel, then on AMX tiles (the CPU's, else emulated).
     #[test]
     fn bf16_products_equal_f64_of_the_rounded_operands() {
         if !supported() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
+        products_equal_f64_of_the_rounded_operands(false);
+        if !amx::available() {
+            eprintln!("note: this CPU has no AMX: tiled products run on the emulation");
+        }
+        amx::forced(|| products_equal_f64_of_the_rounded_operands(true));
+    }
+
+    /// [`bf16_products_equal_f64_of_the_rounded_operands`]'s cases, on `tiled` left operands
+    /// or not.
+    fn products_equal_f64_of_the_rounded_operands(tiled: bool) {
         for &(m, n, k) in &[
             (1, 1, 1),
             (13, 33, 7),
@@ -492,8 +541,8 @@ mod tests {
                                 * (k as f64).log2().max(1.0);
                             assert!(
                                 (got - want).abs() <= tol,
-                                "{m}x{n}x{k} a_t {a_t} b_t {b_t} bf16 {bf16_operand:?}: \
-                                 [{i},{j}] {got} vs {want}"
+                                "{m}x{n}x{k} a_t {a_t} b_t {b_t} bf16 {bf16_operand:?} \
+                                 tiled {tiled}: [{i},{j}] {got} vs {want}"
                             );
                         }
                         for j in n..rs {

@@ -1,0 +1,151 @@
+//! The AMX kernel: blocks of `MR` rows of a tiled left operand (one or two panels) against a
+//! right operand's panel of `NR` columns, a group of [`GROUP`] pairs at a time, the result in
+//! tiles until the block's last group.
+
+use super::super::kernel::Out;
+use super::super::pack::Block;
+use super::super::{MR, NR};
+use super::unit::TileUnit;
+use super::GROUP;
+
+/// What multiplies a run of a tiled left operand's panels by one panel of a right operand:
+/// the tile unit, configured for this thread while it lives.
+pub(in crate::cpu::bf16) trait Rows {
+    /// `out(i) (+)= scale * a_i b` for the panels `i` in `panels` of `a` (tiled), over the
+    /// pairs `pairs` of the block (`pairs.0` starting a group), `b` the right operand's panel
+    /// over those pairs (`NR` words each); `out(i)` where panel `i`'s block of the result goes.
+    ///
+    /// # Safety
+    /// Each `out(i)` is valid for its block's writes (and reads, where it accumulates).
+    unsafe fn rows(
+        &mut self,
+        a: &Block<'_>,
+        panels: (usize, usize),
+        pairs: (usize, usize),
+        b: &[u32],
+        out: &dyn Fn(usize) -> Out,
+    );
+}
+
+/// The kernel on a tile unit `U`, with the room its blocks need.
+pub(super) struct Tiles<U> {
+    unit: U,
+    /// The right panel's last group where the block's pairs end within one, zero past them.
+    tail: Vec<u32>,
+    /// Two panels' blocks of the result, `MR x NR` each, as the tiles store them.
+    c: Vec<f32>,
+}
+
+impl<U: TileUnit> Tiles<U> {
+    /// The kernel on `unit`.
+    pub(super) fn new(unit: U) -> Self {
+        Tiles {
+            unit,
+            tail: vec![0; GROUP * NR],
+            c: vec![0.0; 2 * MR * NR],
+        }
+    }
+}
+
+impl<U: TileUnit> Rows for Tiles<U> {
+    unsafe fn rows(
+        &mut self,
+        a: &Block<'_>,
+        (i0, i1): (usize, usize),
+        (q0, q1): (usize, usize),
+        b: &[u32],
+        out: &dyn Fn(usize) -> Out,
+    ) {
+        let Tiles { unit, tail, c } = self;
+        let pairs = q1 - q0;
+        assert!(a.of.tiled && b.len() == pairs * NR);
+        let (whole, rest) = (pairs / GROUP, pairs % GROUP);
+        if rest > 0 {
+            tail[..rest * NR].copy_from_slice(&b[whole * GROUP * NR..]);
+            tail[rest * NR..].fill(0);
+        }
+        let tail = &tail[..];
+        let group = |g: usize| match g < whole {
+            true => &b[g * GROUP * NR..(g + 1) * GROUP * NR],
+            false => tail,
+        };
+        let groups = pairs.div_ceil(GROUP);
+        let mut i = i0;
+        while i < i1 {
+            let a0 = a.panel(i, (q0, q1));
+            if i + 1 < i1 {
+                let a1 = a.panel(i + 1, (q0, q1));
+                kernel(unit, [a0, a1], group, groups, c);
+                // SAFETY (both): the caller's promise.
+                unsafe {
+                    epilogue(&c[..MR * NR], out(i));
+                    epilogue(&c[MR * NR..], out(i + 1));
+                }
+                i += 2;
+            } else {
+                kernel(unit, [a0], group, groups, c);
+                // SAFETY: the caller's promise.
+                unsafe { epilogue(&c[..MR * NR], out(i)) };
+                i += 1;
+            }
+        }
+    }
+}
+
+/// `c` = the blocks of `R` panels `a` (1 or 2; `groups` groups of their pairs each) against
+/// the right panel's groups: tiles `0, 1` (`2, 3`) hold panel 0's (1's) two halves of `NR`
+/// columns, `4` (`5`) its group of pairs, `6, 7` the right panel's group's halves.
+fn kernel<'b, U: TileUnit, const R: usize>(
+    unit: &mut U,
+    a: [&[u32]; R],
+    group: impl Fn(usize) -> &'b [u32],
+    groups: usize,
+    c: &mut [f32],
+) {
+    const A: usize = GROUP * MR;
+    unit.zero::<0>();
+    unit.zero::<1>();
+    if R == 2 {
+        unit.zero::<2>();
+        unit.zero::<3>();
+    }
+    for g in 0..groups {
+        let b = group(g);
+        unit.load::<6>(b, NR);
+        unit.load::<7>(&b[NR / 2..], NR);
+        unit.load::<4>(&a[0][g * A..], GROUP);
+        unit.dot::<0, 4, 6>();
+        unit.dot::<1, 4, 7>();
+        if R == 2 {
+            unit.load::<5>(&a[1][g * A..], GROUP);
+            unit.dot::<2, 5, 6>();
+            unit.dot::<3, 5, 7>();
+        }
+    }
+    unit.store::<0>(c, NR);
+    unit.store::<1>(&mut c[NR / 2..], NR);
+    if R == 2 {
+        unit.store::<2>(&mut c[MR * NR..], NR);
+        unit.store::<3>(&mut c[MR * NR + NR / 2..], NR);
+    }
+}
+
+/// A block of the result (`MR x NR`, rows `NR` apart) out: `out.c (+)= out.scale * c` for its
+/// first `rows x cols`.
+///
+/// # Safety
+/// `out` is valid for its block's reads and writes.
+unsafe fn epilogue(c: &[f32], out: Out) {
+    let (rows, cols) = out.block;
+    for (r, line) in c.chunks_exact(NR).enumerate().take(rows) {
+        // SAFETY: the caller's promise: `rows` rows of `cols` numbers, `rs` apart.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.c.add(r * out.rs), cols) };
+        for (d, &x) in dst.iter_mut().zip(line) {
+            *d = if out.accumulate {
+                *d + out.scale * x
+            } else {
+                out.scale * x
+            };
+        }
+    }
+}
