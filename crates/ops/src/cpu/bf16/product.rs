@@ -349,7 +349,7 @@ mod tests {
     /// Blocks of a few pairs and panels (partial last ones) sum as one block does, within f32's
     /// rounding of the blocks' partial sums, into a result with rows `rs` apart; on the
     /// AVX512-BF16 kernel and on AMX tiles (the CPU's, else emulated), whose blocks of `k` are
-    /// whole groups.
+    /// whole groups, and whose whole blocks at scale 1 add to the result in place.
     #[test]
     fn blocked_products_equal_f64_of_the_rounded_operands() {
         if !supported() {
@@ -377,18 +377,17 @@ mod tests {
             ((32, 1), true),
             ((16, 3), false),
         ];
-        let cases = plain
-            .map(|c| (&pa, c))
-            .into_iter()
-            .chain(tiled.map(|c| (&ta, c)));
-        for (pa, (blocks, accumulate)) in cases {
+        let cases = (plain.map(|c| (&pa, c, 0.5)).into_iter())
+            .chain(tiled.map(|c| (&ta, c, 0.5)))
+            .chain(tiled.map(|c| (&ta, c, 1.0)));
+        for (pa, (blocks, accumulate), scale) in cases {
             let mut c = prior.clone();
             let dst = Dst {
                 ptr: c.as_mut_ptr(),
                 rs,
             };
             // SAFETY: checked above; `c` holds m rows of rs >= n.
-            unsafe { multiply_in(blocks, dst, (pa.all(), pb.all()), (0.5, accumulate)) };
+            unsafe { multiply_in(blocks, dst, (pa.all(), pb.all()), (scale, accumulate)) };
             for i in 0..m {
                 for j in 0..n {
                     let (mut want, mut size) = (0f64, 0f64);
@@ -398,12 +397,12 @@ mod tests {
                         size += x.abs();
                     }
                     let before = if accumulate { prior[i * rs + j] } else { 0.0 };
-                    let want = before as f64 + 0.5 * want;
+                    let want = before as f64 + scale as f64 * want;
                     let got = c[i * rs + j] as f64;
                     let tol = 1e-6 * (size + before.abs() as f64);
                     assert!(
                         (got - want).abs() <= tol,
-                        "tiled {} {blocks:?} ({i}, {j}): {got} vs {want}",
+                        "tiled {} {blocks:?} scale {scale} ({i}, {j}): {got} vs {want}",
                         pa.tiled
                     );
                 }

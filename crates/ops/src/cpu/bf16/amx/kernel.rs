@@ -32,7 +32,7 @@ pub(super) struct Tiles<U> {
     unit: U,
     /// The right panel's last group where the block's pairs end within one, zero past them.
     tail: Vec<u32>,
-    /// Two panels' blocks of the result, `MR x NR` each, as the tiles store them.
+    /// A block of the result, `MR x NR`, as the tiles store it (where it is not stored in place).
     c: Vec<f32>,
 }
 
@@ -42,7 +42,7 @@ impl<U: TileUnit> Tiles<U> {
         Tiles {
             unit,
             tail: vec![0; GROUP * NR],
-            c: vec![0.0; 2 * MR * NR],
+            c: vec![0.0; MR * NR],
         }
     }
 }
@@ -73,41 +73,39 @@ impl<U: TileUnit> Rows for Tiles<U> {
         let mut i = i0;
         while i < i1 {
             let a0 = a.panel(i, (q0, q1));
+            // SAFETY (both): the caller's promise for `out`.
             if i + 1 < i1 {
                 let a1 = a.panel(i + 1, (q0, q1));
-                kernel(unit, [a0, a1], group, groups, c);
-                // SAFETY (both): the caller's promise.
-                unsafe {
-                    epilogue(&c[..MR * NR], out(i));
-                    epilogue(&c[MR * NR..], out(i + 1));
-                }
+                unsafe { kernel(unit, [a0, a1], (group, groups), [out(i), out(i + 1)], c) };
                 i += 2;
             } else {
-                kernel(unit, [a0], group, groups, c);
-                // SAFETY: the caller's promise.
-                unsafe { epilogue(&c[..MR * NR], out(i)) };
+                unsafe { kernel(unit, [a0], (group, groups), [out(i)], c) };
                 i += 1;
             }
         }
     }
 }
 
-/// `c` = the blocks of `R` panels `a` (1 or 2; `groups` groups of their pairs each) against
-/// the right panel's groups: tiles `0, 1` (`2, 3`) hold panel 0's (1's) two halves of `NR`
-/// columns, `4` (`5`) its group of pairs, `6, 7` the right panel's group's halves.
-fn kernel<'b, U: TileUnit, const R: usize>(
+/// `out[r] (+)= scale * a[r] b` for `R` panels `a` (1 or 2; `groups` groups of pairs each)
+/// against the right panel's groups (`group(g)`): tiles `0, 1` (`2, 3`) hold panel 0's (1's)
+/// block in two halves of `NR / 2` columns, `4` (`5`) its group of pairs, `6, 7` the right
+/// panel's group's halves. A whole block at scale 1 starts from the result (or zero) and is
+/// stored to it; others pass through `c` ([`epilogue`]).
+///
+/// # Safety
+/// Each `out[r]` is valid for its block's reads and writes.
+unsafe fn kernel<'b, U: TileUnit, const R: usize>(
     unit: &mut U,
     a: [&[u32]; R],
-    group: impl Fn(usize) -> &'b [u32],
-    groups: usize,
+    (group, groups): (impl Fn(usize) -> &'b [u32], usize),
+    out: [Out; R],
     c: &mut [f32],
 ) {
     const A: usize = GROUP * MR;
-    unit.zero::<0>();
-    unit.zero::<1>();
+    // SAFETY (begin, finish): the caller's promise.
+    unsafe { begin::<U, 0, 1>(unit, &out[0]) };
     if R == 2 {
-        unit.zero::<2>();
-        unit.zero::<3>();
+        unsafe { begin::<U, 2, 3>(unit, &out[1]) };
     }
     for g in 0..groups {
         let b = group(g);
@@ -122,11 +120,52 @@ fn kernel<'b, U: TileUnit, const R: usize>(
             unit.dot::<3, 5, 7>();
         }
     }
-    unit.store::<0>(c, NR);
-    unit.store::<1>(&mut c[NR / 2..], NR);
+    unsafe { finish::<U, 0, 1>(unit, &out[0], c) };
     if R == 2 {
-        unit.store::<2>(&mut c[MR * NR..], NR);
-        unit.store::<3>(&mut c[MR * NR + NR / 2..], NR);
+        unsafe { finish::<U, 2, 3>(unit, &out[1], c) };
+    }
+}
+
+/// Whether a block goes to and from its place in the result through the tiles: whole, and at
+/// scale 1 (all but attention's scores).
+fn in_place(out: &Out) -> bool {
+    out.block == (MR, NR) && out.scale == 1.0
+}
+
+/// Tiles `T0, T1` (a block's halves) start from the block's numbers where it adds to them in
+/// place, else from zero.
+///
+/// # Safety
+/// `out` is valid for its block's reads.
+unsafe fn begin<U: TileUnit, const T0: u8, const T1: u8>(unit: &mut U, out: &Out) {
+    if in_place(out) && out.accumulate {
+        // SAFETY: a whole block: `MR` rows of `NR` numbers, `rs` apart.
+        unsafe {
+            unit.load_from::<T0>(out.c, out.rs);
+            unit.load_from::<T1>(out.c.add(NR / 2), out.rs);
+        }
+    } else {
+        unit.zero::<T0>();
+        unit.zero::<T1>();
+    }
+}
+
+/// Tiles `T0, T1` (a block's halves) into the block: stored in place, or into `c` and added
+/// from there ([`epilogue`]).
+///
+/// # Safety
+/// `out` is valid for its block's reads and writes.
+unsafe fn finish<U: TileUnit, const T0: u8, const T1: u8>(unit: &mut U, out: &Out, c: &mut [f32]) {
+    // SAFETY (both): a whole block in place; else the caller's promise.
+    if in_place(out) {
+        unsafe {
+            unit.store_to::<T0>(out.c, out.rs);
+            unit.store_to::<T1>(out.c.add(NR / 2), out.rs);
+        }
+    } else {
+        unit.store::<T0>(c, NR);
+        unit.store::<T1>(&mut c[NR / 2..], NR);
+        unsafe { epilogue(c, *out) };
     }
 }
 

@@ -42,7 +42,21 @@ pub(super) trait TileUnit {
     /// `A[m][k].lo * B[k][n].lo + A[m][k].hi * B[k][n].hi` in f32.
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self);
     /// Tile `T` into `dst`, its rows `stride` numbers apart (`tilestored`).
-    fn store<const T: u8>(&mut self, dst: &mut [f32], stride: usize);
+    fn store<const T: u8>(&mut self, dst: &mut [f32], stride: usize) {
+        assert!(dst.len() >= span(T, stride));
+        // SAFETY: the tile's rows lie within `dst` (checked above).
+        unsafe { self.store_to::<T>(dst.as_mut_ptr(), stride) }
+    }
+    /// Tile `T` (a result's) from f32 numbers at `src`, rows `stride` apart (`tileloadd`).
+    ///
+    /// # Safety
+    /// `src` is valid for reads of the tile's rows.
+    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize);
+    /// [`TileUnit::store`] to a pointer.
+    ///
+    /// # Safety
+    /// `dst` is valid for writes of the tile's rows, which no one else reads or writes meanwhile.
+    unsafe fn store_to<const T: u8>(&mut self, dst: *mut f32, stride: usize);
 }
 
 /// The CPU's tile unit, configured for [`SHAPES`] on this thread while it lives (tile state is a
@@ -154,9 +168,33 @@ impl TileUnit for Amx {
     }
 
     #[inline(always)]
-    fn store<const T: u8>(&mut self, dst: &mut [f32], stride: usize) {
-        assert!(dst.len() >= span(T, stride));
-        let (p, s) = (dst.as_mut_ptr(), stride * 4);
+    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize) {
+        let (p, s) = (src, stride * 4);
+        macro_rules! load {
+            ($tile:literal) => {
+                std::arch::asm!(
+                    concat!("tileloadd ", $tile, ", [{p} + {s}*1]"),
+                    p = in(reg) p,
+                    s = in(reg) s,
+                    options(nostack, readonly)
+                )
+            };
+        }
+        // SAFETY (all): configured; the caller's promise for `src`.
+        unsafe {
+            match T {
+                0 => load!("tmm0"),
+                1 => load!("tmm1"),
+                2 => load!("tmm2"),
+                3 => load!("tmm3"),
+                t => unreachable!("the kernel loads no result in tile {t}"),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_to<const T: u8>(&mut self, dst: *mut f32, stride: usize) {
+        let (p, s) = (dst, stride * 4);
         macro_rules! store {
             ($tile:literal) => {
                 std::arch::asm!(
@@ -167,7 +205,7 @@ impl TileUnit for Amx {
                 )
             };
         }
-        // SAFETY (all): configured; the tile's rows lie within `dst` (checked above).
+        // SAFETY (all): configured; the caller's promise for `dst`.
         unsafe {
             match T {
                 0 => store!("tmm0"),
@@ -191,7 +229,10 @@ impl TileUnit for Amx {
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self) {
         unreachable!("no AMX off x86_64")
     }
-    fn store<const T: u8>(&mut self, _: &mut [f32], _: usize) {
+    unsafe fn load_from<const T: u8>(&mut self, _: *const f32, _: usize) {
+        unreachable!("no AMX off x86_64")
+    }
+    unsafe fn store_to<const T: u8>(&mut self, _: *mut f32, _: usize) {
         unreachable!("no AMX off x86_64")
     }
 }
@@ -257,11 +298,25 @@ impl TileUnit for Emulated {
         }
     }
 
-    fn store<const T: u8>(&mut self, dst: &mut [f32], stride: usize) {
-        assert!(dst.len() >= span(T, stride));
+    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize) {
+        let (rows, bytes) = SHAPES[T as usize];
+        let tile = &mut self.tiles[T as usize];
+        *tile = [[0; 16]; 16];
+        for (r, row) in tile.iter_mut().enumerate().take(rows) {
+            // SAFETY: the caller's promise.
+            let src = unsafe { std::slice::from_raw_parts(src.add(r * stride), bytes / 4) };
+            for (w, x) in row.iter_mut().zip(src) {
+                *w = x.to_bits();
+            }
+        }
+    }
+
+    unsafe fn store_to<const T: u8>(&mut self, dst: *mut f32, stride: usize) {
         let (rows, bytes) = SHAPES[T as usize];
         for (r, row) in self.tiles[T as usize].iter().enumerate().take(rows) {
-            for (o, &w) in dst[r * stride..].iter_mut().zip(&row[..bytes / 4]) {
+            // SAFETY: the caller's promise.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.add(r * stride), bytes / 4) };
+            for (o, &w) in dst.iter_mut().zip(row) {
                 *o = f32::from_bits(w);
             }
         }
