@@ -128,7 +128,12 @@ pub fn device_and_dtype(a: &ModelArgs) -> Result<(Device, DType)> {
 /// products run with bf16 operands.
 pub fn precision(dt: DType) -> String {
     if models::cpu_bf16::active() && dt == DType::F32 {
-        "f32 activations, bf16 weights and matrix products".into()
+        let tiles = if models::cpu_bf16::amx::active() {
+            " on AMX tiles"
+        } else {
+            ""
+        };
+        format!("f32 activations, bf16 weights and matrix products{tiles}")
     } else {
         format!("{dt:?}").to_lowercase()
     }

@@ -7,7 +7,7 @@
 //! a training step) on weights of up to 1280 x 10240, so the step packed 4 GB of weights in its
 //! forward and again, the other way round, in its backward; SD 1.5's 1280-channel convs at
 //! 16x16 and 8x8 multiply their whole weight by 256 or 64 pixels. A layer that owns a
-//! [`WeightCache`] (models' linears and convs) packs its weight once for each [`Use`] and keeps
+//! [`WeightCache`] (models' linears and convs) packs its weight once for each `Use` and keeps
 //! the panels (the weight's bf16 size each) in training steps, for products of at most
 //! [`MAX_ROWS`] rows: at more rows packing is a small part of the product, and the activations
 //! of such a resolution need the memory. Sampling keeps nothing unless asked

@@ -78,12 +78,13 @@ fn bf16_on() -> bool {
 /// In `bf16_tiled.rs`, which includes this file, left operands tiled for AMX and their
 /// products on the emulated tile unit; here, not.
 fn tiles_if_included() {
-    ops::cpu_bf16::amx::set_emulated(tiled());
+    ops::cpu_bf16::amx::set_emulated(module_path!().contains("_tiled"));
 }
 
-/// Whether these are `bf16_tiled.rs`'s copy of the tests.
+/// Whether left operands are tiled now: emulated in `bf16_tiled.rs`'s copy of the tests, or on
+/// the CPU's AMX tiles where they were asked for (`ATOMTUNE_CPU_AMX=1`).
 fn tiled() -> bool {
-    module_path!().contains("_tiled")
+    ops::cpu_bf16::amx::active()
 }
 
 #[test]

@@ -8,16 +8,17 @@
 //! f32. Off by default; [`set_enabled`] (or `ATOMTUNE_CPU_BF16=1`) turns it on for the process,
 //! and [`active`] says whether the products run here (on, and the CPU has the instructions).
 //!
-//! Layout: `b [k, n]` is packed in panels of [`NR`] columns, each `[k/2][NR][2]` (a pair of
-//! consecutive `k` per column, as `vdpbf16ps` reads them); `a [m, k]` in panels of [`MR`] rows,
+//! Layout: `b [k, n]` is packed in panels of `NR` columns, each `[k/2][NR][2]` (a pair of
+//! consecutive `k` per column, as `vdpbf16ps` reads them); `a [m, k]` in panels of `MR` rows,
 //! `[k/2][MR]` pairs. A micro-kernel keeps an `MR x NR` block of the result in 24 registers and
 //! walks `k` two at a time; the result is written once per block of `k` (at most `product::KC`).
-//! Only products large enough to repay the packing take this path ([`worth_it`]: `k >= 256`,
+//! Only products large enough to repay the packing take this path (`worth_it`: `k >= 256`,
 //! `m, n >= 64`).
 //!
 //! Its parts: `round` (f32 to bf16 as the CPU rounds), `pack` (operands into panels of pair
 //! words), `kernel` (the micro-kernels), `product` (blocks for the caches, tasks for the
-//! threads), `exp_cols` (attention's probabilities made and packed in one pass).
+//! threads), `exp_cols` (attention's probabilities made and packed in one pass), [`amx`] (the
+//! same products on AMX tiles, opt-in: left operands regrouped into tiles, `tdpbf16ps`).
 
 pub mod amx;
 mod exp_cols;

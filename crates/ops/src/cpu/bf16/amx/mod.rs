@@ -3,15 +3,15 @@
 //! `vdpbf16ps` does 16 columns by one pair.
 //!
 //! The right operand's panels are already what `tdpbf16ps` reads for its second tile (a pair
-//! of `k` per column, 16 columns in 64 bytes: a panel of [`NR`] columns is two tiles). The
-//! left operand's panels are regrouped ([`Panels::tiled`](super::Panels::tiled)): each group of
-//! [`GROUP`] pairs holds its `MR` rows one after the other, a tile's 768 bytes in a run. The
-//! kernel ([`kernel`]) keeps two panels' blocks of the result in four tiles, so each group
+//! of `k` per column, 16 columns in 64 bytes: a panel of `NR` columns is two tiles). The
+//! left operand's panels are regrouped (`Panels::tiled`): each group of
+//! `GROUP` pairs holds its `MR` rows one after the other, a tile's 768 bytes in a run. The
+//! kernel (`kernel`) keeps two panels' blocks of the result in four tiles, so each group
 //! costs four loads for four products.
 //!
 //! **Not yet run on a CPU with AMX**: no machine this project has been measured on has one.
 //! The kernel's addressing, blocking and sums are tested against an emulation of the tile
-//! unit that follows Intel's reference ([`unit::Emulated`]); the instructions themselves wait
+//! unit that follows Intel's reference (`unit::Emulated`); the instructions themselves wait
 //! for such a machine. So the path is opt-in (`ATOMTUNE_CPU_AMX=1`, with bf16 products on), and
 //! where it is asked for, it first checks a product against exact sums on this CPU
 //! ([`active`]) and stays off, with a warning, where it disagrees. [`set_emulated`] runs the
@@ -124,15 +124,31 @@ fn permitted() -> bool {
 
 /// Whether the bf16 products run on AMX tiles now: bf16 products on ([`super::active`]), and
 /// either the emulation asked for ([`set_emulated`]) or the tiles asked for ([`enabled`]) and
-/// [`available`], with a first product on them equal to its exact sums ([`agrees`]; checked
-/// once, with a warning where it fails). Left operands packed while it holds are tiled
-/// ([`Panels::for_kernel`]); a product runs on the tiles where its left operand is.
-pub(crate) fn active() -> bool {
+/// [`available`], with a first product on them equal to its exact sums (checked once, with a
+/// warning where it fails). Left operands packed while it holds are tiled; a product runs on
+/// the tiles where its left operand is.
+pub fn active() -> bool {
     #[cfg(test)]
     if FORCE.with(std::cell::Cell::get) {
         return true;
     }
-    super::active() && (EMULATED.load(Ordering::Relaxed) || enabled() && available() && trusted())
+    super::active() && (EMULATED.load(Ordering::Relaxed) || enabled() && usable())
+}
+
+/// Whether the CPU's tiles, asked for, can run the products: [`available`] and [`trusted`]. A
+/// CPU without the instructions says so once (a refusal by Linux says so itself).
+fn usable() -> bool {
+    static NONE: std::sync::Once = std::sync::Once::new();
+    if !has_instructions() {
+        NONE.call_once(|| {
+            eprintln!(
+                "warning: {VAR}=1, but this CPU has no AMX-BF16 tiles; the bf16 products run on \
+                 AVX512-BF16"
+            )
+        });
+        return false;
+    }
+    available() && trusted()
 }
 
 /// Whether the first product on this CPU's tiles agreed with its exact sums ([`agrees`]),
