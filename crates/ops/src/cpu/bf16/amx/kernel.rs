@@ -141,8 +141,8 @@ unsafe fn begin<U: TileUnit, const T0: u8, const T1: u8>(unit: &mut U, out: &Out
     if in_place(out) && out.accumulate {
         // SAFETY: a whole block: `MR` rows of `NR` numbers, `rs` apart.
         unsafe {
-            unit.load_from::<T0>(out.c, out.rs);
-            unit.load_from::<T1>(out.c.add(NR / 2), out.rs);
+            unit.load_from::<T0>(out.c.cast(), out.rs);
+            unit.load_from::<T1>(out.c.add(NR / 2).cast(), out.rs);
         }
     } else {
         unit.zero::<T0>();

@@ -37,7 +37,11 @@ pub(super) trait TileUnit {
     /// Tile `T` all zeros.
     fn zero<const T: u8>(&mut self);
     /// Tile `T` from `src`, its rows `stride` words apart (`tileloadd`).
-    fn load<const T: u8>(&mut self, src: &[u32], stride: usize);
+    fn load<const T: u8>(&mut self, src: &[u32], stride: usize) {
+        assert!(src.len() >= span(T, stride));
+        // SAFETY: the tile's rows lie within `src` (checked above).
+        unsafe { self.load_from::<T>(src.as_ptr(), stride) }
+    }
     /// `C += A B` over pairs (`tdpbf16ps`): row `m`, column `n` of `C` gains, for each pair `k`,
     /// `A[m][k].lo * B[k][n].lo + A[m][k].hi * B[k][n].hi` in f32.
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self);
@@ -47,11 +51,11 @@ pub(super) trait TileUnit {
         // SAFETY: the tile's rows lie within `dst` (checked above).
         unsafe { self.store_to::<T>(dst.as_mut_ptr(), stride) }
     }
-    /// Tile `T` (a result's) from f32 numbers at `src`, rows `stride` apart (`tileloadd`).
+    /// [`TileUnit::load`] from a pointer to 32-bit words (pair words, or a result's f32 bits).
     ///
     /// # Safety
     /// `src` is valid for reads of the tile's rows.
-    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize);
+    unsafe fn load_from<const T: u8>(&mut self, src: *const u32, stride: usize);
     /// [`TileUnit::store`] to a pointer.
     ///
     /// # Safety
@@ -126,32 +130,6 @@ impl TileUnit for Amx {
     }
 
     #[inline(always)]
-    fn load<const T: u8>(&mut self, src: &[u32], stride: usize) {
-        assert!(src.len() >= span(T, stride));
-        let (p, s) = (src.as_ptr(), stride * 4);
-        macro_rules! load {
-            ($tile:literal) => {
-                std::arch::asm!(
-                    concat!("tileloadd ", $tile, ", [{p} + {s}*1]"),
-                    p = in(reg) p,
-                    s = in(reg) s,
-                    options(nostack, readonly)
-                )
-            };
-        }
-        // SAFETY (all): configured; the tile's rows lie within `src` (checked above).
-        unsafe {
-            match T {
-                4 => load!("tmm4"),
-                5 => load!("tmm5"),
-                6 => load!("tmm6"),
-                7 => load!("tmm7"),
-                t => unreachable!("the kernel loads no tile {t}"),
-            }
-        }
-    }
-
-    #[inline(always)]
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self) {
         use std::arch::asm;
         // SAFETY (all): configured with shapes that agree (C's rows A's, C's row bytes B's,
@@ -168,7 +146,7 @@ impl TileUnit for Amx {
     }
 
     #[inline(always)]
-    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize) {
+    unsafe fn load_from<const T: u8>(&mut self, src: *const u32, stride: usize) {
         let (p, s) = (src, stride * 4);
         macro_rules! load {
             ($tile:literal) => {
@@ -187,7 +165,11 @@ impl TileUnit for Amx {
                 1 => load!("tmm1"),
                 2 => load!("tmm2"),
                 3 => load!("tmm3"),
-                t => unreachable!("the kernel loads no result in tile {t}"),
+                4 => load!("tmm4"),
+                5 => load!("tmm5"),
+                6 => load!("tmm6"),
+                7 => load!("tmm7"),
+                t => unreachable!("no tile {t}"),
             }
         }
     }
@@ -223,13 +205,10 @@ impl TileUnit for Amx {
     fn zero<const T: u8>(&mut self) {
         unreachable!("no AMX off x86_64")
     }
-    fn load<const T: u8>(&mut self, _: &[u32], _: usize) {
-        unreachable!("no AMX off x86_64")
-    }
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self) {
         unreachable!("no AMX off x86_64")
     }
-    unsafe fn load_from<const T: u8>(&mut self, _: *const f32, _: usize) {
+    unsafe fn load_from<const T: u8>(&mut self, _: *const u32, _: usize) {
         unreachable!("no AMX off x86_64")
     }
     unsafe fn store_to<const T: u8>(&mut self, _: *mut f32, _: usize) {
@@ -261,16 +240,6 @@ impl TileUnit for Emulated {
         self.tiles[T as usize] = [[0; 16]; 16];
     }
 
-    fn load<const T: u8>(&mut self, src: &[u32], stride: usize) {
-        assert!(src.len() >= span(T, stride));
-        let (rows, bytes) = SHAPES[T as usize];
-        let tile = &mut self.tiles[T as usize];
-        *tile = [[0; 16]; 16];
-        for (r, row) in tile.iter_mut().enumerate().take(rows) {
-            row[..bytes / 4].copy_from_slice(&src[r * stride..r * stride + bytes / 4]);
-        }
-    }
-
     fn dot<const C: u8, const A: u8, const B: u8>(&mut self) {
         let (c, a, b) = (SHAPES[C as usize], SHAPES[A as usize], SHAPES[B as usize]);
         assert!(C != A && C != B && A != B, "tdpbf16ps names three tiles");
@@ -298,16 +267,14 @@ impl TileUnit for Emulated {
         }
     }
 
-    unsafe fn load_from<const T: u8>(&mut self, src: *const f32, stride: usize) {
+    unsafe fn load_from<const T: u8>(&mut self, src: *const u32, stride: usize) {
         let (rows, bytes) = SHAPES[T as usize];
         let tile = &mut self.tiles[T as usize];
         *tile = [[0; 16]; 16];
         for (r, row) in tile.iter_mut().enumerate().take(rows) {
             // SAFETY: the caller's promise.
             let src = unsafe { std::slice::from_raw_parts(src.add(r * stride), bytes / 4) };
-            for (w, x) in row.iter_mut().zip(src) {
-                *w = x.to_bits();
-            }
+            row[..bytes / 4].copy_from_slice(src);
         }
     }
 
