@@ -177,16 +177,26 @@ impl Packed for half::bf16 {
 /// read along their run.
 fn pack(m: &Mat<'_, f32>, w: usize, out: Vec<u32>) -> (Vec<u32>, usize) {
     match m.data {
-        Data::Plain(d) => pack_from(d, m, w, out),
-        Data::Bf16(d) => pack_from(d, m, w, out),
+        Data::Plain(d) => pack_from(d, m, (w, false), out),
+        Data::Bf16(d) => pack_from(d, m, (w, false), out),
     }
 }
 
-/// [`pack`] of `m`, whose numbers are `d`.
+/// `m` (whose rows are runs in memory: its row stride is not 1) packed as a left operand
+/// straight into [`Panels::tiled`]'s layout: each panel's rows of a group of pairs copied as
+/// they are made, where [`pack`] transposes them.
+fn pack_tiled(m: &Mat<'_, f32>, out: Vec<u32>) -> (Vec<u32>, usize) {
+    match m.data {
+        Data::Plain(d) => pack_from(d, m, (MR, true), out),
+        Data::Bf16(d) => pack_from(d, m, (MR, true), out),
+    }
+}
+
+/// [`pack`] (or [`pack_tiled`], when `tiled`) of `m`, whose numbers are `d`.
 fn pack_from<S: Packed>(
     d: &[S],
     m: &Mat<'_, f32>,
-    w: usize,
+    (w, tiled): (usize, bool),
     mut out: Vec<u32>,
 ) -> (Vec<u32>, usize) {
     debug_assert!(w <= 32);
@@ -194,9 +204,16 @@ fn pack_from<S: Packed>(
     let (rows, cols) = m.shape();
     let (cs, rs) = m.strides();
     let cp = cols.div_ceil(2);
-    panel_buffer(&mut out, rows, cp, w);
+    let stride = if tiled {
+        tiled_buffer(&mut out, rows, cp.next_multiple_of(GROUP));
+        cp.next_multiple_of(GROUP)
+    } else {
+        panel_buffer(&mut out, rows, cp, w);
+        cp
+    };
     let parallel = rows * cols >= 1 << 16;
     if rs == 1 {
+        assert!(!tiled, "rows that are no runs are tiled after packing");
         // Rows adjacent: each pair of columns is two runs of `rows` numbers, paired along the
         // run into `words` (vectorised) and dealt out to the panels, `w` words each (pairs in
         // parallel: they write apart).
@@ -240,14 +257,25 @@ fn pack_from<S: Packed>(
                         Err(_) => pairs_tail(run, words),
                     }
                 }
-                tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, simd);
+                if tiled {
+                    // a group's rows one after the other, zero past the pairs
+                    let group = &mut panel[q0 * w..(q0 + T) * w];
+                    for (row, words) in group.chunks_exact_mut(T).zip(&tile).take(r_end) {
+                        row[..tq].copy_from_slice(&words[..tq]);
+                        row[tq..].fill(0);
+                    }
+                } else {
+                    tile_out(&tile, (r_end, tq), &mut panel[q0 * w..], w, simd);
+                }
             }
         }
     };
     if parallel {
-        out.par_chunks_mut(cp * w).enumerate().for_each(pack_panel);
-    } else {
-        out.chunks_mut(cp * w).enumerate().for_each(pack_panel);
+        out.par_chunks_mut(stride * w)
+            .enumerate()
+            .for_each(pack_panel);
+    } else if !out.is_empty() {
+        out.chunks_mut(stride * w).enumerate().for_each(pack_panel);
     }
     (out, cp)
 }
@@ -265,6 +293,22 @@ pub(super) fn panel_buffer(out: &mut Vec<u32>, rows: usize, cp: usize, w: usize)
         let (p, r_end) = (rows / w, rows % w);
         for q in 0..cp {
             out[(p * cp + q) * w + r_end..(p * cp + q + 1) * w].fill(0);
+        }
+    }
+}
+
+/// [`panel_buffer`] for [`Panels::tiled`]'s layout, `stride` pairs a panel (whole groups): the
+/// last panel's rows past the matrix zeroed in every group.
+fn tiled_buffer(out: &mut Vec<u32>, rows: usize, stride: usize) {
+    let len = rows.div_ceil(MR) * stride * MR;
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out.truncate(len);
+    if !rows.is_multiple_of(MR) {
+        let last = &mut out[(rows / MR) * stride * MR..];
+        for group in last.chunks_exact_mut(GROUP * MR) {
+            group[(rows % MR) * GROUP..].fill(0);
         }
     }
 }
@@ -453,8 +497,19 @@ pub(crate) struct Panels {
 
 impl Panels {
     /// `a [m, k]` as a left operand, into `buf` (a buffer of an earlier product, or empty).
-    /// Tiled where the AMX tiles run the products ([`Panels::for_kernel`]).
+    /// Tiled where the AMX tiles run the products ([`Panels::for_kernel`]; rows that are runs
+    /// in memory straight into tiles).
     pub(crate) fn left(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
+        if a.strides().1 != 1 && amx::active() {
+            let (words, pairs) = pack_tiled(a, buf);
+            return Panels {
+                words,
+                pairs,
+                len: a.shape().0,
+                w: MR,
+                tiled: true,
+            };
+        }
         Panels::left_pairs(a, buf).for_kernel()
     }
 
@@ -740,6 +795,17 @@ mod tests {
                 assert_eq!(tiled.all().panel(p, (0, cp)), panel);
                 let last = (cp - 1) / GROUP * GROUP;
                 assert_eq!(tiled.all().panel(p, (last, cp)), &panel[last * MR..]);
+            }
+            // packed as the products pack them, into used buffers: rows that are runs straight
+            // into tiles, the transposed view regrouped; the same words either way
+            let t: Vec<f32> = (0..rows * cols)
+                .map(|i| v[(i % rows) * cols + i / rows])
+                .collect();
+            for m in [Mat::new(&v, rows, cols), Mat::new(&t, cols, rows).t()] {
+                let used = vec![u32::MAX; 2 * tiled.words.len() + 3];
+                let direct = crate::cpu::bf16::amx::forced(|| Panels::left(&m, used));
+                assert!(direct.tiled);
+                assert_eq!(direct.words, tiled.words, "{rows}x{cols} {:?}", m.strides());
             }
         }
     }

@@ -131,23 +131,35 @@ fn streamed_weight_rate() {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn in_place_packing_rate() {
-    // (k, n) of a right operand `[k, n]` (rows side by side), and the same read transposed
-    // as a left operand (rows as runs)
+    // (k, n) of a right operand `[k, n]` (rows side by side), and the same as a left operand
     for (k, n) in [(320, 8192), (2880, 4096), (1280, 1024)] {
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
-        let (mut right, mut left) = (Vec::new(), Vec::new());
+        let (mut right, mut buf) = (Vec::new(), Vec::new());
         let r = best_of_15(|| {
             let p = Panels::right(&Mat::new(&b[..], k, n), std::mem::take(&mut right));
             right = p.into_buffer();
         });
-        let l = best_of_15(|| {
-            let p = Panels::left(&Mat::new(&b[..], k, n).t(), std::mem::take(&mut left));
-            left = p.into_buffer();
-        });
+        // as a left operand: its transpose (rows side by side), and itself (rows as runs), in
+        // pair panels and tiled for AMX (the transpose regrouped after packing, runs straight
+        // into tiles)
+        let mut pack_left = |transposed: bool, tiled: bool| {
+            best_of_15(|| {
+                let m = Mat::new(&b[..], k, n);
+                let a = if transposed { m.t() } else { m };
+                let used = std::mem::take(&mut buf);
+                let p = match tiled {
+                    true => super::amx::forced(|| Panels::left(&a, used)),
+                    false => Panels::left(&a, used),
+                };
+                buf = p.into_buffer();
+            }) * 1e3
+        };
+        let (lt, ltt) = (pack_left(true, false), pack_left(true, true));
+        let (lr, lrt) = (pack_left(false, false), pack_left(false, true));
         eprintln!(
-            "packing {k}x{n}: right {:.3} ms, left of its transpose {:.3} ms",
-            r * 1e3,
-            l * 1e3
+            "packing {k}x{n}: right {:.3} ms; left of its transpose {lt:.3} ms, tiled {ltt:.3} \
+             ms; left {lr:.3} ms, tiled {lrt:.3} ms",
+            r * 1e3
         );
     }
 }
