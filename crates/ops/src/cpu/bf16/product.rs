@@ -55,7 +55,7 @@ unsafe fn multiply_in(
             qc.is_multiple_of(GROUP),
             "blocks of {qc} pairs of a tiled operand"
         );
-        amx::tiles()
+        amx::Tiles::new()
     });
     let (m, n) = (a.extent(), b.extent());
     let rs = if dst.rs == 0 { n } else { dst.rs };
@@ -81,7 +81,8 @@ unsafe fn multiply_in(
                 };
                 if let Some(tiles) = tiles.as_mut() {
                     // SAFETY: each block's `out` lies within `dst` (the caller's promise).
-                    unsafe { tiles.rows(&a, (i0, (i0 + mp).min(a1)), (q0, q1), bpanel, &out) };
+                    let panels = (i0, (i0 + mp).min(a1));
+                    unsafe { tiles.rows(&a, (panels, (q0, q1)), bpanel, out) };
                     continue;
                 }
                 for i in i0..(i0 + mp).min(a1) {

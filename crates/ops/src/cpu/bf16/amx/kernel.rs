@@ -8,32 +8,13 @@ use super::super::{MR, NR};
 use super::unit::TileUnit;
 use super::GROUP;
 
-/// What multiplies a run of a tiled left operand's panels by one panel of a right operand:
-/// the tile unit, configured for this thread while it lives.
-pub(in crate::cpu::bf16) trait Rows {
-    /// `out(i) (+)= scale * a_i b` for the panels `i` in `panels` of `a` (tiled), over the
-    /// pairs `pairs` of the block (`pairs.0` starting a group), `b` the right operand's panel
-    /// over those pairs (`NR` words each); `out(i)` where panel `i`'s block of the result goes.
-    ///
-    /// # Safety
-    /// Each `out(i)` is valid for its block's writes (and reads, where it accumulates).
-    unsafe fn rows(
-        &mut self,
-        a: &Block<'_>,
-        panels: (usize, usize),
-        pairs: (usize, usize),
-        b: &[u32],
-        out: &dyn Fn(usize) -> Out,
-    );
-}
-
 /// The kernel on a tile unit `U`, with the room its blocks need.
 pub(super) struct Tiles<U> {
     unit: U,
     /// The right panel's last group where the block's pairs end within one, zero past them.
-    tail: Vec<u32>,
+    tail: [u32; GROUP * NR],
     /// A block of the result, `MR x NR`, as the tiles store it (where it is not stored in place).
-    c: Vec<f32>,
+    c: [f32; MR * NR],
 }
 
 impl<U: TileUnit> Tiles<U> {
@@ -41,20 +22,24 @@ impl<U: TileUnit> Tiles<U> {
     pub(super) fn new(unit: U) -> Self {
         Tiles {
             unit,
-            tail: vec![0; GROUP * NR],
-            c: vec![0.0; MR * NR],
+            tail: [0; GROUP * NR],
+            c: [0.0; MR * NR],
         }
     }
-}
 
-impl<U: TileUnit> Rows for Tiles<U> {
-    unsafe fn rows(
+    /// `out(i) (+)= scale * a_i b` for the panels `i` in `panels` of `a` (tiled), over the
+    /// pairs `pairs` of the block (`pairs.0` starting a group), `b` the right operand's panel
+    /// over those pairs (`NR` words each); `out(i)` where panel `i`'s block of the result goes.
+    ///
+    /// # Safety
+    /// Each `out(i)` is valid for its block's writes (and reads, where it accumulates).
+    pub(super) unsafe fn rows(
         &mut self,
         a: &Block<'_>,
         (i0, i1): (usize, usize),
         (q0, q1): (usize, usize),
         b: &[u32],
-        out: &dyn Fn(usize) -> Out,
+        out: impl Fn(usize) -> Out,
     ) {
         let Tiles { unit, tail, c } = self;
         let pairs = q1 - q0;

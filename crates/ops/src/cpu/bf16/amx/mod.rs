@@ -20,8 +20,6 @@
 mod kernel;
 mod unit;
 
-use kernel::Rows;
-
 use super::super::matmul::{Dst, Mat};
 use super::{product::gemm_packed, Panels, MR, NR};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,20 +165,55 @@ fn trusted() -> bool {
     })
 }
 
-/// The tile unit for a product with a tiled left operand, configured on this thread until
-/// dropped: the emulation where asked for ([`set_emulated`]; or in this crate's tests on a CPU
-/// without AMX).
-pub(super) fn tiles() -> Box<dyn Rows> {
-    RUNS.fetch_add(1, Ordering::Relaxed);
-    if EMULATED.load(Ordering::Relaxed) || cfg!(test) && !available() {
-        return Box::new(kernel::Tiles::new(unit::Emulated::default()));
-    }
-    assert!(available(), "tiled panels on a CPU without AMX");
-    // SAFETY: `available` says the CPU has the instructions and Linux gave the tile state.
-    Box::new(kernel::Tiles::new(unsafe { unit::Amx::new() }))
+/// The tile unit for products with a tiled left operand, configured on this thread while it
+/// lives: the CPU's, or the emulation where asked for ([`set_emulated`]; or in this crate's tests
+/// on a CPU without AMX).
+pub(super) struct Tiles(Unit);
+
+/// Whose tiles [`Tiles`] runs on.
+enum Unit {
+    /// The CPU's.
+    Cpu(kernel::Tiles<unit::Amx>),
+    /// The emulation's.
+    Emulated(kernel::Tiles<unit::Emulated>),
 }
 
-/// Blocks of products run on tiles so far (calls of [`tiles`]).
+impl Tiles {
+    /// The tiles, configured.
+    pub(super) fn new() -> Tiles {
+        RUNS.fetch_add(1, Ordering::Relaxed);
+        if EMULATED.load(Ordering::Relaxed) || cfg!(test) && !available() {
+            return Tiles(Unit::Emulated(
+                kernel::Tiles::new(unit::Emulated::default()),
+            ));
+        }
+        assert!(available(), "tiled panels on a CPU without AMX");
+        // SAFETY: `available` says the CPU has the instructions and Linux gave the tile state.
+        Tiles(Unit::Cpu(kernel::Tiles::new(unsafe { unit::Amx::new() })))
+    }
+
+    /// `out(i) (+)= scale * a_i b` for the tiled left operand's panels `i` in `panels`, over
+    /// the block's pairs `pairs`, `b` a right operand's panel over those pairs: see
+    /// `kernel::Tiles::rows`.
+    ///
+    /// # Safety
+    /// Each `out(i)` is valid for its block's writes (and reads, where it accumulates).
+    pub(super) unsafe fn rows(
+        &mut self,
+        a: &super::Block<'_>,
+        (panels, pairs): ((usize, usize), (usize, usize)),
+        b: &[u32],
+        out: impl Fn(usize) -> super::kernel::Out,
+    ) {
+        // SAFETY (both): the caller's promise.
+        match &mut self.0 {
+            Unit::Cpu(t) => unsafe { t.rows(a, panels, pairs, b, out) },
+            Unit::Emulated(t) => unsafe { t.rows(a, panels, pairs, b, out) },
+        }
+    }
+}
+
+/// Blocks of products run on tiles so far ([`Tiles::new`]).
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How many blocks of products this process has run on tiles (the CPU's or the emulation's):
