@@ -9,10 +9,10 @@
 //! kernel (`kernel`) keeps two panels' blocks of the result in four tiles, so each group
 //! costs four loads for four products.
 //!
-//! **Not yet run on a CPU with AMX**: no machine this project has been measured on has one.
-//! The kernel's addressing, blocking and sums are tested against an emulation of the tile
-//! unit that follows Intel's reference (`unit::Emulated`); the instructions themselves wait
-//! for such a machine. So the path is opt-in (`ATOMTUNE_CPU_AMX=1`, with bf16 products on), and
+//! **Not yet run on a CPU with AMX**: the machine it was written on has none. The kernel's
+//! addressing, blocking and sums are tested against an emulation of the tile unit that
+//! follows Intel's reference (`unit::Emulated`); the instructions themselves wait for such a
+//! machine. So the path is opt-in (`ATOMTUNE_CPU_AMX=1`, with bf16 products on), and
 //! where it is asked for, it first checks a product against exact sums on this CPU
 //! ([`active`]) and stays off, with a warning, where it disagrees. [`set_emulated`] runs the
 //! whole path on the emulation, for tests of every op's tiled products on any CPU.
