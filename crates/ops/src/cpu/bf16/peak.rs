@@ -3,11 +3,12 @@
 //! and, on a thread a core at SD 1.5's shapes, the products on packed operands in place and
 //! the packing alone: `... --lib in_place -- --ignored --nocapture --test-threads 1`; SDXL's
 //! linears with their weights read from memory: `... --lib streamed_weight -- --ignored
-//! --nocapture`.
+//! --nocapture`. On a CPU with AMX, the first two also measure the tiles (`amx_kernel_peak`;
+//! `in_place_product_rate` prints both kernels).
 
 use super::kernel::{kernel, Out};
-use super::product::{gemm_packed, gemm_with_packed};
-use super::{supported, Panels, MR, NR};
+use super::product::{gemm_packed, gemm_with_packed, multiply};
+use super::{amx, supported, Panels, MR, NR};
 use crate::cpu::matmul::{Dst, Mat};
 
 #[test]
@@ -79,7 +80,47 @@ fn in_place_product_rate() {
         assert_eq!(c[0], 0.125 * k as f32);
         let rate = 2.0 * (m * n * k) as f64 / dt / 1e9;
         eprintln!("{m}x{k}x{n} on packed operands: {rate:.0} GFLOP/s");
+        if amx::available() {
+            let pa = Panels::left_pairs(&Mat::new(&a[..], m, k), Vec::new()).tiled();
+            c.fill(0.0);
+            // SAFETY: as above.
+            let dt = best_of_15(|| unsafe { gemm_packed(2, dst, &pa, &pb, 1.0, false) });
+            assert_eq!(c[0], 0.125 * k as f32);
+            let rate = 2.0 * (m * n * k) as f64 / dt / 1e9;
+            eprintln!("{m}x{k}x{n} on AMX tiles: {rate:.0} GFLOP/s");
+        }
     }
+}
+
+/// The AMX kernel's rate on one core, its operands in L2 (two panels of 12 rows and a right
+/// panel at depth 1,024, over and over), as [`multiply`] runs it: configuring the tiles per
+/// call included.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn amx_kernel_peak() {
+    if !amx::available() {
+        eprintln!("skipped: this CPU has no AMX");
+        return;
+    }
+    let (m, k, n) = (240, 1024, NR);
+    let (a, b) = (vec![1.0f32; m * k], vec![1.0f32; k * n]);
+    let pa = Panels::left_pairs(&Mat::new(&a[..], m, k), Vec::new()).tiled();
+    let pb = Panels::right(&Mat::new(&b[..], k, n), Vec::new());
+    let mut c = vec![0f32; m * n];
+    let reps = 2_000;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let dst = Dst {
+            ptr: c.as_mut_ptr(),
+            rs: 0,
+        };
+        // SAFETY: AMX implies AVX512-BF16; `c` holds the m x n product.
+        unsafe { multiply(dst, pa.all(), pb.all(), 1.0, false) };
+    }
+    let dt = t.elapsed().as_secs_f64();
+    assert_eq!(c[0], k as f32);
+    let flops = 2.0 * (m * n * k) as f64 * reps as f64;
+    eprintln!("AMX kernel, one core: {:.1} GFLOP/s", flops / dt / 1e9);
 }
 
 /// A frozen weight's product as the linear layers run it ([`gemm_with_packed`]: the
