@@ -16,7 +16,9 @@ const A_BLOCK_BYTES: usize = 672 << 10;
 /// `dst [m, n] (+)= scale a @ b` for a block `a` of a packed left operand (`m` rows) and a block
 /// `b` of a packed right one (`n` columns) of as many pairs of `k`, on the calling thread; `dst`
 /// points at the block's first row and column. GotoBLAS's order: a block of `a`'s rows as deep
-/// as a block of `k` ([`blocking`]; in L2) meets each panel of `b` over that depth in turn.
+/// as a block of `k` ([`blocking`]; in L2) meets each panel of `b` over that depth in turn. A
+/// tiled `a` ([`Panels::tiled`]) runs on AMX tiles ([`amx::Tiles`]), its blocks of `k` in whole
+/// groups; others on the AVX512-BF16 micro-kernels.
 ///
 /// # Safety
 /// `supported()` must hold; `dst` as in [`gemm()`] for the block's `m x n` (`rs` 0: `n`).
