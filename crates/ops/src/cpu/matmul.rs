@@ -98,7 +98,7 @@ impl<T: Float> Drop for Widened<'_, T> {
     }
 }
 
-/// A matrix view for [`gemm`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
+/// A matrix view for [`gemm()`]: `rows x cols` numbers from `data`, row `i` starting at `i * rs`
 /// (attention's heads sit side by side in a row, so a head's rows are strided), read transposed
 /// or not.
 #[derive(Clone, Copy)]
@@ -204,7 +204,7 @@ impl<'a, T: Float> Mat<'a, T> {
     }
 }
 
-/// Where [`gemm`] writes: `ptr`, rows `rs` apart.
+/// Where [`gemm()`] writes: `ptr`, rows `rs` apart.
 #[derive(Clone, Copy)]
 pub(crate) struct Dst<T> {
     pub(crate) ptr: *mut T,

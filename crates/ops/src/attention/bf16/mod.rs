@@ -9,7 +9,7 @@
 //! statistics and gradient `dS`, the sums and the outputs stay f32.
 //!
 //! - forward (`forward.rs`): an online softmax over the key blocks; the probabilities packed
-//!   as the softmax makes them ([`bf16::pack_exp_rows`]), never written in f32;
+//!   as the softmax makes them ([`bf16::pack_exp_cols`]), never written in f32;
 //! - backward (`backward.rs`): the probabilities recomputed from the forward's log-sum-exp.
 
 mod backward;
