@@ -102,7 +102,10 @@ fn permitted() -> bool {
         ) != 0
         {
             let err = std::io::Error::last_os_error();
-            eprintln!("warning: Linux refused this process the AMX tile state ({err}); {VAR} has no effect");
+            eprintln!(
+                "warning: Linux refused this process the AMX tile state ({err}); the bf16 \
+                 products run on AVX512-BF16"
+            );
             return false;
         }
         let mut mask = 0u64;
