@@ -95,7 +95,8 @@ impl Amx {
         // SAFETY: the caller's promise; a valid palette-1 configuration.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+            let bytes = config.0.as_ptr();
+            std::arch::asm!("ldtilecfg [{}]", in(reg) bytes, options(nostack, readonly));
         }
         let _ = config;
         Amx(std::marker::PhantomData)
