@@ -134,7 +134,9 @@ impl Head {
         }
         exp_rows_shifted(p, mb, &self.lse[qb.0..qb.1]);
         let w0 = if want.1 {
-            let pt = Panels::left(&Mat::new(&*p, c, mb).t(), w0);
+            // (pair panels whatever the kernels: tiles would repack `P^T`, which multiplies
+            // only a head's width of gradients)
+            let pt = Panels::left_pairs(&Mat::new(&*p, c, mb).t(), w0);
             unsafe { bf16::multiply(dv, pt.all(), self.grads.1.all().depth(qb), 1.0, !first_i) };
             pt.into_buffer()
         } else {
@@ -151,7 +153,7 @@ impl Head {
             bf16::multiply(dq, ds_rows.all(), kj, 1.0, !first_j);
         }
         let w2 = if want.0 {
-            let ds_t = Panels::left(&Mat::new(&*ds, c, mb).t(), w2);
+            let ds_t = Panels::left_pairs(&Mat::new(&*ds, c, mb).t(), w2);
             let qi = self.queries.1.all().depth(qb);
             unsafe { bf16::multiply(dk, ds_t.all(), qi, 1.0, !first_i) };
             ds_t.into_buffer()

@@ -5,8 +5,9 @@ use super::pack::panel_buffer;
 use super::round::pair16;
 use super::{first_lanes, supported, Panels, MR};
 
-/// A block of attention's probabilities packed as a left operand ([`Panels::left`]'s layout)
-/// as the softmax makes them, from the block's scores transposed, `s_t [keys, queries]` (the
+/// A block of attention's probabilities packed as a left operand ([`Panels::left_pairs`]'s
+/// layout, also where AMX tiles run the products: the values they multiply are a head wide, too
+/// few to repay regrouping them) as the softmax makes them, from the block's scores transposed, `s_t [keys, queries]` (the
 /// product `K Q^T`): `P [queries, keys]` with `P[q][k] = e^(s_t[k][q] - shift[q])` rounded to
 /// bf16, and `sums[q] +=` each query's unrounded exponentials. A pair of keys is two rows of
 /// `s_t`, paired lane by lane into the words of 12 queries at a time: no transposing, and the
@@ -35,7 +36,6 @@ pub(crate) fn pack_exp_cols(
         w: MR,
         tiled: false,
     }
-    .for_kernel()
 }
 
 /// [`pack_exp_cols`]'s work, 48 queries (three vectors, four panels of [`MR`] rows) at a time,
@@ -128,12 +128,13 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        probabilities_pack(false);
-        crate::cpu::bf16::amx::forced(|| probabilities_pack(true));
+        // pair panels also where the tiles run the products (which only a head's width of
+        // values multiplies: tiles would regroup them)
+        crate::cpu::bf16::amx::forced(probabilities_pack);
     }
 
-    /// [`probabilities_pack_where_the_panels_want_them`]'s cases, `tiled` or not.
-    fn probabilities_pack(tiled: bool) {
+    /// [`probabilities_pack_where_the_panels_want_them`]'s cases.
+    fn probabilities_pack() {
         for (keys, queries) in [(7, 1), (33, 13), (8, 48), (5, 50), (12, 96), (9, 100)] {
             let s_t: Vec<f32> = wave(keys * queries, 0.31).iter().map(|x| x - 2.0).collect();
             let shift = wave(queries, 0.7);
@@ -141,7 +142,7 @@ mod tests {
             let cp = keys.div_ceil(2);
             let garbage = vec![u32::MAX; queries.div_ceil(MR) * cp * MR + 7];
             let p = pack_exp_cols(&s_t, (keys, queries), &shift, &mut sums, garbage);
-            assert_eq!(p.tiled, tiled);
+            assert!(!p.tiled);
             let e = |k: usize, q: usize| {
                 if k < keys {
                     ((s_t[k * queries + q] - shift[q]) as f64).exp()

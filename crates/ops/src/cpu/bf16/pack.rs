@@ -497,8 +497,8 @@ pub(crate) struct Panels {
 
 impl Panels {
     /// `a [m, k]` as a left operand, into `buf` (a buffer of an earlier product, or empty).
-    /// Tiled where the AMX tiles run the products ([`Panels::for_kernel`]; rows that are runs
-    /// in memory straight into tiles).
+    /// Tiled where the AMX tiles run the products ([`Panels::for_kernel`]): rows that are runs
+    /// in memory straight into tiles, rows side by side packed, then regrouped.
     pub(crate) fn left(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
         if a.strides().1 != 1 && amx::active() {
             let (words, pairs) = pack_tiled(a, buf);
@@ -513,8 +513,10 @@ impl Panels {
         Panels::left_pairs(a, buf).for_kernel()
     }
 
-    /// `a [m, k]` as a left operand in [`pack`]'s layout, whatever runs the products.
-    pub(super) fn left_pairs(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
+    /// `a [m, k]` as a left operand in [`pack`]'s layout, whatever runs the products: for an
+    /// operand that tiles would have to pack, then regroup (rows side by side), for a product
+    /// too small to repay it (attention's `P^T` against a head's width).
+    pub(crate) fn left_pairs(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
         let (words, pairs) = pack(a, MR, buf);
         Panels {
             words,

@@ -7,7 +7,11 @@
 //! left operand's panels are regrouped (`Panels::tiled`): each group of
 //! `GROUP` pairs holds its `MR` rows one after the other, a tile's 768 bytes in a run. The
 //! kernel (`kernel`) keeps two panels' blocks of the result in four tiles, so each group
-//! costs four loads for four products.
+//! costs four loads for four products. Left operands whose rows are runs in memory
+//! (activations, weights) pack straight into tiles at the pair panels' cost; others (a
+//! transposed weight, Winograd's filters) are packed, then regrouped. Attention's
+//! probabilities and their gradients' transposes stay in pair panels on AVX512-BF16: they
+//! multiply a head's width of values, too little to repay the regrouping.
 //!
 //! **Not yet run on a CPU with AMX**: the machine it was written on has none. The kernel's
 //! addressing, blocking and sums are tested against an emulation of the tile unit that
