@@ -513,9 +513,9 @@ impl Panels {
         Panels::left_pairs(a, buf).for_kernel()
     }
 
-    /// `a [m, k]` as a left operand in [`pack`]'s layout, whatever runs the products: for an
-    /// operand that tiles would have to pack, then regroup (rows side by side), for a product
-    /// too small to repay it (attention's `P^T` against a head's width).
+    /// `a [m, k]` as a left operand in [`pack`]'s layout, never tiled: for operands whose rows
+    /// lie side by side (tiles would pack, then regroup them) in products too small to repay
+    /// that (attention's `P^T` against a head's width).
     pub(crate) fn left_pairs(a: &Mat<'_, f32>, buf: Vec<u32>) -> Panels {
         let (words, pairs) = pack(a, MR, buf);
         Panels {
