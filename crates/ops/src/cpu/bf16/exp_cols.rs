@@ -7,9 +7,10 @@ use super::{first_lanes, supported, Panels, MR};
 
 /// A block of attention's probabilities packed as a left operand ([`Panels::left_pairs`]'s
 /// layout, also where AMX tiles run the products: the values they multiply are a head wide, too
-/// few to repay regrouping them) as the softmax makes them, from the block's scores transposed, `s_t [keys, queries]` (the
-/// product `K Q^T`): `P [queries, keys]` with `P[q][k] = e^(s_t[k][q] - shift[q])` rounded to
-/// bf16, and `sums[q] +=` each query's unrounded exponentials. A pair of keys is two rows of
+/// few to repay regrouping them) as the softmax makes them, from the block's scores
+/// transposed, `s_t [keys, queries]` (the product `K Q^T`): `P [queries, keys]` with
+/// `P[q][k] = e^(s_t[k][q] - shift[q])` rounded to bf16, and `sums[q] +=` each query's
+/// unrounded exponentials. A pair of keys is two rows of
 /// `s_t`, paired lane by lane into the words of 12 queries at a time: no transposing, and the
 /// probabilities are never written in f32. On the calling thread; the exponentials are
 /// [`crate::cpu::fastmath::exp16`]'s.
@@ -121,7 +122,7 @@ mod tests {
     /// The probabilities' panels hold `e^(s_t[k][q] - shift[q])` at query `q`'s row and key
     /// pair `k / 2`, zeros past the keys and queries, and the sums gain each query's
     /// exponentials: for strips of 48 queries whole, ragged and shorter than a vector; in pair
-    /// panels and tiled for AMX.
+    /// panels even where the AMX tiles take the other left operands.
     #[test]
     fn probabilities_pack_where_the_panels_want_them() {
         if !supported() {

@@ -25,7 +25,7 @@ mod kernel;
 mod unit;
 
 use super::super::matmul::{Dst, Mat};
-use super::{product::gemm_packed, Panels, MR, NR};
+use super::{product::gemm_packed, Panels};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -222,11 +222,12 @@ impl Tiles {
     }
 }
 
-/// Blocks of products run on tiles so far ([`Tiles::new`]).
+/// Products run on tiles so far (calls of `multiply` with a tiled left operand: [`Tiles::new`]).
 static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many blocks of products this process has run on tiles (the CPU's or the emulation's):
-/// for tests and diagnostics that a run took the path.
+/// How many products (calls of `multiply`, each a block of a larger product) this process has
+/// run on tiles, the CPU's or the emulation's: for tests and diagnostics that a run took the
+/// path.
 pub fn tiled_runs() -> usize {
     RUNS.load(Ordering::Relaxed)
 }
@@ -275,8 +276,6 @@ pub(crate) fn forced<R>(f: impl FnOnce() -> R) -> R {
     FORCE.with(|x| x.set(false));
     r
 }
-
-const _: () = assert!(MR <= 16 && NR == 2 * 16);
 
 #[cfg(test)]
 mod tests {

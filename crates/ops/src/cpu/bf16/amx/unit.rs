@@ -1,8 +1,9 @@
 //! The tile unit the AMX kernel drives: the CPU's ([`Amx`], `asm!` of the AMX-TILE and
 //! AMX-BF16 instructions) or, for tests on CPUs without it, an emulation that follows Intel's
-//! description of the instructions ([`Emulated`]). Both take the same shapes ([`SHAPES`]) and
-//! check every load and store against the slice it is given, so the kernel's addressing is
-//! tested wherever the tests run.
+//! description of the instructions ([`Emulated`]). Both take the same shapes ([`SHAPES`]); loads
+//! and stores of operands are checked against the slice they are given (only a whole block of
+//! the result goes through a pointer), so the kernel's addressing is tested wherever the tests
+//! run.
 
 use super::super::{MR, NR};
 use super::GROUP;
