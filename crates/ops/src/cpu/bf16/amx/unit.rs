@@ -348,7 +348,7 @@ mod tests {
 
     /// A load past its slice panics before it reads.
     #[test]
-    #[should_panic]
+    #[should_panic(expected = "src.len() >= span(T, stride)")]
     fn loads_past_the_slice_panic() {
         Emulated::default().load::<6>(&[0u32; 16 * 32 - 17], 32);
     }
